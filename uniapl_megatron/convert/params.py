@@ -1,0 +1,228 @@
+"""Megatron side of the mapping: this rank's parameters under global names, loaded from or gathered into
+full Hugging Face tensors, at any TP / PP / VPP / EP layout.
+
+Used by checkpoint import/export and by rollout weight sync (one code path for both).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..models.arch import Qwen3Arch
+from .mapping import Resolved, expected_hf_shapes, from_shards, resolve, to_shard
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\.)")
+_GROUPED_EXPERT = re.compile(r"(mlp\.experts\.linear_fc[12]\.weight)(\d+)$")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the model; the message names the tensor and what was expected."""
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+@dataclass
+class LocalParam:
+    megatron_name: str  # global name
+    param: torch.nn.Parameter
+    resolved: Resolved
+    local_expert: int | None  # index on this EP rank (experts only)
+
+
+def _groups(is_expert: bool) -> tuple[int, int, object]:
+    from megatron.core import parallel_state as ps
+
+    if is_expert:
+        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_tensor_parallel_group())
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
+
+
+def _ep() -> tuple[int, int, object]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_model_parallel_group())
+
+
+def local_params(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[LocalParam]:
+    """This rank's parameters, in a fixed order, named with global layer and expert indices."""
+    ep_rank, ep_size, _ = _ep()
+    n_local_experts = arch.num_experts // ep_size if arch.is_moe else 0
+    out = []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for name, p in model.named_parameters():
+            m = _LAYER.match(name)
+            if m:
+                layer = model.decoder.layers[int(m.group(1))]
+                name = f"decoder.layers.{layer.layer_number - 1}." + name[m.end():]
+            local_e = None
+            for rx in (_LOCAL_EXPERT, _GROUPED_EXPERT):
+                em = rx.search(name)
+                if em:
+                    local_e = int(em.group(2))
+                    glob = ep_rank * n_local_experts + local_e
+                    tail = em.group(3) if rx is _LOCAL_EXPERT else ""
+                    name = name[: em.start()] + em.group(1) + str(glob) + tail + name[em.end():]
+            out.append(LocalParam(name, p, resolve(name, arch), local_e))
+    return out
+
+
+def _skip_on_export(lp: LocalParam, arch: Qwen3Arch) -> bool:
+    # With tied embeddings the last stage's output layer is a copy of the first stage's embedding.
+    return arch.tie_word_embeddings and lp.megatron_name == "output_layer.weight"
+
+
+# ---- import: full HF tensors -> this rank's shards --------------------------------------------------------
+
+def load_from_hf(
+    chunks: list[torch.nn.Module],
+    arch: Qwen3Arch,
+    get_tensor: Callable[[str], torch.Tensor],
+    num_query_groups: int,
+    padded_vocab: int,
+    on_param: Callable[[int], None] | None = None,
+) -> None:
+    """Fill this rank's parameters. ``get_tensor(hf_name)`` returns the full tensor (may be mmap-backed)."""
+    shapes = expected_hf_shapes(arch)
+    for lp in local_params(chunks, arch):
+        tensors = []
+        for hf_name in lp.resolved.hf_names:
+            t = get_tensor(hf_name)
+            if tuple(t.shape) != shapes[hf_name]:
+                raise ConversionError(
+                    f"tensor {hf_name!r} has shape {tuple(t.shape)} but config.json implies {shapes[hf_name]}"
+                )
+            tensors.append(t)
+        rank, size, _ = _groups(lp.resolved.is_expert)
+        shard = to_shard(lp.resolved.rule.kind, tensors, rank, size, arch, num_query_groups, padded_vocab)
+        if shard.shape != lp.param.shape:
+            raise ConversionError(
+                f"{lp.megatron_name}: built shard of shape {tuple(shard.shape)} from {lp.resolved.hf_names}, "
+                f"but the Megatron parameter has shape {tuple(lp.param.shape)}"
+            )
+        with torch.no_grad():
+            lp.param.copy_(shard)
+        if on_param:
+            on_param(lp.param.numel() * lp.param.element_size())
+
+
+# ---- export / sync: this rank's shards -> full HF tensors -------------------------------------------------
+
+def _all_gather(t: torch.Tensor, size: int, group: object) -> list[torch.Tensor]:
+    if size == 1:
+        return [t]
+    t = t.contiguous()
+    out = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(out, t, group=group)
+    return out
+
+
+def _stage_items(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[LocalParam, int]]:
+    """(param, EP rank whose experts it names) in yield order; non-expert params once with rank -1."""
+    _, ep_size, _ = _ep()
+    items = []
+    for lp in local_params(chunks, arch):
+        if _skip_on_export(lp, arch):
+            continue
+        if lp.resolved.is_expert:
+            items.extend((lp, r) for r in range(ep_size))
+        else:
+            items.append((lp, -1))
+    return items
+
+
+def _names_for(lp: LocalParam, ep_r: int, arch: Qwen3Arch) -> tuple[str, ...]:
+    if ep_r < 0:
+        return lp.resolved.hf_names
+    ep_rank, ep_size, _ = _ep()
+    n_local = arch.num_experts // ep_size
+    name = lp.megatron_name.replace(
+        f"experts.local_experts.{ep_rank * n_local + lp.local_expert}.",
+        f"experts.local_experts.{ep_r * n_local + lp.local_expert}.",
+    )
+    name = re.sub(r"(linear_fc[12]\.weight)\d+$", rf"\g<1>{ep_r * n_local + lp.local_expert}", name)
+    return resolve(name, arch).hf_names
+
+
+def plan_stage(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(HF name, shape, dtype) of what :func:`iter_stage` yields on this rank, in the same order, without
+    communicating: a writer can lay out a file (or a receiver its buffers) before any data moves."""
+    shapes = expected_hf_shapes(arch)
+    plan = []
+    for lp, ep_r in _stage_items(chunks, arch):
+        for n in _names_for(lp, ep_r, arch):
+            plan.append((n, shapes[n], lp.param.dtype))
+    return plan
+
+
+def iter_stage(
+    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full HF tensors of this pipeline stage, gathered over TP and EP. Collective: every rank of the
+    stage must iterate it to the end. Peak extra memory: one weight's gathered copies."""
+    _, ep_size, ep_group = _ep()
+    gathered_by_ep: list[tuple[torch.Tensor, ...]] | None = None
+    for lp, ep_r in _stage_items(chunks, arch):
+        if ep_r <= 0:
+            rank, size, group = _groups(lp.resolved.is_expert)
+            with torch.no_grad():
+                full = from_shards(lp.resolved.rule.kind, _all_gather(lp.param.detach(), size, group),
+                                   arch, num_query_groups)
+            if lp.resolved.is_expert:
+                # One all-gather over EP per tensor gives every EP rank's copy of "the same" local expert.
+                gathered_by_ep = list(zip(*[_all_gather(t, ep_size, ep_group) for t in full]))
+        if ep_r < 0:
+            yield from zip(lp.resolved.hf_names, full)
+        else:
+            assert gathered_by_ep is not None
+            yield from zip(_names_for(lp, ep_r, arch), gathered_by_ep[ep_r])
+
+
+def iter_hf_tensors(
+    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every full HF tensor of the model, on every rank (stages broadcast theirs over the PP group).
+
+    This is what rollout weight sync consumes. Collective over the whole model-parallel world.
+    """
+    from megatron.core import parallel_state as ps
+
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        yield from iter_stage(chunks, arch, num_query_groups)
+        return
+    pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
+    plans: list[list] = [None] * pp_size  # type: ignore[list-item]
+    dist.all_gather_object(plans, plan_stage(chunks, arch), group=pp_group)
+    ranks = dist.get_process_group_ranks(pp_group)
+    for stage in range(pp_size):
+        mine = iter_stage(chunks, arch, num_query_groups) if stage == pp_rank else None
+        for name, shape, dtype in plans[stage]:
+            if mine is not None:
+                got_name, t = next(mine)
+                assert got_name == name, (got_name, name)
+                t = t.contiguous()
+            else:
+                t = torch.empty(shape, dtype=dtype, device=_device())
+            dist.broadcast(t, src=ranks[stage], group=pp_group)
+            yield name, t
+        if mine is not None:
+            for extra in mine:  # plan and iteration disagree: a bug, not a user error
+                raise RuntimeError(f"iter_stage yielded {extra[0]!r} beyond its plan")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -1,0 +1,193 @@
+"""Qwen3 / Qwen3-MoE student on Megatron-core: HF config -> TransformerConfig -> GPTModel chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..parallel import ParallelConfig
+from .arch import ConfigError, Qwen3Arch
+from .specs import block_spec, transformer_engine_available
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_RECIPES = ("none", "delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""
+    """Hugging Face folder (config.json [+ safetensors]) of the student; weights come from `load` if set."""
+    load: str | None = None
+    """Megatron checkpoint to start from (from `tools/convert_hf.py import`); None = weights of hf_path."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Parameter/compute dtype. CPU runs use fp32."""
+    spec: Literal["auto", "te", "torch"] = "auto"
+    """Layer spec: Transformer Engine (GPU), torch-native (SDPA + RMSNorm), or TE when it imports."""
+    fp8: Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"] = "none"
+    """FP8 recipe passed through to Transformer Engine (needs spec te; Hopper for all but mxfp8/Blackwell)."""
+    fp8_param: bool = False
+    """Keep FP8 copies of the weights (saves memory; TE only)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: selective (core attention) or full (whole layers, uniform method)."""
+    recompute_num_layers: int = 1
+    """Layers per recomputed chunk for full recompute."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE load-balancing loss weight; RL fine-tuning usually keeps the pretrained routing (0)."""
+    moe_router_dtype: Literal["fp32", "fp64"] = "fp32"
+    """Router softmax/top-k precision: fp32 keeps routing identical between trainer and rollout."""
+    make_vocab_size_divisible_by: int = 128
+    """Embedding rows are padded to a multiple of this times TP; padding is dropped on export."""
+
+    def use_te(self) -> bool:
+        if self.spec == "te":
+            if not transformer_engine_available():
+                raise ConfigError("model.spec=te but Transformer Engine does not import (or no CUDA)")
+            return True
+        if self.spec == "torch":
+            return False
+        return transformer_engine_available()
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def transformer_config(
+    arch: Qwen3Arch, parallel: ParallelConfig, model: ModelConfig, use_te: bool,
+    num_query_groups: int | None = None,
+) -> TransformerConfig:
+    """``num_query_groups`` overrides the KV-head count Megatron uses (a checkpoint imported with KV heads
+    replicated for a large TP keeps that count)."""
+    dtype = DTYPES[model.dtype]
+    groups = num_query_groups or parallel.num_query_groups(arch)
+    if groups % parallel.tensor_model_parallel_size:
+        raise ConfigError(
+            f"the checkpoint has {groups} KV groups (KV heads replicated at import), which TP="
+            f"{parallel.tensor_model_parallel_size} does not divide; use a TP that divides {groups}"
+        )
+    if model.fp8 not in FP8_RECIPES:
+        raise ConfigError(f"model.fp8={model.fp8!r}: expected one of {FP8_RECIPES}")
+    if model.fp8 != "none" and not use_te:
+        raise ConfigError(f"model.fp8={model.fp8} needs the Transformer Engine spec (GPU with TE installed)")
+    moe = {}
+    if arch.is_moe:
+        moe = dict(
+            num_moe_experts=arch.num_experts,
+            moe_ffn_hidden_size=arch.moe_intermediate_size,
+            moe_router_topk=arch.num_experts_per_tok,
+            # Qwen3-MoE: softmax over all experts, top-k, renormalise when norm_topk_prob. Softmax over the
+            # top-k logits equals that renormalised choice, so norm_topk_prob maps to "no pre-softmax".
+            moe_router_pre_softmax=not arch.norm_topk_prob,
+            moe_router_score_function="softmax",
+            moe_router_dtype=model.moe_router_dtype,
+            moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=use_te,
+            moe_layer_freq=[1 if i in arch.moe_layers else 0 for i in range(arch.num_layers)],
+            # No token dropping: every token reaches its experts, as in the HF model.
+            moe_expert_capacity_factor=None,
+        )
+    recompute = {}
+    if model.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif model.recompute == "full":
+        recompute = dict(
+            recompute_granularity="full", recompute_method="uniform",
+            recompute_num_layers=model.recompute_num_layers,
+        )
+    fp8 = {}
+    if model.fp8 != "none":
+        fp8 = dict(fp8="e4m3" if model.fp8 in ("blockwise", "mxfp8") else "hybrid",
+                   fp8_recipe=model.fp8, fp8_param=model.fp8_param)
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        autocast_dtype=dtype,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        # The fused kernels below come from TE/apex; the torch-native spec runs without them.
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        batch_p2p_sync=torch.cuda.is_available(),
+        **moe,
+        **recompute,
+        **fp8,
+    )
+
+
+def build_model(
+    arch: Qwen3Arch,
+    parallel: ParallelConfig,
+    model: ModelConfig,
+    initialize: bool = True,
+    num_query_groups: int | None = None,
+) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), on the current device.
+
+    ``initialize=False`` skips random init (weights are about to be loaded): much faster on CPU.
+    """
+    from megatron.core import parallel_state
+
+    use_te = model.use_te()
+    cfg = transformer_config(arch, parallel, model, use_te, num_query_groups)
+    cfg.perform_initialization = initialize
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    vocab = padded_vocab_size(arch.vocab_size, model.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size)
+    chunks = []
+    for vp in range(vpp):
+        vp_stage = vp if vpp > 1 else None
+        first = pp_rank == 0 and vp == 0
+        last = pp_rank == pp_size - 1 and vp == vpp - 1
+        chunk = GPTModel(
+            config=cfg,
+            transformer_layer_spec=block_spec(cfg, arch.moe_layers, use_te, vp_stage=vp_stage, pp_rank=pp_rank),
+            vocab_size=vocab,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            rotary_percent=1.0,
+            vp_stage=vp_stage,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks

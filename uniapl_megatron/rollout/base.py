@@ -1,0 +1,62 @@
+"""The contract between the trainer and whatever generates samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Log-probs are always those of this distribution (after temperature)."""
+
+    n: int = 1  # samples per prompt (the GRPO group size G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # sampler's log-prob of each sampled token (same length as token_ids)
+    finish_reason: str  # "stop" (end/stop token) or "length"
+    text: str | None = None
+
+
+@dataclass
+class RolloutBatch:
+    samples: list[Sample] = field(default_factory=list)
+
+    def for_prompt(self, i: int) -> list[Sample]:
+        return [s for s in self.samples if s.prompt_index == i]
+
+
+class RolloutEngine(Protocol):
+    """Generates samples and follows the trainer's weights."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """n samples for each prompt (token ids in, token ids out), grouped by prompt order."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights given under Hugging Face names, then drop any cached prefixes."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights and KV cache) for a colocated training phase."""
+
+    def wake(self) -> None:
+        """Take memory back: weights first, then the KV cache."""
+
+    def shutdown(self) -> None:
+        """Stop; leave no processes, sockets or cache folders behind."""
+
+
+NamedTensors = Iterator[tuple[str, torch.Tensor]]
