@@ -120,6 +120,17 @@ def _patch_megatron() -> None:
     )
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
 
+    # The MoE all-to-all dispatcher turns split sizes into numpy only for CUDA tensors; gloo needs lists.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def _to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = _to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _to_cpu
+
     # The fallback (non-apex) optimizer compares param.type() with "torch.cuda.*Tensor".
     from megatron.core.optimizer import optimizer as mopt
 
@@ -128,11 +139,35 @@ def _patch_megatron() -> None:
     @functools.wraps(_orig_type)
     def _cuda_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = _orig_type(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(out, str) and out.startswith("torch."):
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") \
+                and not out.startswith("torch.cuda."):
             return out.replace("torch.", "torch.cuda.", 1)
         return out
 
     mopt.torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
+
+
+def _patch_uneven_all_gather() -> None:
+    """gloo's all_gather needs equal shapes; NCCL (and Megatron's MoE token gather over TP) does not."""
+    import torch.distributed as dist
+
+    orig = dist.all_gather
+
+    @functools.wraps(orig)
+    def all_gather(tensor_list: list, tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+        shapes = {tuple(t.shape) for t in tensor_list}
+        if len(shapes) == 1 and tuple(tensor.shape) in shapes:
+            return orig(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        pad = tensor.new_zeros((rows, *tensor.shape[1:]))
+        pad[: tensor.shape[0]] = tensor
+        bufs = [torch.empty_like(pad) for _ in tensor_list]
+        orig(bufs, pad, group=group)
+        for out, buf in zip(tensor_list, bufs):
+            out.copy_(buf[: out.shape[0]])
+        return None
+
+    dist.all_gather = all_gather
 
 
 def install() -> bool:
@@ -145,5 +180,6 @@ def install() -> bool:
     _patch_torch_cuda()
     _CudaToCpu().__enter__()  # stays on the mode stack for the life of the process
     _patch_megatron()
+    _patch_uneven_all_gather()
     _INSTALLED = True
     return True

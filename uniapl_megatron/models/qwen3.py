@@ -14,6 +14,12 @@ from ..parallel import ParallelConfig
 from .arch import ConfigError, Qwen3Arch
 from .specs import block_spec, transformer_engine_available
 
+# megatron-core 0.16.1 reads moe_utils.te_general_gemm unguarded; it is only defined when TE imports.
+from megatron.core.transformer.moe import moe_utils as _moe_utils  # noqa: E402
+
+if not hasattr(_moe_utils, "te_general_gemm"):
+    _moe_utils.te_general_gemm = None
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_RECIPES = ("none", "delayed", "tensorwise", "blockwise", "mxfp8")
 

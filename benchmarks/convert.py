@@ -1,0 +1,99 @@
+"""Import and export of a Qwen3-0.6B-shaped random checkpoint (bf16, ~1.2 GB): MB/s and peak RSS.
+
+Each direction runs in a fresh process (as the CLI does); its conversion time is measured inside the
+process (Python/megatron start-up excluded, reported separately) and its peak RSS by wait4().
+Prints one JSON line last: import_mb_s, export_mb_s, peak_rss_mb, checkpoint_mb (+ details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN3_0P6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "attention_bias": False, "hidden_act": "silu",
+}
+
+
+def make_checkpoint(folder: Path, cfg: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from uniapl_megatron.convert.mapping import expected_hf_shapes
+    from uniapl_megatron.models.arch import Qwen3Arch
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    shapes = expected_hf_shapes(Qwen3Arch.from_hf_dict(cfg))
+    # Two shards plus an index, as real releases are laid out.
+    names = sorted(shapes)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        save_file({n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part},
+                  folder / f"model-{i + 1:05d}-of-00002.safetensors")
+    weight_map = {n: f"model-{1 if n in names[: len(names) // 2] else 2:05d}-of-00002.safetensors" for n in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def child(direction: str, src: str, dst: str) -> None:
+    """One conversion in this process; prints its own timing."""
+    from uniapl_megatron.convert import checkpoint
+    from uniapl_megatron.distributed import init_distributed
+    from uniapl_megatron.parallel import ParallelConfig
+
+    par = ParallelConfig()
+    init_distributed(par)
+    t0 = time.perf_counter()
+    if direction == "import":
+        checkpoint.import_hf(src, dst, par, "bf16")
+    else:
+        checkpoint.export_hf(src, dst, par)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def run_child(direction: str, src: Path, dst: Path) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, __file__, "--child", direction, str(src), str(dst)],
+                         stdout=subprocess.PIPE, env={**os.environ, "MASTER_PORT": "29731"})
+    out = p.stdout.read().decode()
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{direction} failed with status {status}")
+    seconds = json.loads(out.strip().splitlines()[-1])["seconds"]
+    return seconds, usage.ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--child", nargs=3)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        make_checkpoint(tmp / "hf", QWEN3_0P6B)
+        mb = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors")) / 1e6
+        imp_s, imp_rss, imp_wall = run_child("import", tmp / "hf", tmp / "mcore")
+        exp_s, exp_rss, exp_wall = run_child("export", tmp / "mcore", tmp / "hf_out")
+        print(json.dumps({
+            "import_mb_s": round(mb / imp_s, 1), "export_mb_s": round(mb / exp_s, 1),
+            "peak_rss_mb": round(max(imp_rss, exp_rss), 1), "checkpoint_mb": round(mb, 1),
+            "import_peak_rss_mb": round(imp_rss, 1), "export_peak_rss_mb": round(exp_rss, 1),
+            "import_wall_s_with_startup": round(imp_wall, 1), "export_wall_s_with_startup": round(exp_wall, 1),
+            "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Log-probs (and entropy) of target tokens, vocab-parallel and in chunks.
+
+The full [tokens x vocab] logits are never materialised: each TP rank multiplies a chunk of hidden
+states by its vocabulary slice, the log-sum-exp is combined over the TP group, and in backward each chunk's
+logits are recomputed (activation checkpointing per chunk). Qwen3's vocabulary is 151,936 entries: full fp32
+logits of 16k tokens alone are ~10 GB. Computed in fp32 with the sampler's temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+_MASKED = -1e30  # logit of vocabulary padding rows: exp() is 0 and 0 * it is 0 (unlike -inf)
+
+
+def _chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
+    vocab_start: int, true_vocab: int, group: object, tp_size: int, with_entropy: bool,
+) -> torch.Tensor:
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region as tp_sum
+
+    logits = (hidden @ weight.t()).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    v_local = logits.shape[-1]
+    valid = true_vocab - vocab_start
+    if valid < v_local:
+        logits[:, max(valid, 0):] = _MASKED
+    m = logits.detach().max(dim=-1).values
+    if tp_size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    z = logits - m.unsqueeze(-1)
+    exp = z.exp()
+    sumexp = exp.sum(-1)
+    local = labels - vocab_start
+    in_range = (local >= 0) & (local < v_local)
+    picked = z.gather(1, local.clamp(0, v_local - 1).unsqueeze(1)).squeeze(1) * in_range
+    if tp_size > 1:
+        sumexp, picked = tp_sum(sumexp), tp_sum(picked)
+    lse = sumexp.log()
+    logprob = picked - lse
+    if not with_entropy:
+        return logprob
+    pz = (exp * z).sum(-1)
+    if tp_size > 1:
+        pz = tp_sum(pz)
+    entropy = lse - pz / sumexp
+    return torch.stack([logprob, entropy], dim=-1)
+
+
+def vocab_parallel_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    true_vocab: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = 2048,
+    tp_group: object = None,
+) -> torch.Tensor:
+    """hidden [N, h] (full sequence on every TP rank), weight [V/tp, h] this rank's vocab slice,
+    labels [N] global ids -> log-probs [N] (or [N, 2] with entropy), identical on every TP rank.
+
+    Gradients: hidden gets this rank's partial gradient (the caller's TP region mapping sums them), weight
+    gets its slice's gradient.
+    """
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
+    tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
+    vocab_start = tp_rank * weight.shape[0]
+    outs = []
+    for s in range(0, hidden.shape[0], chunk_tokens):
+        args = (hidden[s : s + chunk_tokens], weight, labels[s : s + chunk_tokens], temperature, vocab_start,
+                true_vocab, tp_group, tp_size, with_entropy)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            outs.append(checkpoint(_chunk, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk(*args))
+    return torch.cat(outs) if outs else hidden.new_zeros((0, 2) if with_entropy else (0,), dtype=torch.float32)
+
+
+class LogprobHead:
+    """Turns a GPTModel's output layer into a log-prob head for one forward call.
+
+    ``head.targets = (labels [b, s], temperature, with_entropy)`` before ``model(...)``; the model then
+    returns log-probs [b, s] (or [b, s, 2] with entropy) instead of logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, true_vocab: int, chunk_tokens: int = 2048) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.layer = model.output_layer
+        self.true_vocab = true_vocab
+        self.chunk_tokens = chunk_tokens
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.targets: tuple[torch.Tensor, float, bool] | None = None
+        self.layer.forward = self.forward  # instance attribute: only this model's head changes
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None,
+                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        if self.targets is None:
+            raise RuntimeError("LogprobHead: set .targets before the forward")
+        labels, temperature, with_entropy = self.targets
+        w = weight if weight is not None else self.layer.weight
+        if self.layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden)
+        s, b, h = hidden.shape
+        flat_labels = labels.transpose(0, 1).reshape(-1)  # [b, s] -> [s*b], hidden's order
+        out = vocab_parallel_logprobs(
+            hidden.reshape(s * b, h), w, flat_labels, true_vocab=self.true_vocab, temperature=temperature,
+            with_entropy=with_entropy, chunk_tokens=self.chunk_tokens, tp_group=self.tp_group,
+        )
+        return out.reshape(s, b, *out.shape[1:]), None

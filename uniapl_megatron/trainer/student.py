@@ -1,0 +1,208 @@
+"""The student on Megatron-core: model chunks in DDP, the distributed optimizer, the LR schedule, and the
+two passes the trainer needs — log-probs (no grad) and a training step over packed micro-batches.
+
+Loss contract (NeMo-RL style): the loss callback returns each micro-batch's share of the step's loss,
+already divided by the step's *global* counts. Megatron is told so (``calculate_per_token_loss``): it
+neither divides by the number of micro-batches nor averages gradients over data-parallel ranks, it sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..convert.params import iter_hf_tensors, load_from_hf, unwrap
+from ..convert.safetensors_io import SafetensorsFolder
+from ..data.packing import PackedBatch
+from ..models.arch import Qwen3Arch
+from ..models.qwen3 import ModelConfig, build_model, padded_vocab_size
+from ..parallel import ParallelConfig
+from .logprobs import LogprobHead
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (Adam)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    decay_style: str = "constant"
+    """constant | linear | cosine (over train.steps optimizer steps)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    chunk_tokens: int = 2048
+    """Tokens per chunk of the vocab-parallel log-prob pass (bounds the logits memory)."""
+
+
+@dataclass
+class MicroBatch:
+    """One packed row plus the per-token inputs of the loss (all [T] tensors aligned with the logits)."""
+
+    packed: PackedBatch
+    extras: dict[str, Any]
+
+
+class Student:
+    """This rank's part of the student, trainable (``train=True``) or frozen (reference model)."""
+
+    def __init__(self, arch: Qwen3Arch, parallel: ParallelConfig, model_cfg: ModelConfig,
+                 optim: OptimConfig | None = None, total_steps: int = 1, num_query_groups: int | None = None) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.arch, self.parallel, self.model_cfg = arch, parallel, model_cfg
+        self.num_query_groups = num_query_groups or parallel.num_query_groups(arch)
+        self.train = optim is not None
+        self.optim_cfg = optim or OptimConfig()
+        chunks = build_model(arch, parallel, model_cfg, initialize=False, num_query_groups=self.num_query_groups)
+        self.padded_vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by,
+                                              parallel.tensor_model_parallel_size)
+        self.config = chunks[0].config
+        self.config.calculate_per_token_loss = True
+        self.config.variable_seq_lengths = True  # packed rows differ in length; PP sends shapes first
+        self.heads = [LogprobHead(c, arch.vocab_size, self.optim_cfg.chunk_tokens) for c in chunks if c.post_process]
+        if self.train:
+            self.chunks, self.optimizer, self.scheduler = self._make_trainable(chunks, total_steps)
+        else:
+            for c in chunks:
+                c.requires_grad_(False)
+            self.chunks, self.optimizer, self.scheduler = chunks, None, None
+        self.pp_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+
+    # ---- construction -------------------------------------------------------------------------------
+
+    def _make_trainable(self, chunks: list, total_steps: int) -> tuple[list, Any, Any]:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o, dtype = self.optim_cfg, self.config.params_dtype
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer, check_for_nan_in_grad=False,
+            average_in_collective=False,
+        )
+        wrapped = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c,
+                                           disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        # Losses arrive pre-normalised by global counts: finalize must not rescale by a token count.
+        self.config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads(model, None)
+        opt = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+        ), wrapped)
+        sched = OptimizerParamScheduler(
+            opt, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+            lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        )
+        return wrapped, opt, sched
+
+    def load_hf(self, hf_dir: str) -> None:
+        """Weights straight from a HF safetensors folder (no conversion step needed)."""
+        src = SafetensorsFolder(hf_dir)
+        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab)
+        self._refresh_main_params()
+
+    def copy_weights_from(self, other: "Student") -> None:
+        with torch.no_grad():
+            for a, b in zip(self.chunks, other.chunks):
+                for pa, pb in zip(unwrap(a).parameters(), unwrap(b).parameters()):
+                    pa.copy_(pb)
+        self._refresh_main_params()
+
+    def _refresh_main_params(self) -> None:
+        # fp32 main copies of bf16 weights (and DDP's param buffers) must follow loaded weights.
+        if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+
+    # ---- passes -------------------------------------------------------------------------------------
+
+    def _run(self, micro_batches: Sequence[MicroBatch], temperature: float, with_entropy: bool,
+             loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]] | None) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        forward_only = loss_fn is None
+        outputs: list = []
+        it: Iterator[MicroBatch] = iter(micro_batches)
+
+        def forward_step(data_iter: Iterator[MicroBatch], model: torch.nn.Module) -> tuple:
+            mb = next(data_iter)
+            p = mb.packed
+            m = unwrap(model)
+            if m.post_process:
+                for head in self.heads:
+                    if head.layer is m.output_layer:
+                        head.targets = (p.labels, temperature, with_entropy)
+            out = model(p.input_ids, p.position_ids, attention_mask=None,
+                        packed_seq_params=p.to_packed_seq_params())
+
+            def loss_func(output: torch.Tensor) -> tuple:
+                flat = output[0]  # [T] or [T, 2]
+                if forward_only:
+                    outputs.append(flat.detach())
+                    return flat.sum() * 0.0, 1, {}
+                loss, metrics = loss_fn(mb, flat)
+                outputs.append(metrics)
+                return loss, 1, {}
+
+            return out, loss_func
+
+        for c in self.chunks:
+            c.train(not forward_only)
+        ctx = torch.no_grad() if forward_only else torch.enable_grad()
+        with ctx:
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=[it] * len(self.chunks) if len(self.chunks) > 1 else it,
+                model=self.chunks, num_microbatches=len(micro_batches),
+                seq_length=max(mb.packed.num_tokens for mb in micro_batches), micro_batch_size=1,
+                forward_only=forward_only,
+            )
+        return outputs
+
+    def logprobs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0,
+                 with_entropy: bool = False) -> list[torch.Tensor] | None:
+        """Per micro-batch [T] log-probs of ``labels`` (last pipeline stage; None elsewhere)."""
+        out = self._run(micro_batches, temperature, with_entropy, None)
+        return out if self.pp_last else None
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: Callable, temperature: float = 1.0,
+                   with_entropy: bool = False) -> dict[str, float]:
+        """Forward/backward over the micro-batches, then one optimizer step. Returns the step's metrics
+        summed over micro-batches (last stage) plus grad_norm / lr / skipped."""
+        assert self.optimizer is not None, "a frozen Student cannot train"
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics_list = self._run(micro_batches, temperature, with_entropy, loss_fn)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        summed: dict[str, float] = {}
+        for m in metrics_list:
+            for k, v in m.items():
+                summed[k] = summed.get(k, 0.0) + float(v)
+        summed.update(grad_norm=float(grad_norm or 0.0), lr=float(self.optimizer.param_groups[0]["lr"]),
+                      skipped=float(not ok))
+        return summed
+
+    def skip_step(self) -> None:
+        """Drop gradients of a step whose loss was not finite."""
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every full HF-named tensor on every rank (collective): what rollout weight sync consumes."""
+        return iter_hf_tensors([unwrap(c) for c in self.chunks], self.arch, self.num_query_groups)
