@@ -1,0 +1,142 @@
+"""Online discriminator: trained during the run, teacher answers real, rollouts fake (GAIL-style).
+
+Goes beyond the paper (whose discriminator is frozen): the discriminator keeps up with the
+policy, so its scores stay informative as rollouts get closer to the teacher.
+
+It sees (prompt, answer) only. Its real examples *are* the teacher's references, so showing
+the reference as well would let it learn "candidate == reference" instead of what makes an
+answer teacher-like; ``score`` therefore ignores ``references``.
+
+Training: binary cross-entropy on the logit, each class weighted to half of the loss (one
+reference per prompt against G rollouts), AdamW of its own, every ``update_period`` policy
+steps. Shuffling is seeded by (seed, step), so a resumed run replays the same updates. In a
+data-parallel run, call ``update`` with the same (gathered) data on every rank, or on one
+rank and broadcast the scores, so that the copies never drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from uniapl_megatron.discriminator.base import CANDIDATE_TEMPLATE, DiscriminatorError, check_triples
+from uniapl_megatron.discriminator.config import DiscriminatorConfig
+from uniapl_megatron.discriminator.hf_scorer import HFScorer
+
+_STATE_KEYS = {"model", "optimizer", "updates"}
+
+
+class OnlineDiscriminator:
+    """Discriminator protocol plus ``update``, ``state_dict``, ``load_state_dict``."""
+
+    def __init__(self, scorer: HFScorer, cfg: DiscriminatorConfig):
+        if "{reference}" in scorer.template:
+            raise DiscriminatorError("discriminator.template: the online kind must not use {reference}")
+        self.scorer = scorer.eval()
+        self.cfg = cfg
+        params = [p for p in scorer.parameters() if p.requires_grad]
+        try:  # the fused kernel is ~10x faster on CPU for a large embedding table
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, ValueError):
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.updates = 0  # training updates done so far (saved in checkpoints)
+
+    @classmethod
+    def from_config(cls, cfg: DiscriminatorConfig) -> "OnlineDiscriminator":
+        if cfg.kind != "online":
+            raise DiscriminatorError(
+                f"discriminator.kind: OnlineDiscriminator needs 'online', got {cfg.kind!r}"
+            )
+        return cls(HFScorer.from_pretrained(cfg, cfg.template or CANDIDATE_TEMPLATE, new_head_ok=True), cfg)
+
+    def _transform(self, z: torch.Tensor) -> torch.Tensor:
+        if self.cfg.score_transform == "prob":
+            return torch.sigmoid(z)
+        if self.cfg.score_transform == "log_prob":
+            return F.logsigmoid(z)
+        return z
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
+    ) -> list[float]:
+        self.scorer.eval()
+        ids = self.scorer.encode(prompts, references, candidates)
+        return self._transform(self.scorer.logits(ids)).cpu().tolist()
+
+    def update(
+        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
+    ) -> dict[str, float]:
+        """One round of training on a step's data, when ``step % update_period == 0``.
+
+        Real examples: each distinct non-empty (prompt, reference) pair. Fake: every (prompt,
+        candidate). Metrics are measured on the training logits before each batch's update.
+        """
+        check_triples(prompts, references, candidates)
+        if step % self.cfg.update_period != 0:
+            return {"disc/updated": 0.0}
+        real = list(dict.fromkeys((p, r) for p, r in zip(prompts, references) if r))
+        if not real or not candidates:
+            raise DiscriminatorError("update: needs at least one non-empty reference and one candidate")
+        ids = self.scorer.encode([p for p, _ in real], [""] * len(real), [r for _, r in real])
+        ids += self.scorer.encode(prompts, references, candidates)
+        labels = torch.tensor([1.0] * len(real) + [0.0] * len(candidates), device=self.scorer.device)
+        n = len(ids)
+        # Each class carries half of the loss, whatever the real:fake ratio.
+        class_w = torch.where(labels > 0, n / (2.0 * len(real)), n / (2.0 * len(candidates)))
+
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        sums = {"loss": 0.0, "real_right": 0.0, "fake_right": 0.0}
+        batches = 0
+        self.scorer.train()
+        for epoch in range(self.cfg.update_epochs):
+            order = torch.randperm(n, generator=gen).tolist()
+            for start in range(0, n, self.cfg.train_batch_size):
+                idx = order[start : start + self.cfg.train_batch_size]
+                z = self.scorer.logits([ids[i] for i in idx])
+                y, w = labels[idx], class_w[idx]
+                loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
+                self.optimizer.step()
+                sums["loss"] += float(loss.detach())
+                batches += 1
+                if epoch == 0:
+                    right = ((z.detach() > 0).float() == y).float()
+                    sums["real_right"] += float((right * y).sum())
+                    sums["fake_right"] += float((right * (1 - y)).sum())
+        self.scorer.eval()
+        self.updates += 1
+        return {
+            "disc/updated": 1.0,
+            "disc/loss": sums["loss"] / batches,
+            "disc/acc_real": sums["real_right"] / len(real),
+            "disc/acc_fake": sums["fake_right"] / len(candidates),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.scorer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != _STATE_KEYS:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise DiscriminatorError(
+                f"online discriminator state: expected keys {sorted(_STATE_KEYS)}, got {got}"
+            )
+        try:
+            self.scorer.load_state_dict(state["model"], strict=True)
+            # A copy: torch would otherwise share moment tensors with the caller's dict (and with the
+            # live discriminator it came from, when handed over in memory).
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DiscriminatorError(f"online discriminator state does not fit this model: {exc}") from exc
+        self.updates = int(state["updates"])
