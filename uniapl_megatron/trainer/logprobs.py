@@ -84,8 +84,10 @@ def vocab_parallel_logprobs(
 class LogprobHead:
     """Turns a GPTModel's output layer into a log-prob head for one forward call.
 
-    ``head.targets = (labels [b, s], temperature, with_entropy)`` before ``model(...)``; the model then
-    returns log-probs [b, s] (or [b, s, 2] with entropy) instead of logits.
+    ``head.targets = (labels [b, s], temperature, with_entropy, mask [b, s] | None)`` before ``model(...)``;
+    the model then returns log-probs [b, s] (or [b, s, 2] with entropy) instead of logits. Where ``mask`` is
+    0 (prompt tokens, padding) the vocabulary projection is skipped and 0 is returned: in RL batches most
+    positions are prompt, and the 151,936-wide projection is the largest cost of a small model's step.
     """
 
     def __init__(self, model: torch.nn.Module, true_vocab: int, chunk_tokens: int = 2048) -> None:
@@ -107,7 +109,7 @@ class LogprobHead:
 
         if self.targets is None:
             raise RuntimeError("LogprobHead: set .targets before the forward")
-        labels, temperature, with_entropy = self.targets
+        labels, temperature, with_entropy, mask = self.targets
         w = weight if weight is not None else self.layer.weight
         if self.layer.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
@@ -115,8 +117,16 @@ class LogprobHead:
             hidden = copy_to_tensor_model_parallel_region(hidden)
         s, b, h = hidden.shape
         flat_labels = labels.transpose(0, 1).reshape(-1)  # [b, s] -> [s*b], hidden's order
+        flat_hidden = hidden.reshape(s * b, h)
+        idx = None
+        if mask is not None:
+            idx = mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+            flat_hidden, flat_labels = flat_hidden[idx], flat_labels[idx]
         out = vocab_parallel_logprobs(
-            hidden.reshape(s * b, h), w, flat_labels, true_vocab=self.true_vocab, temperature=temperature,
+            flat_hidden, w, flat_labels, true_vocab=self.true_vocab, temperature=temperature,
             with_entropy=with_entropy, chunk_tokens=self.chunk_tokens, tp_group=self.tp_group,
         )
+        if idx is not None:
+            full = out.new_zeros((s * b, *out.shape[1:]))
+            out = full.index_put((idx,), out)
         return out.reshape(s, b, *out.shape[1:]), None

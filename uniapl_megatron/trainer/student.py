@@ -130,7 +130,8 @@ class Student:
     # ---- passes -------------------------------------------------------------------------------------
 
     def _run(self, micro_batches: Sequence[MicroBatch], temperature: float, with_entropy: bool,
-             loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]] | None) -> list:
+             loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]] | None,
+             only_loss_tokens: bool = True) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         forward_only = loss_fn is None
@@ -144,7 +145,8 @@ class Student:
             if m.post_process:
                 for head in self.heads:
                     if head.layer is m.output_layer:
-                        head.targets = (p.labels, temperature, with_entropy)
+                        head.targets = (p.labels, temperature, with_entropy,
+                                        p.loss_mask > 0 if only_loss_tokens else None)
             out = model(p.input_ids, p.position_ids, attention_mask=None,
                         packed_seq_params=p.to_packed_seq_params())
 
@@ -172,9 +174,10 @@ class Student:
         return outputs
 
     def logprobs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0,
-                 with_entropy: bool = False) -> list[torch.Tensor] | None:
-        """Per micro-batch [T] log-probs of ``labels`` (last pipeline stage; None elsewhere)."""
-        out = self._run(micro_batches, temperature, with_entropy, None)
+                 with_entropy: bool = False, only_loss_tokens: bool = True) -> list[torch.Tensor] | None:
+        """Per micro-batch [T] log-probs of ``labels`` (last pipeline stage; None elsewhere). With
+        ``only_loss_tokens`` positions outside the loss mask are 0."""
+        out = self._run(micro_batches, temperature, with_entropy, None, only_loss_tokens)
         return out if self.pp_last else None
 
     def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: Callable, temperature: float = 1.0,
@@ -186,7 +189,15 @@ class Student:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics_list = self._run(micro_batches, temperature, with_entropy, loss_fn)
-        ok, grad_norm, _ = self.optimizer.step()
+        # A NaN/inf loss anywhere skips the step on every rank (its gradients are dropped).
+        bad = torch.tensor([float(any(not torch.isfinite(torch.as_tensor(v)).all()
+                                      for m in metrics_list for v in m.values()))])
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            self.skip_step()
+            ok, grad_norm = False, float("nan")
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
         summed: dict[str, float] = {}

@@ -1,0 +1,199 @@
+"""The run's configuration: one YAML file, one dataclass per section, `section.key=value` overrides.
+
+Each section's fields (with what they do) live next to the code that uses them: `model` (ModelConfig),
+`parallel` (ParallelConfig), `data` (DataConfig), `rollout` (RolloutConfig), `sampling` (SamplingConfig),
+`objective` (ObjectiveConfig), `discriminator` (DiscriminatorConfig), `reward`, `optim` (OptimConfig) and
+`train` (TrainConfig below). Nothing is duplicated between YAML and code: the YAML only sets fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..models.arch import ConfigError
+from ..models.qwen3 import ModelConfig
+from ..parallel import ParallelConfig
+from .student import OptimConfig
+
+
+@dataclass
+class SamplingConfig:
+    group_size: int = 4
+    """G: samples per RL prompt (the GRPO group)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same one."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = off."""
+    max_new_tokens: int = 128
+
+
+@dataclass
+class RewardSection:
+    name: str = "ifeval"
+    """Registered reward (uniapl_megatron.rewards): ifeval = all instruction constraints hold (1/0)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The reward's own config fields (e.g. {mode: loose, aggregate: fraction})."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps of the whole run."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    minibatches: int = 1
+    """Optimizer updates per pass (the step's sequences split evenly); >1 makes later updates off-policy."""
+    seed: int = 1234
+    output_dir: str = "runs/uniapl"
+    """Checkpoints, metrics.jsonl, TensorBoard events and plots go here."""
+    resume: str = "auto"
+    """auto: continue from output_dir's latest checkpoint if there is one; never: start fresh."""
+    save_every: int = 50
+    """Checkpoint every this many steps (and at the end, and on SIGTERM / SIGUSR1)."""
+    keep_last: int = 2
+    """Checkpoints kept (older ones are deleted after a new one is complete)."""
+    max_nonfinite_in_row: int = 3
+    """Steps with a NaN/inf loss are skipped and counted; this many in a row stop the run."""
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    """Log to Weights & Biases too (when wandb is installed)."""
+    plot: bool = True
+    """Write plot.png of reward and losses per step at the end."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "parallel": ParallelConfig, "sampling": SamplingConfig, "reward": RewardSection,
+    "optim": OptimConfig, "train": TrainConfig,
+}
+
+
+def _external_sections() -> dict[str, type]:
+    from ..data.config import DataConfig
+    from ..discriminator.config import DiscriminatorConfig
+    from ..objective.config import ObjectiveConfig
+    from ..rollout.config import RolloutConfig
+
+    return {"data": DataConfig, "objective": ObjectiveConfig, "discriminator": DiscriminatorConfig,
+            "rollout": RolloutConfig}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: Any
+    rollout: Any | None
+    sampling: SamplingConfig
+    objective: Any
+    discriminator: Any | None
+    reward: RewardSection
+    optim: OptimConfig
+    train: TrainConfig
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def _build(section: str, cls: type, values: Any, source: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {section!r} should be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                          f"{section} has: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        want = hints.get(k)
+        if want in (int, float) and isinstance(v, bool) or want is int and isinstance(v, float) \
+                or want in (int, float) and isinstance(v, str):
+            raise ConfigError(f"{source}: {section}.{k} should be {want.__name__}, got {v!r}")
+        if want is float and isinstance(v, int):
+            values[k] = float(v)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: section {section}: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: str | Path | None = None) -> RunConfig:
+    """YAML file + ``section.key=value`` overrides (values parsed as YAML) -> validated RunConfig.
+
+    Relative paths in the file are resolved against the file's folder.
+    """
+    tree: dict[str, Any] = {}
+    source = str(path) if path else "<overrides>"
+    if path:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level should be a mapping of sections")
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected section.key=value")
+        k, v = o.split("=", 1)
+        _set_path(tree, k.strip(), yaml.safe_load(v))
+    sections = {**SECTIONS, **_external_sections()}
+    unknown = sorted(set(tree) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; expected: {', '.join(sorted(sections))}")
+    base = Path(base_dir or (Path(path).parent if path else "."))
+    _resolve_paths(tree, base)
+    built = {}
+    for name, cls in sections.items():
+        if name in ("rollout", "discriminator") and not tree.get(name):
+            built[name] = None
+            continue
+        if name == "rollout":
+            tree[name].setdefault("model_path", (tree.get("model") or {}).get("hf_path", ""))
+        built[name] = _build(name, cls, dict(tree.get(name) or {}), source)
+    return RunConfig(**built, source=source)
+
+
+_PATH_KEYS = {("model", "hf_path"), ("model", "load"), ("data", "tokenizer_path"), ("rollout", "model_path"),
+              ("discriminator", "path"), ("train", "output_dir")}
+_PATH_LIST_KEYS = {("data", "demo_paths"), ("data", "prompt_paths")}
+
+
+def _resolve_paths(tree: dict, base: Path) -> None:
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not Path(p).is_absolute() and not p.startswith("@"):
+            return str((base / p).resolve())
+        return p
+
+    for sec, key in _PATH_KEYS:
+        if isinstance(tree.get(sec), dict) and key in tree[sec]:
+            tree[sec][key] = fix(tree[sec][key])
+    for sec, key in _PATH_LIST_KEYS:
+        if isinstance(tree.get(sec), dict) and isinstance(tree[sec].get(key), list):
+            tree[sec][key] = [fix(p) for p in tree[sec][key]]

@@ -1,0 +1,355 @@
+"""The UniAPL step, end to end:
+
+    rollout -> rewards -> discriminator scores -> advantages -> old / reference log-probs
+            -> policy update (epochs x minibatches, demos and rollouts in one mixed batch) -> weight sync
+
+Every named algorithm (sft, grpo, a_grpo, chord, staged pipelines, uniapl) is this step with the weights
+``objective.presets.resolve_weights`` gives for the step. The rollout engine, reward and discriminator live
+on global rank 0, which broadcasts what they produce; every rank then builds the same global list of
+sequences and packs its own data-parallel share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..data import MixedBatchSampler, formatter_from_config, plan_micro_batches, read_demos, read_prompts
+from ..data.packing import required_pad_multiple
+from ..models.arch import Qwen3Arch
+from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
+from ..rollout.base import SamplingParams
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .logging import RunLogger
+from .student import MicroBatch, Student
+
+
+@dataclass
+class Seq:
+    """One sequence of the step: a teacher demonstration or a rollout sample."""
+
+    token_ids: list[int]
+    prompt_len: int
+    is_demo: bool
+    advantage: float = 0.0
+    adv_advantage: float = 0.0
+    engine_logprobs: list[float] | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ..distributed import init_distributed
+
+        self.cfg = cfg
+        self.denv = init_distributed(cfg.parallel, seed=cfg.train.seed)
+        self.rank = dist.get_rank()
+        self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
+        cfg.parallel.validate(self.arch, dist.get_world_size(), torch.cuda.is_available())
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.out = Path(cfg.train.output_dir)
+        self.log = RunLogger(self.out, cfg, enabled=self.rank == 0)
+
+        self.fmt = formatter_from_config(cfg.data, model_dir=cfg.model.hf_path)
+        self.demos = read_demos(cfg.data.demo_paths, self.fmt, cfg.data) if cfg.data.demo_paths else None
+        self.prompts = read_prompts(cfg.data.prompt_paths, self.fmt, cfg.data) if cfg.data.prompt_paths else None
+        self.sampler = MixedBatchSampler.from_config(
+            cfg.data, len(self.prompts) if self.prompts else 0, len(self.demos) if self.demos else 0)
+        self.stop_ids = tuple(sorted({self.fmt.eot_id, *([self.fmt.tokenizer.eos_token_id]
+                                                          if self.fmt.tokenizer.eos_token_id is not None else [])}))
+
+        self.student = Student(self.arch, cfg.parallel, cfg.model, cfg.optim, total_steps=self._optimizer_steps())
+        self._init_weights()
+        self.ref = None
+        if cfg.objective.kl_coef > 0:
+            self.ref = Student(self.arch, cfg.parallel, cfg.model, None)
+            self.ref.copy_weights_from(self.student)
+
+        self.engine = self.reward = self.disc = None
+        if self.rank == 0:
+            self._build_rank0_parts()
+        self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
+        self._stop_signal = 0
+        self._maybe_resume()
+
+    # ---- set-up -------------------------------------------------------------------------------------
+
+    def _optimizer_steps(self) -> int:
+        return self.cfg.train.steps * self.cfg.train.ppo_epochs * self.cfg.train.minibatches
+
+    def _init_weights(self) -> None:
+        from ..convert.checkpoint import load_model, read_meta
+        from ..convert.params import unwrap
+
+        if self.cfg.model.load:
+            meta = read_meta(self.cfg.model.load)
+            if meta["num_query_groups"] != self.student.num_query_groups:
+                raise ValueError(f"{self.cfg.model.load}: KV groups {meta['num_query_groups']} != this layout's "
+                                 f"{self.student.num_query_groups}")
+            load_model([unwrap(c) for c in self.student.chunks], Path(self.cfg.model.load) / "model")
+            self.student._refresh_main_params()
+        else:
+            self.student.load_hf(self.cfg.model.hf_path)
+
+    def _build_rank0_parts(self) -> None:
+        from ..rewards import build_reward
+
+        cfg = self.cfg
+        self.reward = build_reward(cfg.reward.name, cfg.reward.options)
+        if cfg.rollout is not None:
+            from ..rollout import build_engine
+
+            self.engine = build_engine(cfg.rollout)
+        if cfg.discriminator is not None:
+            from ..discriminator import build_discriminator
+
+            self.disc = build_discriminator(cfg.discriminator)
+
+    def _maybe_resume(self) -> None:
+        if self.cfg.train.resume == "never":
+            return
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.student, self.disc)
+        self.student.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_step = state["step"]
+        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
+        self.log.restore(state.get("history", []))
+        if self.ref is not None and "ref_from_start" not in state:
+            pass  # the reference model is the run's initial weights, rebuilt from model.load / hf_path
+        if self.rank == 0:
+            print(f"resumed from {path} (step {self.start_step})", flush=True)
+
+    def _save(self, step: int) -> None:
+        state = {"scheduler": self.student.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                 "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
+                 "history": self.log.history}
+        meta = {"dtype": self.cfg.model.dtype, "num_query_groups": self.student.num_query_groups,
+                "make_vocab_size_divisible_by": self.cfg.model.make_vocab_size_divisible_by,
+                "arch": self.arch.to_dict(), "source": self.cfg.model.hf_path, "step": step}
+        save_checkpoint(self.out, step, self.student, state, meta, self.cfg.model.hf_path, self.disc,
+                        keep_last=self.cfg.train.keep_last)
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def _rollouts(self, step: int, prompt_idx: list[int], weights: Any) -> tuple[list[Seq], dict[str, float]]:
+        """Rank 0 samples, scores and broadcasts; everyone builds the same rollout sequences."""
+        s, payload = self.cfg.sampling, [None]
+        if self.rank == 0:
+            rows = [self.prompts[i] for i in prompt_idx]
+            t0 = time.perf_counter()
+            batch = self.engine.generate([r.prompt_ids.tolist() for r in rows], SamplingParams(
+                n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                max_new_tokens=s.max_new_tokens, stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + step))
+            gen_s = time.perf_counter() - t0
+            texts = [self.fmt.decode(x.token_ids, skip_special_tokens=True) for x in batch.samples]
+            prow = [rows[x.prompt_index] for x in batch.samples]
+            rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
+                                          "prompt": _prompt_text(r)} for r in prow], texts)
+            scores = None
+            if weights.needs_discriminator:
+                scores = self.disc.score([_prompt_text(r) for r in prow],
+                                         [r.teacher_response or "" for r in prow], texts)
+            payload = [([(x.prompt_index, x.token_ids, x.logprobs, x.finish_reason) for x in batch.samples],
+                        rewards, scores, texts, gen_s)]
+        dist.broadcast_object_list(payload, src=0)
+        samples, rewards, scores, texts, gen_s = payload[0]
+        group_ids = torch.tensor([p for p, _, _, _ in samples])
+        adv = rollout_advantages(group_ids, weights, self.cfg.objective, torch.tensor(rewards, dtype=torch.float32),
+                                 None if scores is None else torch.tensor(scores, dtype=torch.float32))
+        seqs = []
+        for j, (p, toks, lps, _) in enumerate(samples):
+            prompt_ids = self.prompts[prompt_idx[p]].prompt_ids.tolist()
+            if not toks:  # an empty completion carries no token to train
+                continue
+            seqs.append(Seq(prompt_ids + list(toks), len(prompt_ids), False, float(adv.task[j]),
+                            float(adv.adversarial[j]), list(lps), extra={"text": texts[j], "prompt_pos": p}))
+        lengths = [len(t) for _, t, _, _ in samples]
+        stats = {"reward/mean": sum(rewards) / max(len(rewards), 1), "rollout/gen_seconds": gen_s,
+                 "rollout/response_len": sum(lengths) / max(len(lengths), 1),
+                 "rollout/truncated": sum(f == "length" for *_, f in samples) / max(len(samples), 1)}
+        if scores is not None:
+            stats["disc/score_mean"] = sum(scores) / len(scores)
+        if self.rank == 0 and self.disc is not None and hasattr(self.disc, "update"):
+            prow = [self.prompts[prompt_idx[p]] for p, *_ in samples]
+            upd = self.disc.update(step, [_prompt_text(r) for r in prow], [r.teacher_response or "" for r in prow], texts)
+            stats.update({f"disc/{k}": v for k, v in (upd or {}).items()})
+        return seqs, stats
+
+    def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
+        from ..data.microbatch import pack_rank
+
+        par = self.cfg.parallel
+        pad = max(self.cfg.data.pad_multiple, required_pad_multiple(
+            par.tensor_model_parallel_size, par.context_parallel_size, par.sequence_parallel))
+        plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=self.cfg.data.max_tokens_per_micro_batch,
+                                  dp_size=self.dp_size, pad_multiple=pad)
+        packed = pack_rank(plan, self.dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
+                           pad_id=self.fmt.pad_id)
+        out = []
+        for p in packed:
+            mine = [seqs[i] for i in p.seq_ids]
+            extras: dict[str, Any] = {
+                "is_demo": torch.tensor([s.is_demo for s in mine], dtype=torch.bool),
+                "advantages": torch.tensor([s.advantage for s in mine], dtype=torch.float32),
+                "adv_advantages": torch.tensor([s.adv_advantage for s in mine], dtype=torch.float32),
+            }
+            for key in ("old_logprobs", "ref_logprobs"):
+                if mine and all(getattr(s, key) is not None for s in mine):
+                    extras[key] = p.scatter_response([getattr(s, key) for s in mine])[0]
+            if mine and all(s.engine_logprobs is not None or s.is_demo for s in mine) and not all(s.is_demo for s in mine):
+                extras["engine_logprobs"] = p.scatter_response(
+                    [s.engine_logprobs if s.engine_logprobs is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
+                     for s in mine])[0]
+            out.append(MicroBatch(p, extras))
+        return out
+
+    def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str) -> None:
+        """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank."""
+        mbs = self._pack(seqs)
+        lps = model.logprobs(mbs, temperature=self.cfg.sampling.temperature)
+        local: dict[int, list[float]] = {}
+        if lps is not None:
+            for mb, lp in zip(mbs, lps):
+                for i, v in zip(mb.packed.seq_ids, mb.packed.unpack_response(lp)):
+                    local[i] = v.float().tolist()
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        merged: dict[int, list[float]] = {}
+        for g in gathered:
+            merged.update(g)
+        for i, s in enumerate(seqs):
+            setattr(s, attr, torch.tensor(merged[i]))
+
+    def _loss_fn(self, weights: Any, counts: Any):
+        cfg = self.cfg.objective
+
+        def fn(mb: MicroBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            lp, ent = (out[:, 0], out[:, 1]) if out.dim() == 2 else (out, None)
+            e = mb.extras
+            inputs = LossInputs(
+                logprobs=lp, loss_mask=mb.packed.loss_mask[0], seq_ids=mb.packed.seq_index,
+                is_demo=e["is_demo"], advantages=e["advantages"], adv_advantages=e["adv_advantages"],
+                old_logprobs=e.get("old_logprobs"), ref_logprobs=e.get("ref_logprobs"),
+                engine_logprobs=e.get("engine_logprobs") if cfg.tis_cap is not None else None, entropy=ent)
+            loss, metrics = objective_loss(inputs, weights, cfg, counts)
+            metrics["loss/total"] = loss.detach()
+            return loss, metrics
+
+        return fn
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        w = resolve_weights(cfg.objective, step)
+        batch = self.sampler.next_batch(prompts=None if w.needs_rollouts else 0, demos=None if w.needs_demos else 0)
+        stats: dict[str, float] = {"stage_" + w.stage: 1.0}
+        seqs = [Seq(d.token_ids.tolist(), d.prompt_len, True) for d in (self.demos[i] for i in batch.demo_indices)]
+        if w.needs_rollouts:
+            rollouts, rstats = self._rollouts(step, batch.prompt_indices, w)
+            seqs += rollouts
+            stats.update(rstats)
+        t0 = time.perf_counter()
+        rl = [s for s in seqs if not s.is_demo]
+        off_policy = cfg.train.ppo_epochs * cfg.train.minibatches > 1
+        if rl and off_policy:
+            self._fill_logprobs(rl, self.student, "old_logprobs")
+        if rl and self.ref is not None:
+            self._fill_logprobs(rl, self.ref, "ref_logprobs")
+        order = list(range(len(seqs)))
+        parts = [order[i :: cfg.train.minibatches] for i in range(cfg.train.minibatches)]
+        for _ in range(cfg.train.ppo_epochs):
+            for part in parts:
+                mbs = self._pack([seqs[i] for i in part])
+                counts = step_counts([SimpleNamespace(loss_mask=m.packed.loss_mask[0], seq_ids=m.packed.seq_index,
+                                                      is_demo=m.extras["is_demo"], seq_token_counts=None) for m in mbs],
+                                     group=self.dp_group)
+                m = self.student.train_step(mbs, self._loss_fn(w, counts), cfg.sampling.temperature,
+                                            with_entropy=cfg.objective.entropy_coef > 0)
+                stats.update(self._reduce_metrics(m))
+        stats["time/train_seconds"] = time.perf_counter() - t0
+        if self.engine is not None or cfg.rollout is not None:
+            t1 = time.perf_counter()
+            self.sync_weights()
+            stats["time/sync_seconds"] = time.perf_counter() - t1
+        return stats
+
+    def _reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
+        """Loss metrics live on the last pipeline stage, one copy per TP rank: sum over DP there."""
+        from megatron.core import parallel_state as ps
+
+        mine = m if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 else {}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k not in ("grad_norm", "lr", "skipped")})
+        out: dict[str, float] = {}
+        for g in gathered:
+            for k, v in g.items():
+                out[k] = out.get(k, 0.0) + v
+        out.update(grad_norm=m["grad_norm"], lr=m["lr"], skipped=m["skipped"])
+        return out
+
+    def sync_weights(self) -> None:
+        tensors = self.student.hf_tensors()
+        if self.engine is not None:
+            self.engine.update_weights(tensors)
+        for _ in tensors:  # the other ranks take part in the collectives
+            pass
+
+    # ---- the run ------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> dict[str, Any]:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        cfg = self.cfg.train
+        if self.cfg.rollout is not None:
+            self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
+        t_start = time.perf_counter()
+        last_saved = self.start_step
+        for step in range(self.start_step, cfg.steps):
+            stats = self.step(step)
+            bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
+            self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
+            self.nonfinite_total += int(bad)
+            stats.update(nonfinite_in_row=self.nonfinite_in_row, nonfinite_total=self.nonfinite_total)
+            self.log.step(step, stats)
+            if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
+                raise RuntimeError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
+                                   f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping")
+            flag = torch.tensor([self._stop_signal], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            done = step + 1
+            if done % cfg.save_every == 0 or done == cfg.steps or flag.item():
+                self._save(done)
+                last_saved = done
+            if flag.item():
+                if self.rank == 0:
+                    print(f"signal {flag.item()}: saved step {done}, exiting", flush=True)
+                break
+        summary = self.log.finish(time.perf_counter() - t_start, last_saved)
+        if self.engine is not None:
+            self.engine.shutdown()
+        return summary
+
+
+def _prompt_text(row: Any) -> str:
+    users = [m["content"] for m in row.messages if m.get("role") == "user"]
+    return users[-1] if users else ""
