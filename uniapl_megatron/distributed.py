@@ -66,7 +66,10 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
             # A per-job port keeps two jobs sharing a first node apart.
             master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+    # One process: any free port (a fixed one collides with other jobs on the same machine).
+    from .launch import free_port
+
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()))
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:

@@ -63,6 +63,10 @@ def check_hf_source(hf_dir: str | Path) -> tuple[Qwen3Arch, SafetensorsFolder]:
         if extra:
             msg.append(f"  unexpected ({len(extra)}): " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
         raise ConversionError("\n".join(msg))
+    for name, shape in src.shapes().items():
+        if name in expected and shape != expected[name]:
+            raise ConversionError(f"{hf_dir}: tensor {name!r} has shape {shape} but config.json implies "
+                                  f"{expected[name]}")
     return arch, src
 
 

@@ -71,6 +71,15 @@ class SafetensorsFolder:
         with safe_open(str(self.weight_map[name]), framework="pt") as f:
             return f.get_tensor(name)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers alone."""
+        out: dict[str, tuple[int, ...]] = {}
+        for path in sorted(set(self.weight_map.values())):
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    out[k] = tuple(f.get_slice(k).get_shape())
+        return out
+
     def total_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in set(self.weight_map.values()))
 
