@@ -92,7 +92,9 @@ class _FakeEvent:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device object, not 0: `device=torch.cuda.current_device()` then means CPU even where the mode below
+    # is not on the stack (modes are per thread; autograd runs some backward functions on its own threads).
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda *a, **k: None
     cuda.current_stream = lambda *a, **k: _FakeStream()
     cuda.default_stream = lambda *a, **k: _FakeStream()

@@ -129,8 +129,12 @@ def _build(section: str, cls: type, values: Any, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
         want = hints.get(k)
-        if want in (int, float) and isinstance(v, bool) or want is int and isinstance(v, float) \
-                or want in (int, float) and isinstance(v, str):
+        if want in (int, float) and isinstance(v, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                v = values[k] = want(v)
+            except ValueError:
+                raise ConfigError(f"{source}: {section}.{k} should be {want.__name__}, got {v!r}") from None
+        if want in (int, float) and isinstance(v, bool) or want is int and isinstance(v, float):
             raise ConfigError(f"{source}: {section}.{k} should be {want.__name__}, got {v!r}")
         if want is float and isinstance(v, int):
             values[k] = float(v)

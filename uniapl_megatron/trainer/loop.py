@@ -194,32 +194,8 @@ class Trainer:
         return seqs, stats
 
     def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
-        from ..data.microbatch import pack_rank
-
-        par = self.cfg.parallel
-        pad = max(self.cfg.data.pad_multiple, required_pad_multiple(
-            par.tensor_model_parallel_size, par.context_parallel_size, par.sequence_parallel))
-        plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=self.cfg.data.max_tokens_per_micro_batch,
-                                  dp_size=self.dp_size, pad_multiple=pad)
-        packed = pack_rank(plan, self.dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
-                           pad_id=self.fmt.pad_id)
-        out = []
-        for p in packed:
-            mine = [seqs[i] for i in p.seq_ids]
-            extras: dict[str, Any] = {
-                "is_demo": torch.tensor([s.is_demo for s in mine], dtype=torch.bool),
-                "advantages": torch.tensor([s.advantage for s in mine], dtype=torch.float32),
-                "adv_advantages": torch.tensor([s.adv_advantage for s in mine], dtype=torch.float32),
-            }
-            for key in ("old_logprobs", "ref_logprobs"):
-                if mine and all(getattr(s, key) is not None for s in mine):
-                    extras[key] = p.scatter_response([getattr(s, key) for s in mine])[0]
-            if mine and all(s.engine_logprobs is not None or s.is_demo for s in mine) and not all(s.is_demo for s in mine):
-                extras["engine_logprobs"] = p.scatter_response(
-                    [s.engine_logprobs if s.engine_logprobs is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
-                     for s in mine])[0]
-            out.append(MicroBatch(p, extras))
-        return out
+        return pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
+                             max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id)
 
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str) -> None:
         """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank."""
@@ -237,23 +213,6 @@ class Trainer:
             merged.update(g)
         for i, s in enumerate(seqs):
             setattr(s, attr, torch.tensor(merged[i]))
-
-    def _loss_fn(self, weights: Any, counts: Any):
-        cfg = self.cfg.objective
-
-        def fn(mb: MicroBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            lp, ent = (out[:, 0], out[:, 1]) if out.dim() == 2 else (out, None)
-            e = mb.extras
-            inputs = LossInputs(
-                logprobs=lp, loss_mask=mb.packed.loss_mask[0], seq_ids=mb.packed.seq_index,
-                is_demo=e["is_demo"], advantages=e["advantages"], adv_advantages=e["adv_advantages"],
-                old_logprobs=e.get("old_logprobs"), ref_logprobs=e.get("ref_logprobs"),
-                engine_logprobs=e.get("engine_logprobs") if cfg.tis_cap is not None else None, entropy=ent)
-            loss, metrics = objective_loss(inputs, weights, cfg, counts)
-            metrics["loss/total"] = loss.detach()
-            return loss, metrics
-
-        return fn
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -277,10 +236,8 @@ class Trainer:
         for _ in range(cfg.train.ppo_epochs):
             for part in parts:
                 mbs = self._pack([seqs[i] for i in part])
-                counts = step_counts([SimpleNamespace(loss_mask=m.packed.loss_mask[0], seq_ids=m.packed.seq_index,
-                                                      is_demo=m.extras["is_demo"], seq_token_counts=None) for m in mbs],
-                                     group=self.dp_group)
-                m = self.student.train_step(mbs, self._loss_fn(w, counts), cfg.sampling.temperature,
+                counts = global_counts(mbs, self.dp_group)
+                m = self.student.train_step(mbs, make_loss_fn(w, counts, cfg.objective), cfg.sampling.temperature,
                                             with_entropy=cfg.objective.entropy_coef > 0)
                 stats.update(self._reduce_metrics(m))
         stats["time/train_seconds"] = time.perf_counter() - t0
@@ -353,3 +310,59 @@ class Trainer:
 def _prompt_text(row: Any) -> str:
     users = [m["content"] for m in row.messages if m.get("role") == "user"]
     return users[-1] if users else ""
+
+
+def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple: int, dp_rank: int, dp_size: int,
+                  pad_id: int) -> list[MicroBatch]:
+    """This DP rank's packed micro-batches of the step's sequences, with the per-sequence loss inputs."""
+    from ..data.microbatch import pack_rank
+
+    pad = max(pad_multiple, required_pad_multiple(
+        parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel))
+    plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=max_tokens, dp_size=dp_size,
+                              pad_multiple=pad)
+    out = []
+    for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
+        mine = [seqs[i] for i in p.seq_ids]
+        extras: dict[str, Any] = {
+            "is_demo": torch.tensor([s.is_demo for s in mine], dtype=torch.bool),
+            "advantages": torch.tensor([s.advantage for s in mine], dtype=torch.float32),
+            "adv_advantages": torch.tensor([s.adv_advantage for s in mine], dtype=torch.float32),
+        }
+        for key in ("old_logprobs", "ref_logprobs"):
+            if mine and all(getattr(s, key) is not None or s.is_demo for s in mine) \
+                    and any(getattr(s, key) is not None for s in mine):
+                extras[key] = p.scatter_response([
+                    getattr(s, key) if getattr(s, key) is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
+                    for s in mine])[0]
+        if any(s.engine_logprobs is not None for s in mine):
+            extras["engine_logprobs"] = p.scatter_response([
+                s.engine_logprobs if s.engine_logprobs is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
+                for s in mine])[0]
+        out.append(MicroBatch(p, extras))
+    return out
+
+
+def global_counts(mbs: list[MicroBatch], dp_group: Any) -> Any:
+    """Trained tokens / sequences of the whole optimizer step, over all micro-batches and DP ranks."""
+    return step_counts([SimpleNamespace(loss_mask=m.packed.loss_mask[0], seq_ids=m.packed.seq_index,
+                                        is_demo=m.extras["is_demo"], seq_token_counts=None) for m in mbs],
+                       group=dp_group)
+
+
+def make_loss_fn(weights: Any, counts: Any, cfg: Any):
+    """The objective on one micro-batch, as Student.train_step calls it."""
+
+    def fn(mb: MicroBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        lp, ent = (out[:, 0], out[:, 1]) if out.dim() == 2 else (out, None)
+        e = mb.extras
+        inputs = LossInputs(
+            logprobs=lp, loss_mask=mb.packed.loss_mask[0], seq_ids=mb.packed.seq_index,
+            is_demo=e["is_demo"], advantages=e["advantages"], adv_advantages=e["adv_advantages"],
+            old_logprobs=e.get("old_logprobs"), ref_logprobs=e.get("ref_logprobs"),
+            engine_logprobs=e.get("engine_logprobs") if cfg.tis_cap is not None else None, entropy=ent)
+        loss, metrics = objective_loss(inputs, weights, cfg, counts)
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    return fn

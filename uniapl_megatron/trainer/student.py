@@ -24,6 +24,8 @@ from .logprobs import LogprobHead
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adam"
+    """adam (AdamW; decoupled weight decay) or sgd (tests compare gradients through it)."""
     lr: float = 1e-6
     """Peak learning rate (Adam)."""
     min_lr: float = 0.0
@@ -96,7 +98,7 @@ class Student:
         # Losses arrive pre-normalised by global counts: finalize must not rescale by a token count.
         self.config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads(model, None)
         opt = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
             bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer,

@@ -1,0 +1,72 @@
+"""Worker (one per rank): one UniAPL training step of the Megatron student on fixed sequences at a given
+layout; rank 0 writes the updated weights (HF names) and the step's metrics. Used by tests/test_trainer.py."""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--mb-tokens", type=int, default=4096)
+    ap.add_argument("--no-dist-opt", action="store_true")
+    a = ap.parse_args()
+
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    from uniapl_megatron.distributed import init_distributed
+    from uniapl_megatron.models.arch import Qwen3Arch
+    from uniapl_megatron.models.qwen3 import ModelConfig
+    from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
+    from uniapl_megatron.parallel import ParallelConfig
+    from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank
+    from uniapl_megatron.trainer.student import OptimConfig, Student
+
+    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, sequence_parallel=a.sp,
+                         use_distributed_optimizer=not a.no_dist_opt)
+    init_distributed(par, seed=7)
+    arch = Qwen3Arch.from_pretrained(a.hf)
+    student = Student(arch, par, ModelConfig(dtype="fp32", spec="torch"), OptimConfig(
+        # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
+        # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
+        lr=500.0, adam_eps=1000.0, clip_grad=0.0))
+    student.load_hf(a.hf)
+
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(10):
+        n, p = 12 + 3 * i, 5 + i % 4
+        toks = torch.randint(0, arch.vocab_size, (n,), generator=g).tolist()
+        demo = i < 3
+        seqs.append(Seq(toks, p, demo, advantage=0.0 if demo else float(torch.randn(1, generator=g)),
+                        adv_advantage=0.0 if demo else float(torch.randn(1, generator=g))))
+    cfg = ObjectiveConfig(algorithm="uniapl", lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
+    weights = resolve_weights(cfg, 0)
+    mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
+    counts = global_counts(mbs, ps.get_data_parallel_group())
+    metrics = student.train_step(mbs, make_loss_fn(weights, counts, cfg))
+    gathered = [None] * dist.get_world_size()
+    mine = metrics if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else {}
+    dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
+    tensors = {name: t.clone() for name, t in student.hf_tensors()}
+    if dist.get_rank() == 0:
+        total = {}
+        for m in gathered:
+            for k, v in m.items():
+                total[k] = total.get(k, 0.0) + v
+        save_file(tensors, a.out + ".safetensors")
+        with open(a.out + ".json", "w") as f:
+            json.dump({**total, "micro_batches": len(mbs)}, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
