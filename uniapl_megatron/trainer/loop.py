@@ -28,7 +28,7 @@ from ..data.packing import required_pad_multiple
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
 from ..rollout.base import SamplingParams
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
 from .config import RunConfig
 from .logging import RunLogger
 from .student import MicroBatch, Student
@@ -122,12 +122,15 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         if self.cfg.train.resume == "never":
+            self.log.restore([])
             return
         path = latest_checkpoint(self.out)
         if path is None:
+            self.log.restore([])  # a fresh run starts a fresh metrics file
             return
         state = load_checkpoint(path, self.student, self.disc)
         self.student.scheduler.load_state_dict(state["scheduler"])
+        restore_adam_step(self.student.optimizer, self.student.scheduler.num_steps)
         self.sampler.load_state_dict(state["sampler"])
         self.start_step = state["step"]
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Build the paper-shaped table from evaluation results.
+
+Rows: the algorithm presets (SFT, A-SFT, GRPO, A-GRPO, the staged pipelines, CHORD, A-CHORD,
+UniAPL) per student; columns: the benchmarks, their average and the difference to GRPO.
+Inputs: result files or folders (``*.json`` / ``*.jsonl``) with records
+``{"algorithm", "student", "benchmark", "score"}`` (score a fraction in [0, 1]), such as the
+``ifeval.json`` that tools/eval_ifeval.py writes.
+
+  python tools/reproduce_tables.py outputs/ --out outputs/tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from uniapl_megatron.eval.io import InputFileError, atomic_write_text
+from uniapl_megatron.eval.tables import build_table, load_results, table_summary, to_csv, to_markdown
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="result files or folders")
+    ap.add_argument("--out", default="outputs/tables", help="folder for table.md and table.csv")
+    ap.add_argument("--benchmarks", nargs="*", default=None, help="column order (default: as found)")
+    ap.add_argument("--metric", default=None,
+                    help="use metrics[METRIC] where a record has it (e.g. prompt_loose) instead of 'score'")
+    args = ap.parse_args(argv)
+    try:
+        table = build_table(load_results(args.results, metric=args.metric), args.benchmarks)
+        out = Path(args.out)
+        md = atomic_write_text(out / "table.md", to_markdown(table))
+        csv_path = atomic_write_text(out / "table.csv", to_csv(table))
+    except (InputFileError, OSError) as exc:
+        print(f"reproduce_tables: error: {exc}", file=sys.stderr)
+        return 2
+    print(to_markdown(table))
+    print(json.dumps({**table_summary(table), "markdown": str(md), "csv": str(csv_path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

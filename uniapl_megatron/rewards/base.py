@@ -1,0 +1,68 @@
+"""The Reward contract the trainer talks to, and a registry to build one by name from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+
+class RewardConfigError(ValueError):
+    """A bad reward name or option; the message names it and says what is expected."""
+
+
+class PromptRowError(ValueError):
+    """A prompt row the reward cannot score; the message names the row and the field."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Scores responses to prompts.
+
+    A prompt row is a dict like a row of IFEval's data: ``instruction_id_list`` (list of
+    instruction ids), ``kwargs`` (one dict of checker arguments per instruction) and,
+    optionally, ``prompt`` (the text) and ``key``. Extra fields are ignored.
+    """
+
+    name: str
+
+    def score(self, prompts: list[dict], responses: list[str]) -> list[float]:
+        """One float per (prompt, response) pair; ``prompts[i]`` goes with ``responses[i]``."""
+
+
+# name -> (config dataclass, factory taking an instance of it)
+_REGISTRY: dict[str, tuple[type, Callable[[Any], Reward]]] = {}
+
+
+def register_reward(name: str, config_cls: type) -> Callable[[Callable[[Any], Reward]], Callable[[Any], Reward]]:
+    """Decorator: make ``factory(config)`` buildable as ``build_reward(name, options)``."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"reward {name!r}: config class must be a dataclass")
+
+    def deco(factory: Callable[[Any], Reward]) -> Callable[[Any], Reward]:
+        if name in _REGISTRY:
+            raise RewardConfigError(f"reward {name!r} is registered twice")
+        _REGISTRY[name] = (config_cls, factory)
+        return factory
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, options: Mapping[str, Any] | None = None) -> Reward:
+    """Build the reward registered as ``name``, with ``options`` as its config fields."""
+    if name not in _REGISTRY:
+        raise RewardConfigError(
+            f"unknown reward {name!r}; available: {', '.join(available_rewards()) or '(none)'}"
+        )
+    config_cls, factory = _REGISTRY[name]
+    options = dict(options or {})
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise RewardConfigError(
+            f"reward {name!r}: unknown option(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(fields))}"
+        )
+    return factory(config_cls(**options))
