@@ -217,5 +217,12 @@ class Student:
         self.optimizer.zero_grad()
 
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every full HF-named tensor on every rank (collective): what rollout weight sync consumes."""
-        return iter_hf_tensors([unwrap(c) for c in self.chunks], self.arch, self.num_query_groups)
+        """Every full HF-named tensor on every rank (collective): what rollout weight sync consumes.
+
+        With tied embeddings ``lm_head.weight`` is sent too: vLLM's CPU backend keeps its own (repacked)
+        LM-head copy that loading the embedding alone leaves stale.
+        """
+        for name, t in iter_hf_tensors([unwrap(c) for c in self.chunks], self.arch, self.num_query_groups):
+            yield name, t
+            if self.arch.tie_word_embeddings and name == "model.embed_tokens.weight":
+                yield "lm_head.weight", t
