@@ -8,6 +8,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _save(model, folder: Path) -> Path:
+    import torch
+
+    # Norm weights start at exactly 1.0: perturb them so a mapping mix-up cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
 def tiny_qwen3(folder: Path, *, tie: bool = True, vocab: int = 300, layers: int = 4, heads: int = 4,
                kv_heads: int = 2, head_dim: int = 32, hidden: int = 64, dtype: str = "float32", seed: int = 0) -> Path:
     import torch
@@ -18,13 +30,7 @@ def tiny_qwen3(folder: Path, *, tie: bool = True, vocab: int = 300, layers: int 
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                       tie_word_embeddings=tie, max_position_embeddings=512, rope_theta=10000.0)
     model = Qwen3ForCausalLM(cfg).to(getattr(torch, dtype))
-    # Norm weights start at exactly 1.0: perturb them so a mapping mix-up cannot hide.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
-    return folder
+    return _save(model, folder)
 
 
 def tiny_qwen3_moe(folder: Path, *, tie: bool = False, vocab: int = 300, layers: int = 2, experts: int = 4,
@@ -38,13 +44,7 @@ def tiny_qwen3_moe(folder: Path, *, tie: bool = False, vocab: int = 300, layers:
                          num_experts=experts, num_experts_per_tok=topk, norm_topk_prob=True,
                          tie_word_embeddings=tie, max_position_embeddings=512, decoder_sparse_step=1,
                          mlp_only_layers=[])
-    model = Qwen3MoeForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
-    return folder
+    return _save(Qwen3MoeForCausalLM(cfg), folder)
 
 
 def load_safetensors_folder(folder: Path) -> dict:

@@ -64,6 +64,8 @@ class TrainConfig:
     tensorboard: bool = True
     wandb_project: str | None = None
     """Log to Weights & Biases too (when wandb is installed)."""
+    log_samples: int = 2
+    """Rollouts per step written to samples.jsonl (prompt, response, reward) to read what the policy does."""
     plot: bool = True
     """Write plot.png of reward and losses per step at the end."""
 

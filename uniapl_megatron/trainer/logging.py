@@ -59,6 +59,12 @@ class RunLogger:
         self.bar.set_postfix(post)
         self.bar.update(1)
 
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if self.enabled and rows:
+            with (self.out / "samples.jsonl").open("a") as f:
+                for r in rows:
+                    f.write(json.dumps({"step": step + 1, **r}, ensure_ascii=False) + "\n")
+
     def finish(self, seconds: float, last_saved: int) -> dict[str, Any]:
         rewards = [h["reward/mean"] for h in self.history if "reward/mean" in h]
         k = max(1, min(5, len(rewards) // 4))

@@ -172,6 +172,8 @@ class Trainer:
                                          [r.teacher_response or "" for r in prow], texts)
             payload = [([(x.prompt_index, x.token_ids, x.logprobs, x.finish_reason) for x in batch.samples],
                         rewards, scores, texts, gen_s)]
+            self.log.samples(step, [{"prompt": _prompt_text(r), "response": t, "reward": rw}
+                                    for r, t, rw in list(zip(prow, texts, rewards))[: self.cfg.train.log_samples]])
         dist.broadcast_object_list(payload, src=0)
         samples, rewards, scores, texts, gen_s = payload[0]
         group_ids = torch.tensor([p for p, _, _, _ in samples])
