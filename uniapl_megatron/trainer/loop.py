@@ -287,7 +287,9 @@ class Trainer:
         t_start = time.perf_counter()
         last_saved = self.start_step
         for step in range(self.start_step, cfg.steps):
+            t_step = time.perf_counter()
             stats = self.step(step)
+            stats["time/step_seconds"] = time.perf_counter() - t_step
             bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
             self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
             self.nonfinite_total += int(bad)
