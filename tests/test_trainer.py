@@ -50,6 +50,15 @@ def test_layouts_and_micro_batches_give_the_same_update(model, tmp_path):
         assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-5, (name, m, ref_m)
 
 
+def test_nan_loss_skips_the_step(model, tmp_path):
+    from safetensors.torch import load_file
+
+    got, m = _step(model, tmp_path / "nan", 2, "--nan")
+    assert m["skipped"] == 1.0
+    before = load_file(str(model / "model.safetensors"))
+    assert all(torch.equal(got[k], before[k]) for k in before), "a NaN step changed the weights"
+
+
 def test_config_errors_name_the_key(tmp_path):
     from uniapl_megatron.models.arch import ConfigError
     from uniapl_megatron.trainer.config import load_config

@@ -17,6 +17,7 @@ def main() -> None:
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--mb-tokens", type=int, default=4096)
     ap.add_argument("--no-dist-opt", action="store_true")
+    ap.add_argument("--nan", action="store_true", help="make the loss NaN: the step must be skipped")
     a = ap.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -52,7 +53,15 @@ def main() -> None:
     weights = resolve_weights(cfg, 0)
     mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
     counts = global_counts(mbs, ps.get_data_parallel_group())
-    metrics = student.train_step(mbs, make_loss_fn(weights, counts, cfg))
+    loss_fn = make_loss_fn(weights, counts, cfg)
+    if a.nan:
+        inner = loss_fn
+
+        def loss_fn(mb, out):  # noqa: F811 - a poisoned loss for the skip test
+            loss, metrics = inner(mb, out)
+            loss = loss * float("nan")
+            return loss, {**metrics, "loss/total": loss.detach()}
+    metrics = student.train_step(mbs, loss_fn)
     gathered = [None] * dist.get_world_size()
     mine = metrics if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else {}
     dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
@@ -64,7 +73,7 @@ def main() -> None:
                 total[k] = total.get(k, 0.0) + v
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
-            json.dump({**total, "micro_batches": len(mbs)}, f)
+            json.dump({**total, "micro_batches": len(mbs), "skipped": metrics["skipped"]}, f)
     dist.barrier()
 
 
