@@ -71,10 +71,12 @@ def vocab_parallel_logprobs(
     tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
     vocab_start = tp_rank * weight.shape[0]
     outs = []
+    # One chunk is the head's whole activation either way: recomputing it in backward would only cost time.
+    recompute = hidden.shape[0] > chunk_tokens
     for s in range(0, hidden.shape[0], chunk_tokens):
         args = (hidden[s : s + chunk_tokens], weight, labels[s : s + chunk_tokens], temperature, vocab_start,
                 true_vocab, tp_group, tp_size, with_entropy)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if recompute and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             outs.append(checkpoint(_chunk, *args, use_reentrant=False))
         else:
             outs.append(_chunk(*args))
