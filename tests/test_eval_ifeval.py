@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -21,16 +20,8 @@ from uniapl_megatron.eval.ifeval_data import IFEVAL_NUM_PROMPTS, load_ifeval_pro
 from uniapl_megatron.eval.ifeval_score import score_rows, summarize  # noqa: E402
 from uniapl_megatron.rewards import build_reward  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+from _tools import PNG_MAGIC, REPO  # noqa: E402
+from _tools import load_tool as _tool  # noqa: E402
 
 
 def _reference(row: dict, response: str) -> tuple[list[bool], list[bool]]:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,16 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from uniapl_megatron.eval.distributions import compare, ks_statistic, plot_comparison, summary, wasserstein_1  # noqa: E402
 from uniapl_megatron.eval.tables import ALGORITHM_LABELS, canonical_algorithm  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+from _tools import PNG_MAGIC, REPO  # noqa: E402
+from _tools import load_tool as _tool  # noqa: E402
 
 
 # ---------------------------------------------------------------- distributions
