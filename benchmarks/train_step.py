@@ -11,7 +11,6 @@ baseline_tokens_s, baseline_peak_mem_gb.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -109,12 +108,7 @@ def baseline(cfg: dict, mb: int, seq: int, dtype: str, steps: int, warmup: int) 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sec = timed(step, steps, warmup)
-    peak = peak_gb()
-    del model, opt
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return sec, peak
+    return sec, peak_gb()
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from uniapl_megatron.eval.distributions import compare, ks_statistic, plot_comparison, summary, wasserstein_1  # noqa: E402
 from uniapl_megatron.eval.tables import ALGORITHM_LABELS, canonical_algorithm  # noqa: E402
 
-from _tools import PNG_MAGIC, REPO  # noqa: E402
+from _tools import PNG_MAGIC  # noqa: E402
 from _tools import load_tool as _tool  # noqa: E402
 
 

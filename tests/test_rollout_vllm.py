@@ -237,7 +237,8 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
     # come as a one-shot iterator (as the trainer sends them); the host copy lets a restart re-sync.
     eng = VLLMRolloutEngine(config(model_dir, work, multiprocess=True, load_format="dummy", bucket_bytes=256 << 10,
                                    keep_host_copy=True))
-    assert list((work / "rpc").iterdir()), "vLLM's sockets should live in the private folder"
+    sockets = Path(eng.socket_dir)
+    assert list(sockets.iterdir()), "vLLM's sockets should live in the engine's private folder"
     try:
         original = {k: v.clone() for k, v in hf.state_dict().items()}
         eng.update_weights(iter(original.items()))
@@ -257,4 +258,4 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
     finally:
         eng.shutdown()
     assert pids and not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not (work / "rpc").exists() and not (work / "tmp").exists()  # sockets and rendezvous files gone
+    assert not sockets.exists() and not (work / "tmp").exists()  # sockets and rendezvous files gone

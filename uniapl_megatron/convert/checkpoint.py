@@ -126,8 +126,6 @@ def _progress(total: int, desc: str) -> tqdm:
 
 def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig, dtype: str, force: bool = False) -> None:
     """HF safetensors folder -> Megatron distributed checkpoint, written by this layout's ranks."""
-    from megatron.core import dist_checkpointing
-
     out = Path(out)
     check_output(out, force)
     arch, src = check_hf_source(hf_dir)

@@ -107,6 +107,25 @@ def _end_processes(pids: set[int], wait_s: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=wait_s)
 
 
+@contextlib.contextmanager
+def _spare_default_group(keep: bool) -> Iterator[None]:
+    """vLLM's in-process shutdown destroys torch.distributed's default group; the trainer's must survive."""
+    dist = torch.distributed
+    original = dist.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is None or group is dist.GroupMember.WORLD:
+            return
+        original(group)
+
+    if keep:
+        dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
+
+
 def _keep(copy: list[NamedTensor], name: str, t: torch.Tensor) -> torch.Tensor:
     copy.append((name, t.detach().to("cpu", copy=True)))
     return t
@@ -139,6 +158,7 @@ class VLLMRolloutEngine:
         self._broken = False  # a load failed half-way: the model must be rebuilt before it is used again
         self._asleep: set[str] = set()
         self._work_dir = ""
+        self._rpc_dir = ""
         self._owns_work_dir = False
         self._saved_env: dict[str, str | None] = {}
         self._pids: set[int] = set()
@@ -156,8 +176,11 @@ class VLLMRolloutEngine:
             else:
                 self._work_dir, self._owns_work_dir = tempfile.mkdtemp(prefix="uniapl-vllm-"), True
         wd = Path(self._work_dir)
+        # Unix socket paths are limited to 107 bytes: a deep work_dir gets its sockets in a short folder.
+        rpc = wd / "rpc" if len(str(wd / "rpc")) <= 60 else Path(tempfile.mkdtemp(prefix="uniapl-rpc-"))
+        self._rpc_dir = str(rpc)
         values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocess else "0",
-                  "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(wd / "rpc"),
+                  "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(rpc),
                   "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"), "TMPDIR": str(wd / "tmp")}
         for key, value in values.items():
             self._saved_env.setdefault(key, os.environ.get(key))
@@ -180,8 +203,8 @@ class VLLMRolloutEngine:
         if not self._work_dir:
             return
         # Sockets and rendezvous files always go; a given work_dir keeps its caches for the next engine.
-        for sub in ("tmp", "rpc"):
-            shutil.rmtree(Path(self._work_dir) / sub, ignore_errors=True)
+        for folder in (Path(self._work_dir) / "tmp", Path(self._rpc_dir)):
+            shutil.rmtree(folder, ignore_errors=True)
         if final:
             if self._owns_work_dir:
                 shutil.rmtree(self._work_dir, ignore_errors=True)
@@ -276,7 +299,7 @@ class VLLMRolloutEngine:
             self._channel = None
         llm, self._llm = self._llm, None
         if llm is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), _spare_default_group(keep=not self._created_dist):
                 llm.llm_engine.engine_core.shutdown()
             del llm
         gc.collect()
@@ -459,3 +482,8 @@ class VLLMRolloutEngine:
     @property
     def work_dir(self) -> str:
         return self._work_dir
+
+    @property
+    def socket_dir(self) -> str:
+        """Where vLLM's IPC sockets live (removed at shutdown)."""
+        return self._rpc_dir

@@ -11,7 +11,6 @@ sequences and packs its own data-parallel share.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -135,8 +134,6 @@ class Trainer:
         self.start_step = state["step"]
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
         self.log.restore(state.get("history", []))
-        if self.ref is not None and "ref_from_start" not in state:
-            pass  # the reference model is the run's initial weights, rebuilt from model.load / hf_path
         if self.rank == 0:
             print(f"resumed from {path} (step {self.start_step})", flush=True)
 
