@@ -82,6 +82,36 @@ def test_broadcast_between_processes_is_exact(bucket):
     assert p.exitcode == 0
 
 
+def _failing_sender(port: int) -> None:
+    def source():
+        yield "a", torch.ones(3)
+        yield "b", torch.zeros(2, dtype=torch.complex64)  # cannot be sent: the sync stops here
+
+    ch = WeightChannel("127.0.0.1", port, 0, 2)
+    try:
+        send_weights(source(), ch, 64)  # one tensor per bucket: "a" is out before "b" fails
+    except WeightSyncError:
+        pass
+    ch.close()
+
+
+def test_a_failed_send_aborts_the_receivers_instead_of_hanging():
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    p = ctx.Process(target=_failing_sender, args=(port,))
+    p.start()
+    try:
+        ch = WeightChannel("127.0.0.1", port, 1, 2, timeout_s=120)
+        got = []
+        with pytest.raises(WeightSyncError, match="rank 0 aborted the sync"):
+            for name, _ in receive_weights(ch):
+                got.append(name)
+        ch.close()
+    finally:
+        p.join(timeout=60)
+    assert got == ["a"] and p.exitcode == 0
+
+
 def test_unknown_dtype_is_named():
     ch = WeightChannel("127.0.0.1", free_port(), 0, 1)  # a group of one: packing errors show without a peer
     try:

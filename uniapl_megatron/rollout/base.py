@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -46,8 +46,12 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """n samples for each prompt (token ids in, token ids out), grouped by prompt order."""
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights given under Hugging Face names, then drop any cached prefixes."""
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Callable[[], Iterable[tuple[str, torch.Tensor]]]
+    ) -> None:
+        """Load new weights given under Hugging Face names, then drop any cached prefixes.
+
+        A zero-argument callable returning the iterator is kept, so a restarted engine can re-sync itself."""
 
     def sleep(self) -> None:
         """Release accelerator memory (weights and KV cache) for a colocated training phase."""

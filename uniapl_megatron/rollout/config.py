@@ -34,9 +34,11 @@ class RolloutConfig:
     max_model_len: int = 2048
     # Seed of the engine's own random state (used when a request carries no seed).
     seed: int = 0
-    # Where the rollout engine lives. "colocated": in the training processes (vLLM's external launcher
-    # under torchrun/srun; in-process with one rank), sleeping while Megatron trains. "disaggregated":
-    # on ranks or nodes of its own; weights arrive over a torch.distributed broadcast (weight_sync.py).
+    # Where the rollout engine lives. "colocated": in the training processes, sleeping while Megatron
+    # trains; under torchrun/srun with several ranks EVERY rank builds the engine (vLLM's external launcher:
+    # replicas of tensor_parallel_size ranks; ranks of one replica must ask for the same prompts).
+    # "disaggregated": on ranks or nodes of its own (or in child processes of one rank, with multiprocess);
+    # weights arrive over a torch.distributed broadcast (weight_sync.py, engine.connect/receive_weights).
     mode: str = "colocated"
     # Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
     # (a single tensor larger than this travels alone).
@@ -54,8 +56,9 @@ class RolloutConfig:
     enable_prefix_caching: bool = True
     # Run vLLM eagerly (no torch.compile / CUDA graphs): fast start-up, slower decode. On for CPU tests.
     enforce_eager: bool = False
-    # Run vLLM's engine core in a child process (crash isolation: a dead core is restarted without losing
-    # the trainer). Weights then reach it over a local gloo/NCCL broadcast. Off: the engine lives in-process.
+    # Run vLLM's engine core and workers in child processes (crash isolation: a dead core is restarted
+    # without losing the trainer; also the way to give ONE rank of a multi-rank job its own engine). Weights
+    # reach them over a local gloo/NCCL broadcast in buckets. Off: the engine lives in-process.
     multiprocess: bool = False
     # Private TMPDIR / VLLM_CACHE_ROOT for vLLM's sockets, compile caches and model-info cache; removed at
     # shutdown when the engine created it. Empty: a fresh folder under the system temp dir.

@@ -8,6 +8,7 @@ the same (HF name, tensor) iterator the vLLM engine takes. This is not transform
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -23,6 +24,14 @@ from .weight_sync import NamedTensor, SyncStats, WeightsSource, WeightSyncError,
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE_ROUND = 64  # cache lengths are rounded up so a compiled decode step is reused across calls
+
+
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
@@ -52,7 +61,9 @@ class TorchRolloutEngine:
         self.hf_config = AutoConfig.from_pretrained(config.model_path)
         self.vocab_size: int = self.hf_config.vocab_size
         self.dtype = _DTYPES[config.dtype]
-        with torch.device(self.device):
+        # Weights about to be read from disk need no random init (seconds for a 0.6B model on CPU).
+        skip_init = _no_init_weights() if config.load_format == "auto" else contextlib.nullcontext()
+        with torch.device(self.device), skip_init:
             self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype).eval()
         self.model.requires_grad_(False)
         self._params: dict[str, torch.Tensor] = {}
@@ -66,7 +77,11 @@ class TorchRolloutEngine:
         self._asleep = False
         self.last_sync = SyncStats()
         if config.load_format == "auto":
-            self._load(iter_safetensors(config.model_path))
+            loaded = self._load(iter_safetensors(config.model_path))
+            missing = [n for n, p in self.model.named_parameters() if p.data_ptr() not in loaded]
+            if missing:
+                raise WeightSyncError(f"{config.model_path}: the safetensors lack {len(missing)} weight(s) of the "
+                                      f"model, e.g. {', '.join(missing[:4])}")
 
     # ---- weights ----------------------------------------------------------------------------------------
     def _index_tensors(self) -> None:
@@ -83,8 +98,9 @@ class TorchRolloutEngine:
         self._load(named_tensors)
 
     @torch.no_grad()
-    def _load(self, named_tensors: Iterable[NamedTensor]) -> None:
-        stats = SyncStats()
+    def _load(self, named_tensors: Iterable[NamedTensor]) -> set[int]:
+        """Copy in place; returns the data pointers written (tied weights share one)."""
+        stats, written = SyncStats(), set()
         for name, t in named_tensors:
             target = self._params.get(name)
             if target is None:
@@ -94,6 +110,7 @@ class TorchRolloutEngine:
                 raise WeightSyncError(f"update_weights: {name} has shape {tuple(t.shape)}, the rollout model "
                                       f"expects {tuple(target.shape)}")
             target.copy_(t, non_blocking=True)
+            written.add(target.data_ptr())
             stats.tensors += 1
             stats.bytes += nbytes(t)
         if stats.tensors == 0:
@@ -101,6 +118,7 @@ class TorchRolloutEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_sync = stats
+        return written
 
     # ---- generation -------------------------------------------------------------------------------------
     def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -19,24 +19,22 @@ import gc
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from .base import RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
 from .sampling import base_seed, check_request, sample_seed
+from .vllm_host import current_children, eager_sampler_helpers, end_processes, keep_process_state, spare_default_group
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
 
 log = logging.getLogger(__name__)
 _EXTENSION = "uniapl_megatron.rollout.vllm_worker.WeightSyncExtension"
-_ENV_KEYS = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR",
-             "TMPDIR")
 
 
 class EngineCrashed(RuntimeError):
@@ -56,90 +54,9 @@ def read_hf_config(model_path: str) -> dict[str, Any]:
     return cfg
 
 
-@contextlib.contextmanager
-def _keep_process_state() -> Iterator[None]:
-    """Undo what an in-process vLLM start does to the host process (the trainer lives here too)."""
-    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    py_state, torch_state = random.getstate(), torch.get_rng_state()
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy comes with torch here
-        np, np_state = None, None
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
-        torch.set_num_threads(threads)
-        random.setstate(py_state)
-        torch.set_rng_state(torch_state)
-        if np is not None:
-            np.random.set_state(np_state)
-        gc.unfreeze()  # vLLM freezes the whole heap after start-up: the trainer's objects would never be freed
-
-
-def _children() -> set[int]:
-    """Child processes, less Python's own multiprocessing resource tracker (process-wide; it outlives us)."""
-    import psutil
-    from multiprocessing import resource_tracker
-
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    return {p.pid for p in psutil.Process().children(recursive=True)} - {tracker}
-
-
-def _end_processes(pids: set[int], wait_s: float = 5.0) -> None:
-    """Terminate, then kill, exactly the given processes (those this engine started)."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            p.terminate()
-            procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=wait_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=wait_s)
-
-
-@contextlib.contextmanager
-def _spare_default_group(keep: bool) -> Iterator[None]:
-    """vLLM's in-process shutdown destroys torch.distributed's default group; the trainer's must survive."""
-    dist = torch.distributed
-    original = dist.destroy_process_group
-
-    def destroy(group: Any = None) -> None:
-        if group is None or group is dist.GroupMember.WORLD:
-            return
-        original(group)
-
-    if keep:
-        dist.destroy_process_group = destroy
-    try:
-        yield
-    finally:
-        dist.destroy_process_group = original
-
-
 def _keep(copy: list[NamedTensor], name: str, t: torch.Tensor) -> torch.Tensor:
     copy.append((name, t.detach().to("cpu", copy=True)))
     return t
-
-
-def _eager_sampler_helpers() -> None:
-    """With enforce_eager, also run vLLM's sampler helper eagerly: it is torch.compile'd on first use, which
-    costs 15+ s of C++ compilation per process on a small CPU machine (and its cache lives in the work dir)."""
-    import vllm.v1.sample.sampler as sampler
-
-    fn = getattr(sampler, "batched_count_greater_than", None)
-    eager = getattr(fn, "_torchdynamo_orig_callable", None)
-    if eager is not None:
-        sampler.batched_count_greater_than = eager
 
 
 class VLLMRolloutEngine:
@@ -227,10 +144,11 @@ class VLLMRolloutEngine:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = cfg.mode == "colocated"
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if cfg.mode == "colocated" and world > 1:
-            if cfg.multiprocess:
-                raise ValueError("rollout.multiprocess: must be false for a colocated engine under torchrun/srun "
-                                 "(vLLM's external launcher runs in the training processes)")
+        if world > 1 and not cfg.multiprocess:
+            if cfg.mode != "colocated":
+                raise ValueError("rollout.multiprocess: must be true for an engine on one rank of a multi-rank job "
+                                 "(in-process, vLLM would join the trainer's process group); or use mode "
+                                 "'colocated', where every rank builds the engine (vLLM's external launcher)")
             if world % cfg.tensor_parallel_size:
                 raise ValueError(f"rollout.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the "
                                  f"world size {world}")
@@ -242,18 +160,18 @@ class VLLMRolloutEngine:
         from vllm import LLM
 
         if self.config.enforce_eager:
-            _eager_sampler_helpers()
+            eager_sampler_helpers()
         self._enter_env()
         self._created_dist = not torch.distributed.is_initialized()
-        before = _children()
+        before = current_children()
         try:
-            with _keep_process_state():
+            with keep_process_state():
                 self._llm = LLM(**self._llm_kwargs())
-            self._pids = _children() - before
+            self._pids = current_children() - before
             if self.config.multiprocess:
                 self._open_local_channel()
         except BaseException:
-            self._pids = _children() - before
+            self._pids = current_children() - before
             self._teardown(final=True)
             raise
         self._asleep = set()
@@ -299,7 +217,7 @@ class VLLMRolloutEngine:
             self._channel = None
         llm, self._llm = self._llm, None
         if llm is not None:
-            with contextlib.suppress(Exception), _spare_default_group(keep=not self._created_dist):
+            with contextlib.suppress(Exception), spare_default_group(keep=not self._created_dist):
                 llm.llm_engine.engine_core.shutdown()
             del llm
         gc.collect()
@@ -311,7 +229,7 @@ class VLLMRolloutEngine:
                 destroy_model_parallel()
                 destroy_distributed_environment()
         if self._pids:
-            _end_processes(self._pids)
+            end_processes(self._pids)
             self._pids = set()
         self._leave_env(final)
 
@@ -434,14 +352,18 @@ class VLLMRolloutEngine:
             join = self._rpc_in_thread("uniapl_receive", 0)
             try:
                 self.last_sync = send_weights(named_tensors, self._channel, self.config.bucket_bytes)
-            finally:
-                counts = join()
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    join()  # the workers got the abort marker (or a dead engine answers nothing)
+                raise
+            counts = join()
         else:
             counts = self._llm.collective_rpc("uniapl_load", args=(named_tensors,))
             self.last_sync = SyncStats(tensors=counts[0][0], bytes=counts[0][1])
         if counts and counts[0][0] == 0:
             raise WeightSyncError("update_weights: the iterator yielded no tensors")
-        self._llm.reset_prefix_cache()
+        if "kv_cache" not in self._asleep:  # a sleeping cache is emptied anyway; wake() resets it again
+            self._llm.reset_prefix_cache()
 
     def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0) -> None:
         """Disaggregated mode: join the trainer's broadcast group (trainer = rank 0 and store host at
@@ -450,7 +372,11 @@ class VLLMRolloutEngine:
 
     def receive_weights(self, src: int = 0) -> None:
         """Disaggregated mode: load one sync broadcast by rank `src` of the connected group."""
-        counts = self._llm.collective_rpc("uniapl_receive", args=(src,))
+        try:
+            counts = self._llm.collective_rpc("uniapl_receive", args=(src,))
+        except Exception:
+            self._broken = True  # half-loaded; the trainer must re-send into a restarted engine
+            raise
         self.last_sync = SyncStats(tensors=counts[0][0], bytes=counts[0][1])
         self._llm.reset_prefix_cache()
 

@@ -3,15 +3,17 @@
 
 Wire format of one bucket (all broadcast from `src`): an int64 header [meta_bytes, payload_bytes], the
 metadata as UTF-8 JSON in a uint8 tensor (name, dtype, shape, byte offset of each tensor; no pickle), then
-the payload as one flat uint8 tensor. A header of [0, 0] ends the sync.
+the payload as one flat uint8 tensor. A header of [0, 0] ends the sync; [-1, 0] aborts it.
 
-Peak extra memory is one bucket on each side (a tensor larger than the bucket travels alone, without a
-copy on the sender). Receivers allocate each bucket afresh because a loader may keep views of a bucket
-until every tensor of the same layer has arrived.
+Peak extra memory is bounded by the bucket: on the sender one bucket of source tensors plus its packed
+copy, on each receiver one bucket (a tensor larger than the bucket travels alone, without a copy on the
+sender). Receivers allocate each bucket afresh because a loader may keep views of a bucket until every
+tensor of the same layer has arrived (vLLM loads layer by layer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from dataclasses import dataclass
@@ -134,7 +136,19 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
 
 def send_weights(named_tensors: Iterable[NamedTensor], channel: WeightChannel, bucket_bytes: int,
                  src: int = 0) -> SyncStats:
-    """Broadcast every pair from rank `src` of `channel`, bucket by bucket; returns what was sent."""
+    """Broadcast every pair from rank `src` of `channel`, bucket by bucket; returns what was sent.
+
+    If the source or the packing fails half-way, the receivers get an abort marker (they raise instead of
+    waiting for the rest) and the error is re-raised here."""
+    try:
+        return _send(named_tensors, channel, bucket_bytes, src)
+    except Exception:
+        with contextlib.suppress(Exception):  # a broken channel cannot carry the marker either
+            channel.broadcast(torch.tensor([-1, 0], dtype=torch.int64, device=channel.device), src)
+        raise
+
+
+def _send(named_tensors: Iterable[NamedTensor], channel: WeightChannel, bucket_bytes: int, src: int) -> SyncStats:
     stats = SyncStats()
     dev = channel.device
     for bucket in bucketize(named_tensors, bucket_bytes):
@@ -172,6 +186,8 @@ def receive_weights(channel: WeightChannel, src: int = 0) -> Iterator[NamedTenso
         meta_len, total = (int(x) for x in header.tolist())
         if meta_len == 0:
             return
+        if meta_len < 0:
+            raise WeightSyncError(f"weight channel: rank {src} aborted the sync half-way (see its error)")
         meta_t = torch.empty(meta_len, dtype=torch.uint8, device=dev)
         channel.broadcast(meta_t, src)
         try:

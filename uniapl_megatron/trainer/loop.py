@@ -111,9 +111,16 @@ class Trainer:
         cfg = self.cfg
         self.reward = build_reward(cfg.reward.name, cfg.reward.options)
         if cfg.rollout is not None:
+            import dataclasses
+
             from ..rollout import build_engine
 
-            self.engine = build_engine(cfg.rollout)
+            rollout = cfg.rollout
+            if dist.get_world_size() > 1 and rollout.engine == "vllm" and not rollout.multiprocess:
+                # Only rank 0 samples here; an in-process vLLM under torchrun would expect every rank
+                # (external launcher), so rank 0's engine runs in child processes of its own.
+                rollout = dataclasses.replace(rollout, multiprocess=True)
+            self.engine = build_engine(rollout)
         if cfg.discriminator is not None:
             from ..discriminator import build_discriminator
 
