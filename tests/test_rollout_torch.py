@@ -205,3 +205,11 @@ def test_missing_weights_say_how_to_start_without_them(tmp_path, model_dir):
     eng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(tmp_path), load_format="dummy"))
     assert all(math.isfinite(x) for x in eng.generate([[1, 2]], SamplingParams(max_new_tokens=3)).samples[0].logprobs)
     eng.shutdown()
+    # A checkpoint that lacks a weight is refused (the model is not randomly initialised before loading).
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(WeightSyncError, match="model.layers.1.mlp.up_proj.weight"):
+        TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(tmp_path)))

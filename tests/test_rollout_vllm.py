@@ -18,7 +18,7 @@ import torch
 from _models import tiny_qwen3
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
 from uniapl_megatron.rollout.sampling import filter_logits
-from uniapl_megatron.rollout.weight_sync import WeightSyncError, bucketize, free_port, send_weights
+from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
 
 pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,37 +187,53 @@ def test_bad_requests_are_named(engine, model_dir, work):
         VLLMRolloutEngine(config(model_dir / "missing", work))
 
 
-def _broadcast_moved_weights(model_dir: str, port: int, bucket: int) -> None:
-    """The 'trainer' of the disaggregated test: its own process, weights only in memory."""
-    from uniapl_megatron.rollout.weight_sync import WeightChannel as Channel
+def test_work_folders_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
 
+    from uniapl_megatron.rollout.vllm_host import new_work_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names a process that no longer exists
+    dead = tmp_path / f"uniapl-vllm-{gone.pid}-x"  # left by a killed engine host
+    live = tmp_path / f"uniapl-vllm-{os.getpid()}-y"
+    dead.mkdir()
+    live.mkdir()
+    mine = Path(new_work_dir())
+    assert not dead.exists() and live.exists() and mine.parent == tmp_path and mine.name.startswith(
+        f"uniapl-vllm-{os.getpid()}-")
+
+
+def moved_weights(model_dir: str, seed: int) -> dict[str, torch.Tensor]:
+    """The saved weights plus seeded noise (the same in any process)."""
     from safetensors.torch import load_file
 
-    sd = load_file(str(Path(model_dir) / "model.safetensors"))
-    g = torch.Generator().manual_seed(2)
-    moved = ((k, v + 0.1 * torch.randn(v.shape, generator=g)) for k, v in sd.items())
-    ch = Channel("127.0.0.1", port, 0, 2)
-    send_weights(moved, ch, bucket)
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g)
+            for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
+
+
+def _trainer_broadcasts(model_dir: str, port: int, bucket: int) -> None:
+    """The 'trainer' of the disaggregated test: its own process, weights only in memory."""
+    ch = WeightChannel("127.0.0.1", port, 0, 2)
+    send_weights(iter(moved_weights(model_dir, 2).items()), ch, bucket)
     ch.close()
 
 
 def test_disaggregated_weights_arrive_by_broadcast(engine, hf, model_dir):
     port = free_port()
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_broadcast_moved_weights, args=(str(model_dir), port, 1 << 20))
-    p.start()
+    trainer = mp.get_context("spawn").Process(target=_trainer_broadcasts, args=(str(model_dir), port, 1 << 20))
+    trainer.start()
     try:
         engine.connect("127.0.0.1", port, world_size=2)
         engine.receive_weights()
     finally:
-        p.join(timeout=120)
-    assert p.exitcode == 0
+        trainer.join(timeout=120)
+    assert trainer.exitcode == 0
     original = {k: v.clone() for k, v in hf.state_dict().items()}
-    g = torch.Generator().manual_seed(2)
-    from safetensors.torch import load_file
-
-    sd = load_file(str(Path(model_dir) / "model.safetensors"))
-    hf.load_state_dict({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in sd.items()})
+    hf.load_state_dict(moved_weights(str(model_dir), 2))
     try:
         assert greedy(engine) == [hf_greedy(hf, p, 8) for p in PROMPTS]
     finally:

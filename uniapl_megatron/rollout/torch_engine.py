@@ -24,6 +24,7 @@ from .weight_sync import NamedTensor, SyncStats, WeightsSource, WeightSyncError,
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE_ROUND = 64  # cache lengths are rounded up so a compiled decode step is reused across calls
+_STOP_CHECK_EVERY = 8  # decode steps between checks that every row has stopped
 
 
 def _no_init_weights() -> contextlib.AbstractContextManager:
@@ -182,7 +183,9 @@ class TorchRolloutEngine:
             hit = torch.isin(token, stop) & ~done
             lengths = torch.where(hit, t + 1, lengths)
             done |= hit
-            if t + 1 == params.max_new_tokens or bool(done.all()):
+            # Asking the device whether all rows stopped is a host sync: only every few steps, so the host
+            # can queue the next steps meanwhile (rows past their stop are decoded but not returned).
+            if t + 1 == params.max_new_tokens or (t % _STOP_CHECK_EVERY == 0 and bool(done.all())):
                 break
             last = last + 1
             logits = self._step_fn(token[:, None], last, mask, cache)

@@ -18,6 +18,7 @@ import contextlib
 import gc
 import json
 import logging
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -30,7 +31,8 @@ import torch
 from .base import RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
 from .sampling import base_seed, check_request, sample_seed
-from .vllm_host import current_children, eager_sampler_helpers, end_processes, keep_process_state, spare_default_group
+from .vllm_host import (current_children, eager_sampler_helpers, end_processes, keep_process_state, new_work_dir,
+                        spare_default_group)
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,15 @@ class VLLMRolloutEngine:
     # ---- life cycle -------------------------------------------------------------------------------------
     def _enter_env(self) -> None:
         cfg = self.config
+        # Python's multiprocessing keeps one temp folder per process, made on first use: make it now, in the
+        # host's temp dir, so it never lands in (and dies with) the engine's private TMPDIR.
+        multiprocessing.util.get_temp_dir()
         if not self._work_dir:  # a restart keeps the folder (and its warm caches)
             if cfg.work_dir:
                 os.makedirs(cfg.work_dir, exist_ok=True)
                 self._work_dir, self._owns_work_dir = cfg.work_dir, False
             else:
-                self._work_dir, self._owns_work_dir = tempfile.mkdtemp(prefix="uniapl-vllm-"), True
+                self._work_dir, self._owns_work_dir = new_work_dir(), True
         wd = Path(self._work_dir)
         # Unix socket paths are limited to 107 bytes: a deep work_dir gets its sockets in a short folder.
         rpc = wd / "rpc" if len(str(wd / "rpc")) <= 60 else Path(tempfile.mkdtemp(prefix="uniapl-rpc-"))
@@ -109,14 +114,19 @@ class VLLMRolloutEngine:
 
         vllm.envs.disable_envs_cache()  # vLLM freezes env vars after a start; a new engine must see ours
 
-    def _leave_env(self, final: bool) -> None:
-        for key, value in self._saved_env.items():
+    def _restore_env(self, *keys: str) -> None:
+        for key in keys or list(self._saved_env):
+            if key not in self._saved_env:
+                continue
+            value = self._saved_env.pop(key)
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        self._saved_env = {}
         tempfile.tempdir = None
+
+    def _leave_env(self, final: bool) -> None:
+        self._restore_env()
         if not self._work_dir:
             return
         # Sockets and rendezvous files always go; a given work_dir keeps its caches for the next engine.
@@ -168,6 +178,9 @@ class VLLMRolloutEngine:
             with keep_process_state():
                 self._llm = LLM(**self._llm_kwargs())
             self._pids = current_children() - before
+            # The private TMPDIR was for vLLM's start-up (rendezvous files, its children's temp files); the
+            # host's own temp files must not live in a folder a restart or shutdown removes.
+            self._restore_env("TMPDIR")
             if self.config.multiprocess:
                 self._open_local_channel()
         except BaseException:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -96,3 +101,19 @@ def eager_sampler_helpers() -> None:
     eager = getattr(fn, "_torchdynamo_orig_callable", None)
     if eager is not None:
         sampler.batched_count_greater_than = eager
+
+
+_WORK_PREFIX = "uniapl-vllm-"
+
+
+def new_work_dir() -> str:
+    """A private folder named after this process; folders left by dead processes (SIGKILL, OOM) are
+    removed first, since their owners cannot clean up."""
+    import psutil
+
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(_WORK_PREFIX + "*"):
+        m = re.fullmatch(re.escape(_WORK_PREFIX) + r"(\d+)-.+", old.name)
+        if m and old.is_dir() and not psutil.pid_exists(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-", dir=root)
