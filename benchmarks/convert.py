@@ -1,7 +1,9 @@
 """Import and export of a Qwen3-0.6B-shaped random checkpoint (bf16, ~1.2 GB): MB/s and peak RSS.
 
-Each direction runs in a fresh process (as the CLI does); its conversion time is measured inside the
-process (Python/megatron start-up excluded, reported separately) and its peak RSS by wait4().
+Each conversion runs in a fresh process (as the CLI does); its time is measured inside the process
+(Python/megatron start-up excluded, reported separately) and its peak RSS by wait4(). Each direction runs
+``--repeats`` times and the median is reported, with every run listed: on a small VM the first touch of
+page-cache memory makes single runs vary by +-20%.
 Prints one JSON line last: import_mb_s, export_mb_s, peak_rss_mb, checkpoint_mb (+ details).
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,10 +76,29 @@ def run_child(direction: str, src: Path, dst: Path) -> tuple[float, float, float
     return seconds, usage.ru_maxrss / 1024, time.perf_counter() - t0
 
 
+def write_ceiling_mb_s(folder: Path, nbytes: int) -> float:
+    """This machine's plain write speed for the same amount of data: bytes already in memory, written in
+    64 MB calls to a new file in the same folder and fsynced. No conversion can write faster."""
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
+    path, step = folder / "ceiling.bin", 64 * 2**20
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for i in range(0, nbytes, step):
+            f.write(memoryview(data[i:i + step]))
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return nbytes / 1e6 / seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--child", nargs=3)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per direction; the median is reported")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -84,13 +107,28 @@ def main() -> None:
         tmp = Path(tmp)
         make_checkpoint(tmp / "hf", QWEN3_0P6B)
         mb = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors")) / 1e6
-        imp_s, imp_rss, imp_wall = run_child("import", tmp / "hf", tmp / "mcore")
-        exp_s, exp_rss, exp_wall = run_child("export", tmp / "mcore", tmp / "hf_out")
+        runs: dict[str, list[tuple[float, float, float]]] = {"import": [], "export": []}
+        ceiling = []
+        for i in range(args.repeats):
+            ceiling.append(write_ceiling_mb_s(tmp, int(mb * 1e6)))
+            # Keep the first import as export's source; later outputs are removed so every run writes
+            # into the same amount of free page cache.
+            runs["import"].append(run_child("import", tmp / "hf", tmp / f"mcore{i}"))
+            runs["export"].append(run_child("export", tmp / "mcore0", tmp / "hf_out"))
+            shutil.rmtree(tmp / "hf_out")
+            if i:
+                shutil.rmtree(tmp / f"mcore{i}")
+        med = {d: statistics.median(r[0] for r in rs) for d, rs in runs.items()}
+        rss = {d: max(r[1] for r in rs) for d, rs in runs.items()}
         print(json.dumps({
-            "import_mb_s": round(mb / imp_s, 1), "export_mb_s": round(mb / exp_s, 1),
-            "peak_rss_mb": round(max(imp_rss, exp_rss), 1), "checkpoint_mb": round(mb, 1),
-            "import_peak_rss_mb": round(imp_rss, 1), "export_peak_rss_mb": round(exp_rss, 1),
-            "import_wall_s_with_startup": round(imp_wall, 1), "export_wall_s_with_startup": round(exp_wall, 1),
+            "import_mb_s": round(mb / med["import"], 1), "export_mb_s": round(mb / med["export"], 1),
+            "peak_rss_mb": round(max(rss.values()), 1), "checkpoint_mb": round(mb, 1),
+            "import_peak_rss_mb": round(rss["import"], 1), "export_peak_rss_mb": round(rss["export"], 1),
+            "import_runs_mb_s": [round(mb / r[0], 1) for r in runs["import"]],
+            "export_runs_mb_s": [round(mb / r[0], 1) for r in runs["export"]],
+            "write_ceiling_runs_mb_s": [round(c, 1) for c in ceiling],
+            "import_wall_s_with_startup": round(statistics.median(r[2] for r in runs["import"]), 1),
+            "export_wall_s_with_startup": round(statistics.median(r[2] for r in runs["export"]), 1),
             "machine": f"{os.cpu_count()} CPU cores, no GPU",
         }))
 
