@@ -1,11 +1,17 @@
 """Tokens/s, MFU and peak memory of one training step of the Megatron student, and of transformers on the
 same shape in the same run (the baseline).
 
-GPU (default there): Qwen3-0.6B shape (and --shape 1.7b), micro-batch 8 x 2048 tokens, bf16, AdamW.
+GPU (default there): the Qwen3-0.6B and -1.7B shapes, micro-batch 8 x 2048 tokens, bf16, AdamW; the last line's
+top-level keys are the first shape's (0.6B, the target), every shape's figures are under "by_shape".
 CPU: a small shape so the benchmark always runs. Ours packs the micro-batch into one thd row, computes the
 loss with the chunked vocab-parallel log-prob head (never the full logits), and uses the torch-native spec
 (SDPA) unless Transformer Engine is present. One JSON line last: device, tokens_s, mfu, peak_mem_gb,
 baseline_tokens_s, baseline_peak_mem_gb.
+
+--recompute-compare adds our step with model.recompute none and full, each in its own process, on the same
+shape (keys recompute_{none,full}_{tokens_s,peak_mem_gb}): what full recomputation saves in peak memory and
+costs in speed. On CPU peak memory is the process's peak RSS, so use a shape where activations dominate it:
+`--shape cpu_deep --seq 2048 --skip-baseline --recompute-compare` (12 layers, 4,096-entry vocabulary).
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ SHAPES = {
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "cpu": dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    # deep and narrow with a small vocabulary: the layers' activations, not the LM head, set the peak
+    "cpu_deep": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
 }
+# GPU micro-batch per shape: the transformers baseline at 1.7B and 8 x 2048 does not fit an 80 GB H100.
+GPU_MB = {"0.6b": 8, "1.7b": 4}
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 
 
@@ -111,49 +122,87 @@ def baseline(cfg: dict, mb: int, seq: int, dtype: str, steps: int, warmup: int) 
     return sec, peak_gb()
 
 
-def main() -> None:
+def run_part(a: argparse.Namespace, shape: str, mb: int, part: str, recompute: str) -> dict:
+    """One side of the comparison in a process of its own, so that its peak memory is its own. A failed
+    baseline (out of memory, say) is reported, not fatal."""
     import subprocess
     import sys
 
+    cmd = [sys.executable, __file__, "--shape", shape, "--mb", str(mb), "--seq", str(a.seq), "--recompute",
+           recompute, "--steps", str(a.steps), "--warmup", str(a.warmup), "--part", part]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        if part == "baseline":
+            return {"sec": float("nan"), "peak": float("nan"), "error": out.stderr.strip().splitlines()[-1][:200]}
+        raise SystemExit(f"{part} ({shape}, recompute={recompute}) failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict:
+    cfg = SHAPES[shape]
+    mb = a.mb or (GPU_MB.get(shape, 8) if on_gpu else 2)
+    tokens, fpt = mb * a.seq, flops_per_token(cfg, a.seq)
+    nan = {"sec": float("nan"), "peak": float("nan")}
+    b = nan if a.skip_baseline else run_part(a, shape, mb, "baseline", "none")
+    o = run_part(a, shape, mb, "ours", a.recompute)
+
+    def mfu(sec: float) -> float | None:
+        return round(tokens / sec * fpt / PEAK_FLOPS, 4) if on_gpu else None
+
+    res = {
+        "shape": shape, "micro_batch": mb, "seq": a.seq, "dtype": dtype, "recompute": a.recompute,
+        "tokens_s": round(tokens / o["sec"], 1), "mfu": mfu(o["sec"]), "peak_mem_gb": round(o["peak"], 2),
+        "baseline_tokens_s": round(tokens / b["sec"], 1), "baseline_mfu": mfu(b["sec"]),
+        "baseline_peak_mem_gb": round(b["peak"], 2),
+        **({"baseline_error": b["error"]} if "error" in b else {}),
+    }
+    if a.recompute_compare:
+        for mode in ("none", "full"):
+            r = o if mode == a.recompute else run_part(a, shape, mb, "ours", mode)
+            res[f"recompute_{mode}_tokens_s"] = round(tokens / r["sec"], 1)
+            res[f"recompute_{mode}_peak_mem_gb"] = round(r["peak"], 3)
+    return res
+
+
+def main() -> None:
     on_gpu = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shape", default="0.6b" if on_gpu else "cpu", choices=sorted(SHAPES))
-    ap.add_argument("--mb", type=int, default=8 if on_gpu else 2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="0.6b,1.7b" if on_gpu else "cpu",
+                    help=f"one or several (comma-separated) of {', '.join(SHAPES)}")
+    ap.add_argument("--mb", type=int, default=None, help="sequences per micro-batch (default: 8 for 0.6b, 4 for "
+                    "1.7b on GPU; 2 on CPU)")
     ap.add_argument("--seq", type=int, default=2048 if on_gpu else 256)
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    ap.add_argument("--recompute-compare", action="store_true",
+                    help="also measure ours with recompute none and full (extra keys)")
     ap.add_argument("--steps", type=int, default=5 if on_gpu else 3)
     ap.add_argument("--warmup", type=int, default=2 if on_gpu else 1)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--part", choices=["ours", "baseline"], help="(internal) run one side in this process")
     a = ap.parse_args()
-    cfg, dtype = SHAPES[a.shape], "bf16" if on_gpu else "fp32"
-    if a.part:  # each side in its own process: peak memory is its own
-        fn = ours if a.part == "ours" else baseline
-        args = (cfg, a.mb, a.seq, dtype, a.recompute, a.steps, a.warmup) if a.part == "ours" else \
-            (cfg, a.mb, a.seq, dtype, a.steps, a.warmup)
-        sec, peak = fn(*args)
+    shapes = a.shape.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shape: unknown {', '.join(unknown)}; expected {', '.join(SHAPES)}")
+    dtype = "bf16" if on_gpu else "fp32"
+    if a.part:
+        cfg = SHAPES[shapes[0]]
+        if a.part == "ours":
+            sec, peak = ours(cfg, a.mb, a.seq, dtype, a.recompute, a.steps, a.warmup)
+        else:
+            sec, peak = baseline(cfg, a.mb, a.seq, dtype, a.steps, a.warmup)
         print(json.dumps({"sec": sec, "peak": peak}))
         return
-    common = [sys.executable, __file__, "--shape", a.shape, "--mb", str(a.mb), "--seq", str(a.seq), "--recompute",
-              a.recompute, "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    res = {}
-    for part in (["ours"] if a.skip_baseline else ["baseline", "ours"]):
-        out = subprocess.run([*common, "--part", part], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{part} failed")
-        res[part] = json.loads(out.stdout.strip().splitlines()[-1])
-    b = res.get("baseline", {"sec": float("nan"), "peak": float("nan")})
-    o = res["ours"]
-    tokens, fpt = a.mb * a.seq, flops_per_token(cfg, a.seq)
+    by_shape = {}
+    for shape in shapes:
+        by_shape[shape] = measure(a, shape, dtype, on_gpu)
+        print(json.dumps(by_shape[shape]), flush=True)  # each shape as soon as it is measured
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
-    print(json.dumps({
-        "device": device, "shape": a.shape, "micro_batch": a.mb, "seq": a.seq, "dtype": dtype, "recompute": a.recompute,
-        "tokens_s": round(tokens / o["sec"], 1), "mfu": round(tokens / o["sec"] * fpt / PEAK_FLOPS, 4) if on_gpu else None,
-        "peak_mem_gb": round(o["peak"], 2), "baseline_tokens_s": round(tokens / b["sec"], 1),
-        "baseline_mfu": round(tokens / b["sec"] * fpt / PEAK_FLOPS, 4) if on_gpu else None,
-        "baseline_peak_mem_gb": round(b["peak"], 2),
-    }))
+    last = {"device": device, **by_shape[shapes[0]]}
+    if len(shapes) > 1:
+        last["by_shape"] = by_shape
+    print(json.dumps(last))
 
 
 if __name__ == "__main__":

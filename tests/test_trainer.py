@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from _models import tiny_qwen3
-from uniapl_megatron.launch import run_ranks
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "workers" / "train_step.py"
+from _train_step import train_step as _step
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return tiny_qwen3(tmp_path_factory.mktemp("hf") / "m", tie=False, vocab=256)
-
-
-def _step(model: Path, out: Path, world: int, *args: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    code = run_ranks([sys.executable, str(WORKER), "--hf", str(model), "--out", str(out), *args], world, timeout=900)
-    assert code == 0
-    return load_file(str(out) + ".safetensors"), json.loads(Path(str(out) + ".json").read_text())
 
 
 def test_layouts_and_micro_batches_give_the_same_update(model, tmp_path):

@@ -37,6 +37,8 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # page-locking needs an accelerator's allocator
+            kwargs["pin_memory"] = False
         name = getattr(func, "__name__", "")
         if name in ("cuda", "pin_memory") and args and isinstance(args[0], torch.Tensor):
             return args[0]
@@ -149,6 +151,46 @@ def _patch_megatron() -> None:
     mopt.torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
 
 
+class _HostCopies(TorchFunctionMode):
+    """While HybridDeviceOptimizer sorts parameters into device and host groups: the model's tensors count as
+    device tensors and the ``.cpu()`` copies it makes of them as host tensors.
+
+    Without this every parameter already reads ``is_cuda == False``, so none is offloaded (the threshold is
+    a fraction of the "GPU" numel, 0) and all land in its CPU optimizer without the host-copy bookkeeping
+    that its step then looks up (a KeyError). With it the real offload path runs: host copies, gradient
+    copies into them, the CPU optimizer's step, and the copy back into the model's weights.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__self__", None) is torch.Tensor.is_cuda:
+            return not getattr(args[0], "_uniapl_host_copy", False)
+        out = func(*args, **kwargs)
+        if not torch.is_tensor(out):
+            return out
+        if getattr(func, "__name__", "") == "cpu":
+            if out is args[0]:  # .cpu() of a CPU tensor is itself: the copy must be a tensor of its own
+                out = out.clone()
+            out._uniapl_host_copy = True
+        elif any(getattr(t, "_uniapl_host_copy", False) for t in args if torch.is_tensor(t)):
+            out._uniapl_host_copy = True  # what is derived from a host copy (its fp32 version) stays on the host
+        return out
+
+
+def _patch_hybrid_optimizer() -> None:
+    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer as hybrid
+
+    cls = hybrid.HybridDeviceOptimizer
+    orig = cls._get_sub_optimizer_param_groups
+
+    @functools.wraps(orig)
+    def split(self: Any, offload_fraction: float) -> Any:
+        with _HostCopies():
+            return orig(self, offload_fraction)
+
+    cls._get_sub_optimizer_param_groups = split
+
+
 def _patch_uneven_all_gather() -> None:
     """gloo's all_gather needs equal shapes; NCCL (and Megatron's MoE token gather over TP) does not."""
     import torch.distributed as dist
@@ -182,6 +224,7 @@ def install() -> bool:
     _patch_torch_cuda()
     _CudaToCpu().__enter__()  # stays on the mode stack for the life of the process
     _patch_megatron()
+    _patch_hybrid_optimizer()
     _patch_uneven_all_gather()
     _INSTALLED = True
     return True

@@ -102,6 +102,13 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     return denv
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective on the default group must live: NCCL takes only CUDA tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 

@@ -8,6 +8,22 @@ import torch
 import torch.distributed as dist
 
 
+def count_forwards(student) -> dict[str, int]:
+    """Forward calls of this rank's transformer layers and core attentions (recomputation runs them again)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    layers = [m for c in student.chunks for m in c.modules() if isinstance(m, TransformerLayer)]
+    calls = {"layers": len(layers), "layer_forwards": 0, "core_attn_forwards": 0}
+
+    def hook(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    for layer in layers:
+        layer.register_forward_hook(hook("layer_forwards"))
+        layer.self_attention.core_attention.register_forward_hook(hook("core_attn_forwards"))
+    return calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
@@ -18,6 +34,16 @@ def main() -> None:
     ap.add_argument("--mb-tokens", type=int, default=4096)
     ap.add_argument("--no-dist-opt", action="store_true")
     ap.add_argument("--nan", action="store_true", help="make the loss NaN: the step must be skipped")
+    ap.add_argument("--offload", type=float, default=0.0, help="optim.cpu_offload with this fraction (0 = off)")
+    ap.add_argument("--overlap", action="store_true", help="optim.cpu_offload_overlap")
+    ap.add_argument("--steps", type=int, default=1, help="optimizer steps, all on the same batch")
+    ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
+    ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
+    ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    ap.add_argument("--recompute-layers", type=int, default=1)
+    ap.add_argument("--chunk-tokens", type=int, default=2048, help="optim.chunk_tokens of the log-prob head")
     a = ap.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -28,6 +54,7 @@ def main() -> None:
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
+    from uniapl_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
     from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
@@ -35,11 +62,14 @@ def main() -> None:
                          use_distributed_optimizer=not a.no_dist_opt)
     init_distributed(par, seed=7)
     arch = Qwen3Arch.from_pretrained(a.hf)
-    student = Student(arch, par, ModelConfig(dtype="fp32", spec="torch"), OptimConfig(
+    model_cfg = ModelConfig(dtype=a.dtype, spec="torch", recompute=a.recompute, recompute_num_layers=a.recompute_layers)
+    student = Student(arch, par, model_cfg, OptimConfig(
         # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
         # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
-        lr=500.0, adam_eps=1000.0, clip_grad=0.0))
+        **(dict(lr=1e-3) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=0.0, chunk_tokens=a.chunk_tokens,
+        cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap))
     student.load_hf(a.hf)
+    calls = count_forwards(student)
 
     g = torch.Generator().manual_seed(0)
     seqs = []
@@ -61,7 +91,22 @@ def main() -> None:
             loss, metrics = inner(mb, out)
             loss = loss * float("nan")
             return loss, {**metrics, "loss/total": loss.detach()}
-    metrics = student.train_step(mbs, loss_fn)
+    if a.resume:
+        state = load_checkpoint(latest_checkpoint(a.resume), student)
+        student.scheduler.load_state_dict(state["scheduler"])
+        restore_adam_step(student.optimizer, student.scheduler.num_steps)
+    for step in range(1, a.steps + 1):
+        metrics = student.train_step(mbs, loss_fn)
+        if a.save and step == 1:
+            save_checkpoint(a.save, step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+    # per layer, micro-batch and step: 1 without recomputation, 2 for what is recomputed
+    extra = {k: v / calls["layers"] / len(mbs) / a.steps for k, v in calls.items() if k != "layers"}
+    if a.offload:  # what the hybrid optimizer really put on the host (this rank's shard)
+        hybrid = student.optimizer.chained_optimizers[0].optimizer if hasattr(student.optimizer, "chained_optimizers") \
+            else student.optimizer.optimizer
+        extra |= {"host_numel": sum(p.numel() for p in hybrid.cpu_copys_map_gpu_param),
+                   "shard_numel": sum(p.numel() for g in hybrid.param_groups for p in g["params"]),
+                   "cpu_optimizers": len(hybrid.cpu_optimizers), "device_optimizer": hybrid.gpu_optimizer is not None}
     gathered = [None] * dist.get_world_size()
     mine = metrics if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else {}
     dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
@@ -73,7 +118,7 @@ def main() -> None:
                 total[k] = total.get(k, 0.0) + v
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
-            json.dump({**total, "micro_batches": len(mbs), "skipped": metrics["skipped"]}, f)
+            json.dump({**total, "micro_batches": len(mbs), "skipped": metrics["skipped"], **extra}, f)
     dist.barrier()
 
 

@@ -16,10 +16,23 @@ import torch
 from ..convert.params import iter_hf_tensors, load_from_hf, unwrap
 from ..convert.safetensors_io import SafetensorsFolder
 from ..data.packing import PackedBatch
-from ..models.arch import Qwen3Arch
+from ..distributed import collective_device
+from ..models.arch import ConfigError, Qwen3Arch
 from ..models.qwen3 import ModelConfig, build_model, padded_vocab_size
 from ..parallel import ParallelConfig
 from .logprobs import LogprobHead
+
+
+def _guard_te_version_check() -> None:
+    """megatron-core 0.16.1's OptimizerConfig compares Transformer Engine's version unguarded under
+    use_precision_aware_optimizer (which CPU offload uses); without TE the version is None and the
+    comparison raises. No TE means no TE version is new enough."""
+    from megatron.core import utils
+    from megatron.core.optimizer import optimizer_config
+
+    orig = utils.is_te_min_version
+    optimizer_config.is_te_min_version = lambda version, check_equality=True: (
+        utils.get_te_version() is not None and orig(version, check_equality))
 
 
 @dataclass
@@ -43,6 +56,44 @@ class OptimConfig:
     """Global gradient-norm clip (0 = off)."""
     chunk_tokens: int = 2048
     """Tokens per chunk of the vocab-parallel log-prob pass (bounds the logits memory)."""
+    cpu_offload: bool = False
+    """Keep optimizer state in host memory and run the optimizer step there (Megatron-core's
+    HybridDeviceOptimizer, OptimizerConfig.optimizer_cpu_offload). Frees 8 bytes per trainable parameter
+    (divided by DP) of GPU memory — Adam's two fp32 moments — and costs a device->host copy of the fp32
+    gradients, a host->device copy of the updated fp32 weights and a CPU Adam step every optimizer step.
+    Needs parallel.use_distributed_optimizer (the only Megatron optimizer wrapper that handles it) and
+    model.dtype bf16 or fp16."""
+    cpu_offload_fraction: float = 1.0
+    """Share of this rank's optimizer state offloaded, in (0, 1] (OptimizerConfig.optimizer_offload_fraction;
+    parameters are taken in order until the share is reached, the rest stay on the GPU)."""
+    cpu_offload_overlap: bool = False
+    """One CPU optimizer per parameter on side streams, so copies overlap the CPU step
+    (OptimizerConfig.overlap_cpu_optimizer_d2h_h2d)."""
+
+    def validate(self, parallel: ParallelConfig, model: ModelConfig) -> None:
+        """Stop at start-up, naming the field, on combinations Megatron would reject later or mid-step."""
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optim.optimizer={self.optimizer!r}: expected adam or sgd")
+        if self.optimizer == "sgd" and parallel.use_distributed_optimizer:
+            raise ConfigError("optim.optimizer=sgd needs parallel.use_distributed_optimizer=false (Megatron-core's "
+                              "distributed optimizer takes Adam only)")
+        if self.chunk_tokens < 1:
+            raise ConfigError(f"optim.chunk_tokens={self.chunk_tokens} must be >= 1")
+        if not self.cpu_offload:
+            return
+        if not parallel.use_distributed_optimizer:
+            raise ConfigError("optim.cpu_offload=true needs parallel.use_distributed_optimizer=true: Megatron-core "
+                              "handles the offloaded optimizer's state and checkpoints only in its distributed "
+                              "optimizer")
+        if model.dtype == "fp32":
+            # Megatron-core 0.16.1 hands the offloading optimizer fp32 weights as views of the model's
+            # weights, which torch refuses to optimise ("can't optimize a non-leaf Tensor"); bf16/fp16
+            # weights get fp32 main copies, which work.
+            raise ConfigError("optim.cpu_offload=true needs model.dtype bf16 or fp16 (Megatron-core cannot offload "
+                              "the optimizer of fp32 weights)")
+        if not 0.0 < self.cpu_offload_fraction <= 1.0:
+            raise ConfigError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in (0, 1] "
+                              "(0 would offload nothing)")
 
 
 @dataclass
@@ -64,6 +115,8 @@ class Student:
         self.num_query_groups = num_query_groups or parallel.num_query_groups(arch)
         self.train = optim is not None
         self.optim_cfg = optim or OptimConfig()
+        if self.train:
+            self.optim_cfg.validate(parallel, model_cfg)
         chunks = build_model(arch, parallel, model_cfg, initialize=False, num_query_groups=self.num_query_groups)
         self.padded_vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by,
                                               parallel.tensor_model_parallel_size)
@@ -88,6 +141,7 @@ class Student:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         o, dtype = self.optim_cfg, self.config.params_dtype
+        _guard_te_version_check()
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer, check_for_nan_in_grad=False,
@@ -102,6 +156,12 @@ class Student:
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
             bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+            optimizer_cpu_offload=o.cpu_offload, optimizer_offload_fraction=o.cpu_offload_fraction,
+            overlap_cpu_optimizer_d2h_h2d=o.cpu_offload_overlap,
+            # Offload through the precision-aware path: the hybrid optimizer then owns the fp32 master weights
+            # (one copy, on the host) and its checkpoint state loads back (without it 0.16.1's load looks the
+            # main shards up in an empty fp32-copy table, a KeyError).
+            use_precision_aware_optimizer=o.cpu_offload,
         ), wrapped)
         sched = OptimizerParamScheduler(
             opt, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
@@ -193,7 +253,7 @@ class Student:
         metrics_list = self._run(micro_batches, temperature, with_entropy, loss_fn)
         # A NaN/inf loss anywhere skips the step on every rank (its gradients are dropped).
         bad = torch.tensor([float(any(not torch.isfinite(torch.as_tensor(v)).all()
-                                      for m in metrics_list for v in m.values()))])
+                                      for m in metrics_list for v in m.values()))], device=collective_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item():
             self.skip_step()
