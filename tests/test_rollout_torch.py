@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _models import tiny_qwen3
+from _reference import hf_greedy, hf_logprobs
 from uniapl_megatron.rollout import RolloutConfig, RolloutConfigError, SamplingParams, build_engine
 from uniapl_megatron.rollout.sampling import filter_logits, sample_next, seed_tensor
 from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
@@ -34,21 +35,6 @@ def engine(model_dir):
     eng = build_engine(RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128, max_batch_size=3))
     yield eng
     eng.shutdown()
-
-
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-@torch.no_grad()
-def hf_logprobs(model, prompt: list[int], tokens: list[int], params: SamplingParams) -> torch.Tensor:
-    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 def test_engine_is_the_torch_engine(engine):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from _models import tiny_qwen3
+from _reference import hf_greedy, hf_logprobs
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
-from uniapl_megatron.rollout.sampling import filter_logits
 from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
 
 pytest.importorskip("vllm")
@@ -60,22 +60,6 @@ def engine(model_dir, work):
     assert torch.get_num_threads() == threads, "an in-process vLLM start must leave the host's threads alone"
     yield eng
     eng.shutdown()
-
-
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-@torch.no_grad()
-def hf_logprobs(model, prompt: list[int], tokens: list[int], params: SamplingParams) -> torch.Tensor:
-    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
-    if params.temperature > 0:
-        logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 def greedy(engine, n: int = 8) -> list[list[int]]:

@@ -126,22 +126,28 @@ def rollout_shape(cfg: dict, source: str) -> RolloutShape | None:
     """None when the recipe has no rollout section (as for the trainer: no engine)."""
     if not cfg.get("rollout"):
         return None
+    import dataclasses
+
+    from uniapl_megatron.rollout.config import RolloutConfig
+
+    # The trainer's defaults (rollout/config.py is the one definition of these fields).
+    d = {f.name: f.default for f in dataclasses.fields(RolloutConfig)}
     r = "rollout."
-    mode = _field(cfg, r + "mode", str, "colocated", source)
-    num_nodes = _field(cfg, r + "num_nodes", int, 0, source)
+    mode = _field(cfg, r + "mode", str, d["mode"], source)
+    num_nodes = _field(cfg, r + "num_nodes", int, d["num_nodes"], source)
     if mode == "disaggregated" and num_nodes < 1:
         raise PlanError(f"{source}: rollout.mode=disaggregated needs rollout.num_nodes >= 1")
-    dtype = _field(cfg, r + "dtype", str, "float32", source)
+    dtype = _field(cfg, r + "dtype", str, d["dtype"], source)
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"{source}: rollout.dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     return RolloutShape(
-        engine=_field(cfg, r + "engine", str, "vllm", source),
+        engine=_field(cfg, r + "engine", str, d["engine"], source),
         mode=mode,
-        tensor_parallel_size=_field(cfg, r + "tensor_parallel_size", int, 1, source),
-        gpu_memory_utilization=_field(cfg, r + "gpu_memory_utilization", float, 0.5, source),
+        tensor_parallel_size=_field(cfg, r + "tensor_parallel_size", int, d["tensor_parallel_size"], source),
+        gpu_memory_utilization=_field(cfg, r + "gpu_memory_utilization", float, d["gpu_memory_utilization"], source),
         num_nodes=num_nodes if mode == "disaggregated" else 0,
-        max_num_seqs=_field(cfg, r + "max_batch_size", int, 64, source),
-        max_model_len=_field(cfg, r + "max_model_len", int, 2048, source),
+        max_num_seqs=_field(cfg, r + "max_batch_size", int, d["max_batch_size"], source),
+        max_model_len=_field(cfg, r + "max_model_len", int, d["max_model_len"], source),
         dtype_bytes=DTYPE_BYTES[dtype],
     )
 

@@ -1,6 +1,8 @@
-"""`uniapl`: train, demo, convert.
+"""`uniapl`: train, rollout, demo, convert.
 
     uniapl train CONFIG.yaml [section.key=value ...]   the UniAPL trainer (torchrun / srun / one process)
+    uniapl rollout CONFIG.yaml [section.key=value ...] a rollout server for rollout.mode=disaggregated: same
+                                                        config and overrides as the trainer; RANK = server index
     uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
     uniapl convert import|export ...                    same as tools/convert_hf.py
 """
@@ -43,12 +45,44 @@ def _train(config: str | None, overrides: list[str], launch: bool = True) -> int
     return 0
 
 
+def _rollout(config: str, overrides: list[str]) -> int:
+    from .models.arch import ConfigError
+    from .rollout.config import RolloutConfigError
+    from .trainer.config import load_config
+
+    try:
+        cfg = load_config(config, overrides)
+        if cfg.rollout is None:
+            raise ConfigError(f"{config}: no rollout section (uniapl rollout serves rollout.mode=disaggregated)")
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # slurm/_task.sh gives each rollout node RANK / WORLD_SIZE among the rollout nodes; vLLM would read them as a
+    # torch.distributed world of its own, so they are taken out once the server index is known.
+    rank = int(os.environ.get("RANK", "0"))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    from .rollout.server import serve
+
+    try:
+        return serve(cfg.rollout, rank)
+    except (RolloutConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TimeoutError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="uniapl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="run the trainer")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
+    r = sub.add_parser("rollout", help="a rollout server for rollout.mode=disaggregated (one per rollout node)")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="section.key=value, the same as the trainer's")
     d = sub.add_parser("demo", help="the embedded tiny CPU default")
     d.add_argument("overrides", nargs="*")
     sub.add_parser("convert", help="HF <-> Megatron weights (tools/convert_hf.py)", add_help=False)
@@ -64,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(ROOT / "runs" / "demo_assets")
         return _train(str(TINY), args.overrides)
+    if args.cmd == "rollout":
+        return _rollout(args.config, args.overrides)
     return _train(args.config, args.overrides)
 
 

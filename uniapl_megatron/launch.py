@@ -26,8 +26,9 @@ def under_launcher() -> bool:
 
 def run_ranks(argv: Sequence[str], nprocs: int, env: dict[str, str] | None = None, timeout: float | None = None) -> int:
     """Start ``nprocs`` copies of ``argv`` with torchrun-style variables; return the first non-zero exit
-    code (stopping the others), or 0. Rank 0 keeps the terminal; the others' output is prefixed."""
-    port = str(free_port())
+    code (stopping the others), or 0. Rank 0 keeps the terminal; the others' output is prefixed.
+    A MASTER_PORT already set is kept (a disaggregated rollout server finds the trainer through it)."""
+    port = (env or {}).get("MASTER_PORT") or os.environ.get("MASTER_PORT") or str(free_port())
     procs = []
     for rank in range(nprocs):
         penv = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nprocs),

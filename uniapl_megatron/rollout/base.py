@@ -40,11 +40,18 @@ class RolloutBatch:
         return [s for s in self.samples if s.prompt_index == i]
 
 
+class EngineNeedsWeights(RuntimeError):
+    """The engine was restarted (it crashed) and has no weights it can re-apply by itself: call
+    update_weights again, then retry the request. The trainer does this on all ranks (trainer/loop.py)."""
+
+
 class RolloutEngine(Protocol):
     """Generates samples and follows the trainer's weights."""
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        """n samples for each prompt (token ids in, token ids out), grouped by prompt order."""
+        """n samples for each prompt (token ids in, token ids out), grouped by prompt order.
+
+        May raise EngineNeedsWeights after a crash and restart; nothing else about the request changes."""
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Callable[[], Iterable[tuple[str, torch.Tensor]]]

@@ -37,9 +37,20 @@ class RolloutConfig:
     # Where the rollout engine lives. "colocated": in the training processes, sleeping while Megatron
     # trains; under torchrun/srun with several ranks EVERY rank builds the engine (vLLM's external launcher:
     # replicas of tensor_parallel_size ranks; ranks of one replica must ask for the same prompts).
-    # "disaggregated": on ranks or nodes of its own (or in child processes of one rank, with multiprocess);
-    # weights arrive over a torch.distributed broadcast (weight_sync.py, engine.connect/receive_weights).
+    # "disaggregated": on nodes of its own, one `uniapl rollout` server each (rollout/server.py); the trainer
+    # talks to them through rollout/remote.py; weights arrive over a torch.distributed broadcast
+    # (weight_sync.py, engine.connect/receive_weights).
     mode: str = "colocated"
+    # Disaggregated mode: nodes of the job that run `uniapl rollout` (the last ones; slurm/_launch.sh and
+    # tools/plan_memory.py read this field too), one rollout server (engine replica) per node. >= 1 there.
+    num_nodes: int = 0
+    # Disaggregated mode: where the trainer's rank 0 listens for the rollout servers (a JSON-lines control
+    # channel; weights travel by broadcast, see weight_sync.py). Empty / 0: $MASTER_ADDR (else 127.0.0.1)
+    # and $MASTER_PORT + 17 -- the same on both sides under slurm/_launch.sh, which exports both.
+    control_host: str = ""
+    control_port: int = 0
+    # Disaggregated mode: how long either side waits for the other (to connect, to start its engine, to answer).
+    connect_timeout_s: float = 900.0
     # Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
     # (a single tensor larger than this travels alone).
     bucket_bytes: int = 256 << 20
@@ -63,11 +74,12 @@ class RolloutConfig:
     # Private TMPDIR / VLLM_CACHE_ROOT for vLLM's sockets, compile caches and model-info cache; removed at
     # shutdown when the engine created it. Empty: a fresh folder under the system temp dir.
     work_dir: str = ""
-    # Restart a crashed engine (and re-apply the last weights) up to this many times per call; 0 = never.
+    # Restart a crashed engine up to this many times per call (0 = never); also the trainer's re-syncs per step.
     max_restarts: int = 1
     # Keep a host-memory copy of the last weights given to update_weights as a one-shot iterator, so a
-    # restarted engine can re-sync without asking the trainer (costs one model in host RAM). Not needed
-    # when update_weights gets a callable that re-creates the iterator.
+    # restarted engine can re-sync without asking the trainer (costs one model in host RAM). Not needed by
+    # the trainer (a restarted engine raises EngineNeedsWeights and every rank re-syncs), nor when
+    # update_weights gets a callable that re-creates the iterator.
     keep_host_copy: bool = False
 
     # --- torch engine ---
@@ -95,7 +107,8 @@ def validate(cfg: RolloutConfig) -> None:
     if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
     for field, low in (("max_model_len", 2), ("bucket_bytes", 1), ("tensor_parallel_size", 1),
-                       ("max_batch_size", 1), ("kv_cache_bytes", 0), ("max_restarts", 0)):
+                       ("max_batch_size", 1), ("kv_cache_bytes", 0), ("max_restarts", 0), ("num_nodes", 0),
+                       ("control_port", 0)):
         value = getattr(cfg, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             _fail(field, f"an integer >= {low}", value)
@@ -103,8 +116,31 @@ def validate(cfg: RolloutConfig) -> None:
         _fail("seed", "an integer", cfg.seed)
     if not (isinstance(cfg.gpu_memory_utilization, (int, float)) and 0.0 < cfg.gpu_memory_utilization <= 1.0):
         _fail("gpu_memory_utilization", "a number in (0, 1]", cfg.gpu_memory_utilization)
+    if cfg.mode == "disaggregated" and cfg.num_nodes < 1:
+        _fail("num_nodes", "an integer >= 1 with mode 'disaggregated' (rollout servers to wait for)", cfg.num_nodes)
+    if cfg.control_port > 65535:
+        _fail("control_port", "a TCP port (1..65535, 0 = $MASTER_PORT + 17)", cfg.control_port)
+    if not isinstance(cfg.control_host, str):
+        _fail("control_host", "a host name or address ('' = $MASTER_ADDR)", cfg.control_host)
+    if not (isinstance(cfg.connect_timeout_s, (int, float)) and cfg.connect_timeout_s > 0):
+        _fail("connect_timeout_s", "a number of seconds > 0", cfg.connect_timeout_s)
     if cfg.work_dir and os.path.exists(cfg.work_dir) and not os.path.isdir(cfg.work_dir):
         _fail("work_dir", "a folder (or a path that does not exist yet)", cfg.work_dir)
+
+
+CONTROL_PORT_OFFSET = 17  # $MASTER_PORT + this: the disaggregated control channel (weights: a port it names)
+
+
+def control_address(cfg: RolloutConfig) -> tuple[str, int]:
+    """(host, port) of the trainer rank 0's control channel, from the config or the environment."""
+    host = cfg.control_host or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    if cfg.control_port:
+        return host, cfg.control_port
+    master = os.environ.get("MASTER_PORT", "")
+    if not master.isdigit():
+        raise RolloutConfigError("rollout.control_port: not set and $MASTER_PORT is not a port number "
+                                 f"({master!r}); set one of them (the same on the trainer and the rollout side)")
+    return host, int(master) + CONTROL_PORT_OFFSET
 
 
 def resolve_device(device: str) -> str:

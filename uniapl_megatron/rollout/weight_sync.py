@@ -107,7 +107,11 @@ class WeightChannel:
 
             opts = ProcessGroupGloo._Options()
             opts._timeout = timeout
-            opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+            # host is rank 0's address: the other ranks (rollout nodes) bind their own interface, unless all
+            # of them are on this machine (a loopback host).
+            local = rank == 0 or host in ("127.0.0.1", "localhost", "::1")
+            opts._devices = [ProcessGroupGloo.create_device(hostname=host) if local
+                             else ProcessGroupGloo.create_default_device()]
             self._group = ProcessGroupGloo(self._store, rank, world_size, opts)
         else:
             from torch.distributed import ProcessGroupNCCL

@@ -24,9 +24,10 @@ import torch.distributed as dist
 
 from ..data import MixedBatchSampler, formatter_from_config, plan_micro_batches, read_demos, read_prompts
 from ..data.packing import required_pad_multiple
+from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
-from ..rollout.base import SamplingParams
+from ..rollout.base import EngineNeedsWeights, SamplingParams
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
 from .config import RunConfig
 from .logging import RunLogger
@@ -84,6 +85,7 @@ class Trainer:
             self._build_rank0_parts()
         self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self._stop_signal = 0
+        self._sync_error: Exception | None = None  # rank 0: the last weight sync into the engine failed
         self._maybe_resume()
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -116,7 +118,8 @@ class Trainer:
             from ..rollout import build_engine
 
             rollout = cfg.rollout
-            if dist.get_world_size() > 1 and rollout.engine == "vllm" and not rollout.multiprocess:
+            if (dist.get_world_size() > 1 and rollout.engine == "vllm" and not rollout.multiprocess
+                    and rollout.mode == "colocated"):
                 # Only rank 0 samples here; an in-process vLLM under torchrun would expect every rank
                 # (external launcher), so rank 0's engine runs in child processes of its own.
                 rollout = dataclasses.replace(rollout, multiprocess=True)
@@ -156,30 +159,55 @@ class Trainer:
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    def _rollouts(self, step: int, prompt_idx: list[int], weights: Any) -> tuple[list[Seq], dict[str, float]]:
-        """Rank 0 samples, scores and broadcasts; everyone builds the same rollout sequences."""
-        s, payload = self.cfg.sampling, [None]
-        if self.rank == 0:
-            rows = [self.prompts[i] for i in prompt_idx]
-            t0 = time.perf_counter()
+    def _sample_and_score(self, step: int, prompt_idx: list[int], weights: Any) -> tuple | None:
+        """Rank 0: generate, score and log the step's rollouts; None when the engine needs the weights again."""
+        if self._sync_error is not None:  # sampling now would use stale (or no) weights
+            print(f"step {step}: the last weight sync did not reach the engine; re-syncing the weights from all "
+                  f"ranks", flush=True)
+            return None
+        s = self.cfg.sampling
+        rows = [self.prompts[i] for i in prompt_idx]
+        t0 = time.perf_counter()
+        try:
             batch = self.engine.generate([r.prompt_ids.tolist() for r in rows], SamplingParams(
                 n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 max_new_tokens=s.max_new_tokens, stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + step))
-            gen_s = time.perf_counter() - t0
-            texts = [self.fmt.decode(x.token_ids, skip_special_tokens=True) for x in batch.samples]
-            prow = [rows[x.prompt_index] for x in batch.samples]
-            rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
-                                          "prompt": _prompt_text(r)} for r in prow], texts)
-            scores = None
-            if weights.needs_discriminator:
-                scores = self.disc.score([_prompt_text(r) for r in prow],
-                                         [r.teacher_response or "" for r in prow], texts)
-            payload = [([(x.prompt_index, x.token_ids, x.logprobs, x.finish_reason) for x in batch.samples],
-                        rewards, scores, texts, gen_s)]
-            self.log.samples(step, [{"prompt": _prompt_text(r), "response": t, "reward": rw}
-                                    for r, t, rw in list(zip(prow, texts, rewards))[: self.cfg.train.log_samples]])
-        dist.broadcast_object_list(payload, src=0)
-        samples, rewards, scores, texts, gen_s = payload[0]
+        except EngineNeedsWeights as e:
+            print(f"step {step}: {e}; re-syncing the weights from all ranks", flush=True)
+            return None
+        gen_s = time.perf_counter() - t0
+        texts = [self.fmt.decode(x.token_ids, skip_special_tokens=True) for x in batch.samples]
+        prow = [rows[x.prompt_index] for x in batch.samples]
+        rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
+                                      "prompt": _prompt_text(r)} for r in prow], texts)
+        scores = None
+        if weights.needs_discriminator:
+            scores = self.disc.score([_prompt_text(r) for r in prow],
+                                     [r.teacher_response or "" for r in prow], texts)
+        self.log.samples(step, [{"prompt": _prompt_text(r), "response": t, "reward": rw}
+                                for r, t, rw in list(zip(prow, texts, rewards))[: self.cfg.train.log_samples]])
+        return ([(x.prompt_index, x.token_ids, x.logprobs, x.finish_reason) for x in batch.samples],
+                rewards, scores, texts, gen_s, getattr(self.engine, "restarts", 0))
+
+    def _rollouts(self, step: int, prompt_idx: list[int], weights: Any) -> tuple[list[Seq], dict[str, float]]:
+        """Rank 0 samples, scores and broadcasts; everyone builds the same rollout sequences.
+
+        A crashed engine restarts by itself but may have lost the weights (they came from the collective,
+        one-shot hf_tensors()): rank 0 then broadcasts None instead of rollouts, every rank runs sync_weights()
+        again, and rank 0 retries the same request. So the step is not lost, at any world size."""
+        limit = max(1, self.cfg.rollout.max_restarts if self.cfg.rollout is not None else 1)
+        for resyncs in range(limit + 1):
+            payload = [self._sample_and_score(step, prompt_idx, weights) if self.rank == 0 else None]
+            dist.broadcast_object_list(payload, src=0)
+            if payload[0] is not None:
+                break
+            if resyncs == limit:
+                raise RuntimeError(f"step {step}: the rollout engine still had no usable weights after {limit} "
+                                   f"re-sync(s) (rollout.max_restarts); last sync error on rank 0: "
+                                   f"{self._sync_error!r}" if self.rank == 0 else
+                                   f"step {step}: the rollout engine could not be re-synced; see rank 0")
+            self.sync_weights()
+        samples, rewards, scores, texts, gen_s, restarts = payload[0]
         group_ids = torch.tensor([p for p, _, _, _ in samples])
         adv = rollout_advantages(group_ids, weights, self.cfg.objective, torch.tensor(rewards, dtype=torch.float32),
                                  None if scores is None else torch.tensor(scores, dtype=torch.float32))
@@ -192,6 +220,7 @@ class Trainer:
                             float(adv.adversarial[j]), list(lps), extra={"text": texts[j], "prompt_pos": p}))
         lengths = [len(t) for _, t, _, _ in samples]
         stats = {"reward/mean": sum(rewards) / max(len(rewards), 1), "rollout/gen_seconds": gen_s,
+                 "rollout/engine_restarts": float(restarts), "rollout/resyncs": float(resyncs),
                  "rollout/response_len": sum(lengths) / max(len(lengths), 1),
                  "rollout/truncated": sum(f == "length" for *_, f in samples) / max(len(samples), 1)}
         if scores is not None:
@@ -238,6 +267,9 @@ class Trainer:
         off_policy = cfg.train.ppo_epochs * cfg.train.minibatches > 1
         if rl and off_policy:
             self._fill_logprobs(rl, self.student, "old_logprobs")
+            # Engine vs trainer on the same tokens and weights: ~1e-6 in fp32 when the sync is right.
+            stats["rollout/logprob_diff_max"] = max(
+                float((s.old_logprobs - torch.tensor(s.engine_logprobs)).abs().max()) for s in rl)
         if rl and self.ref is not None:
             self._fill_logprobs(rl, self.ref, "ref_logprobs")
         order = list(range(len(seqs)))
@@ -271,11 +303,19 @@ class Trainer:
         return out
 
     def sync_weights(self) -> None:
+        """Collective: every rank gathers the full HF tensors; rank 0 streams them into the engine."""
         tensors = self.student.hf_tensors()
-        if self.engine is not None:
-            self.engine.update_weights(tensors)
-        for _ in tensors:  # the other ranks take part in the collectives
-            pass
+        try:
+            if self.engine is not None:
+                self._sync_error = None
+                self.engine.update_weights(tensors)
+        except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next step's rollout re-syncs
+            self._sync_error = e
+            print(f"weight sync into the rollout engine failed ({type(e).__name__}: {e}); the next rollout "
+                  f"re-syncs", flush=True)
+        finally:
+            for _ in tensors:  # the other ranks take part in the collectives (and rank 0 finishes its share)
+                pass
 
     # ---- the run ------------------------------------------------------------------------------------
 
@@ -302,7 +342,7 @@ class Trainer:
             if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
                 raise RuntimeError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
                                    f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping")
-            flag = torch.tensor([self._stop_signal], dtype=torch.int64)
+            flag = torch.tensor([self._stop_signal], dtype=torch.int64, device=collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.steps or flag.item():

@@ -1,0 +1,28 @@
+"""Reference answers from a plain transformers forward (no KV cache, no engine) that the rollout engines'
+outputs are checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from uniapl_megatron.rollout import SamplingParams
+from uniapl_megatron.rollout.sampling import filter_logits
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The n greedy tokens after prompt, one full forward per token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@torch.no_grad()
+def hf_logprobs(model, prompt: list[int], tokens: list[int], params: SamplingParams) -> torch.Tensor:
+    """Log-prob of each of tokens after prompt under the distribution params samples from (temperature,
+    top-k, top-p applied); temperature 0 (greedy) gives those of the raw logits."""
+    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
+    if params.temperature > 0:
+        logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]

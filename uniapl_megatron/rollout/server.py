@@ -1,0 +1,113 @@
+"""`uniapl rollout`: one rollout server of a disaggregated run (one per rollout node).
+
+It connects to the trainer's control address (rank 0 of `uniapl train`, see config.control_address), starts
+its engine, says "ready", then serves weight syncs and generate requests (control.py) until the trainer
+says "stop" or goes away. A crashed engine core restarts inside the engine (vllm_engine.py) and answers
+"needs_weights"; the trainer then re-connects the weight group and re-sends the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Any
+
+from .base import EngineNeedsWeights, RolloutEngine
+from .config import RolloutConfig, control_address
+from .control import Conn, connect, params_from_dict, sample_to_list
+from .weight_sync import SyncStats, WeightChannel, receive_weights
+
+log = logging.getLogger(__name__)
+
+
+class _Server:
+    def __init__(self, cfg: RolloutConfig, engine: RolloutEngine) -> None:
+        self.cfg, self.engine = cfg, engine
+        self.channel: WeightChannel | None = None  # engines without connect(): this process receives
+
+    def connect(self, msg: dict[str, Any]) -> dict[str, Any]:
+        host, port, world, offset = str(msg["host"]), int(msg["port"]), int(msg["world_size"]), int(msg["rank_offset"])
+        backend = str(msg.get("backend", "gloo"))
+        if hasattr(self.engine, "connect"):
+            self.engine.connect(host, port, world, backend, self.cfg.connect_timeout_s, rank_offset=offset)
+        else:
+            if self.channel is not None:
+                self.channel.close()
+            self.channel = WeightChannel(host, port, offset, world, backend,
+                                         "cpu" if backend == "gloo" else "cuda", self.cfg.connect_timeout_s)
+        return {}
+
+    def sync(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.channel is None and hasattr(self.engine, "receive_weights"):
+            self.engine.receive_weights()
+        elif self.channel is not None:
+            self.engine.update_weights(receive_weights(self.channel))
+        else:
+            raise RuntimeError("sync before connect")
+        stats = getattr(self.engine, "last_sync", SyncStats())
+        return {"tensors": stats.tensors, "bytes": stats.bytes}
+
+    def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        prompts = msg.get("prompts")
+        if not isinstance(prompts, list):
+            raise ValueError(f"generate: 'prompts' must be a list of token-id lists, got {type(prompts).__name__}")
+        batch = self.engine.generate(prompts, params_from_dict(msg.get("params", {})))
+        return {"samples": [sample_to_list(s) for s in batch.samples]}
+
+    def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        handler = {"connect": self.connect, "sync": self.sync, "generate": self.generate}.get(op)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown op {op!r} (expected connect, sync, generate or stop)")
+            reply = {"ok": True, **handler(msg)}
+        except EngineNeedsWeights as e:
+            reply = {"ok": False, "needs_weights": True, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - reported to the trainer, which raises it there
+            log.exception("rollout server: %s failed", op)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        reply["restarts"] = getattr(self.engine, "restarts", 0)
+        return reply
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally below: the engine shuts down cleanly
+
+
+def serve(cfg: RolloutConfig, rank: int = 0) -> int:
+    """Serve the trainer until it says stop (0) or goes away (1)."""
+    from . import start_engine
+
+    if cfg.mode != "disaggregated":
+        raise ValueError(f"rollout.mode: `uniapl rollout` serves mode 'disaggregated', got {cfg.mode!r}")
+    if not 0 <= rank < cfg.num_nodes:
+        raise ValueError(f"rollout server rank {rank} (RANK) is not in [0, rollout.num_nodes={cfg.num_nodes})")
+    host, port = control_address(cfg)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    conn: Conn = connect(host, port, cfg.connect_timeout_s)  # first: fail fast when the trainer is unreachable
+    engine = None
+    try:
+        # The disaggregated engine holds the trainer's weight group in its workers, not a local one.
+        engine = start_engine(dataclasses.replace(cfg, multiprocess=False))
+        tp = cfg.tensor_parallel_size if hasattr(engine, "connect") else 1
+        conn.send({"op": "ready", "rank": rank, "tensor_parallel_size": tp})
+        print(f"rollout server {rank}: serving the trainer at {host}:{port}", file=sys.stderr, flush=True)
+        server = _Server(cfg, engine)
+        while True:
+            msg = conn.recv(None)
+            if msg is None:
+                print(f"rollout server {rank}: the trainer at {host}:{port} closed the connection without 'stop'",
+                      file=sys.stderr, flush=True)
+                return 1
+            if msg.get("op") == "stop":
+                engine.shutdown()
+                engine = None
+                conn.send({"ok": True, "restarts": 0})
+                return 0
+            conn.send(server.answer(msg))
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        conn.close()
