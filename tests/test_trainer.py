@@ -37,6 +37,17 @@ def test_layouts_and_micro_batches_give_the_same_update(model, tmp_path):
         assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-5, (name, m, ref_m)
 
 
+def test_tp_above_the_kv_heads_keeps_the_kv_copies_equal(tmp_path):
+    """1 KV head at TP2: each rank holds a copy of it. Two steps must match TP1's (the copies' gradients are
+    summed, so they stay one head; the second step's forward uses both copies)."""
+    one_kv = tiny_qwen3(tmp_path / "m", tie=False, vocab=256, kv_heads=1)
+    ref, ref_m = _step(one_kv, tmp_path / "tp1", 1, "--steps", "2")
+    got, m = _step(one_kv, tmp_path / "tp2", 2, "--tp", "2", "--sp", "--steps", "2")
+    diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff <= 1e-5, f"TP2 with a replicated KV head differs from TP1 by {diff}"
+    assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-5, (m, ref_m)
+
+
 def test_nan_loss_skips_the_step(model, tmp_path):
     from safetensors.torch import load_file
 

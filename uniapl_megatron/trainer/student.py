@@ -134,6 +134,40 @@ class Student:
 
     # ---- construction -------------------------------------------------------------------------------
 
+    def _replicated_kv_grad_sync(self, chunks: list) -> Callable[[], None]:
+        """TP above the model's KV heads gives every TP rank its own copy of a KV head (num_query_groups = TP,
+        one group per rank). Each copy's gradient holds only its own query heads' share, so the K/V rows of
+        linear_qkv's gradient are summed over the ranks that share a head; otherwise the copies drift apart
+        after the first update and no longer equal one HF head. Returns a no-op when nothing is replicated."""
+        from megatron.core import parallel_state as ps
+
+        tp, kv = self.parallel.tensor_model_parallel_size, self.arch.num_kv_heads
+        if self.num_query_groups == kv or tp == 1:
+            return lambda: None
+        rep = tp // kv
+        mine = None
+        # new_group is collective over the world: every rank creates every TP group's subgroups, in order.
+        tp_groups: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(
+            tp_groups, tuple(torch.distributed.get_process_group_ranks(ps.get_tensor_model_parallel_group())))
+        for ranks in sorted(set(tp_groups)):
+            for h in range(kv):
+                group = torch.distributed.new_group(list(ranks[h * rep:(h + 1) * rep]))
+                if torch.distributed.get_rank() in ranks[h * rep:(h + 1) * rep]:
+                    mine = group
+        hd = self.arch.head_dim
+        q_rows = self.arch.num_heads // self.num_query_groups * hd  # one local group: its q heads, then k, v
+        params = [p for c in chunks for n, p in c.named_parameters() if n.endswith("self_attention.linear_qkv.weight")]
+
+        def sync() -> None:
+            for p in params:
+                grad = getattr(p, "main_grad", None)
+                if grad is not None:
+                    rows = grad[q_rows:q_rows + 2 * hd]
+                    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.SUM, group=mine)
+
+        return sync
+
     def _make_trainable(self, chunks: list, total_steps: int) -> tuple[list, Any, Any]:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -149,8 +183,14 @@ class Student:
         )
         wrapped = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c,
                                            disable_bucketing=i > 0) for i, c in enumerate(chunks)]
-        # Losses arrive pre-normalised by global counts: finalize must not rescale by a token count.
-        self.config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads(model, None)
+        sync_kv = self._replicated_kv_grad_sync(chunks)
+
+        def finalize(model: list, num_tokens: Any = None, **kw: Any) -> None:
+            sync_kv()
+            # Losses arrive pre-normalised by global counts: finalize must not rescale by a token count.
+            finalize_model_grads(model, None)
+
+        self.config.finalize_model_grads_func = finalize
         opt = get_megatron_optimizer(OptimizerConfig(
             optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
