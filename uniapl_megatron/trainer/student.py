@@ -138,7 +138,9 @@ class Student:
         """TP above the model's KV heads gives every TP rank its own copy of a KV head (num_query_groups = TP,
         one group per rank). Each copy's gradient holds only its own query heads' share, so the K/V rows of
         linear_qkv's gradient are summed over the ranks that share a head; otherwise the copies drift apart
-        after the first update and no longer equal one HF head. Returns a no-op when nothing is replicated."""
+        after the first update and no longer equal one HF head. Returns a no-op when nothing is replicated.
+        (Megatron's grad norm still counts each copy, so the reported norm, and clipping, see the K/V rows
+        TP / KV-heads times.)"""
         from megatron.core import parallel_state as ps
 
         tp, kv = self.parallel.tensor_model_parallel_size, self.arch.num_kv_heads
