@@ -11,9 +11,10 @@ from _models import tiny_qwen3
 from _train_step import max_diff, train_step
 
 # fp32 and the same layout on both sides: recomputation reruns the same ops on the same inputs, so the
-# weights come out bit-identical on CPU (observed 0.0); 1e-6 leaves room for a kernel that is not
-# deterministic while staying far below the step's own size (> 1e-3, checked in test_trainer.py).
-TOL = 1e-6
+# weights usually come out bit-identical on CPU. Under heavy load one CI run saw 7.7e-6 (CPU kernels are not
+# bit-deterministic across thread schedules), so the bound is test_trainer.py's layout tolerance, still far
+# below the step's own size (> 1e-3).
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
