@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..models.qwen3 import DTYPES, ModelConfig, build_model, padded_vocab_size
 from ..parallel import ParallelConfig
@@ -184,15 +187,83 @@ def load_model(chunks: list[torch.nn.Module], folder: Path) -> None:
                 unwrap(c).load_state_dict(state[f"model{i}"], strict=False)
 
 
-def build_from_checkpoint(
-    mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
-) -> tuple[Qwen3Arch, list[torch.nn.Module], dict[str, Any]]:
+def _model_for(mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
+               ) -> tuple[Qwen3Arch, list[torch.nn.Module], dict[str, Any]]:
+    """The model a checkpoint describes, built for this layout, weights not yet loaded."""
     meta = read_meta(mcore_dir)
     arch = Qwen3Arch(**{**meta["arch"], "moe_layers": tuple(meta["arch"]["moe_layers"])})
     model_cfg = model_cfg or ModelConfig(dtype=meta["dtype"], spec="torch" if not torch.cuda.is_available() else "auto")
     chunks = build_model(arch, parallel, model_cfg, initialize=False, num_query_groups=meta["num_query_groups"])
+    return arch, chunks, meta
+
+
+def build_from_checkpoint(
+    mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
+) -> tuple[Qwen3Arch, list[torch.nn.Module], dict[str, Any]]:
+    arch, chunks, meta = _model_for(mcore_dir, parallel, model_cfg)
     load_model(chunks, Path(mcore_dir) / "model")
     return arch, chunks, meta
+
+
+def _load_parts(chunks: list[torch.nn.Module], parts: int) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The model's sharded state dict cut into `parts` pieces of similar size, by checkpoint key (Megatron
+    stores every layer's copy of a weight stacked under one key, loadable only as a whole), and for each
+    parameter storage the piece after which it is complete. Every rank gets the same number of pieces:
+    each load is a collective over the whole world."""
+    sd = model_sharded_state_dict(chunks)
+    entries = [((outer, k), v) for outer, d in sd.items() for k, v in d.items()] if len(chunks) > 1 \
+        else [((None, k), v) for k, v in sd.items()]
+    by_key: dict[str, list] = {}
+    for path, v in entries:
+        by_key.setdefault(getattr(v, "key", path[1]), []).append((path, v))
+
+    def nbytes(v: Any) -> int:
+        d = getattr(v, "data", None)
+        return d.numel() * d.element_size() if isinstance(d, torch.Tensor) else 0
+
+    keys = list(by_key)
+    n = torch.tensor([min(parts, len(keys))], device=collective_device())
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = int(n.item())
+    sizes = [sum(nbytes(v) for _, v in by_key[k]) for k in keys]
+    total, before, prev = max(sum(sizes), 1), 0, -1
+    pieces: list[dict[str, Any]] = [{} for _ in range(n)]
+    done_after: dict[int, int] = {}
+    for i, key in enumerate(keys):
+        # By byte share, but never skipping a piece and leaving one key at least for every later piece.
+        g = min(prev + 1, max(prev, min(before * n // total, n - 1), n - len(keys) + i))
+        for (outer, k), v in by_key[key]:
+            (pieces[g].setdefault(outer, {}) if outer is not None else pieces[g])[k] = v
+            d = getattr(v, "data", None)
+            if isinstance(d, torch.Tensor):
+                ptr = d.untyped_storage().data_ptr()
+                done_after[ptr] = max(done_after.get(ptr, 0), g)
+        before, prev = before + sizes[i], g
+    return pieces, done_after
+
+
+def _load_piece(chunks: list[torch.nn.Module], piece: dict[str, Any], folder: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    with torch.no_grad():
+        # Access integrity (every shard of a key read by someone) is Megatron's whole-checkpoint check; a
+        # piece is a subset by construction, and together the pieces are the whole model.
+        state = dist_checkpointing.load(piece, str(folder), validate_access_integrity=False)
+        for i, c in enumerate(chunks):
+            part = state if len(chunks) == 1 else state.get(f"model{i}", {})
+            unwrap(c).load_state_dict(part, strict=False)
+
+
+def iter_checkpoint(mcore_dir: str | Path, chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int,
+                    parts: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`iter_stage` over a model whose weights are still on disk: the checkpoint is read in `parts`
+    pieces and each piece's tensors are yielded before the next is read, so a consumer that writes them
+    in the background overlaps the reading. Yields by piece, not in model order. Collective."""
+    pieces, done_after = _load_parts(chunks, parts)
+    for g, piece in enumerate(pieces):
+        _load_piece(chunks, piece, Path(mcore_dir) / "model")
+        yield from iter_stage(chunks, arch, num_query_groups,
+                              only=lambda p, g=g: done_after.get(p.untyped_storage().data_ptr(), -1) == g)
 
 
 # ---- export ----------------------------------------------------------------------------------------------
@@ -221,7 +292,7 @@ def export_hf(mcore_dir: str | Path, out: str | Path, parallel: ParallelConfig, 
 
     out = Path(out)
     check_output(out, force)
-    arch, chunks, meta = build_from_checkpoint(mcore_dir, parallel)
+    arch, chunks, meta = _model_for(mcore_dir, parallel)
     tmp = _begin(out)
     plan = plan_stage(chunks, arch)
     writer = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
@@ -234,14 +305,14 @@ def export_hf(mcore_dir: str | Path, out: str | Path, parallel: ParallelConfig, 
     names = [f"model-{first + i + 1:05d}-of-{n:05d}.safetensors" for i in range(len(my_files))]
     total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in plan)
     bar = _progress(total, "export: write shards")
-    stream = iter_stage(chunks, arch, meta["num_query_groups"])
+    stream = iter_checkpoint(mcore_dir, chunks, arch, meta["num_query_groups"])
     if writer:
-        for fname, fplan in zip(names, my_files):
-            w = StreamingSafetensorsWriter(tmp / fname, fplan)
-            for _ in fplan:
-                name, t = next(stream)
-                w.write(name, t)
-                bar.update(t.numel() * t.element_size())
+        files = [StreamingSafetensorsWriter(tmp / fname, fplan) for fname, fplan in zip(names, my_files)]
+        by_name = {name: w for w, fplan in zip(files, my_files) for name, _, _ in fplan}
+        with _BackgroundWrites(bar) as bg:  # file writes overlap the next piece's checkpoint read
+            for name, t in stream:
+                bg.put(by_name[name], name, t)
+        for w in files:
             w.close()
     for _ in stream:  # non-writers still take part in the collectives
         pass
@@ -263,6 +334,40 @@ def export_hf(mcore_dir: str | Path, out: str | Path, parallel: ParallelConfig, 
         cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = torch_dtype
         _write_json(tmp / "config.json", cfg)
     _commit(tmp, out, force)
+
+
+class _BackgroundWrites:
+    """One thread writing (file, name, tensor) items while the caller produces the next ones. File writes
+    release the GIL, so they overlap checkpoint reads; the queue bounds what waits to be written."""
+
+    def __init__(self, bar: tqdm, depth: int = 16) -> None:
+        self.bar, self.queue = bar, queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="export-writer", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after a failure keep draining, so the producer never blocks
+                try:
+                    item[0].write(item[1], item[2])
+                    self.bar.update(item[2].numel() * item[2].element_size())
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = e
+
+    def put(self, w: StreamingSafetensorsWriter, name: str, t: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((w, name, t))
+
+    def __enter__(self) -> "_BackgroundWrites":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def _total(files: list[list]) -> int:

@@ -169,13 +169,17 @@ def plan_stage(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[str
 
 
 def iter_stage(
-    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int
+    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int,
+    only: Callable[[torch.nn.Parameter], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full HF tensors of this pipeline stage, gathered over TP and EP. Collective: every rank of the
-    stage must iterate it to the end. Peak extra memory: one weight's gathered copies."""
+    stage must iterate it to the end. Peak extra memory: one weight's gathered copies. ``only`` keeps the
+    parameters it accepts (the same ones on every rank of the stage)."""
     _, ep_size, ep_group = _ep()
     gathered_by_ep: list[tuple[torch.Tensor, ...]] | None = None
     for lp, ep_r in _stage_items(chunks, arch):
+        if only is not None and not only(lp.param):
+            continue
         if ep_r <= 0:
             rank, size, group = _groups(lp.resolved.is_expert)
             with torch.no_grad():

@@ -85,42 +85,44 @@ class SafetensorsFolder:
 
 
 class StreamingSafetensorsWriter:
-    """Writes one safetensors file tensor by tensor: the header is laid out from the plan (names, shapes,
-    dtypes) first, so at most one tensor is in memory at a time. The format is the library's own
-    (8-byte little-endian header size, JSON header, raw data); the safetensors package has no streaming
-    writer."""
+    """Writes one safetensors file tensor by tensor, in any order and from any thread: the header is laid
+    out from the plan (names, shapes, dtypes) first, then each tensor goes to its planned offset, so at
+    most one tensor is in memory at a time. The format is the library's own (8-byte little-endian header
+    size, JSON header, raw data); the safetensors package has no streaming writer."""
 
     def __init__(self, path: str | Path, plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-        self.order: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        self.slots: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}
         offset = 0
         for name, shape, dtype in plan:
             nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.order.append((name, tuple(shape), dtype))
+            self.slots[name] = (tuple(shape), dtype, offset)
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
-        self._next = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, struct.pack("<Q", len(blob)) + blob)
+        self._data_start = 8 + len(blob)
+        self._written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        want = self.order[self._next]
-        if (name, tuple(tensor.shape), tensor.dtype) != want:
-            raise RuntimeError(f"{self.path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {want}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._f.write(memoryview(data))
-        self._next += 1
+        slot = self.slots.get(name)
+        if slot is None or name in self._written or (tuple(tensor.shape), tensor.dtype) != slot[:2]:
+            raise RuntimeError(f"{self.path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{slot[:2] if slot else 'nothing'}{' (already written)' if name in self._written else ''}")
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        pos, done = self._data_start + slot[2], 0
+        while done < len(data):  # pwrite may write less than asked
+            done += os.pwrite(self._fd, data[done:], pos + done)
+        self._written.add(name)
 
     def close(self) -> None:
-        if self._next != len(self.order):
-            missing = [n for n, _, _ in self.order[self._next:]][:5]
-            self._f.close()
-            raise RuntimeError(f"{self.path}: closed before writing {missing}...")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        missing = [n for n in self.slots if n not in self._written]
+        if not missing:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        if missing:
+            raise RuntimeError(f"{self.path}: closed before writing {missing[:5]}...")
