@@ -62,6 +62,43 @@ def _keep(copy: list[NamedTensor], name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _engine_dead(llm: Any) -> bool:
+    """Whether vLLM's multiprocess client has seen its engine core die (False for in-process engines)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    return bool(getattr(getattr(client, "resources", None), "engine_dead", False))
+
+
+@contextlib.contextmanager
+def _unblock_on_engine_death(llm: Any) -> Any:
+    """vLLM's multiprocess client waits for outputs on a queue without a timeout. When the engine core dies
+    after a request went out, its monitor marks the engine dead but may shut down before anything reaches
+    that queue, and generate() blocks forever (seen in CI: a SIGKILLed EngineCore hung the trainer). A watcher
+    puts EngineDeadError on the queue then, which the client raises as usual, so the engine gets restarted.
+    A no-op for clients without that queue (in-process engines)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    resources, outputs = getattr(client, "resources", None), getattr(client, "outputs_queue", None)
+    if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+        yield
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if resources.engine_dead:
+                outputs.put_nowait(EngineDeadError(suppress_context=True))
+                return
+
+    watcher = threading.Thread(target=watch, name="uniapl-engine-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
 class VLLMRolloutEngine:
     """RolloutEngine on vLLM. See the module docstring for the layouts."""
 
@@ -214,7 +251,14 @@ class VLLMRolloutEngine:
         thread.start()
 
         def join() -> Any:
-            thread.join()
+            # A utility call to a dead engine core waits on its future forever (vLLM's monitor marks the
+            # engine dead but nothing answers the call), so the wait watches for that.
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                if thread.is_alive() and _engine_dead(self._llm):
+                    from vllm.v1.engine.exceptions import EngineDeadError
+
+                    raise EngineDeadError(suppress_context=True)
             if "error" in result:
                 raise result["error"]
             return result["value"]
@@ -316,7 +360,8 @@ class VLLMRolloutEngine:
                     # Only stop_token_ids end a sample: the trainer names its end-of-turn token explicitly.
                     ignore_eos=True, seed=sample_seed(base, i, j), logprobs=0, detokenize=False))
                 owners.append(i)
-        outputs = self._llm.generate(inputs, sps, use_tqdm=False)
+        with _unblock_on_engine_death(self._llm):
+            outputs = self._llm.generate(inputs, sps, use_tqdm=False)
         batch = RolloutBatch()
         for i, out in zip(owners, outputs):
             c = out.outputs[0]
