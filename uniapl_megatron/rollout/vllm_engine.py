@@ -70,14 +70,12 @@ def _engine_dead(llm: Any) -> bool:
 
 @contextlib.contextmanager
 def _unblock_on_engine_death(llm: Any) -> Any:
-    """vLLM's multiprocess client waits for outputs on a queue without a timeout. When the engine core dies
-    after a request went out, its monitor marks the engine dead but may shut down before anything reaches
-    that queue, and generate() blocks forever (seen in CI: a SIGKILLed EngineCore hung the trainer). A watcher
-    puts EngineDeadError on the queue then, which the client raises as usual, so the engine gets restarted.
-    A no-op for clients without that queue (in-process engines)."""
-    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    resources, outputs = getattr(client, "resources", None), getattr(client, "outputs_queue", None)
-    if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+    """vLLM's multiprocess client waits for generate's outputs on a queue without a timeout, the same way its
+    utility calls wait (the weight-sync hang seen in CI, handled in _rpc_in_thread). Should the engine core
+    die with a request out and nothing reach that queue, a watcher puts EngineDeadError there, which the
+    client raises as usual, so the engine gets restarted. A no-op for clients without that queue."""
+    outputs = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "outputs_queue", None)
+    if outputs is None:
         yield
         return
     from vllm.v1.engine.exceptions import EngineDeadError
@@ -86,7 +84,7 @@ def _unblock_on_engine_death(llm: Any) -> Any:
 
     def watch() -> None:
         while not stop.wait(0.5):
-            if resources.engine_dead:
+            if _engine_dead(llm):
                 outputs.put_nowait(EngineDeadError(suppress_context=True))
                 return
 
