@@ -174,17 +174,18 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def load_model(chunks: list[torch.nn.Module], folder: Path) -> None:
-    """Fill model chunks (already built for this layout) from a Megatron distributed checkpoint."""
+def load_model(chunks: list[torch.nn.Module], folder: Path, piece: dict[str, Any] | None = None) -> None:
+    """Fill model chunks (already built for this layout) from a Megatron distributed checkpoint: all of it,
+    or one `piece` of their sharded state dict (see _load_parts)."""
     from megatron.core import dist_checkpointing
 
     with torch.no_grad():
-        state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
-        if len(chunks) == 1:
-            unwrap(chunks[0]).load_state_dict(state, strict=False)
-        else:
-            for i, c in enumerate(chunks):
-                unwrap(c).load_state_dict(state[f"model{i}"], strict=False)
+        # Access integrity (every shard of a key read by someone) is Megatron's whole-checkpoint check; a
+        # piece is a subset by construction, and together the pieces are the whole model.
+        state = dist_checkpointing.load(model_sharded_state_dict(chunks) if piece is None else piece, str(folder),
+                                        validate_access_integrity=piece is None)
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(state if len(chunks) == 1 else state.get(f"model{i}", {}), strict=False)
 
 
 def _model_for(mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
@@ -242,18 +243,6 @@ def _load_parts(chunks: list[torch.nn.Module], parts: int) -> tuple[list[dict[st
     return pieces, done_after
 
 
-def _load_piece(chunks: list[torch.nn.Module], piece: dict[str, Any], folder: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    with torch.no_grad():
-        # Access integrity (every shard of a key read by someone) is Megatron's whole-checkpoint check; a
-        # piece is a subset by construction, and together the pieces are the whole model.
-        state = dist_checkpointing.load(piece, str(folder), validate_access_integrity=False)
-        for i, c in enumerate(chunks):
-            part = state if len(chunks) == 1 else state.get(f"model{i}", {})
-            unwrap(c).load_state_dict(part, strict=False)
-
-
 def iter_checkpoint(mcore_dir: str | Path, chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int,
                     parts: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`iter_stage` over a model whose weights are still on disk: the checkpoint is read in `parts`
@@ -261,7 +250,7 @@ def iter_checkpoint(mcore_dir: str | Path, chunks: list[torch.nn.Module], arch: 
     in the background overlaps the reading. Yields by piece, not in model order. Collective."""
     pieces, done_after = _load_parts(chunks, parts)
     for g, piece in enumerate(pieces):
-        _load_piece(chunks, piece, Path(mcore_dir) / "model")
+        load_model(chunks, Path(mcore_dir) / "model", piece)
         yield from iter_stage(chunks, arch, num_query_groups,
                               only=lambda p, g=g: done_after.get(p.untyped_storage().data_ptr(), -1) == g)
 
