@@ -103,3 +103,59 @@ def test_disaggregated_needs_num_nodes_and_an_address(tmp_path, monkeypatch):
     monkeypatch.delenv("MASTER_PORT")
     with pytest.raises(RolloutConfigError, match="rollout.control_port"):
         control_address(RolloutConfig(model_path="m"))
+
+
+_SERVE = """
+import sys
+from uniapl_megatron.rollout import RolloutConfig
+from uniapl_megatron.rollout.server import serve
+cfg = RolloutConfig(engine="torch", model_path=sys.argv[1], max_model_len=64, mode="disaggregated", num_nodes=2,
+                    control_host="127.0.0.1", control_port=int(sys.argv[2]), connect_timeout_s=120)
+sys.exit(serve(cfg, rank=int(sys.argv[3])))
+"""
+
+
+def test_two_servers_sample_what_one_engine_samples(tmp_path):
+    # Two real `serve` processes (torch engine: cheap), this process as the trainer's client: weights are
+    # broadcast to both, the prompts are split between them, and the samples equal those of one local
+    # engine with the same weights and seed, so they do not depend on rollout.num_nodes.
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from _models import tiny_qwen3
+    from uniapl_megatron.rollout import RolloutConfig, SamplingParams, build_engine
+    from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
+
+    folder = tiny_qwen3(tmp_path / "m", tie=False, vocab=300, layers=2, hidden=64)
+    port = free_port()
+    servers = [subprocess.Popen([sys.executable, "-c", _SERVE, str(folder), str(port), str(rank)],
+                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for rank in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.state_dict().items()}
+    prompts = [[5, 6, 7], [12, 13], [250, 1, 2, 3], [40], [7, 7, 9], [100, 3]]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=21)
+    try:
+        remote = build_engine(RolloutConfig(engine="torch", model_path=str(folder), mode="disaggregated",
+                                            num_nodes=2, control_host="127.0.0.1", control_port=port,
+                                            connect_timeout_s=120))
+        try:
+            remote.update_weights(iter(moved.items()))
+            got = remote.generate(prompts, params)
+        finally:
+            remote.shutdown()
+        codes = [s.wait(timeout=60) for s in servers]
+    finally:
+        _stop(*servers)
+    assert codes == [0, 0], [s.stdout.read()[-2000:] for s in servers]
+    local = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=64))
+    local.update_weights(iter(moved.items()))
+    want = local.generate(prompts, params)
+    local.shutdown()
+    assert [s.prompt_index for s in got.samples] == [s.prompt_index for s in want.samples]
+    assert [s.token_ids for s in got.samples] == [s.token_ids for s in want.samples]
+    for a, b in zip(got.samples, want.samples):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-6)

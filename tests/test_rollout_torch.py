@@ -81,6 +81,10 @@ def test_same_seed_same_samples_whatever_the_batch(engine, model_dir):
     assert [s.token_ids for s in a.samples] != [s.token_ids for s in d.samples]
     # The two samples of a prompt differ (their own seeds).
     assert a.samples[0].token_ids != a.samples[1].token_ids
+    # A request for the last prompts, told where they start, draws what the whole request drew for them.
+    tail = engine.generate(PROMPTS[2:], SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5,
+                                                       prompt_index_offset=2))
+    assert [s.token_ids for s in tail.samples] == [s.token_ids for s in a.samples[4:]]
 
 
 def test_stop_token_ends_a_sample(engine, hf):
@@ -152,7 +156,7 @@ def test_sampler_follows_the_filtered_distribution():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(n=0), r"\.n"), (dict(stop_token_ids=(300,)), "stop_token_ids"),
-    (dict(seed=-3), "seed"),
+    (dict(seed=-3), "seed"), (dict(prompt_index_offset=-1), "prompt_index_offset"),
 ])
 def test_bad_sampling_params_are_named(engine, kwargs, match):
     with pytest.raises(ValueError, match=match):

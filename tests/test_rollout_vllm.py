@@ -4,6 +4,8 @@ real Qwen3 tokenizer's ids, bad input, and (slow) a killed engine core restarted
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import multiprocessing as mp
 import os
@@ -93,6 +95,9 @@ def test_same_seed_same_samples(engine):
     # Prompt 0 alone gets the same samples as inside the bigger batch.
     c = engine.generate(PROMPTS[:1], params)
     assert [s.token_ids for s in c.samples] == [s.token_ids for s in a.samples[:3]]
+    # The last prompts alone, told where they start (as a rollout server is), draw what they drew above.
+    tail = engine.generate(PROMPTS[1:], dataclasses.replace(params, prompt_index_offset=1))
+    assert [s.token_ids for s in tail.samples] == [s.token_ids for s in a.samples[3:]]
     d = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=43))
     assert [s.token_ids for s in d.samples] != [s.token_ids for s in a.samples]
     assert len({tuple(s.token_ids) for s in a.for_prompt(0)}) == 3

@@ -19,6 +19,9 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    # Sample j of prompt i is seeded as sample j of prompt prompt_index_offset + i: a request split across
+    # engines (rollout servers) then draws exactly what one engine given all the prompts would.
+    prompt_index_offset: int = 0
 
 
 @dataclass

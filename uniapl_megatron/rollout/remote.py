@@ -11,6 +11,7 @@ the broadcast group (the restarted workers are new processes) before sending.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -151,12 +152,13 @@ class RemoteRolloutEngine:
         self.last_sync = stats
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        """Prompts split into contiguous parts, one per server; samples come back in prompt order.
-        (Seeds follow each server's own prompt index: samples depend on rollout.num_nodes.)"""
+        """Prompts split into contiguous parts, one per server; samples come back in prompt order. Each part
+        carries its first prompt's index, so the samples do not depend on rollout.num_nodes."""
         n = len(self._servers)
         bounds = [len(prompts) * k // n for k in range(n + 1)]
         msgs = [{"op": "generate", "prompts": [[int(t) for t in p] for p in prompts[bounds[k]: bounds[k + 1]]],
-                 "params": params_to_dict(params)} for k in range(n)]
+                 "params": params_to_dict(dataclasses.replace(
+                     params, prompt_index_offset=params.prompt_index_offset + bounds[k]))} for k in range(n)]
         answers = self._ask_all(msgs)
         self._check(answers, "generate")
         batch = RolloutBatch()

@@ -37,6 +37,8 @@ def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, voca
         raise bad("max_new_tokens", "an integer >= 1", params.max_new_tokens)
     if params.seed is not None and (not isinstance(params.seed, int) or params.seed < 0):
         raise bad("seed", "None or an integer >= 0", params.seed)
+    if not isinstance(params.prompt_index_offset, int) or params.prompt_index_offset < 0:
+        raise bad("prompt_index_offset", "an integer >= 0", params.prompt_index_offset)
     for t in params.stop_token_ids:
         if not isinstance(t, int) or not 0 <= t < vocab_size:
             raise bad("stop_token_ids", f"token ids in [0, {vocab_size})", params.stop_token_ids)

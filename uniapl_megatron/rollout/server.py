@@ -2,8 +2,9 @@
 
 It connects to the trainer's control address (rank 0 of `uniapl train`, see config.control_address), starts
 its engine, says "ready", then serves weight syncs and generate requests (control.py) until the trainer
-says "stop" or goes away. A crashed engine core restarts inside the engine (vllm_engine.py) and answers
-"needs_weights"; the trainer then re-connects the weight group and re-sends the weights.
+says "stop" or goes away. An engine rebuilt after a weight load failed half-way answers "needs_weights"; the
+trainer then re-connects the weight group and re-sends the weights. The engine runs in this process, so a
+crash of the engine itself ends the server (the job then resumes from its last checkpoint).
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ class TorchRolloutEngine:
         if self._asleep:
             raise RuntimeError("generate: the engine is asleep; call wake() first")
         base = base_seed(params.seed)
-        rows = [(i, sample_seed(base, i, j)) for i in range(len(prompts)) for j in range(params.n)]
+        first = params.prompt_index_offset
+        rows = [(i, sample_seed(base, first + i, j)) for i in range(len(prompts)) for j in range(params.n)]
         batch = RolloutBatch()
         step = self.config.max_batch_size
         for start in range(0, len(rows), step):

@@ -356,7 +356,8 @@ class VLLMRolloutEngine:
                     n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                     max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
                     # Only stop_token_ids end a sample: the trainer names its end-of-turn token explicitly.
-                    ignore_eos=True, seed=sample_seed(base, i, j), logprobs=0, detokenize=False))
+                    ignore_eos=True, seed=sample_seed(base, params.prompt_index_offset + i, j), logprobs=0,
+                    detokenize=False))
                 owners.append(i)
         with _unblock_on_engine_death(self._llm):
             outputs = self._llm.generate(inputs, sps, use_tqdm=False)
