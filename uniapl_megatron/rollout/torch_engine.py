@@ -82,7 +82,9 @@ class TorchRolloutEngine:
         self._params.update({k: v for k, v in self.model.named_buffers(remove_duplicate=False) if k in persistent})
 
     def update_weights(self, named_tensors: Iterable[NamedTensor] | WeightsSource) -> None:
-        """Copy HF-named tensors into the model in place (names and shapes checked). A callable is kept."""
+        """Copy HF-named tensors into the model in place (names and shapes checked). A callable is kept.
+        A sleeping engine first takes its weights back to the device (as vLLM's does)."""
+        self.wake()
         if callable(named_tensors):
             self._weights_source = named_tensors
             named_tensors = named_tensors()

@@ -262,6 +262,10 @@ class Trainer:
             rollouts, rstats = self._rollouts(step, batch.prompt_indices, w)
             seqs += rollouts
             stats.update(rstats)
+        if self.engine is not None:
+            # Colocated on GPU: the engine's weights go to host memory and its KV cache is freed while Megatron
+            # trains; the sync wakes the weights first and the cache after it (a no-op on CPU and for servers).
+            self.engine.sleep()
         t0 = time.perf_counter()
         rl = [s for s in seqs if not s.is_demo]
         off_policy = cfg.train.ppo_epochs * cfg.train.minibatches > 1
@@ -308,7 +312,8 @@ class Trainer:
         try:
             if self.engine is not None:
                 self._sync_error = None
-                self.engine.update_weights(tensors)
+                self.engine.update_weights(tensors)  # wakes the weights first when the engine sleeps
+                self.engine.wake()  # then the KV cache
         except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next step's rollout re-syncs
             self._sync_error = e
             print(f"weight sync into the rollout engine failed ({type(e).__name__}: {e}); the next rollout "
