@@ -102,9 +102,10 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     return denv
 
 
-def collective_device() -> torch.device:
-    """Where a small tensor for a collective on the default group must live: NCCL takes only CUDA tensors."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a small tensor for a collective on `group` (default: the world) must live: NCCL takes only CUDA
+    tensors, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -26,6 +26,8 @@ from typing import Iterable, Protocol
 import torch
 import torch.distributed as dist
 
+from uniapl_megatron.distributed import collective_device
+
 
 class CountableBatch(Protocol):
     """What the counts need from a micro-batch (LossInputs has it; so can a packed batch)."""
@@ -63,9 +65,7 @@ class GlobalCounts:
 
 
 def _sum_over(values: list[float], group: dist.ProcessGroup | None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return [float(x) for x in t.cpu().tolist()]
 

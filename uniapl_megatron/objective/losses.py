@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from uniapl_megatron.distributed import collective_device
 from uniapl_megatron.objective.aggregation import GlobalCounts, token_weights, trained_token_mask
 from uniapl_megatron.objective.config import ObjectiveConfig
 from uniapl_megatron.objective.presets import StepWeights
@@ -327,7 +328,6 @@ def sum_metrics(per_micro_batch: list[Metrics], group: dist.ProcessGroup | None 
     for m in per_micro_batch:
         totals += torch.stack([m[k].detach().double().cpu() if k in m else zero for k in keys])
     if group is not None and keys:
-        if dist.get_backend(group) == "nccl":
-            totals = totals.cuda()
+        totals = totals.to(collective_device(group))
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
     return dict(zip(keys, (float(x) for x in totals.cpu().tolist())))
