@@ -44,9 +44,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, bool(getattr(cfg, "attention_bias", False))
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(h, sum(self.sizes), bias=bias)  # q, k, v in one GEMM (see hf_views)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -55,9 +54,10 @@ class Attention(nn.Module):
                 mask: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         d, kv = self.head_dim, self.kv_heads
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = self.q_norm(q.view(b, t, self.heads, d)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, kv, d)).transpose(1, 2)
+        v = v.view(b, t, kv, d).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         cache_k.index_copy_(2, slots, k)
         cache_v.index_copy_(2, slots, v)
@@ -73,12 +73,13 @@ class MLP(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
+        self.sizes = [i, i]
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=False)  # gate and up in one GEMM (see hf_views)
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.sizes, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -88,6 +89,11 @@ class Layer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+
+
+# Fused parameters and the HF parameters they hold, in row order: (fused name, HF names).
+_FUSED = (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+          ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
 
 
 def _rope_theta(cfg: Any) -> float:
@@ -124,6 +130,21 @@ class Qwen3Decoder(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)  # see reset_buffers
         self.cache_k: list[torch.Tensor] = []
         self.cache_v: list[torch.Tensor] = []
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight under its Hugging Face name: fused q/k/v and gate/up appear as their row views (a copy
+        into a view writes the fused weight), a tied head under both names."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            for fused, parts in _FUSED:
+                if f".{fused}." in name:
+                    owner = self.get_submodule(name[: name.index(fused)] + fused.split(".")[0])  # attention / MLP
+                    for part, view in zip(parts, p.split(owner.sizes, dim=0)):
+                        out[name.replace(fused, part)] = view
+                    break
+            else:
+                out[name] = p
+        return out
 
     def tie_weights(self) -> None:
         """A tied head IS the embedding (one tensor, so a sync of the embedding moves both). Called again

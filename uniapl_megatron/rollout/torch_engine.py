@@ -69,17 +69,15 @@ class TorchRolloutEngine:
         self.last_sync = SyncStats()
         if config.load_format == "auto":
             loaded = self._load(iter_safetensors(config.model_path))
-            missing = [n for n, p in self.model.named_parameters() if p.data_ptr() not in loaded]
+            missing = [n for n, t in self._params.items() if t.data_ptr() not in loaded]
             if missing:
                 raise WeightSyncError(f"{config.model_path}: the safetensors lack {len(missing)} weight(s) of the "
                                       f"model, e.g. {', '.join(missing[:4])}")
 
     # ---- weights ----------------------------------------------------------------------------------------
     def _index_tensors(self) -> None:
-        # Persistent tensors by HF name (tied weights appear under both names); rebuilt after moves.
-        self._params = dict(self.model.named_parameters(remove_duplicate=False))
-        persistent = self.model.state_dict(keep_vars=True)
-        self._params.update({k: v for k, v in self.model.named_buffers(remove_duplicate=False) if k in persistent})
+        # Weights by HF name (views into fused ones; a tied head under both names); rebuilt after moves.
+        self._params = self.model.hf_tensors()
 
     def update_weights(self, named_tensors: Iterable[NamedTensor] | WeightsSource) -> None:
         """Copy HF-named tensors into the model in place (names and shapes checked). A callable is kept.
