@@ -6,7 +6,8 @@ graph of plain tensor ops: the KV cache is preallocated, written with `index_cop
 tensor, and attention reads the whole cache under a boolean mask, so every step has the same shapes and the
 step (forward + sampling) compiles with `fullgraph=True` and replays as one CUDA graph.
 
-Parameters carry Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...), so the trainer's weight
+q/k/v and gate/up are fused into one GEMM each; `hf_tensors()` still names every weight as Hugging Face
+does (`model.layers.0.self_attn.q_proj.weight` is a row view of the fused weight), so the trainer's weight
 sync writes them directly. The arithmetic follows transformers' Qwen3 (fp32 RMSNorm, RoPE, q/k norms); tests
 compare it with transformers' own model.
 """
@@ -187,10 +188,8 @@ class Qwen3Decoder(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """RoPE frequencies (fp32 whatever the weights' dtype) on the weights' device."""
-        d = self.head_dim
-        theta = float(self._theta)
-        self.inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=self.lm_head.weight.device)
-                                        / d)
+        d, device = self.head_dim, self.lm_head.weight.device
+        self.inv_freq = 1.0 / self._theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
 
     @torch.no_grad()
     def init_random(self, seed: int) -> None:
