@@ -6,11 +6,14 @@ top-level keys are the first shape's (0.6B, the target), every shape's figures a
 CPU: a small shape so the benchmark always runs. Ours packs the micro-batch into one thd row, computes the
 loss with the chunked vocab-parallel log-prob head (never the full logits), and uses the torch-native spec
 (SDPA) unless Transformer Engine is present. One JSON line last: device, tokens_s, mfu, peak_mem_gb,
-baseline_tokens_s, baseline_peak_mem_gb.
+baseline_tokens_s, baseline_peak_mem_gb. On CPU also others_cpu (and baseline_others_cpu): the share of the
+machine's CPU time that other processes used while the steps were timed. Well above 0, the figures were measured
+under load and are not comparable: on 2 cores a competing process slows our 2-thread step 2-6x, one step more
+than another (a median of 3 steps does not hide it).
 
 --recompute-compare adds our step with model.recompute none and full, each in its own process, on the same
-shape (keys recompute_{none,full}_{tokens_s,peak_mem_gb}): what full recomputation saves in peak memory and
-costs in speed. On CPU peak memory is the process's peak RSS, so use a shape where activations dominate it:
+shape (keys recompute_{none,full}_{tokens_s,peak_mem_gb,others_cpu}): what full recomputation saves in peak
+memory and costs in speed. On CPU peak memory is the process's peak RSS, so use a shape where activations dominate it:
 `--shape cpu_deep --seq 2048 --skip-baseline --recompute-compare` (12 layers, 4,096-entry vocabulary).
 """
 
@@ -48,10 +51,24 @@ def flops_per_token(c: dict, seq: int) -> float:
     return 6 * n + causal_attn
 
 
-def timed(fn, steps: int, warmup: int) -> float:
+def _busy_s() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, this process's CPU seconds), Linux only."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal, less idle and iowait
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+def timed(fn, steps: int, warmup: int) -> tuple[float, float | None]:
+    """Median seconds per step, and the share of the machine's CPU time other processes used meanwhile."""
     for _ in range(warmup):
         fn()
     times = []
+    b0, w0 = _busy_s(), time.perf_counter()
     for _ in range(steps):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -60,7 +77,11 @@ def timed(fn, steps: int, warmup: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    b1, wall = _busy_s(), time.perf_counter() - w0
+    others = None
+    if b0 and b1 and not torch.cuda.is_available():
+        others = max(0.0, (b1[0] - b0[0]) - (b1[1] - b0[1])) / (wall * os.cpu_count())
+    return statistics.median(times), others
 
 
 def peak_gb() -> float:
@@ -71,7 +92,8 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def ours(cfg: dict, mb: int, seq: int, dtype: str, recompute: str, steps: int, warmup: int) -> tuple[float, float]:
+def ours(cfg: dict, mb: int, seq: int, dtype: str, recompute: str, steps: int,
+         warmup: int) -> tuple[float, float, float | None]:
     from uniapl_megatron.data.packing import pack_sequences
     from uniapl_megatron.distributed import init_distributed
     from uniapl_megatron.models.arch import Qwen3Arch
@@ -97,11 +119,11 @@ def ours(cfg: dict, mb: int, seq: int, dtype: str, recompute: str, steps: int, w
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    sec = timed(lambda: student.train_step(batch, loss_fn), steps, warmup)
-    return sec, peak_gb()
+    sec, others = timed(lambda: student.train_step(batch, loss_fn), steps, warmup)
+    return sec, peak_gb(), others
 
 
-def baseline(cfg: dict, mb: int, seq: int, dtype: str, steps: int, warmup: int) -> tuple[float, float]:
+def baseline(cfg: dict, mb: int, seq: int, dtype: str, steps: int, warmup: int) -> tuple[float, float, float | None]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,8 +140,8 @@ def baseline(cfg: dict, mb: int, seq: int, dtype: str, steps: int, warmup: int) 
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, steps, warmup)
-    return sec, peak_gb()
+    sec, others = timed(step, steps, warmup)
+    return sec, peak_gb(), others
 
 
 def run_part(a: argparse.Namespace, shape: str, mb: int, part: str, recompute: str) -> dict:
@@ -134,7 +156,8 @@ def run_part(a: argparse.Namespace, shape: str, mb: int, part: str, recompute: s
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
         if part == "baseline":
-            return {"sec": float("nan"), "peak": float("nan"), "error": out.stderr.strip().splitlines()[-1][:200]}
+            return {"sec": float("nan"), "peak": float("nan"), "others": None,
+                    "error": out.stderr.strip().splitlines()[-1][:200]}
         raise SystemExit(f"{part} ({shape}, recompute={recompute}) failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -143,9 +166,12 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
     cfg = SHAPES[shape]
     mb = a.mb or (GPU_MB.get(shape, 8) if on_gpu else 2)
     tokens, fpt = mb * a.seq, flops_per_token(cfg, a.seq)
-    nan = {"sec": float("nan"), "peak": float("nan")}
+    nan = {"sec": float("nan"), "peak": float("nan"), "others": None}
     b = nan if a.skip_baseline else run_part(a, shape, mb, "baseline", "none")
     o = run_part(a, shape, mb, "ours", a.recompute)
+
+    def share(r: dict) -> float | None:
+        return None if r["others"] is None else round(r["others"], 2)
 
     def mfu(sec: float) -> float | None:
         return round(tokens / sec * fpt / PEAK_FLOPS, 4) if on_gpu else None
@@ -155,6 +181,7 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
         "tokens_s": round(tokens / o["sec"], 1), "mfu": mfu(o["sec"]), "peak_mem_gb": round(o["peak"], 2),
         "baseline_tokens_s": round(tokens / b["sec"], 1), "baseline_mfu": mfu(b["sec"]),
         "baseline_peak_mem_gb": round(b["peak"], 2),
+        **({"others_cpu": share(o), "baseline_others_cpu": share(b)} if not on_gpu else {}),
         **({"baseline_error": b["error"]} if "error" in b else {}),
     }
     if a.recompute_compare:
@@ -162,6 +189,8 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
             r = o if mode == a.recompute else run_part(a, shape, mb, "ours", mode)
             res[f"recompute_{mode}_tokens_s"] = round(tokens / r["sec"], 1)
             res[f"recompute_{mode}_peak_mem_gb"] = round(r["peak"], 3)
+            if not on_gpu:
+                res[f"recompute_{mode}_others_cpu"] = share(r)
     return res
 
 
@@ -189,10 +218,10 @@ def main() -> None:
     if a.part:
         cfg = SHAPES[shapes[0]]
         if a.part == "ours":
-            sec, peak = ours(cfg, a.mb, a.seq, dtype, a.recompute, a.steps, a.warmup)
+            sec, peak, others = ours(cfg, a.mb, a.seq, dtype, a.recompute, a.steps, a.warmup)
         else:
-            sec, peak = baseline(cfg, a.mb, a.seq, dtype, a.steps, a.warmup)
-        print(json.dumps({"sec": sec, "peak": peak}))
+            sec, peak, others = baseline(cfg, a.mb, a.seq, dtype, a.steps, a.warmup)
+        print(json.dumps({"sec": sec, "peak": peak, "others": others}))
         return
     by_shape = {}
     for shape in shapes:
