@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,33 +134,37 @@ def broadcast_gb_s(total_mb: int, bucket: int) -> float:
     return got / dt / 1e9
 
 
-def cpu_part(args, work: Path, result: dict) -> None:
+def sync_part(args, work: Path, result: dict) -> None:
+    from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
+
+    common = dict(work_dir=str(work / "vllm"), kv_cache_bytes=1 << 30, enforce_eager=True, load_format="dummy")
+    folder = write_config(work / "m0p6b", SHAPE_0P6B, args.sync_dtype)
+    weights = random_weights(folder, getattr(torch, args.sync_dtype))
+    size = sum(nbytes(t) for _, t in weights)
+    log(f"sync: {len(weights)} tensors, {size / 1e9:.2f} GB; starting vLLM with dummy weights")
+    eng = VLLMRolloutEngine(RolloutConfig(model_path=str(folder), dtype=args.sync_dtype, max_model_len=512,
+                                          **common))
+    t = time.perf_counter()
+    eng.update_weights(iter(weights))
+    dt = time.perf_counter() - t
+    greedy = eng.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert len(greedy.samples[0].token_ids) == 2
+    eng.shutdown()
+    del weights
+    result.update(sync_seconds=round(dt, 3), sync_gb_s=round(size / dt / 1e9, 3), sync_gb=round(size / 1e9, 3),
+                  sync_dtype=args.sync_dtype, sync_path="in-process reload_weights (colocated)")
+    log(f"sync: {dt:.2f} s, {size / dt / 1e9:.2f} GB/s")
+    result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
+    log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
+
+
+def throughput_part(args, work: Path, result: dict) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
     common = dict(work_dir=str(work / "vllm"), kv_cache_bytes=1 << 30, enforce_eager=True, load_format="dummy")
-    if not args.skip_sync:
-        folder = write_config(work / "m0p6b", SHAPE_0P6B, args.sync_dtype)
-        weights = random_weights(folder, getattr(torch, args.sync_dtype))
-        size = sum(nbytes(t) for _, t in weights)
-        log(f"sync: {len(weights)} tensors, {size / 1e9:.2f} GB; starting vLLM with dummy weights")
-        eng = VLLMRolloutEngine(RolloutConfig(model_path=str(folder), dtype=args.sync_dtype, max_model_len=512,
-                                              **common))
-        t = time.perf_counter()
-        eng.update_weights(iter(weights))
-        dt = time.perf_counter() - t
-        greedy = eng.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
-        assert len(greedy.samples[0].token_ids) == 2
-        eng.shutdown()
-        del weights
-        result.update(sync_seconds=round(dt, 3), sync_gb_s=round(size / dt / 1e9, 3), sync_gb=round(size / 1e9, 3),
-                      sync_dtype=args.sync_dtype, sync_path="in-process reload_weights (colocated)")
-        log(f"sync: {dt:.2f} s, {size / dt / 1e9:.2f} GB/s")
-        result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
-        log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
-
     folder = write_config(work / "small", SHAPE_SMALL, "float32")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
@@ -222,6 +227,28 @@ def gpu_part(args, work: Path, result: dict) -> None:
     result["gpu"] = torch.cuda.get_device_name()
 
 
+def _own_args() -> list[str]:
+    """This run's arguments without --out and --part (each as "--x V" or "--x=V")."""
+    out, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a in ("--out", "--part"):
+            skip = True
+        elif not a.startswith(("--out=", "--part=")):
+            out.append(a)
+    return out
+
+
+def run_part(part: str) -> dict:
+    """This script with --part PART (and the same other arguments) in a fresh process: its JSON line."""
+    proc = subprocess.run([sys.executable, __file__, *_own_args(), "--part", part], stdout=subprocess.PIPE,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmarks/rollout.py --part {part} failed (exit {proc.returncode})")
+    return {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v is not None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=16, help="prompts of the CPU throughput run")
@@ -235,6 +262,9 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--gpu-new-tokens", type=int, default=256)
     ap.add_argument("--out", help="also write the JSON result to this file (atomically)")
+    ap.add_argument("--part", choices=["all", "sync", "throughput"], default="all",
+                    help="CPU: run one part in this process (`all` runs each in a fresh process of its own: a "
+                         "finished vLLM engine leaves state behind that slowed the next one by ~20%%)")
     args = ap.parse_args()
 
     result: dict = {"sync_seconds": None, "sync_gb_s": None, "vllm_tokens_s": None, "hf_tokens_s": None}
@@ -250,7 +280,11 @@ def main() -> None:
             have_vllm = False
             log("vLLM is not installed here: CPU sync and vLLM throughput not measured")
         if have_vllm and not torch.cuda.is_available():
-            cpu_part(args, work, result)
+            if args.part == "all":
+                for part in ([] if args.skip_sync else ["sync"]) + ["throughput"]:
+                    result.update(run_part(part))
+            else:
+                {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
     line = json.dumps(result)
     if args.out:
         tmp_out = Path(args.out).with_suffix(".tmp")
