@@ -134,10 +134,15 @@ def broadcast_gb_s(total_mb: int, bucket: int) -> float:
     return got / dt / 1e9
 
 
+def vllm_cpu_settings(work: Path) -> dict:
+    """RolloutConfig fields both CPU parts share: a private work dir, a 1 GiB KV cache, dummy start-up weights."""
+    return dict(work_dir=str(work / "vllm"), kv_cache_bytes=1 << 30, enforce_eager=True, load_format="dummy")
+
+
 def sync_part(args, work: Path, result: dict) -> None:
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
-    common = dict(work_dir=str(work / "vllm"), kv_cache_bytes=1 << 30, enforce_eager=True, load_format="dummy")
+    common = vllm_cpu_settings(work)
     folder = write_config(work / "m0p6b", SHAPE_0P6B, args.sync_dtype)
     weights = random_weights(folder, getattr(torch, args.sync_dtype))
     size = sum(nbytes(t) for _, t in weights)
@@ -164,7 +169,7 @@ def throughput_part(args, work: Path, result: dict) -> None:
     from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
-    common = dict(work_dir=str(work / "vllm"), kv_cache_bytes=1 << 30, enforce_eager=True, load_format="dummy")
+    common = vllm_cpu_settings(work)
     folder = write_config(work / "small", SHAPE_SMALL, "float32")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -120,16 +120,15 @@ class TorchRolloutEngine:
         logits = self.model(prev[:, None], (last_position + step)[:, None], last_slot + step, pads)
         return sample_next(logits, params, seeds, step)
 
-    def _ensure_cache(self, batch: int, length: int) -> int:
+    def _ensure_cache(self, batch: int, length: int) -> None:
         """A KV cache for `batch` rows of at least `length` slots; reused (not cleared: the mask hides stale
-        slots) while the shape holds. Returns the cache length."""
+        slots) while the shape holds."""
         length = -(-length // _CACHE_ROUND) * _CACHE_ROUND
         if self._cache_key != (batch, length):
             self.model.release_cache()
             gc.collect()
             self.model.allocate_cache(batch, length)
             self._cache_key = (batch, length)
-        return length
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """n samples per prompt, decoded in batches of rollout.max_batch_size rows."""
