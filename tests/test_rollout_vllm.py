@@ -19,6 +19,7 @@ import torch
 
 from _models import tiny_qwen3
 from _reference import hf_greedy, hf_logprobs
+from uniapl_megatron.rollout.sampling import filter_logits
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
 from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
 
@@ -101,6 +102,28 @@ def test_same_seed_same_samples(engine):
     d = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=43))
     assert [s.token_ids for s in d.samples] != [s.token_ids for s in a.samples]
     assert len({tuple(s.token_ids) for s in a.for_prompt(0)}) == 3
+
+
+def test_cpu_sampler_draws_from_the_processed_distribution(engine, hf):
+    # On CPU the engine replaces vLLM's Gumbel kernel with its inverse-CDF sampler: the first token of 2,048
+    # seeded samples must follow the model's temperature + top-k distribution (each frequency within
+    # 4 sigma), and a top-p cut must leave out what it cuts.
+    assert engine.sampler == "inverse-cdf"
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1].float()
+    for params in (SamplingParams(n=256, temperature=0.02, top_k=6, max_new_tokens=1, seed=5),
+                   SamplingParams(n=256, temperature=0.02, top_p=0.6, max_new_tokens=1, seed=6)):
+        probs = filter_logits(logits[None] / params.temperature, params.top_k, params.top_p).softmax(-1)[0].double()
+        assert 0.05 < probs.max() < 0.95, "the check needs a distribution neither flat nor one-hot"
+        out = engine.generate([prompt] * 8, params)
+        tokens = torch.tensor([s.token_ids[0] for s in out.samples])
+        freq = torch.bincount(tokens, minlength=VOCAB).double() / len(tokens)
+        sigma = (probs * (1 - probs) / len(tokens)).sqrt()
+        assert ((freq - probs).abs() <= 4 * sigma + 1e-12).all(), (params, freq[probs > 0], probs[probs > 0])
+        assert (probs[tokens] > 0).all()
+        lps = torch.tensor([s.logprobs[0] for s in out.samples])
+        assert torch.allclose(lps, probs.log()[tokens].float(), atol=1e-4)
 
 
 def test_stop_tokens(engine, hf):

@@ -124,8 +124,22 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tenso
         token = logits.argmax(dim=-1)
     else:
         logprobs = filter_logits(logits / params.temperature, params.top_k, params.top_p).log_softmax(dim=-1)
-        cdf = logprobs.exp().cumsum(dim=-1)
-        # Inverse-CDF draw; right=True never lands on a zero-probability (filtered) token.
-        target = (uniforms(seeds, step) * cdf[:, -1]).unsqueeze(-1)
-        token = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+        token, _ = inverse_cdf_draw(logprobs, uniforms(seeds, step))
     return token, logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def inverse_cdf_draw(logweights: torch.Tensor, u: torch.Tensor,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of fp32 log-weights [B, V] (log-probs up to a per-row constant; filtered tokens at
+    -inf, the largest entry not far above 0), from one uniform in [0, 1) per row; also each row's total weight.
+
+    Exact sampling that needs one random number per row, where Gumbel-max needs one per vocabulary entry.
+    `out` ([B, V] fp32) takes the cumulative weights: on a CPU, reusing it saves the page faults of a fresh
+    allocation this large every step.
+    """
+    cdf = torch.exp(logweights, out=out)
+    torch.cumsum(cdf, dim=-1, out=cdf)
+    total = cdf[:, -1]
+    # right=True never lands on a zero-weight (filtered) token.
+    token = torch.searchsorted(cdf, (u.to(cdf.dtype) * total).unsqueeze(-1), right=True).squeeze(-1)
+    return token.clamp_(max=logweights.shape[-1] - 1), total

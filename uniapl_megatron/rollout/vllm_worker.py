@@ -7,10 +7,11 @@ this module must stay importable without side effects.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from .sampling import inverse_cdf_draw
 from .weight_sync import NamedTensor, WeightChannel, WeightSyncError, nbytes, receive_weights
 
 
@@ -46,6 +47,39 @@ def load_named_tensors(worker: Any, named_tensors: Iterable[NamedTensor]) -> tup
     return count[0], count[1]
 
 
+def inverse_cdf_sampler(sampler: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """A CPU `forward` for vLLM's TopKTopPSampler: vLLM's top-k/top-p, then an inverse-CDF draw.
+
+    vLLM's CPU path draws Gumbel noise for every vocabulary entry beside a separate log-softmax for the
+    processed log-probs: about 70 ms of a decode step at 64 rows x 151,936 tokens on 2 cores, against ~20 ms
+    here (the logits become the log-probs in place, and the cumulative weights reuse one buffer). The draw
+    takes one uniform per row, from the row's own generator when its request has a seed (ours always do),
+    so same seed, same samples still holds in any batch.
+    """
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    mode = sampler.logprobs_mode
+    buffer = torch.empty(0)
+
+    def forward(logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None,
+                p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        nonlocal buffer
+        logits = apply_top_k_top_p(logits, k, p)
+        kept = logits.clone() if mode == "processed_logits" else None
+        if buffer.numel() < logits.numel():
+            buffer = torch.empty(logits.numel(), dtype=torch.float32)
+        u = torch.rand(logits.shape[0])
+        for row, generator in generators.items():
+            u[row] = torch.rand(1, generator=generator)
+        # vLLM lets a sampler work on the logits in place (its temperature step does).
+        logits = logits.float().sub_(logits.amax(dim=-1, keepdim=True))
+        token, total = inverse_cdf_draw(logits, u, out=buffer[:logits.numel()].view(logits.shape))
+        logits.sub_(total.log().unsqueeze(-1))  # now the log-probs of the distribution sampled from
+        return token, logits if mode == "processed_logprobs" else kept
+
+    return forward
+
+
 class WeightSyncExtension:
     """`self` is vLLM's worker (it has vllm_config, device, model_runner, rank)."""
 
@@ -68,6 +102,19 @@ class WeightSyncExtension:
         if self._uniapl_channel is None:
             raise WeightSyncError("no weight channel: connect the engine to the sender first")
         return load_named_tensors(self, receive_weights(self._uniapl_channel, src))
+
+    def uniapl_use_inverse_cdf_sampler(self) -> bool:
+        """On CPU, sample with `inverse_cdf_sampler`; False (vLLM's sampler stays) elsewhere, or when this vLLM
+        lacks the sampler layout it was written for, or samples with fp64 Gumbel noise on purpose."""
+        sampler = getattr(getattr(self.model_runner, "sampler", None), "topk_topp_sampler", None)
+        if getattr(sampler, "uniapl_inverse_cdf", False):
+            return True
+        if (self.device.type != "cpu" or sampler is None or getattr(sampler, "use_fp64_gumbel", True)
+                or getattr(sampler, "forward", None) != getattr(sampler, "forward_cpu", None)):
+            return False
+        sampler.forward = inverse_cdf_sampler(sampler)  # vLLM itself picks `forward` per platform this way
+        sampler.uniapl_inverse_cdf = True
+        return True
 
     def uniapl_close_channel(self) -> None:
         if self._uniapl_channel is not None:
