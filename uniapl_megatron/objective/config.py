@@ -94,7 +94,8 @@ class ObjectiveConfig:
     # Coefficient of the KL penalty to the frozen reference model (GRPO, arXiv 2402.03300); 0 = off.
     kl_coef: float = 0.0
     # KL estimator (Schulman 2020, "Approximating KL divergence"): "k1" = log(pi/ref),
-    # "k2" = 0.5 * log(pi/ref)^2, "k3" = ref/pi - 1 - log(ref/pi) (GRPO's choice, unbiased and >= 0).
+    # "k2" = 0.5 * log(pi/ref)^2, "k3" = ref/pi - 1 - log(ref/pi) (GRPO's choice, unbiased and >= 0;
+    # capped at losses.MAX_K3 = 10 per token, as verl does, so a far-off token adds no runaway term).
     kl_estimator: str = "k3"
     # Entropy bonus coefficient: the loss gets -entropy_coef * entropy; 0 = off. Needs per-token entropy.
     entropy_coef: float = 0.0

@@ -28,6 +28,9 @@ from uniapl_megatron.objective.presets import StepWeights
 
 Metrics = dict[str, torch.Tensor]
 _MAX_LOG_RATIO = 20.0  # log-ratios are clamped before exp so one stray token cannot overflow to inf
+# k3's value is capped (verl caps it at 10 too): past the cap a token's term is a constant with no gradient,
+# where the exp-input clamp alone would leave exp(20) + d, whose gradient has the wrong sign.
+MAX_K3 = 10.0
 
 
 @dataclass
@@ -134,14 +137,18 @@ def clipped_pg_per_token(
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from sampled tokens (Schulman's k1, k2, k3)."""
+    """Per-token estimate of KL(pi || ref) from sampled tokens (Schulman's k1, k2, k3).
+
+    k3 is capped at ``MAX_K3``: a token whose policy has moved far from the reference (either way) adds at
+    most MAX_K3 and no gradient, instead of a value near exp(20) whose gradient pushes it further away.
+    """
     d = logprobs - ref_logprobs  # log(pi / ref)
     if estimator == "k1":
         return d
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        return torch.exp((-d).clamp(max=_MAX_LOG_RATIO)) - 1.0 + d
+        return (torch.exp((-d).clamp(max=_MAX_LOG_RATIO)) - 1.0 + d).clamp(min=0.0, max=MAX_K3)
     raise ValueError(f"kl_per_token: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
