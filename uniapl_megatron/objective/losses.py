@@ -37,7 +37,7 @@ MAX_K3 = 10.0
 class LossInputs:
     """One micro-batch, flat: T tokens of S packed sequences (a sequence never spans micro-batches)."""
 
-    logprobs: torch.Tensor  # [T] current policy's log-prob of each token (with grad), sampler's temperature
+    logprobs: torch.Tensor  # [T] log-probs (with grad): rollout tokens at the sampling temperature, demos at 1
     loss_mask: torch.Tensor  # [T] 1 for trained tokens (responses), 0 for prompt and padding
     seq_ids: torch.Tensor  # [T] index 0..S-1 of the token's sequence in this micro-batch, -1 for padding
     is_demo: torch.Tensor  # [S] True: teacher demonstration (SFT); False: rollout (policy gradient)
