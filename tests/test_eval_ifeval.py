@@ -286,8 +286,7 @@ def test_analyze_logprobs_with_a_real_model(tiny_model: Path, tmp_path: Path, ca
     got = answer_token_logprobs(str(model_dir), prompts, answers, batch_size=3)
     fmt = ChatFormatter(load_tokenizer(str(model_dir)))
     for p, a, lp in zip(prompts, answers, got):
-        pi = fmt.encode_prompts([[{"role": "user", "content": p}]])[0]
-        ai = fmt.encode_responses([a])[0]
+        pi, ai = fmt.encode_demo([{"role": "user", "content": p}], a)
         ids = torch.as_tensor(np.concatenate([pi, ai]), dtype=torch.long)[None]
         with torch.no_grad():
             ref = torch.log_softmax(model(ids).logits[0].float(), -1)
