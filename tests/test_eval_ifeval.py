@@ -215,8 +215,6 @@ def test_model_mode_through_rollout_engine(engine: str, tiny_model: Path, tmp_pa
                                            capsys: pytest.CaptureFixture[str]) -> None:
     from uniapl_megatron.rewards.synthetic import SyntheticConfig, generate_synthetic
 
-    if engine == "vllm":
-        pytest.importorskip("vllm")
     rows = generate_synthetic(SyntheticConfig(num_rows=5, split="eval"))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -21,8 +21,6 @@ from _models import tiny_qwen3
 from _reference import filtered, hf_greedy, hf_logprobs
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
 from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
-
-pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 151_936  # Qwen3's: the real tokenizer's ids fit
 PROMPTS = [[9, 10, 11, 12, 13], [151_644, 872, 198], [7] * 40]  # the last is long: >1 KV block (prefix cache)

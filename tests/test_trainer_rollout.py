@@ -15,8 +15,6 @@ import pytest
 
 from _runs import TINY, alive, cli, descendants, metrics, run_overrides
 
-pytest.importorskip("vllm")
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, str]:
