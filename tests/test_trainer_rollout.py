@@ -12,7 +12,6 @@ import subprocess
 import time
 
 import pytest
-
 from _runs import TINY, alive, cli, descendants, metrics, run_overrides
 
 
