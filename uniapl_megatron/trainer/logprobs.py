@@ -131,7 +131,7 @@ class LogprobHead:
         flat_labels = labels.transpose(0, 1).reshape(-1)  # [b, s] -> [s*b], hidden's order
         flat_hidden = hidden.reshape(s * b, h)
         if isinstance(temperature, torch.Tensor):
-            temperature = temperature.transpose(0, 1).reshape(-1)
+            temperature = temperature.to(labels.device).transpose(0, 1).reshape(-1)
         idx = None
         if mask is not None:
             idx = mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
