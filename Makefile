@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+# Extra pytest options (.ci/run adds a JUnit report to count passed and skipped tests).
+PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow"

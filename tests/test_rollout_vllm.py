@@ -18,12 +18,9 @@ import pytest
 import torch
 
 from _models import tiny_qwen3
-from _reference import hf_greedy, hf_logprobs
-from uniapl_megatron.rollout.sampling import filter_logits
+from _reference import filtered, hf_greedy, hf_logprobs
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
 from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
-
-pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 151_936  # Qwen3's: the real tokenizer's ids fit
 PROMPTS = [[9, 10, 11, 12, 13], [151_644, 872, 198], [7] * 40]  # the last is long: >1 KV block (prefix cache)
@@ -114,7 +111,7 @@ def test_cpu_sampler_draws_from_the_processed_distribution(engine, hf):
         logits = hf(torch.tensor([prompt])).logits[0, -1].float()
     for params in (SamplingParams(n=256, temperature=0.02, top_k=6, max_new_tokens=1, seed=5),
                    SamplingParams(n=256, temperature=0.02, top_p=0.6, max_new_tokens=1, seed=6)):
-        probs = filter_logits(logits[None] / params.temperature, params.top_k, params.top_p).softmax(-1)[0].double()
+        probs = filtered(logits[None] / params.temperature, params.top_k, params.top_p).softmax(-1)[0].double()
         assert 0.05 < probs.max() < 0.95, "the check needs a distribution neither flat nor one-hot"
         out = engine.generate([prompt] * 8, params)
         tokens = torch.tensor([s.token_ids[0] for s in out.samples])

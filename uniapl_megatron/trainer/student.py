@@ -96,12 +96,28 @@ class OptimConfig:
                               "(0 would offload nothing)")
 
 
+def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
+    """Megatron's LR (and weight-decay) schedule of ``o`` over ``total_steps`` optimizer updates, starting
+    at update 0 (it sets the optimizer's learning rate for the first update)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+
+
 @dataclass
 class MicroBatch:
     """One packed row plus the per-token inputs of the loss (all [T] tensors aligned with the logits)."""
 
     packed: PackedBatch
     extras: dict[str, Any]
+    temperature: torch.Tensor | None = None
+    """[1, T] temperature of each target's log-prob (demos at 1, rollouts at the sampler's); None: the
+    temperature the pass is called with, for every token."""
 
 
 class Student:
@@ -174,7 +190,6 @@ class Student:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         o, dtype = self.optim_cfg, self.config.params_dtype
         _guard_te_version_check()
@@ -205,13 +220,7 @@ class Student:
             # main shards up in an empty fp32-copy table, a KeyError).
             use_precision_aware_optimizer=o.cpu_offload,
         ), wrapped)
-        sched = OptimizerParamScheduler(
-            opt, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
-            lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
-        )
-        return wrapped, opt, sched
+        return wrapped, opt, lr_scheduler(opt, o, total_steps)
 
     def load_hf(self, hf_dir: str) -> None:
         """Weights straight from a HF safetensors folder (no conversion step needed)."""
@@ -249,7 +258,8 @@ class Student:
             if m.post_process:
                 for head in self.heads:
                     if head.layer is m.output_layer:
-                        head.targets = (p.labels, temperature, with_entropy,
+                        head.targets = (p.labels, temperature if mb.temperature is None else mb.temperature,
+                                        with_entropy,
                                         p.loss_mask > 0 if only_loss_tokens else None)
             out = model(p.input_ids, p.position_ids, attention_mask=None,
                         packed_seq_params=p.to_packed_seq_params())
