@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from uniapl_megatron.eval.io import write_jsonl
 from uniapl_megatron.rewards.base import PromptRowError
-from uniapl_megatron.rewards.ifeval import INSTRUCTION_DICT, INSTRUCTION_IDS, InstructionChecker
+from uniapl_megatron.rewards.ifeval import INSTRUCTION_DICT, INSTRUCTION_IDS, InstructionChecker, family_of
 from uniapl_megatron.rewards.seed_tasks import SEED_TASKS
 
 from lm_eval.tasks.ifeval import instructions_registry  # noqa: E402  (imported after ifeval set nltk up)
@@ -86,11 +86,14 @@ def describe(instruction_ids: Sequence[str], kwargs: Sequence[Mapping[str, Any]]
     """The checkers' descriptions of a row's constraints (what they verify, in their own words)."""
     out = []
     for iid, kw in zip(instruction_ids, kwargs):
-        checker = INSTRUCTION_DICT[iid](iid)
+        fam = family_of(iid)
+        if fam is None:
+            raise PromptRowError(f"unknown instruction id {iid!r}")
+        checker = fam.registry()[iid](iid)
         state = random.getstate()
         random.seed(seed)
         try:
-            out.append(checker.build_description(**{k: v for k, v in kw.items() if v}))
+            out.append(checker.build_description(**fam.drop(kw or {})))
         finally:
             random.setstate(state)
     return out
