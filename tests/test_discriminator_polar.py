@@ -216,3 +216,20 @@ def test_score_discriminator_tool(polar, tmp_path, capsys):
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x", "reference": "y"}) + "\n")
     assert tool.main(["--disc", str(folder), "--input", str(bad)]) == 2
     assert f"{bad}:2: missing field 'response'" in capsys.readouterr().err
+
+
+def test_recipes_name_polar_and_ifbench_capable_data_and_pass_the_planner():
+    from _tools import REPO
+    from uniapl_megatron.trainer.config import load_config
+
+    planner = load_tool("plan_memory")
+    for name in ("qwen3_0p6b_32x8", "qwen3_4b_32x8", "qwen3_8b_32x8"):
+        path = REPO / "examples" / f"{name}.yaml"
+        c = load_config(path)
+        assert c.discriminator.kind == "polar" and c.discriminator.path.endswith("POLAR-1_8B")
+        assert c.reward.name == "ifeval" and "ifbench" in c.reward.options["families"]
+        assert c.data.prompt_paths and c.data.require_teacher_response
+        plan, notes = planner.plan_recipe(planner.load_recipe(str(path)), str(path), nodes=32, gpus_per_node=8,
+                                          gpu_bytes=79.6 * 2**30)
+        assert plan is not None and plan.fits, (name, notes)
+        assert any("discriminator (polar" in k for k in plan.worst.parts), plan.worst.parts

@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
     return root, rows, config
 
 
-def _run(cfg: Path, *overrides: str, env_tmp: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+def _run(cfg: Path, *overrides: str, env_tmp: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "TMPDIR": str(env_tmp), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg), *overrides],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -65,12 +65,14 @@ def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
     cfg = config("killed", data_parallel_size=2)
     parts = root / "killed" / "teacher.jsonl.parts"
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg)], env=env,
-                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 400
+    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the ranks' logging
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg)], env=env,
+                                cwd=REPO, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
     try:
         while len(list(parts.glob("chunk-*.jsonl"))) < N_CHUNKS // 2:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no chunks written in time"
             time.sleep(0.05)
     finally:
@@ -125,3 +127,22 @@ def test_bad_input_lines_are_named(setup, tmp_path):
     assert r.returncode == 2 and f"{src}:2: missing field 'prompt'" in r.stderr
     r = _run(cfg, "generate.chunk_size=0", env_tmp=tmp_path)
     assert r.returncode == 2 and "generate.chunk_size" in r.stderr
+
+
+def test_sbatch_script_shares_the_launcher_and_checks_the_layout():
+    script = REPO / "slurm" / "generate_teacher.sh"
+    recipe = REPO / "examples" / "generate_teacher.yaml"
+    assert 'source "$UNIAPL_ROOT/slurm/_launch.sh"' in script.read_text()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UNIAPL_"))}
+    env.update(UNIAPL_DRY_RUN="1", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="g[1-4]", SLURM_NNODES="4",
+               SLURM_NTASKS_PER_NODE="8", UNIAPL_PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(script), str(recipe)], env=env, capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    tasks = [ln for ln in r.stdout.splitlines() if ln.startswith("task ")]
+    assert len(tasks) == 32 and all("uniapl_megatron.cli generate" in t for t in tasks)
+    assert "rank=31 " in tasks[-1] and "world_size=32" in tasks[-1]
+    env.update(SLURM_JOB_NODELIST="g[1-2]", SLURM_NNODES="2")  # 16 GPUs for DP 4 x TP 8: refused
+    r = subprocess.run(["bash", str(script), str(recipe)], env=env, capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode != 0 and "set data_parallel_size=2" in r.stderr and "task " not in r.stdout

@@ -133,10 +133,10 @@ def load_generate_config(path: str, overrides: list[str]) -> GenerateRun:
         for sec, key in (("teacher", "model_path"), ("generate", "output_path"), ("generate", "tokenizer_path")):
             v = (tree.get(sec) or {}).get(key)
             if isinstance(v, str) and v and not os.path.isabs(v):
-                tree[sec][key] = str(base / v)
+                tree[sec][key] = os.path.normpath(base / v)
         gen = tree.get("generate") or {}
         if isinstance(gen.get("input_paths"), list):
-            gen["input_paths"] = [p if not isinstance(p, str) or os.path.isabs(p) else str(base / p)
+            gen["input_paths"] = [p if not isinstance(p, str) or os.path.isabs(p) else os.path.normpath(base / p)
                                   for p in gen["input_paths"]]
         teacher = _build("teacher", RolloutConfig, tree.get("teacher"), path)
         generate = _build("generate", GenerateConfig, gen, path)
