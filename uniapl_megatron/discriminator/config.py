@@ -1,4 +1,4 @@
-"""Discriminator configuration: one dataclass for both kinds, validated when built."""
+"""Discriminator configuration: one dataclass for every kind, validated when built."""
 
 from __future__ import annotations
 
