@@ -119,6 +119,7 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any], random.Random], str]] = {
     "custom:european_capitals_sort": lambda kw, rng: _CAPITALS,
     "custom:mcq_count_length": _mcq,
     "custom:multiples": lambda kw, rng: "14, 21, 28, 35, 42, 49",
+    "custom:date_format_list": lambda kw, rng: "1796-04-12, 1805-12-02, 1815-06-18",
     "custom:reverse_newline": lambda kw, rng: "\n".join(_AFRICA),
     "custom:sentence_alphabet": _sentence_alphabet,
     "custom:word_reverse": _reverse_order,
