@@ -1,5 +1,8 @@
 # shellcheck shell=bash
-# The launch logic shared by slurm/uniapl_*.sh (they hold the #SBATCH headers and source this).
+# The launch logic shared by slurm/uniapl_*.sh and slurm/generate_*.sh (they hold the #SBATCH
+# headers and source this). UNIAPL_COMMAND (train, the default, or generate) is the `uniapl`
+# subcommand every rank runs; for generate the layout check is `python -m uniapl_megatron.generate`
+# (world = generate.data_parallel_size x teacher.tensor_parallel_size) instead of the memory planner.
 #
 # What it does inside an allocation:
 #   1. reads placement from the config (tools/plan_memory.py --shell) and refuses, before anything
@@ -34,7 +37,7 @@ uniapl_usage() {
 usage: sbatch [sbatch options] $1 CONFIG.yaml [section.key=value ...]
        UNIAPL_DRY_RUN=1 SLURM_JOB_ID=1 SLURM_JOB_NODELIST='node[01-32]' SLURM_NNODES=32 \\
          SLURM_NTASKS_PER_NODE=8 bash $1 CONFIG.yaml [section.key=value ...]
-The overrides go to \`uniapl train\` unchanged. See slurm/_launch.sh for the environment knobs.
+The overrides go to \`uniapl ${UNIAPL_COMMAND:-train}\` unchanged. See slurm/_launch.sh for the environment knobs.
 EOF
 }
 
@@ -119,10 +122,16 @@ uniapl_plan() {
         gpu_gib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null \
             | head -1 | awk '{ if ($1 > 0) printf "%.2f", $1 / 1024 }')"
     fi
-    assignments="$("$UNIAPL_PYTHON" "$UNIAPL_ROOT/tools/plan_memory.py" "$UNIAPL_CONFIG" \
-        "${UNIAPL_OVERRIDES[@]}" --nodes "$UNIAPL_NNODES" --gpus-per-node "$UNIAPL_PROCS_PER_NODE" \
-        --gpu-mem-gib "${gpu_gib:-0}" --shell)" \
-        || uniapl_die "the memory/layout plan refused this launch (above); nothing was started"
+    if [ "$UNIAPL_COMMAND" = generate ]; then
+        assignments="$(PYTHONPATH="$UNIAPL_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$UNIAPL_PYTHON" -m uniapl_megatron.generate \
+            "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}" --world $((UNIAPL_NNODES * UNIAPL_PROCS_PER_NODE)))" \
+            || uniapl_die "the generate layout check refused this launch (above); nothing was started"
+    else
+        assignments="$("$UNIAPL_PYTHON" "$UNIAPL_ROOT/tools/plan_memory.py" "$UNIAPL_CONFIG" \
+            "${UNIAPL_OVERRIDES[@]}" --nodes "$UNIAPL_NNODES" --gpus-per-node "$UNIAPL_PROCS_PER_NODE" \
+            --gpu-mem-gib "${gpu_gib:-0}" --shell)" \
+            || uniapl_die "the memory/layout plan refused this launch (above); nothing was started"
+    fi
     # Only the four UNIAPL_* assignments the planner prints (values are shlex-quoted).
     local line
     while IFS= read -r line; do
@@ -149,11 +158,11 @@ uniapl_build_steps() {
     if [ -n "$cpt" ]; then per_task=(--cpus-per-task="$cpt"); node_cpus=(--cpus-per-task=$((cpt * p))); fi
     case "$UNIAPL_LAUNCHER" in
         srun)
-            UNIAPL_TRAIN_TASK=(gpu uniapl_megatron.cli train "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
+            UNIAPL_TRAIN_TASK=(gpu uniapl_megatron.cli "$UNIAPL_COMMAND" "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
             UNIAPL_TRAIN_STEP=(srun "${common[@]}" --nodes="$t" --ntasks=$((t * p))
                 --ntasks-per-node="$p" "${per_task[@]}" "${where[@]}" bash "$task" "${UNIAPL_TRAIN_TASK[@]}") ;;
         torchrun)
-            UNIAPL_TRAIN_TASK=(torchrun uniapl_megatron.cli train "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
+            UNIAPL_TRAIN_TASK=(torchrun uniapl_megatron.cli "$UNIAPL_COMMAND" "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
             UNIAPL_TRAIN_STEP=(srun "${common[@]}" --nodes="$t" --ntasks="$t" --ntasks-per-node=1
                 "${node_cpus[@]}" "${where[@]}" bash "$task" "${UNIAPL_TRAIN_TASK[@]}") ;;
         *) uniapl_die "UNIAPL_LAUNCHER must be srun or torchrun, got '$UNIAPL_LAUNCHER'" ;;
@@ -262,6 +271,8 @@ uniapl_run() {
 uniapl_main() {
     local script="$1"
     shift
+    UNIAPL_COMMAND="${UNIAPL_COMMAND:-train}"
+    case "$UNIAPL_COMMAND" in train | generate) ;; *) uniapl_die "UNIAPL_COMMAND must be train or generate" ;; esac
     trap uniapl_on_usr1 USR1
     trap uniapl_on_term TERM
     if [ "$#" -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then

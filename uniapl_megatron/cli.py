@@ -4,6 +4,7 @@
     uniapl rollout CONFIG.yaml [section.key=value ...] a rollout server for rollout.mode=disaggregated: same
                                                         config and overrides as the trainer; RANK = server index
     uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
+    uniapl generate CONFIG.yaml [section.key=value ...] the teacher's answers, offline, resumable (generate.py)
     uniapl convert import|export ...                    same as tools/convert_hf.py
 """
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the embedded tiny CPU default")
     d.add_argument("overrides", nargs="*")
     sub.add_parser("convert", help="HF <-> Megatron weights (tools/convert_hf.py)", add_help=False)
+    g = sub.add_parser("generate", help="teacher answers for a prompt set through vLLM (resumable)")
+    g.add_argument("config")
+    g.add_argument("overrides", nargs="*", help="section.key=value (sections: teacher, generate)")
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "convert":
         from .convert.cli import main as convert_main
@@ -103,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(str(TINY), args.overrides)
     if args.cmd == "rollout":
         return _rollout(args.config, args.overrides)
+    if args.cmd == "generate":
+        from .generate import cli_main
+
+        return cli_main(args.config, args.overrides)
     return _train(args.config, args.overrides)
 
 
