@@ -130,6 +130,30 @@ def _all_gather(t: torch.Tensor, size: int, group: object) -> list[torch.Tensor]
     return out
 
 
+# Set by the trainer on a model chunk whose parameters the distributed optimizer may still owe an all-gather
+# (DDP overlap_param_gather gathers lazily, in the next forward's pre-hooks); reading the weights in any other way
+# must call it first. Collective over the data-parallel group.
+PENDING_GATHER_ATTR = "uniapl_finish_param_gather"
+
+
+def finish_param_gather(chunks: list[torch.nn.Module]) -> None:
+    """Complete any lazy parameter all-gather of these chunks, so every rank holds the updated full weights."""
+    for chunk in chunks:
+        finish = getattr(chunk, PENDING_GATHER_ATTR, None)
+        if finish is not None:
+            finish()
+
+
+def export_view(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight as plain numbers. Transformer Engine's FP8 weights (model.fp8_param) hold
+    FP8 bytes plus this rank's own scales: they are dequantised here, before any gather mixes ranks."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    if is_float8tensor(param):
+        return param.dequantize().to(param.dtype)  # TE's nominal dtype (bf16): what the plan announces
+    return param.detach()
+
+
 def _stage_items(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[LocalParam, int]]:
     """(param, EP rank whose experts it names) in yield order; non-expert params once with rank -1."""
     _, ep_size, _ = _ep()
@@ -177,13 +201,14 @@ def iter_stage(
     parameters it accepts (the same ones on every rank of the stage)."""
     _, ep_size, ep_group = _ep()
     gathered_by_ep: list[tuple[torch.Tensor, ...]] | None = None
+    finish_param_gather(chunks)
     for lp, ep_r in _stage_items(chunks, arch):
         if only is not None and not only(lp.param):
             continue
         if ep_r <= 0:
             rank, size, group = _groups(lp.resolved.is_expert)
             with torch.no_grad():
-                full = from_shards(lp.resolved.rule.kind, _all_gather(lp.param.detach(), size, group),
+                full = from_shards(lp.resolved.rule.kind, _all_gather(export_view(lp.param), size, group),
                                    arch, num_query_groups)
             if lp.resolved.is_expert:
                 # One all-gather over EP per tensor gives every EP rank's copy of "the same" local expert.
