@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -94,8 +94,13 @@ def load_from_hf(
     num_query_groups: int,
     padded_vocab: int,
     on_param: Callable[[int], None] | None = None,
+    keep: dict[torch.nn.Parameter, torch.Tensor] | None = None,
 ) -> None:
-    """Fill this rank's parameters. ``get_tensor(hf_name)`` returns the full tensor (may be mmap-backed)."""
+    """Fill this rank's parameters. ``get_tensor(hf_name)`` returns the full tensor (may be mmap-backed).
+
+    ``keep`` collects each parameter's shard as read, before it is stored: FP8 weights (model.fp8_param) keep
+    only a rounded copy, and the optimizer's fp32 master weights should start from these instead
+    (:func:`high_precision_state_dict`)."""
     shapes = expected_hf_shapes(arch)
     for lp in local_params(chunks, arch):
         tensors = []
@@ -115,8 +120,18 @@ def load_from_hf(
             )
         with torch.no_grad():
             lp.param.copy_(shard)
+        if keep is not None:
+            keep[lp.param] = shard.contiguous()  # Megatron reads it flat
         if on_param:
             on_param(lp.param.numel() * lp.param.element_size())
+
+
+def high_precision_state_dict(chunks: list[torch.nn.Module], kept: dict[torch.nn.Parameter, torch.Tensor]
+                              ) -> dict[str, Any]:
+    """What Megatron's ``optimizer.reload_model_params(state_dict)`` takes to set the fp32 master weights from
+    the shards :func:`load_from_hf` kept rather than from the (FP8) parameters: per chunk, by parameter name."""
+    per_chunk = [{name: kept[p] for name, p in unwrap(c).named_parameters() if p in kept} for c in chunks]
+    return per_chunk[0] if len(per_chunk) == 1 else {f"model{i}": sd for i, sd in enumerate(per_chunk)}
 
 
 # ---- export / sync: this rank's shards -> full HF tensors -------------------------------------------------

@@ -63,6 +63,18 @@ def _one_or_list(funcs: list) -> Any:
     return funcs[0] if len(funcs) == 1 else funcs
 
 
+def _finish_gather(chunk: Any) -> None:
+    """Megatron's forced gather (what Megatron-LM runs before a checkpoint). Its overlap path leaves TE's
+    post-gather step for FP8 weights (transposed / column-wise copies) to the next forward's hook, which skips
+    it once the gather is done: run it here, as the non-overlapped gather does."""
+    from megatron.core.fp8_utils import is_float8tensor, post_all_gather_processing
+
+    chunk.start_param_sync(force_sync=True)
+    fp8 = [p for p in chunk.module.parameters() if is_float8tensor(p)]
+    if fp8:
+        post_all_gather_processing(fp8)
+
+
 def wire_overlap(wrapped: list, config: Any, overlap: Overlap) -> None:
     """Give Megatron's schedules and the weight readers what the chosen overlap needs (see the module doc)."""
     if overlap.grad_reduce:
@@ -71,6 +83,6 @@ def wire_overlap(wrapped: list, config: Any, overlap: Overlap) -> None:
         config.grad_sync_func = _one_or_list([c.start_grad_sync for c in wrapped])
     if overlap.param_gather:
         for c in wrapped:
-            setattr(unwrap(c), PENDING_GATHER_ATTR, functools.partial(c.start_param_sync, force_sync=True))
+            setattr(unwrap(c), PENDING_GATHER_ATTR, functools.partial(_finish_gather, c))
     log.info("data-parallel overlap: gradient reduce %s, weight gather %s (%s)",
              "on" if overlap.grad_reduce else "off", "on" if overlap.param_gather else "off", overlap.reason)

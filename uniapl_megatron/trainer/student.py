@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..convert.params import iter_hf_tensors, load_from_hf, unwrap
+from ..convert.params import high_precision_state_dict, iter_hf_tensors, load_from_hf, unwrap
 from ..convert.safetensors_io import SafetensorsFolder
 from ..data.packing import PackedBatch
 from ..distributed import collective_device
@@ -233,8 +233,11 @@ class Student:
     def load_hf(self, hf_dir: str) -> None:
         """Weights straight from a HF safetensors folder (no conversion step needed)."""
         src = SafetensorsFolder(hf_dir)
-        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab)
-        self._refresh_main_params()
+        # FP8 weights hold a rounded copy: the fp32 master weights start from the file's values instead.
+        kept = {} if self.model_cfg.fp8_param and self.optimizer is not None else None
+        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab,
+                     keep=kept)
+        self._refresh_main_params(high_precision_state_dict(self.chunks, kept) if kept else None)
 
     def copy_weights_from(self, other: "Student") -> None:
         with torch.no_grad():
@@ -243,10 +246,10 @@ class Student:
                     pa.copy_(pb)
         self._refresh_main_params()
 
-    def _refresh_main_params(self) -> None:
+    def _refresh_main_params(self, state_dict: dict[str, Any] | None = None) -> None:
         # fp32 main copies of bf16 weights (and DDP's param buffers) must follow loaded weights.
         if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
-            self.optimizer.reload_model_params()
+            self.optimizer.reload_model_params(state_dict)
 
     # ---- passes -------------------------------------------------------------------------------------
 
