@@ -25,7 +25,11 @@
 # python3), UNIAPL_MASTER_PORT, UNIAPL_GPU_MEM_GIB (default: nvidia-smi; unknown = no fit check),
 # UNIAPL_PROCS_PER_NODE (default: the allocation's tasks per node), UNIAPL_REQUEUE_ON_SIGNAL (1),
 # UNIAPL_MAX_RESTARTS (20), UNIAPL_DRY_RUN=1 (print every node's command for the allocation in
-# SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE; run nothing).
+# SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE; run nothing),
+# UNIAPL_ROLLOUT_PYTHON (the rollout servers' Python, e.g. a venv of its own with vLLM; default
+# UNIAPL_PYTHON), UNIAPL_CPU_BIND (auto: bind each training rank to its GPU's NUMA node; none),
+# UNIAPL_GPU_NUMA_NODES (the NUMA node of GPU 0,1,...; default: nvidia-smi + sysfs), UNIAPL_NUMA_TOOL
+# (numactl or taskset; default: numactl when installed).
 
 UNIAPL_LOG_PREFIX="[uniapl-launch]"
 
@@ -85,7 +89,12 @@ uniapl_hostnames() {
 uniapl_set_env() {
     # Megatron: one hardware queue per GPU keeps kernels in issue order, so the TP/SP communication
     # issued before a GEMM really overlaps with it (Megatron asserts this for sequence parallelism).
-    export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+    # For the trainer only: _task.sh sets it in training tasks; rollout servers (vLLM overlaps its own
+    # streams) and the engines a trainer spawns (rollout/vllm_host.py) do not get it.
+    export UNIAPL_TRAIN_CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+    unset CUDA_DEVICE_MAX_CONNECTIONS
+    # CUDA numbers GPUs in PCI order, as nvidia-smi and Slurm do: the NUMA binding looks GPUs up by index.
+    export CUDA_DEVICE_ORDER="${CUDA_DEVICE_ORDER:-PCI_BUS_ID}"
     # A dead rank or hung collective raises in every rank instead of blocking until the time limit,
     # so the job ends (and can be requeued) instead of burning 256 GPUs doing nothing.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
@@ -156,6 +165,11 @@ uniapl_build_steps() {
     if [ "$UNIAPL_ROLLOUT_NODES" -gt 0 ]; then where=(--nodelist="$UNIAPL_TRAIN_HOSTS"); fi
     # srun does not pass the batch's --cpus-per-task on to steps (Slurm 22.05+): say it again.
     if [ -n "$cpt" ]; then per_task=(--cpus-per-task="$cpt"); node_cpus=(--cpus-per-task=$((cpt * p))); fi
+    # Training ranks bind themselves to their GPU's NUMA node (_task.sh): Slurm's own binding stays out.
+    if [ "${UNIAPL_CPU_BIND:-auto}" != none ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ] \
+        && [ "${SLURM_GPUS_PER_NODE}" != 0 ]; then
+        per_task+=(--cpu-bind=none)
+    fi
     case "$UNIAPL_LAUNCHER" in
         srun)
             UNIAPL_TRAIN_TASK=(gpu uniapl_megatron.cli "$UNIAPL_COMMAND" "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")

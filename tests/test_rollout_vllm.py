@@ -252,7 +252,7 @@ def test_disaggregated_weights_arrive_by_broadcast(engine, hf, model_dir):
 
 
 @pytest.mark.slow
-def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
+def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work, monkeypatch):
     import psutil
 
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
@@ -260,6 +260,8 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
     # Engine core in child processes, random start-up weights: every weight it has arrives through the
     # bucketed local broadcast. The module's work folder keeps vLLM's model-info cache warm. The weights
     # come as a one-shot iterator (as the trainer sends them); the host copy lets a restart re-sync.
+    # The trainer's own CUDA setting (slurm/_task.sh sets it for training ranks) must not reach vLLM's processes.
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     eng = VLLMRolloutEngine(config(model_dir, work, multiprocess=True, load_format="dummy", bucket_bytes=256 << 10,
                                    keep_host_copy=True))
     sockets = Path(eng.socket_dir)
@@ -272,10 +274,19 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
         ref = eng.generate(PROMPTS, params)
         core = [pid for pid in eng.child_pids if "EngineCore" in psutil.Process(pid).name()]
         assert core, [psutil.Process(pid).name() for pid in eng.child_pids]
+        assert "CUDA_DEVICE_MAX_CONNECTIONS" not in psutil.Process(core[0]).environ()
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
         os.kill(core[0], signal.SIGKILL)
         time.sleep(0.5)
         out = eng.generate(PROMPTS, params)  # same step, same samples: restarted and re-synced
         assert eng.restarts == 1
+        envs = []
+        for pid in eng.child_pids:  # the restarted core and its workers
+            try:
+                envs.append(psutil.Process(pid).environ())
+            except psutil.Error:  # a process that just ended
+                pass
+        assert envs and not any("CUDA_DEVICE_MAX_CONNECTIONS" in e for e in envs)
         assert [s.token_ids for s in out.samples] == [s.token_ids for s in ref.samples]
         lp_ref = hf_logprobs(hf, PROMPTS[0], out.samples[0].token_ids, params)
         assert float((torch.tensor(out.samples[0].logprobs) - lp_ref).abs().max()) <= 1e-4

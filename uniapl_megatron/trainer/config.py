@@ -9,6 +9,8 @@ Each section's fields (with what they do) live next to the code that uses them: 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +18,13 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.packing import required_pad_multiple
 from ..models.arch import ConfigError
 from ..models.qwen3 import ModelConfig
 from ..parallel import ParallelConfig
 from .student import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,6 +141,18 @@ class RunConfig:
     train: TrainConfig
     stage2: SecondStageConfig | None = None
     source: str = ""
+
+    def __post_init__(self) -> None:
+        # The packed rows' padding follows from the layout and the FP8 recipe; data.pad_multiple is raised to a
+        # multiple of what they need, so every reader of it (the trainer's packing, the saved config) sees it.
+        need = required_pad_multiple(self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size,
+                                     self.parallel.sequence_parallel, fp8_recipe=self.model.fp8)
+        have = getattr(self.data, "pad_multiple", None)
+        if isinstance(have, int) and have % need:
+            self.data.pad_multiple = math.lcm(have, need)
+            log.info("data.pad_multiple %d -> %d (model.fp8=%s, TP %d%s, CP %d)", have, self.data.pad_multiple,
+                     self.model.fp8, self.parallel.tensor_model_parallel_size,
+                     " with SP" if self.parallel.sequence_parallel else "", self.parallel.context_parallel_size)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
