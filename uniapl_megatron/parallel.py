@@ -28,6 +28,12 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
+    @property
+    def micro_batch_multiple(self) -> int:
+        """Micro-batches per step must be a multiple of this: PP under the interleaved (VPP) schedule,
+        which runs them in groups of PP (Megatron's default microbatch_group_size_per_vp_stage), else 1."""
+        return self.pipeline_model_parallel_size if self.virtual_pipeline_model_parallel_size else 1
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
 
@@ -70,8 +76,9 @@ class ParallelConfig:
             problems.append(
                 f"num_hidden_layers={arch.num_layers} is not divisible by PP*VPP = {pp}*{vpp or 1} = {chunks}"
             )
-        if vpp is not None and (vpp < 1 or pp < 2):
-            problems.append(f"virtual_pipeline_model_parallel_size={vpp} needs PP >= 2 (PP={pp})")
+        if vpp is not None and (not isinstance(vpp, int) or vpp < 2 or pp < 2):
+            problems.append(f"virtual_pipeline_model_parallel_size={vpp!r}: the interleaved schedule needs an integer "
+                            f">= 2 and PP >= 2 (PP={pp}); leave it null for the plain pipeline schedule")
         if self.sequence_parallel and tp < 2:
             problems.append("sequence_parallel=true needs tensor_model_parallel_size > 1")
         if ep > 1 and not arch.is_moe:

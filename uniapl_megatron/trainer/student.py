@@ -20,6 +20,7 @@ from ..distributed import collective_device
 from ..models.arch import ConfigError, Qwen3Arch
 from ..models.qwen3 import ModelConfig, build_model, padded_vocab_size
 from ..parallel import ParallelConfig
+from .grad_norm import count_kv_copies_once, replica_groups
 from .logprobs import LogprobHead
 
 
@@ -123,6 +124,11 @@ class Student:
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.config.variable_seq_lengths = True  # packed rows differ in length; PP sends shapes first
+        if parallel.virtual_pipeline_model_parallel_size:
+            # Interleaved, a stage sends to and receives from the same neighbour in both directions (at PP 2
+            # both neighbours are one rank); batched P2P would pair a gradient with an activation. Megatron's
+            # separate sends/receives keep the directions apart, as Megatron-LM uses them with VPP.
+            self.config.batch_p2p_comm, self.config.overlap_p2p_comm = False, True
         self.heads = [LogprobHead(c, arch.vocab_size, self.optim_cfg.chunk_tokens) for c in chunks if c.post_process]
         if self.train:
             self.chunks, self.optimizer, self.scheduler = self._make_trainable(chunks, total_steps)
@@ -134,41 +140,33 @@ class Student:
 
     # ---- construction -------------------------------------------------------------------------------
 
-    def _replicated_kv_grad_sync(self, chunks: list) -> Callable[[], None]:
+    def _replicated_kv(self, chunks: list) -> tuple[list, tuple[int, int], Any]:
         """TP above the model's KV heads gives every TP rank its own copy of a KV head (num_query_groups = TP,
-        one group per rank). Each copy's gradient holds only its own query heads' share, so the K/V rows of
-        linear_qkv's gradient are summed over the ranks that share a head; otherwise the copies drift apart
-        after the first update and no longer equal one HF head. Returns a no-op when nothing is replicated.
-        (Megatron's grad norm still counts each copy, so the reported norm, and clipping, see the K/V rows
-        TP / KV-heads times.)"""
+        one group per rank): this rank's ``linear_qkv`` weights, the [start, end) rows of their K and V
+        heads, and the group of ranks holding the same head (None when nothing is replicated)."""
         from megatron.core import parallel_state as ps
 
         tp, kv = self.parallel.tensor_model_parallel_size, self.arch.num_kv_heads
         if self.num_query_groups == kv or tp == 1:
-            return lambda: None
-        rep = tp // kv
-        mine = None
-        # new_group is collective over the world: every rank creates every TP group's subgroups, in order.
-        tp_groups: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(
-            tp_groups, tuple(torch.distributed.get_process_group_ranks(ps.get_tensor_model_parallel_group())))
-        for ranks in sorted(set(tp_groups)):
-            for h in range(kv):
-                group = torch.distributed.new_group(list(ranks[h * rep:(h + 1) * rep]))
-                if torch.distributed.get_rank() in ranks[h * rep:(h + 1) * rep]:
-                    mine = group
+            return [], (0, 0), None
         hd = self.arch.head_dim
         q_rows = self.arch.num_heads // self.num_query_groups * hd  # one local group: its q heads, then k, v
         params = [p for c in chunks for n, p in c.named_parameters() if n.endswith("self_attention.linear_qkv.weight")]
+        return params, (q_rows, q_rows + 2 * hd), replica_groups(ps.get_tensor_model_parallel_group(), kv)
+
+    @staticmethod
+    def _kv_grad_sync(params: list, rows: tuple[int, int], group: Any) -> Callable[[], None]:
+        """Sum the K/V rows of linear_qkv's gradient over the ranks sharing the head; otherwise the copies
+        drift apart after the first update and no longer equal one HF head."""
 
         def sync() -> None:
             for p in params:
                 grad = getattr(p, "main_grad", None)
                 if grad is not None:
-                    rows = grad[q_rows:q_rows + 2 * hd]
-                    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.SUM, group=mine)
+                    torch.distributed.all_reduce(grad[rows[0]:rows[1]], op=torch.distributed.ReduceOp.SUM,
+                                                 group=group)
 
-        return sync
+        return sync if group is not None else lambda: None
 
     def _make_trainable(self, chunks: list, total_steps: int) -> tuple[list, Any, Any]:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -185,7 +183,8 @@ class Student:
         )
         wrapped = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c,
                                            disable_bucketing=i > 0) for i, c in enumerate(chunks)]
-        sync_kv = self._replicated_kv_grad_sync(chunks)
+        kv_params, kv_rows, kv_group = self._replicated_kv(chunks)
+        sync_kv = self._kv_grad_sync(kv_params, kv_rows, kv_group)
 
         def finalize(model: list, num_tokens: Any = None, **kw: Any) -> None:
             sync_kv()
@@ -211,6 +210,8 @@ class Student:
             lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
         )
+        if kv_group is not None:
+            count_kv_copies_once(opt, kv_params, kv_rows, is_copy=kv_group.rank() != 0)
         return wrapped, opt, sched
 
     def load_hf(self, hf_dir: str) -> None:
@@ -240,7 +241,10 @@ class Student:
 
         forward_only = loss_fn is None
         outputs: list = []
-        it: Iterator[MicroBatch] = iter(micro_batches)
+        self._check_micro_batch_count(len(micro_batches))
+        # One iterator per model chunk, each over the same micro-batches: the interleaved schedule runs
+        # micro-batch j through chunk k at its own time, and each chunk's forward takes that chunk's next one.
+        iters: list[Iterator[MicroBatch]] = [iter(micro_batches) for _ in self.chunks]
 
         def forward_step(data_iter: Iterator[MicroBatch], model: torch.nn.Module) -> tuple:
             mb = next(data_iter)
@@ -270,12 +274,22 @@ class Student:
         ctx = torch.no_grad() if forward_only else torch.enable_grad()
         with ctx:
             get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=[it] * len(self.chunks) if len(self.chunks) > 1 else it,
+                forward_step_func=forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
                 model=self.chunks, num_microbatches=len(micro_batches),
                 seq_length=max(mb.packed.num_tokens for mb in micro_batches), micro_batch_size=1,
                 forward_only=forward_only,
             )
         return outputs
+
+    def _check_micro_batch_count(self, n: int) -> None:
+        """The interleaved (VPP) schedule runs micro-batches in groups of PP; Megatron stops mid-step
+        otherwise. ``ParallelConfig.micro_batch_multiple`` is the count the trainer's packing rounds to."""
+        multiple = self.parallel.micro_batch_multiple
+        if n < 1 or n % multiple:
+            raise ValueError(f"{n} micro-batches: with parallel.virtual_pipeline_model_parallel_size="
+                             f"{self.parallel.virtual_pipeline_model_parallel_size} the interleaved schedule needs "
+                             f"a multiple of pipeline_model_parallel_size={multiple} (pack with "
+                             f"min_micro_batches / micro_batch_multiple from ParallelConfig)")
 
     def logprobs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0,
                  with_entropy: bool = False, only_loss_tokens: bool = True) -> list[torch.Tensor] | None:
