@@ -20,7 +20,8 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     """EP: MoE experts split over this many ranks (carved out of the data-parallel ranks)."""
     context_parallel_size: int = 1
-    """CP: long sequences split over this many ranks (GPU + Transformer Engine only)."""
+    """CP: long sequences split over this many ranks. Only 1 is accepted: the trainer does not slice packed
+    sequences per CP rank (validate() refuses CP > 1 with the reason)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state (and fp32 main params) over data-parallel ranks (ZeRO-1)."""
 
@@ -85,7 +86,11 @@ class ParallelConfig:
             problems.append(f"expert_model_parallel_size={ep} but the model has no experts")
         if arch.is_moe and arch.num_experts % ep:
             problems.append(f"num_experts={arch.num_experts} is not divisible by EP={ep}")
-        if cp > 1 and not has_cuda:
-            problems.append(f"context_parallel_size={cp} needs GPUs with Transformer Engine")
+        if cp > 1:
+            problems.append(
+                f"context_parallel_size={cp} is refused: the trainer does not yet give each CP rank its slice of "
+                "the packed sequences nor count tokens over the CP group, so it would train on wrong data; it "
+                "also needs Transformer Engine's attention on >= 2 GPUs, so it cannot be built and tested here"
+                + ("" if has_cuda else " (and this machine has no GPU)"))
         if problems:
             raise ConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))

@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="optim.cpu_offload_overlap")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps, all on the same batch")
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of --adam")
     ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
     ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -90,7 +91,7 @@ def main() -> None:
     student = Student(arch, par, model_cfg, OptimConfig(
         # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
         # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
-        **(dict(lr=1e-3) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
+        **(dict(lr=a.lr) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
         cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap))
     student.load_hf(a.hf)
     calls = count_forwards(student)

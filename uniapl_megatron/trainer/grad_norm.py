@@ -20,7 +20,7 @@ import torch.distributed as dist
 def replica_groups(tp_group: Any, num_kv_heads: int) -> Any:
     """This rank's group of the TP ranks that hold a copy of the same KV head. ``new_group`` is collective
     over the world, so every rank creates every TP group's subgroups, in the same order."""
-    rep = dist.get_process_group_ranks(tp_group).__len__() // num_kv_heads
+    rep = len(dist.get_process_group_ranks(tp_group)) // num_kv_heads
     tp_groups: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(tp_groups, tuple(dist.get_process_group_ranks(tp_group)))
     mine = None
@@ -51,7 +51,8 @@ def _main_param_pairs(opt: Any) -> list[tuple[torch.nn.Parameter, torch.Tensor, 
                     pairs += [(mp, getattr(opt, s)[gi][j], start) for s in shard_lists
                               if getattr(opt, s)[gi][j] is not None]
         return pairs
-    for model_group, main_group in zip(getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", [])):
+    fp16_pairs = zip(getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", []))
+    for model_group, main_group in fp16_pairs:  # Float16OptimizerWithFloat16Params: fp32 copies, same shapes
         pairs += [(mp, main, 0) for mp, main in zip(model_group, main_group)]
     pairs += [(p, p, 0) for p in opt.get_parameters()]  # fp32 optimizers step the model params themselves
     return pairs
