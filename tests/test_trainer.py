@@ -78,11 +78,11 @@ def test_layout_trains_like_one_rank(single_rank, model, moe_model, tmp_path, la
 
 
 def test_fewer_demos_than_dp_ranks(model, tmp_path):
-    """sft with one demonstration at DP2: rank 1 runs a filler micro-batch (no sequence) and the step equals
-    DP1's."""
+    """sft with one demonstration at DP2 x PP2: the second DP replica runs a filler micro-batch (no sequence)
+    through both pipeline stages, and the step equals one rank's."""
     one_demo = ("--preset", "sft", "--seqs", "1", "--demos", "1")
     ref, ref_m = _step(model, tmp_path / "dp1", 1, *one_demo)
-    got, m = _step(model, tmp_path / "dp2", 2, *one_demo)
+    got, m = _step(model, tmp_path / "dp2", 4, "--pp", "2", *one_demo)
     assert max_diff(got, ref) <= 1e-5
     assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-6 and ref_m["loss/total"] > 0, (m, ref_m)
 

@@ -251,10 +251,12 @@ class Student:
             p = mb.packed
             m = unwrap(model)
             if m.post_process:
+                # A micro-batch with no trained token (a filler) runs the head on all its tokens: its zero loss
+                # must reach the earlier pipeline stages through autograd, or they wait for a gradient forever.
+                mask = p.loss_mask > 0 if only_loss_tokens and p.num_loss_tokens else None
                 for head in self.heads:
                     if head.layer is m.output_layer:
-                        head.targets = (p.labels, temperature, with_entropy,
-                                        p.loss_mask > 0 if only_loss_tokens else None)
+                        head.targets = (p.labels, temperature, with_entropy, mask)
             out = model(p.input_ids, p.position_ids, attention_mask=None,
                         packed_seq_params=p.to_packed_seq_params())
 
