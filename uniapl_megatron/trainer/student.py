@@ -284,14 +284,15 @@ class Student:
         return outputs
 
     def _check_micro_batch_count(self, n: int) -> None:
-        """The interleaved (VPP) schedule runs micro-batches in groups of PP; Megatron stops mid-step
-        otherwise. ``ParallelConfig.micro_batch_multiple`` is the count the trainer's packing rounds to."""
+        """The interleaved (VPP) schedule runs micro-batches in groups of PP; Megatron would stop mid-step."""
         multiple = self.parallel.micro_batch_multiple
-        if n < 1 or n % multiple:
+        if n < 1:
+            raise ValueError("no micro-batch to run: every rank needs at least one (a filler when it has no data)")
+        if n % multiple:
             raise ValueError(f"{n} micro-batches: with parallel.virtual_pipeline_model_parallel_size="
-                             f"{self.parallel.virtual_pipeline_model_parallel_size} the interleaved schedule needs "
-                             f"a multiple of pipeline_model_parallel_size={multiple} (pack with "
-                             f"min_micro_batches / micro_batch_multiple from ParallelConfig)")
+                             f"{self.parallel.virtual_pipeline_model_parallel_size} the interleaved schedule needs a "
+                             f"multiple of pipeline_model_parallel_size={multiple}; plan_micro_batches("
+                             f"micro_batch_multiple=ParallelConfig.micro_batch_multiple) packs such a count")
 
     def logprobs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0,
                  with_entropy: bool = False, only_loss_tokens: bool = True) -> list[torch.Tensor] | None:
