@@ -77,6 +77,35 @@ def test_layout_trains_like_one_rank(single_rank, model, moe_model, tmp_path, la
     assert diff <= 1e-5, f"{layout}: weights differ from one rank's by {diff}"
 
 
+def test_moe_student_trains_end_to_end_at_ep2_like_ep1(tmp_path):
+    """`uniapl train` (sft preset, real Adam, binding clip) on a Qwen3-MoE student: EP2 (its 2 ranks are data
+    parallel, experts split over them) logs the same losses and grad norms as EP1, step by step."""
+    import json
+    import subprocess
+    import sys
+
+    from uniapl_megatron.demo import prepare
+    from uniapl_megatron.launch import run_ranks
+
+    moe = tiny_qwen3_moe(tmp_path / "moe", tokenizer=True)
+    data = prepare(tmp_path / "assets", train_rows=20)["data"]
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text(f"model: {{hf_path: {moe}, dtype: fp32, spec: torch}}\n"
+                   f"data: {{demo_paths: [{data}], demos_per_step: 4, prompts_per_step: 0}}\n"
+                   "objective: {algorithm: sft}\noptim: {lr: 1.0e-3, clip_grad: 1.0}\n"
+                   "train: {steps: 3, save_every: 3, tensorboard: false, plot: false}\n")
+    cmd = [sys.executable, "-m", "uniapl_megatron.cli", "train", str(cfg)]
+    subprocess.run([*cmd, f"train.output_dir={tmp_path / 'ep1'}"], check=True, timeout=900, capture_output=True)
+    assert run_ranks([*cmd, f"train.output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"], 2,
+                     timeout=900) == 0
+    ep1, ep2 = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("ep1", "ep2"))
+    assert [m["step"] for m in ep2] == [1, 2, 3] and all(m["grad_norm"] > 1.0 for m in ep1)
+    for a, b in zip(ep1, ep2, strict=True):
+        for key in ("loss/total", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+
+
 def test_fewer_demos_than_dp_ranks(model, tmp_path):
     """sft with one demonstration at DP2 x PP2: the second DP replica runs a filler micro-batch (no sequence)
     through both pipeline stages, and the step equals one rank's."""
