@@ -388,7 +388,7 @@ def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple:
     pad = max(pad_multiple, required_pad_multiple(
         parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel))
     plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=max_tokens, dp_size=dp_size,
-                              pad_multiple=pad)
+                              pad_multiple=pad, micro_batch_multiple=parallel.micro_batch_multiple)
     out = []
     for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
         mine = [seqs[i] for i in p.seq_ids]
