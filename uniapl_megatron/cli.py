@@ -5,6 +5,7 @@
                                                         config and overrides as the trainer; RANK = server index
     uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
     uniapl convert import|export ...                    same as tools/convert_hf.py
+    uniapl sweep SWEEP.yaml [--runner local|slurm] ...  presets x students x seeds -> the paper-shaped table
 """
 
 from __future__ import annotations
@@ -86,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the embedded tiny CPU default")
     d.add_argument("overrides", nargs="*")
     sub.add_parser("convert", help="HF <-> Megatron weights (tools/convert_hf.py)", add_help=False)
+    sub.add_parser("sweep", help="presets x students x seeds: train -> export -> evaluate -> table", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "convert":
         from .convert.cli import main as convert_main
 
         return convert_main(rest)
+    if args.cmd == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(rest)
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.cmd == "demo":
