@@ -168,6 +168,7 @@ def test_local_sweep_killed_in_its_second_cell_resumes(assets, tmp_path):
     assert (first / "train.log").read_text().count("\n==== ") == 1, "the finished cell was trained again"
     rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
     assert [r["algorithm"] for r in rows] == ["grpo", "uniapl"], rows
+    assert {p.name for p in (out / "curves" / "tiny").iterdir()} == {"grpo.png", "uniapl.png", "heldout_all.png"}
 
     records = {r["algorithm"]: r for f in (out / "results").glob("*.json") for r in json.loads(f.read_text())}
     for algo, r in records.items():
@@ -184,6 +185,23 @@ def test_local_sweep_killed_in_its_second_cell_resumes(assets, tmp_path):
     names = {k for m in metrics for k in m}
     assert "disc/loss" in names and not [k for k in names if re.match(r"(\w+)/\1/", k)], names
     assert not (first / "run" / "checkpoints").exists()  # keep_checkpoints: false
+
+
+def test_ifeval_evaluator_scores_through_the_tool(assets, tmp_path):
+    """The registered `ifeval` evaluator runs tools/eval_ifeval.py on a model folder and reads its score back
+    (here 5 synthetic prompts in IFEval's format and the torch engine, to stay cheap)."""
+    from uniapl_megatron.sweep.evaluators import EvalContext, build_evaluator
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(Path(assets["eval_data"]).read_text().splitlines(keepends=True)[:5]))
+    ev = build_evaluator("ifeval", {"args": ["--prompts", str(prompts), "--engine", "torch", "--max-new-tokens", "4"]})
+    cell = {"id": "c", "preset": "grpo", "student": "tiny"}
+    got = ev.evaluate(EvalContext(cell, Path(assets["student"]), None, tmp_path / "eval"))
+    written = json.loads((tmp_path / "eval" / "ifeval.json").read_text())
+    assert ev.benchmark == "IFEval" and got.score == written["score"] == written["metrics"]["prompt_strict"]
+    assert written["algorithm"] == "grpo" and written["student"] == "tiny" and written["metrics"]["num_prompts"] == 5
+    with pytest.raises(SweepError, match="evaluators.ifeval: bad options"):
+        build_evaluator("ifeval", {"prompts": "x"})
 
 
 def test_heldout_prompts_that_are_trained_on_are_refused(assets, tmp_path):

@@ -41,6 +41,35 @@ def _die_with_parent() -> None:
         pass
 
 
+class Load:
+    """The share of the machine's CPU time that processes other than the sweep's used over an interval (Linux;
+    None elsewhere): per-cell times measured beside other jobs are not comparable, and this says how much."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float] | None:
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+        mine = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return busy, mine.ru_utime + mine.ru_stime + own.ru_utime + own.ru_stime, time.monotonic()
+
+    def others_cpu(self) -> float | None:
+        end = self._now()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return round(max(0.0, other) / ((end[2] - self.start[2]) * (os.cpu_count() or 1)), 3)
+
+
 def _tail(path: Path, n: int = 8) -> str:
     lines = path.read_text(errors="replace").replace("\r", "\n").splitlines() if path.is_file() else []
     return "\n".join("      " + line[:200] for line in lines[-n:])
@@ -91,7 +120,7 @@ class LocalRunner:
                     outcome["blocked"].append(p.cell.id)
                     self.say(f"{tag}: not run, its warm-up {p.cell.warmup_of} failed")
                     continue
-                t0 = time.perf_counter()
+                t0, load = time.perf_counter(), Load()
                 ok = self._cell(p, tag)
                 if self.stopped:
                     self.say(f"stopped by signal {self.stopped}; the same command resumes (finished cells are kept)")
@@ -102,7 +131,8 @@ class LocalRunner:
                     failed_warmups.add(p.cell.id)
                 left = len(todo) - todo.index(p.cell.id) - 1
                 eta = f", about {_duration(sum(times) / len(times) * left)} for the {left} left" if left else ""
-                self.say(f"{tag}: {'done' if ok else 'FAILED'} in {_duration(times[-1])}{eta}")
+                self.say(f"{tag}: {'done' if ok else 'FAILED'} in {_duration(times[-1])} (others_cpu "
+                         f"{load.others_cpu()}){eta}")
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
