@@ -69,7 +69,8 @@ def plot_curves(results: Sequence[Any], out: Path) -> list[Path]:
                 if not steps:
                     continue
                 style = {"marker": "o"} if metric.startswith("eval/") else {"alpha": 0.8, "linewidth": 1}
-                ax.plot(steps, mean, label=f"{name} (mean of {len(by_seed)} seeds)", **style)
+                seeds = f"{len(by_seed)} seed{'s' if len(by_seed) > 1 else ''}"
+                ax.plot(steps, mean, label=f"{name} (mean of {seeds})", **style)
                 ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], alpha=0.2)
                 if metric == "eval/heldout_reward":
                     ax_all.plot(steps, mean, marker="o", label=label)
