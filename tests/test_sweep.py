@@ -88,6 +88,18 @@ def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path):
         plan(load_spec(missing))
 
 
+def test_shipped_sweep_files_expand():
+    mini = load_spec(ROOT / "examples" / "mini_repro.yaml")
+    cells = expand(mini, output_path(mini))
+    assert len(cells) == 1 + 10 * 3 and cells[0].preset == "warmup"
+    assert all(c.warmup_of == cells[0].id for c in cells[1:])
+    paper = load_spec(ROOT / "examples" / "paper_tables.yaml")
+    cells = expand(paper, output_path(paper))
+    assert len(cells) == 3 * 10 * 3 and {c.base.name for c in cells} == {
+        "qwen3_0p6b_32x8.yaml", "qwen3_4b_32x8.yaml", "qwen3_8b_32x8.yaml"}
+    assert [c.base.name for c in cells if c.student == "Qwen3-8B"][0] == "qwen3_8b_32x8.yaml"
+
+
 # ---------------------------------------------------------------- the table over seeds
 
 

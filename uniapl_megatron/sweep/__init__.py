@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"  warning: {label}: its result was made with another config (hash differs); it is kept and "
               f"skipped. Delete its results/ file to rerun it.", flush=True)
     if args.dry_run:
-        return _dry_run(spec, planned, out)
+        return _dry_run(planned, out)
     _record_invocation(spec, argv, commit)
     runner = (SlurmRunner if runner_kind == "slurm" else LocalRunner)(spec, out, commit)
     outcome = runner.run(planned)
@@ -134,13 +134,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0 if not getattr(runner, "stopped", 0) else 128 + runner.stopped
 
 
-def _dry_run(spec: SweepSpec, planned: list[Any], out: Path) -> int:
+def _dry_run(planned: list[Any], out: Path) -> int:
     from .cell import finish_command, result_path, train_command
 
     for p in planned:
         done = result_path(out, p.cell.id, p.cell.preset == "warmup").is_file()
         print(f"{p.cell.label}  [{'finished' if done else 'to run'}]  config {p.config_hash}\n"
-              f"  train:  {shlex.join(train_command(spec, p.cell, out))}\n"
+              f"  train:  {shlex.join(train_command(p.cell, out))}\n"
               f"  finish: {shlex.join(finish_command(out, p.cell.id))}")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.io import atomic_write_json
-from .spec import ROOT, Cell, SweepError, SweepSpec, base_config, cell_dir, run_overrides
+from .spec import ROOT, Cell, SweepError, SweepSpec, cell_dir, run_overrides
 
 CURVE_METRICS = ("eval/heldout_reward", "reward/mean")
 
@@ -29,8 +29,8 @@ def result_path(out: Path, cell_id: str, warmup: bool) -> Path:
     return cell_dir(out, cell_id) / "result.json" if warmup else out / "results" / f"{cell_id}.json"
 
 
-def train_command(spec: SweepSpec, cell: Cell, out: Path) -> list[str]:
-    return [sys.executable, "-m", "uniapl_megatron.cli", "train", str(base_config(spec)), *run_overrides(cell, out)]
+def train_command(cell: Cell, out: Path) -> list[str]:
+    return [sys.executable, "-m", "uniapl_megatron.cli", "train", str(cell.base), *run_overrides(cell, out)]
 
 
 def finish_command(out: Path, cell_id: str) -> list[str]:
@@ -41,7 +41,7 @@ def write_cell_json(spec: SweepSpec, cell: Cell, out: Path, cfg: Any, config_has
     """What the finish stage (possibly another job, later) needs to know about the cell."""
     return atomic_write_json(cell_dir(out, cell.id) / "cell.json", {
         "id": cell.id, "label": cell.label, "student": cell.student, "preset": cell.preset, "seed": cell.seed,
-        "warmup": cell.preset == "warmup", "sweep": spec.name, "base": str(base_config(spec)),
+        "warmup": cell.preset == "warmup", "sweep": spec.name, "base": str(cell.base),
         "overrides": run_overrides(cell, out), "steps": cfg.train.steps, "config_hash": config_hash,
         "git_commit": commit, "evaluators": spec.evaluators, "keep_checkpoints": spec.keep_checkpoints,
     })

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .cell import finish_command, result_path, train_command, trained_step, write_cell_json
-from .spec import ROOT, Cell, SweepSpec, base_config, cell_dir, run_overrides
+from .spec import ROOT, Cell, SweepSpec, cell_dir, run_overrides
 
 
 @dataclass
@@ -149,7 +149,7 @@ class LocalRunner:
         write_cell_json(self.spec, p.cell, self.out, p.config, p.config_hash, self.commit)
         if trained_step(folder / "run") != p.steps:
             self.say(f"{tag}: train ({p.steps} steps; log {folder / 'train.log'})")
-            rc = self._stage(train_command(self.spec, p.cell, self.out), folder / "train.log", p, tag)
+            rc = self._stage(train_command(p.cell, self.out), folder / "train.log", p, tag)
             if self.stopped:
                 return False
             step = trained_step(folder / "run")
@@ -264,7 +264,7 @@ class SlurmRunner:
 
     def _train_args(self, p: Planned, folder: Path) -> list[str]:
         return [f"--job-name=uniapl-{p.cell.id}", f"--output={folder}/train-%j.out", f"--chdir={ROOT}",
-                *self.spec.slurm.train_args, str(ROOT / self.spec.slurm.train_script), str(base_config(self.spec)),
+                *self.spec.slurm.train_args, str(ROOT / self.spec.slurm.train_script), str(p.cell.base),
                 *run_overrides(p.cell, self.out)]
 
     def _finish_args(self, p: Planned, folder: Path) -> list[str]:

@@ -46,6 +46,8 @@ class SweepError(ValueError):
 
 @dataclass
 class StudentSpec:
+    base: str | None = None
+    """This student's own base config (relative to the sweep file), e.g. its size's recipe; None: the sweep's."""
     overrides: list[str] = field(default_factory=list)
     """Overrides of every cell of this student (e.g. model.hf_path, parallel sizes)."""
     warmup: list[str] | None = None
@@ -105,6 +107,7 @@ class Cell:
     seed: int | None
     overrides: list[str]
     warmup_of: str | None = None  # the warm-up cell this one starts from
+    base: Path = ROOT  # the `uniapl train` config it starts from
 
     @property
     def label(self) -> str:
@@ -208,8 +211,10 @@ def _strings_plain(value: Any, where: str) -> list[str]:
 
 def _student(value: Any, where: str) -> StudentSpec:
     value = _section(StudentSpec, value or {}, where)
-    warm = value.get("warmup")
-    return StudentSpec(_strings(value.get("overrides"), f"{where}.overrides"),
+    warm, base = value.get("warmup"), value.get("base")
+    if base is not None and (not isinstance(base, str) or not base):
+        raise SweepError(f"{where}.base: expected a config file path, got {base!r}")
+    return StudentSpec(base, _strings(value.get("overrides"), f"{where}.overrides"),
                        None if warm is None else _strings(warm, f"{where}.warmup"))
 
 
@@ -243,10 +248,10 @@ def expand(spec: SweepSpec, out: Path) -> list[Cell]:
     """Warm-ups first, then students x presets x seeds in the file's order."""
     cells: list[Cell] = []
     for student, st in spec.students.items():
-        warm = None
+        warm, base = None, base_config(spec, st.base)
         if st.warmup is not None:
-            warm = Cell(f"{_slug(student)}__warmup", student, "warmup", None, [*spec.overrides, *st.overrides,
-                                                                                 *st.warmup])
+            warm = Cell(f"{_slug(student)}__warmup", student, "warmup", None,
+                        [*spec.overrides, *st.overrides, *st.warmup], base=base)
             cells.append(warm)
         for preset, p_over in spec.presets.items():
             for seed in spec.seeds:
@@ -260,7 +265,7 @@ def expand(spec: SweepSpec, out: Path) -> list[Cell]:
                     if fnmatch.fnmatchcase(name, pattern):
                         ov += extra
                 cells.append(Cell(f"{_slug(student)}__{_slug(preset)}__s{seed}", student, preset, seed, ov,
-                                  warm.id if warm else None))
+                                  warm.id if warm else None, base))
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise SweepError(f"{spec.source}: two cells share a folder name ({sorted({i for i in ids if ids.count(i) > 1})})"
@@ -279,13 +284,14 @@ def cell_config(spec: SweepSpec, cell: Cell, out: Path) -> Any:
     from ..trainer.config import load_config
 
     try:
-        return load_config(base_config(spec), run_overrides(cell, out))
+        return load_config(cell.base, run_overrides(cell, out))
     except (ConfigError, ValueError) as e:
         raise SweepError(f"{spec.source}: cell {cell.label}: {e}") from None
 
 
-def base_config(spec: SweepSpec) -> Path:
-    return (Path(spec.source).parent / spec.base).resolve()
+def base_config(spec: SweepSpec, path: str | None = None) -> Path:
+    """A base config path of the sweep file (the sweep's own by default), resolved against its folder."""
+    return (Path(spec.source).parent / (path or spec.base)).resolve()
 
 
 def config_hash(cfg: Any, out: Path) -> str:
