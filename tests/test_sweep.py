@@ -97,7 +97,7 @@ def test_shipped_sweep_files_expand():
     cells = expand(paper, output_path(paper))
     assert len(cells) == 3 * 10 * 3 and {c.base.name for c in cells} == {
         "qwen3_0p6b_32x8.yaml", "qwen3_4b_32x8.yaml", "qwen3_8b_32x8.yaml"}
-    assert [c.base.name for c in cells if c.student == "Qwen3-8B"][0] == "qwen3_8b_32x8.yaml"
+    assert next(c.base.name for c in cells if c.student == "Qwen3-8B") == "qwen3_8b_32x8.yaml"
 
 
 # ---------------------------------------------------------------- the table over seeds
@@ -111,11 +111,11 @@ def test_table_mean_sd_and_delta_to_grpo_over_seeds():
     rows = {r["algorithm"]: r for r in table.rows}
     # by hand: per-seed averages, their mean and sample sd; the difference's standard error
     avg = {a: [50 * (scores[(a, "A")][i] + scores[(a, "B")][i]) for i in range(3)] for a in ("grpo", "uniapl")}
-    for a in avg:
+    for a, per_seed in avg.items():
         assert rows[a]["scores"]["A"] == pytest.approx(100 * sum(scores[(a, "A")]) / 3)
         assert rows[a]["sd"]["B"] == pytest.approx(100 * statistics.stdev(scores[(a, "B")]))
-        assert rows[a]["average"] == pytest.approx(sum(avg[a]) / 3)
-        assert rows[a]["average_sd"] == pytest.approx(statistics.stdev(avg[a]))
+        assert rows[a]["average"] == pytest.approx(sum(per_seed) / 3)
+        assert rows[a]["average_sd"] == pytest.approx(statistics.stdev(per_seed))
     se = math.sqrt(statistics.variance(avg["uniapl"]) / 3 + statistics.variance(avg["grpo"]) / 3)
     assert rows["uniapl"]["delta_grpo"] == pytest.approx(sum(avg["uniapl"]) / 3 - sum(avg["grpo"]) / 3)
     assert rows["uniapl"]["delta_grpo_se"] == pytest.approx(se)
