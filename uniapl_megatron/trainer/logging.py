@@ -73,8 +73,8 @@ class LogRouting:
                 vllm.removeHandler(h)
             vllm.addHandler(self.file)
             vllm.propagate = False
-        if os.environ.get("VLLM_LOGGING_CONFIG_PATH"):
-            return False
+        if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
+            return False  # the user's own set-up (with configure off, vLLM's records reach the root's file handler)
         path = atomic_write_json(self.log_file.with_name("vllm_logging.json"), config)
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
         return True
