@@ -75,6 +75,7 @@ class Trainer:
         self.fmt = formatter_from_config(cfg.data, model_dir=cfg.model.hf_path)
         self.demos = read_demos(cfg.data.demo_paths, self.fmt, cfg.data) if cfg.data.demo_paths else None
         self.prompts = read_prompts(cfg.data.prompt_paths, self.fmt, cfg.data) if cfg.data.prompt_paths else None
+        self.heldout = self._read_heldout()
         self.sampler = MixedBatchSampler.from_config(
             cfg.data, len(self.prompts) if self.prompts else 0, len(self.demos) if self.demos else 0)
         self.stop_ids = tuple(sorted({self.fmt.eot_id, *([self.fmt.tokenizer.eos_token_id]
@@ -234,7 +235,7 @@ class Trainer:
         if self.rank == 0 and self.disc is not None and hasattr(self.disc, "update"):
             prow = [self.prompts[prompt_idx[p]] for p, *_ in samples]
             upd = self.disc.update(step, [_prompt_text(r) for r in prow], [r.teacher_response or "" for r in prow], texts)
-            stats.update({f"disc/{k}": v for k, v in (upd or {}).items()})
+            stats.update(upd or {})  # the discriminator names its metrics disc/...
         return seqs, stats
 
     def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
@@ -334,6 +335,45 @@ class Trainer:
             for _ in tensors:  # the other ranks take part in the collectives (and rank 0 finishes its share)
                 pass
 
+    # ---- held-out evaluation ------------------------------------------------------------------------
+
+    def _read_heldout(self) -> Any:
+        """The held-out prompts (data.eval_prompt_paths); refused when one of them is also a training prompt."""
+        cfg = self.cfg
+        if not cfg.data.eval_prompt_paths:
+            return None
+        if cfg.rollout is None:
+            raise ValueError("data.eval_prompt_paths: the held-out evaluation samples through the rollout engine, "
+                             "and this config has no rollout section")
+        rows = read_prompts(cfg.data.eval_prompt_paths, self.fmt, cfg.data)
+        trained = {tuple(r.prompt_ids.tolist()) for r in (self.prompts.rows if self.prompts else [])}
+        trained |= {tuple(d.prompt_ids.tolist()) for d in (self.demos.rows if self.demos else [])}
+        both = [r for r in rows.rows if tuple(r.prompt_ids.tolist()) in trained]
+        if both:
+            raise ValueError(f"data.eval_prompt_paths: {len(both)} of {len(rows)} held-out prompts are also training "
+                             f"prompts (first: {both[0].path}:{both[0].line}); held-out prompts must not be trained on")
+        return rows
+
+    def _eval_due(self, done: int) -> bool:
+        every = self.cfg.train.eval_every
+        return self.heldout is not None and (done == self.cfg.train.steps or every > 0 and done % every == 0)
+
+    def _heldout_eval(self) -> dict[str, float]:
+        """Rank 0: the mean reward of train.eval_samples samples per held-out prompt, drawn by the run's own rollout
+        engine at the current weights (no second model) with the same seed at every evaluation."""
+        from ..eval.heldout import sample_and_score
+
+        if self.heldout is None or self.engine is None:
+            return {}
+        t0 = time.perf_counter()
+        try:
+            got = sample_and_score(self.engine, self.heldout.rows, self.fmt, self.reward, self.cfg.sampling,
+                                   self.cfg.train.eval_samples, self.cfg.train.seed, self.stop_ids)
+        except EngineNeedsWeights as e:
+            print(f"held-out evaluation skipped: {e}", flush=True)
+            return {}
+        return {"eval/heldout_reward": got.mean, "time/eval_seconds": time.perf_counter() - t0}
+
     # ---- the run ------------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -347,10 +387,14 @@ class Trainer:
             self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
         t_start = time.perf_counter()
         last_saved = self.start_step
+        if self.start_step == 0:
+            self.log.evaluation(0, self._heldout_eval())
         for step in range(self.start_step, cfg.steps):
             t_step = time.perf_counter()
             stats = self.step(step)
             stats["time/step_seconds"] = time.perf_counter() - t_step
+            if self._eval_due(step + 1):
+                stats.update(self._heldout_eval())
             bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
             self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
             self.nonfinite_total += int(bad)
