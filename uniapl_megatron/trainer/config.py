@@ -305,7 +305,8 @@ def check_run(cfg: RunConfig, explicit: set[str] = frozenset()) -> None:
     needs = run_needs(obj, total)
     if not needs.rollouts:
         data.prompts_per_step = 0  # e.g. sft: no RL prompts are drawn, so none need to exist
-        cfg.rollout = None  # and no engine is started
+        if not data.eval_prompt_paths:
+            cfg.rollout = None  # and no engine is started (the held-out evaluation samples through it)
     if not needs.demos:
         data.demos_per_step = 0
     if not needs.discriminator:
