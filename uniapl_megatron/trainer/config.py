@@ -68,7 +68,7 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept (older ones are deleted after a new one is complete)."""
     max_nonfinite_in_row: int = 3
-    """Steps with a NaN/inf loss are skipped and counted; this many in a row stop the run."""
+    """Steps with a NaN/inf loss or gradient norm are skipped and counted; this many in a row stop the run."""
     tensorboard: bool = True
     wandb_project: str | None = None
     """Log to Weights & Biases too (when wandb is installed)."""
