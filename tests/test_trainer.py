@@ -40,6 +40,8 @@ LAYOUTS = {
     "dp2-no-dist-opt-4mb": ("dense", 2, ["--no-dist-opt", "--mb-tokens", "40"]),  # 4 per rank
     "tp4-kv-replicated": ("dense", 4, ["--tp", "4"]),  # 2 KV heads: each TP rank holds a copy of one
     "ep2-moe": ("moe", 2, ["--ep", "2"]),
+    # each packed row padded for blockwise FP8's 128-token GEMM tiles (the padding only; no FP8 on CPU)
+    "fp8-row-padding": ("dense", 1, ["--row-pad", "blockwise"]),
 }
 
 
@@ -69,6 +71,9 @@ def test_layout_trains_like_one_rank(single_rank, model, moe_model, tmp_path, la
     got, m = _step(model if name == "dense" else moe_model, tmp_path / "run", world, *ADAM_CLIPPED, *args)
     if "4mb" in layout or "vpp" in layout:
         assert m["micro_batches"] >= 4, m
+    if layout == "fp8-row-padding":  # the row takes the padding, in its last sequence; the others keep their length
+        assert all(sum(r["padded"]) % 128 == 0 and r["padded"][:-1] == r["seq_lens"][:-1]
+                   and r["padded"][-1] > r["seq_lens"][-1] for r in m["rows"]), m["rows"]
     steps = [(s["grad_norm"], r["grad_norm"], s["loss/total"], r["loss/total"])
              for s, r in zip(m["steps"], ref_m["steps"], strict=True)]
     for i, (norm, ref_norm, loss, ref_loss) in enumerate(steps, 1):

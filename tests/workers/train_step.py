@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--recompute-layers", type=int, default=1)
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="optim.chunk_tokens of the log-prob head")
+    ap.add_argument("--row-pad", default="none", help="pad each packed row for this FP8 recipe (padding only: the "
+                                                       "model runs without FP8)")
     a = ap.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -127,7 +129,8 @@ def main() -> None:
                         adv_advantage=0.0 if demo else float(torch.randn(1, generator=g))))
     cfg = ObjectiveConfig(algorithm=a.preset, lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
     weights = resolve_weights(cfg, 0)
-    mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
+    mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0,
+                        fp8_recipe=a.row_pad)
     counts = global_counts(mbs, ps.get_data_parallel_group())
     loss_fn = make_loss_fn(weights, counts, cfg)
     if a.nan == "grad":
@@ -168,7 +171,8 @@ def main() -> None:
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
             json.dump({**per_step[-1], "steps": per_step, "micro_batches": len(mbs), "skipped": metrics["skipped"],
-                       **extra}, f)
+                       "rows": [{"seq_lens": mb.packed.seq_lens, "padded": mb.packed.cu_seqlens_padded.diff().tolist()}
+                                for mb in mbs], **extra}, f)
     dist.barrier()
 
 
