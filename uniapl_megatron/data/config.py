@@ -57,7 +57,8 @@ class DataConfig:
     # Token budget of one micro-batch of the student's forward (sum of the packed, aligned lengths).
     max_tokens_per_micro_batch: int = 8192
     # Each packed sequence is padded to a multiple of this (1 = no padding). Context parallelism
-    # needs 2 * cp_size, sequence parallelism tp_size; see packing.required_pad_multiple.
+    # needs 2 * cp_size, sequence parallelism tp_size; see packing.required_pad_multiple (FP8 pads the
+    # packed row instead, packing.row_pad_multiple).
     pad_multiple: int = 1
 
     def __post_init__(self) -> None:

@@ -68,7 +68,7 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept (older ones are deleted after a new one is complete)."""
     max_nonfinite_in_row: int = 3
-    """Steps with a NaN/inf loss are skipped and counted; this many in a row stop the run."""
+    """Steps with a NaN/inf loss or gradient norm are skipped and counted; this many in a row stop the run."""
     tensorboard: bool = True
     wandb_project: str | None = None
     """Log to Weights & Biases too (when wandb is installed)."""
@@ -155,15 +155,16 @@ class RunConfig:
     source: str = ""
 
     def __post_init__(self) -> None:
-        # The packed rows' padding follows from the layout and the FP8 recipe; data.pad_multiple is raised to a
-        # multiple of what they need, so every reader of it (the trainer's packing, the saved config) sees it.
+        # Each sequence's padding follows from the layout; data.pad_multiple is raised to a multiple of what it
+        # needs, so every reader of it (the trainer's packing, the saved config) sees it. The FP8 recipe's
+        # multiple applies to the packed row, not each sequence (data.packing.row_pad_multiple).
         need = required_pad_multiple(self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size,
-                                     self.parallel.sequence_parallel, fp8_recipe=self.model.fp8)
+                                     self.parallel.sequence_parallel)
         have = getattr(self.data, "pad_multiple", None)
         if isinstance(have, int) and have % need:
             self.data.pad_multiple = math.lcm(have, need)
-            log.info("data.pad_multiple %d -> %d (model.fp8=%s, TP %d%s, CP %d)", have, self.data.pad_multiple,
-                     self.model.fp8, self.parallel.tensor_model_parallel_size,
+            log.info("data.pad_multiple %d -> %d (TP %d%s, CP %d)", have, self.data.pad_multiple,
+                     self.parallel.tensor_model_parallel_size,
                      " with SP" if self.parallel.sequence_parallel else "", self.parallel.context_parallel_size)
 
     def to_dict(self) -> dict[str, Any]:

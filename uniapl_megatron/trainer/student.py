@@ -20,7 +20,7 @@ from ..distributed import collective_device
 from ..models.arch import ConfigError, Qwen3Arch
 from ..models.qwen3 import ModelConfig, build_model, check_fp8_training, padded_vocab_size
 from ..parallel import ParallelConfig
-from .grad_norm import count_kv_copies_once, replica_groups
+from .grad_norm import count_kv_copies_once, replica_groups, step_unless_nonfinite
 from .logprobs import LogprobHead
 from .overlap import OverlapMode, decide_overlap, wire_overlap
 
@@ -341,27 +341,27 @@ class Student:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics_list = self._run(micro_batches, temperature, with_entropy, loss_fn)
-        # A NaN/inf loss anywhere skips the step on every rank (its gradients are dropped).
+        # A NaN/inf loss anywhere, or a NaN/inf gradient norm, skips the step on every rank: its gradients
+        # are dropped and neither the optimizer nor the LR schedule moves.
         bad = torch.tensor([float(any(not torch.isfinite(torch.as_tensor(v)).all()
                                       for m in metrics_list for v in m.values()))], device=collective_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
-            self.skip_step()
-            ok, grad_norm = False, float("nan")
-        else:
-            ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = (False, float("nan")) if bad.item() else \
+            step_unless_nonfinite(self.optimizer, self.optim_cfg.clip_grad)
         if ok:
             self.scheduler.step(increment=1)
+        else:
+            self.skip_step()
         summed: dict[str, float] = {}
         for m in metrics_list:
             for k, v in m.items():
                 summed[k] = summed.get(k, 0.0) + float(v)
-        summed.update(grad_norm=float(grad_norm or 0.0), lr=float(self.optimizer.param_groups[0]["lr"]),
+        summed.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
                       skipped=float(not ok))
         return summed
 
     def skip_step(self) -> None:
-        """Drop gradients of a step whose loss was not finite."""
+        """Drop the gradients of a skipped step (NaN/inf loss or gradient norm)."""
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
