@@ -28,7 +28,17 @@ FINITE = at.Predicate(math.isfinite)
 """A float bound: NaN and +-inf are refused."""
 
 Ge, Gt, Le, Lt, Interval, MinLen, Predicate = at.Ge, at.Gt, at.Le, at.Lt, at.Interval, at.MinLen, at.Predicate
-__all__ = ["FINITE", "Ge", "Gt", "Interval", "Le", "Lt", "MinLen", "Predicate", "check_fields", "coerce_yaml", "fail"]
+
+
+def _is_device(value: str) -> bool:
+    return value in ("auto", "cpu", "cuda") or value.startswith("cuda:")
+
+
+Device = Annotated[str, MinLen(1), Predicate(_is_device), "'auto', 'cpu', 'cuda' or 'cuda:N'"]
+"""Where a model runs: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+
+__all__ = ["FINITE", "Device", "Ge", "Gt", "Interval", "Le", "Lt", "MinLen", "Predicate", "check_fields", "coerce_yaml",
+           "fail"]
 
 
 def fail(error: type[Exception], where: str, expected: str, value: object) -> typing.NoReturn:

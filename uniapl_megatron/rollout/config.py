@@ -6,19 +6,11 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from ..config_fields import FINITE, Ge, Gt, Interval, MinLen, Predicate, check_fields
+from ..config_fields import FINITE, Device, Ge, Gt, Interval, MinLen, check_fields
 
 
 class RolloutConfigError(ValueError):
     """A rollout setting is missing or out of range; the message names the field."""
-
-
-def _is_device(value: str) -> bool:
-    return value in ("auto", "cpu", "cuda") or value.startswith("cuda:")
-
-
-Device = Annotated[str, MinLen(1), Predicate(_is_device), "'auto', 'cpu', 'cuda' or 'cuda:N'"]
-"""Where a model runs: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
 
 
 @dataclass
