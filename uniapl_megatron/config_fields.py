@@ -53,12 +53,12 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def check_fields(obj: Any, section: str, error: type[Exception]) -> None:
-    """Raise ``error`` naming ``section.field``, what it expects and the value, at the first field whose value
-    does not fit its annotation."""
+    """Raise ``error`` naming ``section.field`` (``field`` for a top-level one, section ""), what it expects and
+    the value, at the first field whose value does not fit its annotation."""
     for name, hint in _hints(type(obj)).items():
         value = getattr(obj, name)
         if not _fits(hint, value):
-            fail(error, f"{section}.{name}", describe(hint), value)
+            fail(error, f"{section}.{name}" if section else name, describe(hint), value)
 
 
 def coerce_yaml(cls: type, values: dict[str, Any]) -> None:
