@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import typing
 from typing import Annotated, Any, Literal, Union
 
@@ -38,12 +39,7 @@ Device = Annotated[str, MinLen(1), Predicate(_is_device), "'auto', 'cpu', 'cuda'
 """Where a model runs: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
 
 __all__ = ["FINITE", "Device", "Ge", "Gt", "Interval", "Le", "Lt", "MinLen", "Predicate", "check_fields", "coerce_yaml",
-           "fail"]
-
-
-def fail(error: type[Exception], where: str, expected: str, value: object) -> typing.NoReturn:
-    """Raise ``error`` with the one message format every section uses."""
-    raise error(f"{where}: expected {expected}, got {value!r}")
+           "describe"]
 
 
 @functools.cache
@@ -58,7 +54,7 @@ def check_fields(obj: Any, section: str, error: type[Exception]) -> None:
     for name, hint in _hints(type(obj)).items():
         value = getattr(obj, name)
         if not _fits(hint, value):
-            fail(error, f"{section}.{name}" if section else name, describe(hint), value)
+            raise error(f"{f'{section}.{name}' if section else name}: expected {describe(hint)}, got {value!r}")
 
 
 def coerce_yaml(cls: type, values: dict[str, Any]) -> None:
@@ -83,7 +79,7 @@ def coerce_yaml(cls: type, values: dict[str, Any]) -> None:
 
 def _unoptional(hint: Any) -> Any:
     args = typing.get_args(hint)
-    if typing.get_origin(hint) in (Union, _UnionType) and type(None) in args:
+    if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return rest[0] if len(rest) == 1 else hint
     return hint
@@ -93,8 +89,6 @@ def _base(hint: Any) -> Any:
     return typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
 
 
-_UnionType = type(int | None)
-
 
 def _fits(hint: Any, value: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -102,7 +96,7 @@ def _fits(hint: Any, value: Any) -> bool:
         return True
     if origin is Annotated:
         return _fits(args[0], value) and all(_meets(m, value) for m in hint.__metadata__)
-    if origin in (Union, _UnionType):
+    if origin in (Union, types.UnionType):
         return any(_fits(a, value) for a in args)
     if hint is type(None):
         return value is None
@@ -146,7 +140,7 @@ def _meets(meta: Any, value: Any) -> bool:
 def describe(hint: Any) -> str:
     """What a field of this hint expects, in words: 'an integer >= 1', "one of 'a', 'b'", '... or null'."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, _UnionType):
+    if origin in (Union, types.UnionType):
         parts = [describe(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is Annotated:
