@@ -171,7 +171,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
         load_config(cfg)
     cfg.write_text("model: {hf_path: x}\nobjective: {algorithm: sft}\ndata: {demo_paths: [d.jsonl]}\n")
-    with pytest.raises(ConfigError, match="train.steps should be int"):
+    with pytest.raises(ConfigError, match="train.steps: expected an integer, got .abc."):
         load_config(cfg, ["train.steps=abc"])
     c = load_config(cfg, ["train.steps=7", "optim.lr=1e-4"])
     assert c.train.steps == 7 and c.optim.lr == 1e-4

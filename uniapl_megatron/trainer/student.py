@@ -9,7 +9,7 @@ neither divides by the number of micro-batches nor averages gradients over data-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def _guard_te_version_check() -> None:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     """adam (AdamW; decoupled weight decay) or sgd (tests compare gradients through it)."""
     lr: float = 1e-6
     """Peak learning rate (Adam)."""
@@ -47,13 +47,16 @@ class OptimConfig:
     """Learning rate at the end of the decay."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimizer steps."""
-    decay_style: str = "constant"
-    """constant | linear | cosine (over train.steps optimizer steps)."""
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay of the learning rate from lr to min_lr over the run's optimizer updates."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
+    """Adam's decay rate of the first moment (the gradient's running mean)."""
     adam_beta2: float = 0.999
+    """Adam's decay rate of the second moment (the squared gradient's running mean)."""
     adam_eps: float = 1e-8
+    """Added to the second moment's square root before dividing."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     chunk_tokens: int = 2048
