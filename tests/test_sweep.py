@@ -67,8 +67,10 @@ def test_bad_sweep_files_name_the_field(tmp_path, change, message):
     assert str(path) in str(e.value) and message in str(e.value), e.value
 
 
-def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path):
+def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path, assets):
+    # The inputs exist (the fixture's), so what is refused below is the bad override, then the missing model.
     doc = _minimal(tmp_path, presets={"grpo": ["optim.lr=0.5"], "sft->grpo": []}, seeds=[3, 4],
+                   overrides=_tiny_overrides(assets),
                    students={"tiny": {"overrides": ["train.steps=7"], "warmup": ["objective.algorithm=sft"]}},
                    cells={"tiny/grpo/4": ["optim.lr=0.25"]})
     spec = load_spec(_write(tmp_path, doc))
@@ -82,7 +84,8 @@ def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path):
     bad = _write(tmp_path, {**doc, "cells": {"tiny/grpo/4": ["optim.lr=fast"]}}, "bad.yaml")
     with pytest.raises(SweepError, match=r"cell tiny/grpo/seed4: .*optim.lr"):
         plan(load_spec(bad))
-    missing = _write(tmp_path, _minimal(tmp_path, students={"tiny": {"overrides": ["model.hf_path=/nowhere"]}}),
+    missing = _write(tmp_path, _minimal(tmp_path, overrides=_tiny_overrides(assets),
+                                        students={"tiny": {"overrides": ["model.hf_path=/nowhere"]}}),
                      "missing.yaml")
     with pytest.raises(SweepError, match="missing input.*model.hf_path=/nowhere"):
         plan(load_spec(missing))
