@@ -196,11 +196,14 @@ def iter_stage(
 
 
 def iter_hf_tensors(
-    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int
+    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int, bucket_bytes: int = 0
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every full HF tensor of the model, on every rank (stages broadcast theirs over the PP group).
 
-    This is what rollout weight sync consumes. Collective over the whole model-parallel world.
+    This is what rollout weight sync consumes. Collective over the whole model-parallel world. With
+    ``bucket_bytes`` > 0 a stage broadcasts its tensors in flat buckets of about that size (one collective per
+    bucket; a larger tensor goes alone), and the tensors yielded are views into the bucket: a rank then holds
+    at most one bucket plus one tensor's TP-gathered copies. 0: one broadcast per tensor.
     """
     from megatron.core import parallel_state as ps
 
@@ -214,18 +217,65 @@ def iter_hf_tensors(
     ranks = dist.get_process_group_ranks(pp_group)
     for stage in range(pp_size):
         mine = iter_stage(chunks, arch, num_query_groups) if stage == pp_rank else None
-        for name, shape, dtype in plans[stage]:
-            if mine is not None:
-                got_name, t = next(mine)
-                assert got_name == name, (got_name, name)
-                t = t.contiguous()
-            else:
-                t = torch.empty(shape, dtype=dtype, device=_device())
-            dist.broadcast(t, src=ranks[stage], group=pp_group)
-            yield name, t
+        for bucket in _plan_buckets(plans[stage], bucket_bytes):
+            yield from _broadcast_bucket(bucket, mine, ranks[stage], pp_group)
         if mine is not None:
             for extra in mine:  # plan and iteration disagree: a bug, not a user error
                 raise RuntimeError(f"iter_stage yielded {extra[0]!r} beyond its plan")
+
+
+_ALIGN = 64  # byte offset alignment inside a bucket: a view of any dtype stays aligned
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _plan_buckets(plan: list, bucket_bytes: int) -> Iterator[list]:
+    """Consecutive plan entries in groups of at most bucket_bytes (aligned); 0 or an oversized tensor: alone."""
+    bucket: list = []
+    size = 0
+    for entry in plan:
+        n = -(-_nbytes(entry[1], entry[2]) // _ALIGN) * _ALIGN
+        if bucket and (bucket_bytes <= 0 or size + n > bucket_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(entry)
+        size += n
+    if bucket:
+        yield bucket
+
+
+def _broadcast_bucket(bucket: list, mine: Iterator | None, src: int, group: object) -> Iterator[tuple[str, torch.Tensor]]:
+    """Broadcast one bucket of a stage's tensors from `src` (whose rank iterates `mine`); yield them."""
+    if len(bucket) == 1:
+        name, shape, dtype = bucket[0]
+        if mine is not None:
+            got, t = next(mine)
+            assert got == name, (got, name)
+            t = t.contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=_device())
+        dist.broadcast(t, src=src, group=group)
+        yield name, t
+        return
+    offsets, total = [], 0
+    for _, shape, dtype in bucket:
+        offsets.append(total)
+        total += -(-_nbytes(shape, dtype) // _ALIGN) * _ALIGN
+    flat = torch.empty(total, dtype=torch.uint8, device=_device())
+    if mine is not None:
+        for (name, _, _), off in zip(bucket, offsets):
+            got, t = next(mine)
+            assert got == name, (got, name)
+            flat[off: off + t.numel() * t.element_size()].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+            del t  # one TP-gathered copy at a time beside the bucket
+    dist.broadcast(flat, src=src, group=group)
+    for (name, shape, dtype), off in zip(bucket, offsets):
+        yield name, flat[off: off + _nbytes(shape, dtype)].view(dtype).view(shape)
 
 
 def _device() -> torch.device:

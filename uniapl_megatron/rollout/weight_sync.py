@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, Iterator
@@ -65,6 +66,35 @@ def bucketize(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterat
         size += n
     if bucket:
         yield bucket
+
+
+class HeldBytes:
+    """How many bytes of the tensors a weight sync hands out are alive at once: what a rank holds for the
+    sync beyond its own model. A tensor counts from when it is yielded until its storage is freed (a view,
+    e.g. one tensor of a bucket, keeps its whole base alive, and is counted with it); tensors that share a
+    storage with the model's own parameters (nothing was copied) do not count."""
+
+    def __init__(self, model_params: Iterable[torch.Tensor] = ()) -> None:
+        self._model = {p.untyped_storage().data_ptr() for p in model_params}
+        self._live: set[int] = set()
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, key: int, n: int) -> None:
+        self._live.discard(key)
+        self.now -= n
+
+    def track(self, named_tensors: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
+        for name, t in named_tensors:
+            base = t._base if t._base is not None else t
+            key = id(base)
+            if key not in self._live and base.untyped_storage().data_ptr() not in self._model:
+                n = base.untyped_storage().nbytes()
+                self._live.add(key)
+                self.now += n
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(base, self._free, key, n)
+            yield name, t
 
 
 def free_port() -> int:
