@@ -42,6 +42,23 @@ def prompt_text(row: Any) -> str:
     return users[-1] if users else ""
 
 
+def refit(engine: Any, student: Any, bucket_bytes: int) -> int:
+    """Collective over the training ranks: stream the student's weights (TP all-gather, PP-stage broadcast in
+    buckets of bucket_bytes) into this rank's engine, in-process (None: only take part in the gathers).
+    Returns the most bytes this rank held for the sync at once (weight_sync.HeldBytes). An engine error is
+    raised after this rank has taken part in every gather, so the other ranks never wait on it."""
+    tracker = HeldBytes(p for c in student.chunks for p in c.parameters())
+    tensors = tracker.track(student.hf_tensors(bucket_bytes=bucket_bytes, track=tracker.add))
+    try:
+        if engine is not None:
+            engine.update_weights(tensors)  # wakes the weights first when the engine sleeps
+            engine.wake()  # then the KV cache
+    finally:
+        for _ in tensors:
+            pass
+    return tracker.peak
+
+
 class RolloutStep:
     """Engines, reward and discriminator of this rank, and the collective rollout of one step."""
 
@@ -113,23 +130,16 @@ class RolloutStep:
                                self.cfg.parallel.tensor_model_parallel_size, r.tensor_parallel_size)
 
     def sync(self, student: Any, only_if_needed: bool = False) -> None:
-        """Collective: every rank gathers the weights; each engine loads what its own ranks gathered."""
-        tracker = HeldBytes(p for c in student.chunks for p in c.parameters())
+        """Collective: refit every engine (or, with only_if_needed, those that missed a sync) from its ranks."""
+        load = self.engine is not None and (self.needs_sync or not only_if_needed)
         bucket = self.cfg.rollout.bucket_bytes if self.cfg.rollout is not None else 0
-        tensors = tracker.track(student.hf_tensors(bucket_bytes=bucket))
         try:
-            if self.engine is not None and (self.needs_sync or not only_if_needed):
-                self.needs_sync = True  # until the load completes
-                self.engine.update_weights(tensors)  # wakes the weights first when the engine sleeps
-                self.engine.wake()  # then the KV cache
-                self.needs_sync = False
+            self.held_peak = refit(self.engine if load else None, student, bucket)
+            self.needs_sync = self.needs_sync and not load
         except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next rollout re-syncs it
+            self.needs_sync = True
             log.warning("rank %d: weight sync into the rollout engine failed (%s: %s); the next rollout re-syncs",
                         self.rank, type(e).__name__, e)
-        finally:
-            for _ in tensors:  # every rank takes part in the gathers to the end
-                pass
-        self.held_peak = tracker.peak
 
     def sleep(self) -> None:
         if self.engine is not None:
