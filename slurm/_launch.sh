@@ -123,11 +123,12 @@ uniapl_plan() {
         "${UNIAPL_OVERRIDES[@]}" --nodes "$UNIAPL_NNODES" --gpus-per-node "$UNIAPL_PROCS_PER_NODE" \
         --gpu-mem-gib "${gpu_gib:-0}" --shell)" \
         || uniapl_die "the memory/layout plan refused this launch (above); nothing was started"
-    # Only the four UNIAPL_* assignments the planner prints (values are shlex-quoted).
+    # Only the UNIAPL_* assignments the planner prints (values are shlex-quoted).
     local line
     while IFS= read -r line; do
         case "$line" in
-            UNIAPL_OUTPUT_DIR=* | UNIAPL_RESUME=* | UNIAPL_ROLLOUT_MODE=* | UNIAPL_ROLLOUT_NODES=*)
+            UNIAPL_OUTPUT_DIR=* | UNIAPL_RESUME=* | UNIAPL_ROLLOUT_MODE=* | UNIAPL_ROLLOUT_NODES=* \
+                | UNIAPL_ROLLOUT_TASKS_PER_NODE=*)
                 eval "export $line" ;;
             *) uniapl_die "unexpected planner output: $line" ;;
         esac
@@ -161,8 +162,13 @@ uniapl_build_steps() {
     UNIAPL_ROLLOUT_TASK=(rollout uniapl_megatron.cli rollout "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
     UNIAPL_ROLLOUT_STEP=()
     if [ "$UNIAPL_ROLLOUT_NODES" -gt 0 ]; then
+        # One rollout server (engine) per rollout-TP group of each rollout node's GPUs; each takes its
+        # group of the node's GPUs (uniapl_megatron/rollout/placement.py server_devices).
+        local r="$UNIAPL_ROLLOUT_TASKS_PER_NODE"
+        local -a server_cpus=()
+        if [ -n "$cpt" ]; then server_cpus=(--cpus-per-task=$((cpt * p / r))); fi
         UNIAPL_ROLLOUT_STEP=(srun "${common[@]}" --nodes="$UNIAPL_ROLLOUT_NODES"
-            --ntasks="$UNIAPL_ROLLOUT_NODES" --ntasks-per-node=1 "${node_cpus[@]}"
+            --ntasks=$((UNIAPL_ROLLOUT_NODES * r)) --ntasks-per-node="$r" "${server_cpus[@]}"
             --nodelist="$UNIAPL_ROLLOUT_HOSTS" bash "$task" "${UNIAPL_ROLLOUT_TASK[@]}")
     fi
 }
@@ -183,9 +189,13 @@ uniapl_dry_run() {
                 bash "$task" "${UNIAPL_TRAIN_TASK[@]}"
         done
     done
+    local r="$UNIAPL_ROLLOUT_TASKS_PER_NODE"
     for ((n = 0; n < UNIAPL_ROLLOUT_NODES; n++)); do
-        SLURMD_NODENAME="${UNIAPL_HOSTS[t + n]}" SLURM_NODEID="$n" SLURM_LOCALID=0 \
-            SLURM_PROCID="$n" SLURM_NTASKS="$UNIAPL_ROLLOUT_NODES" bash "$task" "${UNIAPL_ROLLOUT_TASK[@]}"
+        for ((l = 0; l < r; l++)); do
+            SLURMD_NODENAME="${UNIAPL_HOSTS[t + n]}" SLURM_NODEID="$n" SLURM_LOCALID="$l" \
+                SLURM_PROCID=$((n * r + l)) SLURM_NTASKS=$((UNIAPL_ROLLOUT_NODES * r)) \
+                bash "$task" "${UNIAPL_ROLLOUT_TASK[@]}"
+        done
     done
 }
 

@@ -107,3 +107,21 @@ def place_disaggregated(num_nodes: int, gpus_per_node: int, rollout_tp: int) -> 
                              f"of a rollout node: some GPUs would stay idle or an engine would span nodes")
     return [(n, tuple(range(g, g + rollout_tp))) for n in range(num_nodes)
             for g in range(0, gpus_per_node, rollout_tp)]
+
+
+def server_devices(local_id: int, rollout_tp: int, visible: str | None) -> list[str] | None:
+    """The GPUs of rollout server `local_id` of its node (disaggregated): its rollout-TP group of the GPUs the
+    node's tasks see (CUDA_VISIBLE_DEVICES as Slurm sets it), or all of them when the task sees exactly its
+    own. None on a CPU node (nothing visible or set)."""
+    if not visible:
+        return None
+    gpus = [d.strip() for d in visible.split(",") if d.strip()]
+    if len(gpus) == rollout_tp:
+        return gpus
+    lo = local_id * rollout_tp
+    if len(gpus) % rollout_tp or lo + rollout_tp > len(gpus):
+        raise PlacementError(f"rollout server {local_id} of its node with rollout.tensor_parallel_size="
+                             f"{rollout_tp} needs GPUs {lo}..{lo + rollout_tp - 1} of the node, but the task sees "
+                             f"{len(gpus)} (CUDA_VISIBLE_DEVICES={visible}): start (GPUs per node / TP) servers "
+                             f"per node")
+    return gpus[lo: lo + rollout_tp]
