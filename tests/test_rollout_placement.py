@@ -6,8 +6,14 @@ from __future__ import annotations
 import pytest
 
 from uniapl_megatron.rollout.placement import (
-    PlacementError, place_colocated, place_disaggregated, server_devices, shard_device, split_bounds,
-    visible_devices)
+    PlacementError,
+    place_colocated,
+    place_disaggregated,
+    server_devices,
+    shard_device,
+    split_bounds,
+    visible_devices,
+)
 
 NODE = [str(i) for i in range(8)]
 
@@ -22,7 +28,7 @@ def test_colocated_engines_on_two_8_gpu_nodes_use_only_their_ranks_gpus(rollout_
         assert p.device == f"cuda:{r % per_node}"  # every rank's shard on its own GPU
         assert r in p.ranks and p.ranks[p.shard] == r and len(p.ranks) == rollout_tp
         by_engine.setdefault(p.engine, []).append(r)
-    for e, ranks in by_engine.items():
+    for ranks in by_engine.values():
         views = {places[r].ranks for r in ranks}
         assert views == {tuple(ranks)}  # all shards agree on who the engine is
         assert len({r // per_node for r in ranks}) == 1  # one node

