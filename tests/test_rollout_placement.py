@@ -80,3 +80,43 @@ def test_prompt_shares_are_contiguous_and_even():
     assert split_bounds(2, 4) == [0, 0, 1, 1, 2]  # more engines than prompts: some get none
     with pytest.raises(ValueError):
         split_bounds(3, 0)
+
+
+def test_the_trainer_refuses_engines_it_cannot_place_or_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from uniapl_megatron.parallel import ParallelConfig
+    from uniapl_megatron.rollout import RolloutConfig
+    from uniapl_megatron.trainer.rollout_step import place_engines
+
+    (tmp_path / "config.json").write_text('{"vocab_size": 8}')
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    def cfg(**kw):
+        return SimpleNamespace(rollout=RolloutConfig(model_path=str(tmp_path), **kw), parallel=ParallelConfig())
+
+    p = place_engines(cfg(), 1, 2)
+    assert (p.engine, p.num_engines, p.device) == (1, 2, "cpu")
+    assert place_engines(cfg(mode="disaggregated", num_nodes=1), 1, 2) is None
+    for kw, msg in ((dict(engine="torch", tensor_parallel_size=2), "the torch engine has no tensor parallelism"),
+                    (dict(kv_cache_bytes=0), "rollout.kv_cache_bytes: 0 lets each colocated vLLM engine"),
+                    (dict(tensor_parallel_size=4), "does not divide the 2 training ranks")):
+        with pytest.raises(PlacementError, match=msg):
+            place_engines(cfg(**kw), 1, 2)
+
+
+def test_uniapl_train_refuses_before_building_anything(tmp_path):
+    import subprocess
+    import sys
+
+    from _models import tiny_qwen3
+
+    from _runs import TINY
+
+    model = tiny_qwen3(tmp_path / "m", layers=1)
+    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "train", str(TINY), f"model.hf_path={model}",
+                        "rollout.engine=torch", "rollout.tensor_parallel_size=2",
+                        f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "error: rollout.tensor_parallel_size=2: the torch engine has no tensor parallelism" in r.stderr

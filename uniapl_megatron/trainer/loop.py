@@ -30,7 +30,7 @@ from ..objective import LossInputs, objective_loss, resolve_weights, rollout_adv
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
 from .config import RunConfig
 from .logging import RunLogger
-from .rollout_step import RolloutStep
+from .rollout_step import RolloutStep, place_engines
 from .student import MicroBatch, Student
 
 
@@ -60,6 +60,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
         cfg.parallel.validate(self.arch, dist.get_world_size(), torch.cuda.is_available())
+        place_engines(cfg, self.rank, dist.get_world_size())  # refuse an unplaceable rollout before any work
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
         self.out = Path(cfg.train.output_dir)

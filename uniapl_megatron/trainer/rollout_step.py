@@ -59,6 +59,29 @@ def refit(engine: Any, student: Any, bucket_bytes: int) -> int:
     return tracker.peak
 
 
+def place_engines(cfg: Any, rank: int, world: int) -> EnginePlacement | None:
+    """This rank's colocated engine (None: no rollout, or disaggregated); raises PlacementError, with the
+    field to change, for a layout that cannot be placed or run. Cheap: the trainer calls it first thing."""
+    r = cfg.rollout
+    if r is None or r.mode != "colocated":
+        return None
+    on_gpu = torch.cuda.is_available() and r.device != "cpu"
+    if r.engine == "torch" and r.tensor_parallel_size != 1:
+        raise PlacementError(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: the torch engine has no "
+                             f"tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm")
+    if r.multiprocess and on_gpu:
+        raise PlacementError("rollout.multiprocess: true would give the engine's child processes training GPUs "
+                             "of their own; colocated engines run in-process on GPUs (set it false)")
+    if r.engine == "vllm" and not r.kv_cache_bytes:
+        raise PlacementError("rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
+                             "fraction of the whole device (or host) memory it shares with training; set the "
+                             "bytes (tools/plan_memory.py shows what fits)")
+    visible = visible_devices(dict(os.environ), torch.cuda.device_count() if on_gpu else 0)
+    return place_colocated(rank, world, int(os.environ.get("LOCAL_RANK", "0")),
+                           int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), visible,
+                           cfg.parallel.tensor_model_parallel_size, r.tensor_parallel_size)
+
+
 class RolloutStep:
     """Engines, reward and discriminator of this rank, and the collective rollout of one step."""
 
@@ -98,7 +121,8 @@ class RolloutStep:
             dist.broadcast_object_list(count, src=0)
             self.num_engines = count[0]
             return
-        self.placement = p = self._place()
+        self.placement = p = place_engines(self.cfg, self.rank, self.world)
+        assert p is not None
         self.num_engines, self.scorers, self.source = p.num_engines, p.ranks, p.leader
         if r.multiprocess and r.tensor_parallel_size > 1:  # only the leader sees the samples: it sends them
             groups = [dist.new_group(list(range(e * r.tensor_parallel_size, (e + 1) * r.tensor_parallel_size)))
@@ -109,25 +133,6 @@ class RolloutStep:
         if self.rank == 0:
             log.info("rollout: %d colocated %s engine(s) of %d rank(s) each%s", p.num_engines, r.engine,
                      r.tensor_parallel_size, " (child processes)" if r.multiprocess else " (in-process)")
-
-    def _place(self) -> EnginePlacement:
-        r = self.cfg.rollout
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        on_gpu = torch.cuda.is_available() and r.device != "cpu"
-        if r.engine == "torch" and r.tensor_parallel_size != 1:
-            raise PlacementError(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: the torch engine has no "
-                                 f"tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm")
-        if r.multiprocess and on_gpu:
-            raise PlacementError("rollout.multiprocess: true would give the engine's child processes training "
-                                 "GPUs of their own; colocated engines run in-process on GPUs (set it false)")
-        if r.engine == "vllm" and not r.kv_cache_bytes:
-            raise PlacementError("rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
-                                 "fraction of the whole device (or host) memory it shares with training; set "
-                                 "the bytes (tools/plan_memory.py shows what fits)")
-        visible = visible_devices(dict(os.environ), torch.cuda.device_count() if on_gpu else 0)
-        return place_colocated(self.rank, self.world, local_rank, local_world, visible,
-                               self.cfg.parallel.tensor_model_parallel_size, r.tensor_parallel_size)
 
     def sync(self, student: Any, only_if_needed: bool = False) -> None:
         """Collective: refit every engine (or, with only_if_needed, those that missed a sync) from its ranks."""
@@ -228,7 +233,7 @@ class RolloutStep:
         mine = self._score(made, prompt_idx, weights.needs_discriminator)
         restarts = getattr(self.engine, "restarts", 0) if self.rank == self.source else 0
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, (mine, restarts, gen_s))
+        dist.all_gather_object(gathered, (mine, restarts, gen_s, self.held_peak))
         samples = sorted((x for g in gathered for x in g[0]), key=lambda x: (x[0], x[1]))
         expected = len(prompt_idx) * self.cfg.sampling.group_size
         if len(samples) != expected:
@@ -239,7 +244,8 @@ class RolloutStep:
                  "rollout/prompts_per_engine_max": float(max(shares)),
                  "rollout/gen_seconds": max(g[2] for g in gathered),
                  "rollout/engine_restarts": float(sum(g[1] for g in gathered)),
-                 "rollout/resyncs": float(resyncs), "rollout/refit_held_mib": self.held_peak / 2**20}
+                 "rollout/resyncs": float(resyncs),
+                 "rollout/refit_held_mib": max(g[3] for g in gathered) / 2**20}  # the last sync, fullest rank
         if self.disc is not None and hasattr(self.disc, "update"):
             stats.update(self._update_disc(step, samples, prompt_idx, {(x[0], x[1]) for x in mine}))
         self._log(step, samples, prompt_idx)
