@@ -6,8 +6,9 @@
 #      starts, a layout that does not divide the GPUs or fit their memory;
 #   2. sets the environment Megatron, NCCL and PyTorch want (each variable says why below);
 #   3. launches training with srun, one task per GPU (default), and in disaggregated mode a second
-#      srun step on the last rollout.num_nodes nodes running the rollout engine (`uniapl rollout`,
-#      same config and overrides; each server reaches trainer rank 0 at $MASTER_ADDR:$MASTER_PORT+17);
+#      srun step on the last rollout.num_nodes nodes running one rollout server per rollout-TP group
+#      of their GPUs (`uniapl rollout`, same config and overrides; each reaches trainer rank 0 at
+#      $MASTER_ADDR:$MASTER_PORT+17);
 #   4. passes the time-limit signal (#SBATCH --signal=B:USR1@N reaches only this shell) on to the
 #      trainer, which saves a checkpoint and exits; then requeues the job, and the next run
 #      resumes from <output_dir>/checkpoints/latest (resume=auto).

@@ -162,7 +162,7 @@ class RolloutShape:
     mode: str = "colocated"  # colocated (same GPUs as training) | disaggregated (own nodes)
     tensor_parallel_size: int = 1  # the engine's own TP
     gpu_memory_utilization: float = 0.3  # vLLM's fraction of the whole GPU
-    num_nodes: int = 0  # disaggregated: the last num_nodes nodes of the job run the engine
+    num_nodes: int = 0  # disaggregated: the last num_nodes nodes run the engines, one per TP group of GPUs
     max_num_seqs: int = 64  # fallback engine: sequences decoded at once (its KV cache)
     max_model_len: int = 4096  # fallback engine: prompt + response tokens per sequence
     dtype_bytes: int = 2  # bytes per value of the engine's weights and KV cache
