@@ -15,7 +15,6 @@ Run as a script, this file is the worker of one Megatron rank.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -228,7 +227,6 @@ def worker() -> None:
 
 # ---- the test -----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_engine_follows_the_megatron_student(tmp_path):
     from _models import tiny_qwen3
     from uniapl_megatron.launch import run_ranks
@@ -280,7 +278,7 @@ if __name__ == "__main__":
     worker()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.slow
 def test_refit_from_local_shards_holds_a_bucket_not_the_model(tmp_path):
     from _models import tiny_qwen3
     from uniapl_megatron.launch import run_ranks

@@ -71,7 +71,7 @@ def test_config_errors_name_the_key(tmp_path):
     cfg.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
         load_config(cfg)
-    cfg.write_text("model: {hf_path: x}\n")
+    cfg.write_text("model: {hf_path: x}\nobjective: {algorithm: sft}\ndata: {demo_paths: [d.jsonl]}\n")
     with pytest.raises(ConfigError, match="train.steps should be int"):
         load_config(cfg, ["train.steps=abc"])
     c = load_config(cfg, ["train.steps=7", "optim.lr=1e-4"])

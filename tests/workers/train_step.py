@@ -36,7 +36,10 @@ def main() -> None:
     ap.add_argument("--nan", action="store_true", help="make the loss NaN: the step must be skipped")
     ap.add_argument("--offload", type=float, default=0.0, help="optim.cpu_offload with this fraction (0 = off)")
     ap.add_argument("--overlap", action="store_true", help="optim.cpu_offload_overlap")
+    ap.add_argument("--ddp-overlap", action="store_true", help="optim.overlap_comm=on (DDP grad/param overlap)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps, all on the same batch")
+    ap.add_argument("--mb-tokens-later", type=int, default=0,
+                    help="micro-batch budget from the second step on (0 = --mb-tokens): other micro-batch counts")
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
     ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
     ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
@@ -67,7 +70,8 @@ def main() -> None:
         # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
         # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
         **(dict(lr=1e-3) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=0.0, chunk_tokens=a.chunk_tokens,
-        cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap))
+        cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap,
+        overlap_comm="on" if a.ddp_overlap else "auto"))
     student.load_hf(a.hf)
     calls = count_forwards(student)
 
@@ -96,11 +100,17 @@ def main() -> None:
         student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(student.optimizer, student.scheduler.num_steps)
     for step in range(1, a.steps + 1):
+        if step == 2 and a.mb_tokens_later:
+            mbs = pack_for_rank(seqs, a.mb_tokens_later, par, 1, ps.get_data_parallel_rank(),
+                                ps.get_data_parallel_world_size(), 0)
+            loss_fn = make_loss_fn(weights, global_counts(mbs, ps.get_data_parallel_group()), cfg)
         metrics = student.train_step(mbs, loss_fn)
         if a.save and step == 1:
             save_checkpoint(a.save, step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
     # per layer, micro-batch and step: 1 without recomputation, 2 for what is recomputed
     extra = {k: v / calls["layers"] / len(mbs) / a.steps for k, v in calls.items() if k != "layers"}
+    ddp = student.chunks[0].ddp_config
+    extra |= {"overlap_grad_reduce": ddp.overlap_grad_reduce, "overlap_param_gather": ddp.overlap_param_gather}
     if a.offload:  # what the hybrid optimizer really put on the host (this rank's shard)
         hybrid = student.optimizer.chained_optimizers[0].optimizer if hasattr(student.optimizer, "chained_optimizers") \
             else student.optimizer.optimizer

@@ -28,9 +28,10 @@ from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, check_run
 from .logging import RunLogger
 from .rollout_step import RolloutStep, place_engines
+from .stages import StageSwitch
 from .student import MicroBatch, Student
 
 
@@ -49,13 +50,19 @@ class Seq:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class NonFiniteLossError(RuntimeError):
+    """train.max_nonfinite_in_row steps in a row had a NaN/inf loss or were skipped: the run stops."""
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         from megatron.core import parallel_state as ps
 
         from ..distributed import init_distributed
 
+        check_run(cfg)  # load_config ran it; a config built in code gets the same refusals
         self.cfg = cfg
+        self.stages = StageSwitch(cfg)
         self.denv = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
@@ -74,7 +81,8 @@ class Trainer:
         self.stop_ids = tuple(sorted({self.fmt.eot_id, *([self.fmt.tokenizer.eos_token_id]
                                                           if self.fmt.tokenizer.eos_token_id is not None else [])}))
 
-        self.student = Student(self.arch, cfg.parallel, cfg.model, cfg.optim, total_steps=self._optimizer_steps())
+        self.student = Student(self.arch, cfg.parallel, cfg.model, cfg.optim,
+                               total_steps=self.stages.first_schedule_updates())
         self._init_weights()
         self.ref = None
         if cfg.objective.kl_coef > 0:
@@ -88,9 +96,6 @@ class Trainer:
         self._maybe_resume()
 
     # ---- set-up -------------------------------------------------------------------------------------
-
-    def _optimizer_steps(self) -> int:
-        return self.cfg.train.steps * self.cfg.train.ppo_epochs * self.cfg.train.minibatches
 
     def _init_weights(self) -> None:
         from ..convert.checkpoint import load_model, read_meta
@@ -115,6 +120,7 @@ class Trainer:
             self.log.restore([])  # a fresh run starts a fresh metrics file
             return
         state = load_checkpoint(path, self.student, self.disc)
+        self.stages.resume(self, state["step"])  # a second-stage checkpoint holds the second stage's schedule
         self.student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(self.student.optimizer, self.student.scheduler.num_steps)
         self.sampler.load_state_dict(state["sampler"])
@@ -160,8 +166,9 @@ class Trainer:
         return seqs, stats
 
     def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
-        return pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
-                             max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id)
+        mbs = pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
+                            max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id)
+        return set_token_temperatures(mbs, self.cfg.sampling.temperature)
 
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str) -> None:
         """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank."""
@@ -182,7 +189,9 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        w = resolve_weights(cfg.objective, step)
+        self.stages.maybe_switch(self, step)
+        first_update = step * self.stages.updates  # the objective's steps count optimizer updates
+        w = resolve_weights(cfg.objective, first_update)
         batch = self.sampler.next_batch(prompts=None if w.needs_rollouts else 0, demos=None if w.needs_demos else 0)
         stats: dict[str, float] = {"stage_" + w.stage: 1.0}
         seqs = [Seq(d.token_ids.tolist(), d.prompt_len, True) for d in (self.demos[i] for i in batch.demo_indices)]
@@ -206,13 +215,16 @@ class Trainer:
             self._fill_logprobs(rl, self.ref, "ref_logprobs")
         order = list(range(len(seqs)))
         parts = [order[i :: cfg.train.minibatches] for i in range(cfg.train.minibatches)]
+        per_update: list[dict[str, float]] = []
         for _ in range(cfg.train.ppo_epochs):
             for part in parts:
                 mbs = self._pack([seqs[i] for i in part])
                 counts = global_counts(mbs, self.dp_group)
-                m = self.student.train_step(mbs, make_loss_fn(w, counts, cfg.objective), cfg.sampling.temperature,
+                wu = resolve_weights(cfg.objective, first_update + len(per_update))  # CHORD's mu moves per update
+                m = self.student.train_step(mbs, make_loss_fn(wu, counts, cfg.objective), cfg.sampling.temperature,
                                             with_entropy=cfg.objective.entropy_coef > 0)
-                stats.update(self._reduce_metrics(m))
+                per_update.append(self._reduce_metrics(m))
+        stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
         if self.engine is not None or cfg.rollout is not None:
             t1 = time.perf_counter()
@@ -261,7 +273,7 @@ class Trainer:
             stats.update(nonfinite_in_row=self.nonfinite_in_row, nonfinite_total=self.nonfinite_total)
             self.log.step(step, stats)
             if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
-                raise RuntimeError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
+                raise NonFiniteLossError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
                                    f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping")
             flag = torch.tensor([self._stop_signal], dtype=torch.int64, device=collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -307,6 +319,31 @@ def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple:
                 for s in mine])[0]
         out.append(MicroBatch(p, extras))
     return out
+
+
+def combine_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its optimizer updates' (ppo_epochs x minibatches of them): the mean of each
+    metric over the updates, grad_norm included (what verl logs), grad_norm/max the largest norm, lr the
+    last update's and skipped the number of skipped updates."""
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for m in per_update for k in m):
+        values = [m[k] for m in per_update if k in m]
+        out[k] = values[-1] if k == "lr" else sum(values) if k == "skipped" else sum(values) / len(values)
+    if len(per_update) > 1 and "grad_norm" in out:
+        out["grad_norm/max"] = max(m["grad_norm"] for m in per_update)
+    return out
+
+
+def set_token_temperatures(mbs: list[MicroBatch], temperature: float) -> list[MicroBatch]:
+    """Each target token's temperature: the sampler's for rollout tokens (their log-probs must be those of
+    the distribution they were drawn from), 1 for demonstrations (SFT trains the model's own distribution,
+    not softmax(z / T))."""
+    if temperature == 1.0:
+        return mbs
+    for mb in mbs:
+        per_seq = torch.where(mb.extras["is_demo"], 1.0, float(temperature)).to(torch.float32)
+        mb.temperature = mb.packed.per_token(per_seq, fill=float(temperature))
+    return mbs
 
 
 def global_counts(mbs: list[MicroBatch], dp_group: Any) -> Any:

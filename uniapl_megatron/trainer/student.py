@@ -13,14 +13,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..convert.params import iter_hf_tensors, load_from_hf, unwrap
+from ..convert.params import high_precision_state_dict, iter_hf_tensors, load_from_hf, unwrap
 from ..convert.safetensors_io import SafetensorsFolder
 from ..data.packing import PackedBatch
 from ..distributed import collective_device
 from ..models.arch import ConfigError, Qwen3Arch
-from ..models.qwen3 import ModelConfig, build_model, padded_vocab_size
+from ..models.qwen3 import ModelConfig, build_model, check_fp8_training, padded_vocab_size
 from ..parallel import ParallelConfig
 from .logprobs import LogprobHead
+from .overlap import OverlapMode, decide_overlap, wire_overlap
 
 
 def _guard_te_version_check() -> None:
@@ -69,6 +70,13 @@ class OptimConfig:
     cpu_offload_overlap: bool = False
     """One CPU optimizer per parameter on side streams, so copies overlap the CPU step
     (OptimizerConfig.overlap_cpu_optimizer_d2h_h2d)."""
+    overlap_comm: OverlapMode = "auto"
+    """Overlap data-parallel communication with compute (Megatron DDP): overlap_grad_reduce reduces each
+    gradient bucket as soon as the last micro-batch's backward fills it; overlap_param_gather (distributed
+    optimizer) all-gathers the updated weights bucket by bucket during the next forward, and weight sync / export
+    / checkpoints finish that gather first. auto: on at data-parallel (x context-parallel) size > 1 on GPUs, off
+    on CPU (gloo overlaps nothing) and at DP 1; on: also without a GPU; off: never. Gradient overlap stays off
+    when TP exceeds the KV heads (their replicated gradients are summed after backward)."""
 
     def validate(self, parallel: ParallelConfig, model: ModelConfig) -> None:
         """Stop at start-up, naming the field, on combinations Megatron would reject later or mid-step."""
@@ -96,12 +104,28 @@ class OptimConfig:
                               "(0 would offload nothing)")
 
 
+def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
+    """Megatron's LR (and weight-decay) schedule of ``o`` over ``total_steps`` optimizer updates, starting
+    at update 0 (it sets the optimizer's learning rate for the first update)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+
+
 @dataclass
 class MicroBatch:
     """One packed row plus the per-token inputs of the loss (all [T] tensors aligned with the logits)."""
 
     packed: PackedBatch
     extras: dict[str, Any]
+    temperature: torch.Tensor | None = None
+    """[1, T] temperature of each target's log-prob (demos at 1, rollouts at the sampler's); None: the
+    temperature the pass is called with, for every token."""
 
 
 class Student:
@@ -171,20 +195,28 @@ class Student:
         return sync
 
     def _make_trainable(self, chunks: list, total_steps: int) -> tuple[list, Any, Any]:
+        from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         o, dtype = self.optim_cfg, self.config.params_dtype
         _guard_te_version_check()
+        check_fp8_training(self.model_cfg, self.parallel)
+        overlap = decide_overlap(
+            o.overlap_comm, ps.get_data_parallel_world_size(with_context_parallel=True), torch.cuda.is_available(),
+            self.parallel.use_distributed_optimizer,
+            replicated_kv=self.num_query_groups != self.arch.num_kv_heads and self.parallel.tensor_model_parallel_size > 1)
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap.grad_reduce, overlap_param_gather=overlap.param_gather,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer, check_for_nan_in_grad=False,
             average_in_collective=False,
+            # FP8 weights (model.fp8_param) are all-gathered as FP8 by the distributed optimizer.
+            fp8_param_gather=self.model_cfg.fp8_param,
         )
         wrapped = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c,
                                            disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        wire_overlap(wrapped, self.config, overlap)
         sync_kv = self._replicated_kv_grad_sync(chunks)
 
         def finalize(model: list, num_tokens: Any = None, **kw: Any) -> None:
@@ -205,19 +237,16 @@ class Student:
             # main shards up in an empty fp32-copy table, a KeyError).
             use_precision_aware_optimizer=o.cpu_offload,
         ), wrapped)
-        sched = OptimizerParamScheduler(
-            opt, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
-            lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
-        )
-        return wrapped, opt, sched
+        return wrapped, opt, lr_scheduler(opt, o, total_steps)
 
     def load_hf(self, hf_dir: str) -> None:
         """Weights straight from a HF safetensors folder (no conversion step needed)."""
         src = SafetensorsFolder(hf_dir)
-        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab)
-        self._refresh_main_params()
+        # FP8 weights hold a rounded copy: the fp32 master weights start from the file's values instead.
+        kept = {} if self.model_cfg.fp8_param and self.optimizer is not None else None
+        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab,
+                     keep=kept)
+        self._refresh_main_params(high_precision_state_dict(self.chunks, kept) if kept else None)
 
     def copy_weights_from(self, other: "Student") -> None:
         with torch.no_grad():
@@ -226,10 +255,10 @@ class Student:
                     pa.copy_(pb)
         self._refresh_main_params()
 
-    def _refresh_main_params(self) -> None:
+    def _refresh_main_params(self, state_dict: dict[str, Any] | None = None) -> None:
         # fp32 main copies of bf16 weights (and DDP's param buffers) must follow loaded weights.
         if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
-            self.optimizer.reload_model_params()
+            self.optimizer.reload_model_params(state_dict)
 
     # ---- passes -------------------------------------------------------------------------------------
 
@@ -249,7 +278,8 @@ class Student:
             if m.post_process:
                 for head in self.heads:
                     if head.layer is m.output_layer:
-                        head.targets = (p.labels, temperature, with_entropy,
+                        head.targets = (p.labels, temperature if mb.temperature is None else mb.temperature,
+                                        with_entropy,
                                         p.loss_mask > 0 if only_loss_tokens else None)
             out = model(p.input_ids, p.position_ids, attention_mask=None,
                         packed_seq_params=p.to_packed_seq_params())
