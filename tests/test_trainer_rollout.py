@@ -4,6 +4,8 @@ two at a time, shared by the tests below:
 
 - DP2 (two engines, one prompt each) draws the same tokens and rewards as DP1 (one engine, both prompts) for
   the same seed, and its losses agree to float rounding, with vLLM and with the torch engine;
+- vLLM and the torch engine, started from different random weights, draw the same tokens: both sample from
+  the weights refit into them;
 - TP2 training with rollout TP1 runs two engines; its first step (same weights) samples what DP1 samples;
 - a vLLM engine core (rollout.multiprocess) killed at DP2 is restarted and re-synced from its own ranks, and
   every step equals the run without the kill; nothing of the run outlives it;
@@ -52,7 +54,11 @@ def _engine_core(root: int) -> int | None:
 def _start(name: str, assets: dict[str, str], root: Path) -> dict:
     ranks, extra = RUNS[name]
     out = root / name
-    args = [str(TINY), *run_overrides(assets, out, STEPS), "train.log_rollouts=true", *extra]
+    # top_k=4: after the first update DP1 and DP2 weights differ by float rounding (gradients summed in another
+    # order), and the random tiny student's nearly flat distribution over 151,936 tokens turns that into an
+    # occasional neighbouring token (the fp32 cumulative sum's rounding moves bin edges 1/151,936 wide); over 4
+    # tokens the bins are ~1/4 wide. The draw still comes from each sample's seed (wrong seeds would differ).
+    args = [str(TINY), *run_overrides(assets, out, STEPS), "train.log_rollouts=true", "sampling.top_k=4", *extra]
     cmd = cli("train", *args) if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
         "-m", "uniapl_megatron.cli", "train", *args]
@@ -125,8 +131,16 @@ def test_dp2_with_two_engines_samples_and_learns_as_dp1(runs, engine):
         (s, p, j) for s in range(1, STEPS + 1) for p in range(PROMPTS) for j in range(G)]
     assert r1 == r2  # every sampled token, reward and prompt, step by step
     _same_losses(m1, m2)
-    # The engines sample from the trainer's current weights at every step (the refit is right).
-    assert all(r["rollout/logprob_diff_max"] <= 1e-4 for r in m1 + m2)
+
+
+@pytest.mark.slow
+def test_both_engines_sample_from_the_refit_weights(runs):
+    # vLLM and the torch engine start from different random weights (load_format dummy) and share only the
+    # sampler's draw (seed, position): drawing the same tokens at every step, they both sample from the
+    # weights the trainer refit into them. (rollout/logprob_diff_max does not apply with top_k: the engine
+    # reports the log-probs of the filtered distribution, the trainer those of the full one.)
+    assert _rollouts(runs["vllm_dp1"]) == _rollouts(runs["torch_dp1"])
+    _same_losses(metrics(runs["vllm_dp1"]["out"]), metrics(runs["torch_dp1"]["out"]))
 
 
 @pytest.mark.slow
@@ -134,7 +148,6 @@ def test_tp2_training_with_rollout_tp1_runs_two_engines(runs):
     tp2, dp1 = runs["torch_tp2"], runs["torch_dp1"]
     m = metrics(tp2["out"])
     assert [r["rollout/engines"] for r in m] == [2.0] * STEPS
-    assert all(r["rollout/logprob_diff_max"] <= 1e-4 for r in m)
     # Step 1 samples from the initial weights, refit from TP shards: exactly what one engine samples.
     first = [r for r in _rollouts(tp2) if r["step"] == 1]
     assert first == [r for r in _rollouts(dp1) if r["step"] == 1]
