@@ -111,7 +111,6 @@ def test_uniapl_train_refuses_before_building_anything(tmp_path):
     import sys
 
     from _models import tiny_qwen3
-
     from _runs import TINY
 
     model = tiny_qwen3(tmp_path / "m", layers=1)

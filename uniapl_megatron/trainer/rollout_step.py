@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 
 from ..rollout.base import EngineNeedsWeights, SamplingParams
-from ..rollout.placement import EnginePlacement, PlacementError, place_colocated, split_bounds, visible_devices
+from ..rollout.placement import (
+    EnginePlacement,
+    PlacementError,
+    place_colocated,
+    split_bounds,
+    visible_devices,
+)
 from ..rollout.weight_sync import HeldBytes
 
 log = logging.getLogger(__name__)
