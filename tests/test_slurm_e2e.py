@@ -90,7 +90,7 @@ def _tasks_needed() -> int:
 
 def _prepare_assets(env: dict) -> None:
     """The tiny config's student, discriminator and data (what `uniapl demo` builds, offline)."""
-    if CONFIG != ROOT / "examples" / "tiny_cpu.yaml" or (ROOT / "runs/demo_assets/student/config.json").is_file():
+    if CONFIG != ROOT / "examples" / "tiny_cpu.yaml" or (ROOT / "runs/demo_assets/synthetic_eval.jsonl").is_file():
         return
     r = subprocess.run([env["UNIAPL_PYTHON"], "-m", "uniapl_megatron.demo"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)

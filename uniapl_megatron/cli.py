@@ -6,6 +6,7 @@
     uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
     uniapl generate CONFIG.yaml [section.key=value ...] the teacher's answers, offline, resumable (generate.py)
     uniapl convert import|export ...                    same as tools/convert_hf.py
+    uniapl sweep SWEEP.yaml [--runner local|slurm] ...  presets x students x seeds -> the paper-shaped table
 """
 
 from __future__ import annotations
@@ -103,11 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="teacher answers for a prompt set through vLLM (resumable)")
     g.add_argument("config")
     g.add_argument("overrides", nargs="*", help="section.key=value (sections: teacher, generate)")
+    sub.add_parser("sweep", help="presets x students x seeds: train -> export -> evaluate -> table", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "convert":
         from .convert.cli import main as convert_main
 
         return convert_main(rest)
+    if args.cmd == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(rest)
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.cmd == "demo":

@@ -216,7 +216,34 @@ def build_model(
             rotary_percent=1.0,
             vp_stage=vp_stage,
         )
+        mark_tensor_parallel_params(chunk)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def mark_tensor_parallel_params(chunk: torch.nn.Module) -> None:
+    """Tag the weights of Megatron's own TP-split layers ``tensor_model_parallel``.
+
+    Megatron's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding set that tag only while
+    initialising their weights, and we build without initialising (the weights are loaded next). The
+    optimizer's grad norm counts an untagged parameter on TP rank 0 only, as a duplicate, so without the
+    tag the norm (and clipping) missed the other TP ranks' shards. Transformer Engine's layers tag their
+    own weights; a tag already present is kept.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
+    )
+
+    for module in chunk.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        for name in ("weight", "bias") if dim == 0 else ("weight",):
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, True, dim, 1)

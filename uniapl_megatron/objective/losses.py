@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from uniapl_megatron.distributed import collective_device
-from uniapl_megatron.objective.aggregation import GlobalCounts, token_weights, trained_token_mask
+from uniapl_megatron.objective.aggregation import GlobalCounts, per_token, token_weights, trained_token_mask
 from uniapl_megatron.objective.config import ObjectiveConfig
 from uniapl_megatron.objective.presets import StepWeights
 
@@ -168,7 +168,6 @@ class _View:
     def __init__(self, inputs: LossInputs, counts: GlobalCounts, cfg: ObjectiveConfig):
         self.inputs = inputs
         self.valid = trained_token_mask(inputs)
-        self.sid = inputs.seq_ids.clamp(min=0)
         mode, n = cfg.loss_agg_mode, cfg.agg_norm_length
         self.w_demo = token_weights(inputs, counts, demos=True, mode=mode, norm_length=n)
         self.w_roll = token_weights(inputs, counts, demos=False, mode=mode, norm_length=n)
@@ -184,7 +183,7 @@ class _View:
     def per_seq(self, x: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-sequence value [S] to tokens [T]."""
         lp = self.inputs.logprobs
-        return self.tok(x.to(device=lp.device, dtype=lp.dtype)[self.sid])
+        return self.tok(per_token(x.to(device=lp.device, dtype=lp.dtype), self.inputs.seq_ids))
 
     def old(self) -> torch.Tensor:
         i = self.inputs

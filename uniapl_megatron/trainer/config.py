@@ -80,6 +80,18 @@ class TrainConfig:
     reward. Written by rank 0 from the gathered results."""
     plot: bool = True
     """Write plot.png of reward and losses per step at the end."""
+    eval_every: int = 0
+    """Held-out evaluation (data.eval_prompt_paths) every this many steps too; 0: only before the first and
+    after the last step."""
+    eval_samples: int = 4
+    """Samples per held-out prompt (at sampling.temperature, seeded by train.seed: the same draws at every
+    evaluation, so two evaluations differ only by the weights)."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("eval_every", 0), ("eval_samples", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"train.{name}: expected an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -256,7 +268,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: st
 
 _PATH_KEYS = {("model", "hf_path"), ("model", "load"), ("data", "tokenizer_path"), ("rollout", "model_path"),
               ("discriminator", "path"), ("train", "output_dir")}
-_PATH_LIST_KEYS = {("data", "demo_paths"), ("data", "prompt_paths")}
+_PATH_LIST_KEYS = {("data", "demo_paths"), ("data", "prompt_paths"), ("data", "eval_prompt_paths")}
 
 
 def _resolve_paths(tree: dict, base: Path) -> None:

@@ -27,6 +27,7 @@ from ..data.packing import required_pad_multiple
 from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
+from ..rollout.base import EngineNeedsWeights
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
 from .config import RunConfig, check_run
 from .logging import RunLogger
@@ -76,6 +77,7 @@ class Trainer:
         self.fmt = formatter_from_config(cfg.data, model_dir=cfg.model.hf_path)
         self.demos = read_demos(cfg.data.demo_paths, self.fmt, cfg.data) if cfg.data.demo_paths else None
         self.prompts = read_prompts(cfg.data.prompt_paths, self.fmt, cfg.data) if cfg.data.prompt_paths else None
+        self.heldout = self._read_heldout()
         self.sampler = MixedBatchSampler.from_config(
             cfg.data, len(self.prompts) if self.prompts else 0, len(self.demos) if self.demos else 0)
         self.stop_ids = tuple(sorted({self.fmt.eot_id, *([self.fmt.tokenizer.eos_token_id]
@@ -250,6 +252,57 @@ class Trainer:
         """Collective: refit every rank's engine from its own training ranks (rollout_step.RolloutStep.sync)."""
         self.rollout.sync(self.student)
 
+    # ---- held-out evaluation ------------------------------------------------------------------------
+
+    def _read_heldout(self) -> Any:
+        """The held-out prompts (data.eval_prompt_paths); refused when one of them is also a training prompt."""
+        cfg = self.cfg
+        if not cfg.data.eval_prompt_paths:
+            return None
+        if cfg.rollout is None:
+            raise ValueError("data.eval_prompt_paths: the held-out evaluation samples through the rollout engine, "
+                             "and this config has no rollout section")
+        rows = read_prompts(cfg.data.eval_prompt_paths, self.fmt, cfg.data)
+        trained = {tuple(r.prompt_ids.tolist()) for r in (self.prompts.rows if self.prompts else [])}
+        trained |= {tuple(d.prompt_ids.tolist()) for d in (self.demos.rows if self.demos else [])}
+        both = [r for r in rows.rows if tuple(r.prompt_ids.tolist()) in trained]
+        if both:
+            raise ValueError(f"data.eval_prompt_paths: {len(both)} of {len(rows)} held-out prompts are also training "
+                             f"prompts (first: {both[0].path}:{both[0].line}); held-out prompts must not be trained on")
+        return rows
+
+    def _eval_due(self, done: int) -> bool:
+        every = self.cfg.train.eval_every
+        return self.heldout is not None and (done == self.cfg.train.steps or every > 0 and done % every == 0)
+
+    def _heldout_eval(self) -> dict[str, float]:
+        """Collective: the mean reward of train.eval_samples samples per held-out prompt, drawn by the run's own
+        rollout engines at the current weights (no second model), each engine its contiguous share seeded by
+        global prompt index, so the samples are those of one engine given them all, at every evaluation."""
+        from ..eval.heldout import sample_and_score
+
+        if self.heldout is None:
+            return {}
+        t0, rows = time.perf_counter(), self.heldout.rows
+        lo, hi = self.rollout.share(len(rows))
+        mine: tuple[list[float], str] = ([], "")
+        if self.engine is not None and hi > lo:
+            try:
+                got = sample_and_score(self.engine, rows[lo:hi], self.fmt, self.rollout.reward, self.cfg.sampling,
+                                       self.cfg.train.eval_samples, self.cfg.train.seed, self.stop_ids, offset=lo)
+                mine = (got.rewards if self.rollout.is_source else [], "")
+            except EngineNeedsWeights as e:
+                mine = ([], str(e))
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        failed = [err for _, err in gathered if err]
+        if failed:
+            if self.rank == 0:
+                print(f"held-out evaluation skipped: {failed[0]}", flush=True)
+            return {}
+        rewards = [r for got, _ in gathered for r in got]
+        return {"eval/heldout_reward": sum(rewards) / max(len(rewards), 1), "time/eval_seconds": time.perf_counter() - t0}
+
     # ---- the run ------------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -263,10 +316,14 @@ class Trainer:
             self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
         t_start = time.perf_counter()
         last_saved = self.start_step
+        if self.start_step == 0:
+            self.log.evaluation(0, self._heldout_eval())
         for step in range(self.start_step, cfg.steps):
             t_step = time.perf_counter()
             stats = self.step(step)
             stats["time/step_seconds"] = time.perf_counter() - t_step
+            if self._eval_due(step + 1):
+                stats.update(self._heldout_eval())
             bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
             self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
             self.nonfinite_total += int(bad)
@@ -298,7 +355,7 @@ def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple:
     pad = max(pad_multiple, required_pad_multiple(
         parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel))
     plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=max_tokens, dp_size=dp_size,
-                              pad_multiple=pad)
+                              pad_multiple=pad, micro_batch_multiple=parallel.micro_batch_multiple)
     out = []
     for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
         mine = [seqs[i] for i in p.seq_ids]

@@ -27,13 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..rollout.base import EngineNeedsWeights, SamplingParams
-from ..rollout.placement import (
-    EnginePlacement,
-    PlacementError,
-    place_colocated,
-    split_bounds,
-    visible_devices,
-)
+from ..rollout.placement import EnginePlacement, PlacementError, place_colocated, split_bounds, visible_devices
 from ..rollout.weight_sync import HeldBytes
 
 log = logging.getLogger(__name__)
@@ -162,8 +156,13 @@ class RolloutStep:
             self.engine = None
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _share(self, n_prompts: int) -> tuple[int, int]:
-        """Prompt positions [lo, hi) this rank's engine generates."""
+    @property
+    def is_source(self) -> bool:
+        """Whether this rank reports its engine's samples (one rank per engine)."""
+        return self.rank == self.source and self.engine is not None
+
+    def share(self, n_prompts: int) -> tuple[int, int]:
+        """Prompt positions [lo, hi) of a list of n_prompts this rank's engine generates."""
         if self.placement is None:  # disaggregated: rank 0's client splits over the servers itself
             return 0, n_prompts
         b = split_bounds(n_prompts, self.num_engines)
@@ -172,7 +171,7 @@ class RolloutStep:
     def _generate(self, step: int, prompt_idx: list[int]) -> list[tuple] | None:
         """This rank's engine's samples as (position, sample index, tokens, log-probs, finish reason); [] without
         an engine or prompts; None when the engine needs the weights again."""
-        lo, hi = self._share(len(prompt_idx))
+        lo, hi = self.share(len(prompt_idx))
         if self.engine is None or hi == lo:
             return []
         if self.needs_sync:
