@@ -10,7 +10,9 @@ two at a time, shared by the tests below:
 - a vLLM engine core (rollout.multiprocess) killed at DP2 is restarted and re-synced from its own ranks, and
   every step equals the run without the kill; nothing of the run outlives it;
 - metrics.jsonl carries rollout/engines and rollout/prompts_per_engine_max per step, and train.log_rollouts
-  writes rollouts.jsonl, one line per sample.
+  writes rollouts.jsonl, one line per sample;
+- the held-out evaluation (before the first step and after the last), each engine sampling its share of the
+  held-out prompts, scores as one engine does.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ RUNS = {  # name: (ranks, overrides)
     "torch_tp2": (2, ["rollout.engine=torch", "parallel.tensor_model_parallel_size=2"]),
 }
 AT_ONCE = 2
+EVAL_PROMPTS = 5  # odd: two engines get shares of 3 and 2
+EVALUATED = ("vllm_dp1", "vllm_dp2", "torch_dp1", "torch_dp2")
 
 
 def _engine_core(root: int) -> int | None:
@@ -59,6 +63,8 @@ def _start(name: str, assets: dict[str, str], root: Path) -> dict:
     # occasional neighbouring token (the fp32 cumulative sum's rounding moves bin edges 1/151,936 wide); over 4
     # tokens the bins are ~1/4 wide. The draw still comes from each sample's seed (wrong seeds would differ).
     args = [str(TINY), *run_overrides(assets, out, STEPS), "train.log_rollouts=true", "sampling.top_k=4", *extra]
+    if name in EVALUATED:
+        args += [f"data.eval_prompt_paths=[{assets['eval_data']}]", "train.eval_samples=4"]
     cmd = cli("train", *args) if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
         "-m", "uniapl_megatron.cli", "train", *args]
@@ -75,6 +81,14 @@ def runs(tmp_path_factory) -> dict[str, dict]:
 
     root = tmp_path_factory.mktemp("runs")
     assets = prepare(root / "assets", train_rows=200)
+    # Held-out prompts whose reward the tiny random student's draws pass now and then (all lowercase or not;
+    # 0.1 before training, 0.8 after, measured): the mean depends on the tokens drawn, where the demo's own
+    # held-out prompts score 0 whatever it samples.
+    rows = [json.loads(line) for line in Path(assets["eval_data"]).read_text().splitlines()[:EVAL_PROMPTS]]
+    small = Path(assets["eval_data"]).with_name("heldout_lowercase.jsonl")
+    small.write_text("".join(json.dumps({**r, "instruction_id_list": ["change_case:english_lowercase"],
+                                         "kwargs": [{}]}) + "\n" for r in rows))
+    assets["eval_data"] = str(small)
     todo, running, done = list(RUNS), [], {}
     deadline = time.monotonic() + 1800
     try:
@@ -104,6 +118,11 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return done
 
 
+def _steps(run: dict) -> list[dict]:
+    """metrics.jsonl's training-step rows (a run with a held-out evaluation also has a step-0 row)."""
+    return [r for r in metrics(run["out"]) if r["step"] >= 1]
+
+
 def _rollouts(run: dict) -> list[dict]:
     return [json.loads(line) for line in (Path(run["out"]) / "rollouts.jsonl").read_text().splitlines()]
 
@@ -118,7 +137,7 @@ def _same_losses(a: list[dict], b: list[dict]) -> None:
 @pytest.mark.parametrize("engine", ["vllm", "torch"])
 def test_dp2_with_two_engines_samples_and_learns_as_dp1(runs, engine):
     one, two = runs[f"{engine}_dp1"], runs[f"{engine}_dp2"]
-    m1, m2 = metrics(one["out"]), metrics(two["out"])
+    m1, m2 = _steps(one), _steps(two)
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, STEPS + 1))
     assert [r["rollout/engines"] for r in m1] == [1.0] * STEPS
     assert [r["rollout/engines"] for r in m2] == [2.0] * STEPS
@@ -131,6 +150,12 @@ def test_dp2_with_two_engines_samples_and_learns_as_dp1(runs, engine):
         (s, p, j) for s in range(1, STEPS + 1) for p in range(PROMPTS) for j in range(G)]
     assert r1 == r2  # every sampled token, reward and prompt, step by step
     _same_losses(m1, m2)
+    # Held-out evaluation: the two engines' shares (3 and 2 prompts x 4 samples) score as one engine's call
+    # (seeding the second share from 0 instead of its global index gave 0.15 and 0.65 for 0.1 and 0.8).
+    e1, e2 = ([(r["step"], r["eval/heldout_reward"]) for r in metrics(x["out"]) if "eval/heldout_reward" in r]
+              for x in (one, two))
+    assert [s for s, _ in e1] == [0, STEPS]
+    assert e1 == e2
 
 
 @pytest.mark.slow
@@ -140,13 +165,13 @@ def test_both_engines_sample_from_the_refit_weights(runs):
     # weights the trainer refit into them. (rollout/logprob_diff_max does not apply with top_k: the engine
     # reports the log-probs of the filtered distribution, the trainer those of the full one.)
     assert _rollouts(runs["vllm_dp1"]) == _rollouts(runs["torch_dp1"])
-    _same_losses(metrics(runs["vllm_dp1"]["out"]), metrics(runs["torch_dp1"]["out"]))
+    _same_losses(_steps(runs["vllm_dp1"]), _steps(runs["torch_dp1"]))
 
 
 @pytest.mark.slow
 def test_tp2_training_with_rollout_tp1_runs_two_engines(runs):
     tp2, dp1 = runs["torch_tp2"], runs["torch_dp1"]
-    m = metrics(tp2["out"])
+    m = _steps(tp2)
     assert [r["rollout/engines"] for r in m] == [2.0] * STEPS
     # Step 1 samples from the initial weights, refit from TP shards: exactly what one engine samples.
     first = [r for r in _rollouts(tp2) if r["step"] == 1]
@@ -168,5 +193,5 @@ def test_killed_engine_core_at_dp2_is_restarted_and_resynced(runs):
     # The restarted engine starts from random weights (load_format dummy): only a right re-sync gives the
     # same samples as the run without the kill.
     assert _rollouts(kill) == _rollouts(ref)
-    _same_losses(m, metrics(ref["out"]))
+    _same_losses(m, _steps(ref))
     assert not alive(kill["seen"]), "processes of the run outlived it"
