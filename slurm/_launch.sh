@@ -9,8 +9,9 @@
 #      starts, a layout that does not divide the GPUs or fit their memory;
 #   2. sets the environment Megatron, NCCL and PyTorch want (each variable says why below);
 #   3. launches training with srun, one task per GPU (default), and in disaggregated mode a second
-#      srun step on the last rollout.num_nodes nodes running the rollout engine (`uniapl rollout`,
-#      same config and overrides; each server reaches trainer rank 0 at $MASTER_ADDR:$MASTER_PORT+17);
+#      srun step on the last rollout.num_nodes nodes running one rollout server per rollout-TP group
+#      of their GPUs (`uniapl rollout`, same config and overrides; each reaches trainer rank 0 at
+#      $MASTER_ADDR:$MASTER_PORT+17);
 #   4. passes the time-limit signal (#SBATCH --signal=B:USR1@N reaches only this shell) on to the
 #      trainer, which saves a checkpoint and exits; then requeues the job, and the next run
 #      resumes from <output_dir>/checkpoints/latest (resume=auto).
@@ -141,11 +142,12 @@ uniapl_plan() {
             --gpu-mem-gib "${gpu_gib:-0}" --shell)" \
             || uniapl_die "the memory/layout plan refused this launch (above); nothing was started"
     fi
-    # Only the four UNIAPL_* assignments the planner prints (values are shlex-quoted).
+    # Only the UNIAPL_* assignments the planner prints (values are shlex-quoted).
     local line
     while IFS= read -r line; do
         case "$line" in
-            UNIAPL_OUTPUT_DIR=* | UNIAPL_RESUME=* | UNIAPL_ROLLOUT_MODE=* | UNIAPL_ROLLOUT_NODES=*)
+            UNIAPL_OUTPUT_DIR=* | UNIAPL_RESUME=* | UNIAPL_ROLLOUT_MODE=* | UNIAPL_ROLLOUT_NODES=* \
+                | UNIAPL_ROLLOUT_TASKS_PER_NODE=*)
                 eval "export $line" ;;
             *) uniapl_die "unexpected planner output: $line" ;;
         esac
@@ -184,8 +186,13 @@ uniapl_build_steps() {
     UNIAPL_ROLLOUT_TASK=(rollout uniapl_megatron.cli rollout "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
     UNIAPL_ROLLOUT_STEP=()
     if [ "$UNIAPL_ROLLOUT_NODES" -gt 0 ]; then
+        # One rollout server (engine) per rollout-TP group of each rollout node's GPUs; each takes its
+        # group of the node's GPUs (uniapl_megatron/rollout/placement.py server_devices).
+        local r="${UNIAPL_ROLLOUT_TASKS_PER_NODE:-1}"
+        local -a server_cpus=()
+        if [ -n "$cpt" ]; then server_cpus=(--cpus-per-task=$((cpt * p / r))); fi
         UNIAPL_ROLLOUT_STEP=(srun "${common[@]}" --nodes="$UNIAPL_ROLLOUT_NODES"
-            --ntasks="$UNIAPL_ROLLOUT_NODES" --ntasks-per-node=1 "${node_cpus[@]}"
+            --ntasks=$((UNIAPL_ROLLOUT_NODES * r)) --ntasks-per-node="$r" "${server_cpus[@]}"
             --nodelist="$UNIAPL_ROLLOUT_HOSTS" bash "$task" "${UNIAPL_ROLLOUT_TASK[@]}")
     fi
 }
@@ -206,9 +213,13 @@ uniapl_dry_run() {
                 bash "$task" "${UNIAPL_TRAIN_TASK[@]}"
         done
     done
+    local r="${UNIAPL_ROLLOUT_TASKS_PER_NODE:-1}"
     for ((n = 0; n < UNIAPL_ROLLOUT_NODES; n++)); do
-        SLURMD_NODENAME="${UNIAPL_HOSTS[t + n]}" SLURM_NODEID="$n" SLURM_LOCALID=0 \
-            SLURM_PROCID="$n" SLURM_NTASKS="$UNIAPL_ROLLOUT_NODES" bash "$task" "${UNIAPL_ROLLOUT_TASK[@]}"
+        for ((l = 0; l < r; l++)); do
+            SLURMD_NODENAME="${UNIAPL_HOSTS[t + n]}" SLURM_NODEID="$n" SLURM_LOCALID="$l" \
+                SLURM_PROCID=$((n * r + l)) SLURM_NTASKS=$((UNIAPL_ROLLOUT_NODES * r)) \
+                bash "$task" "${UNIAPL_ROLLOUT_TASK[@]}"
+        done
     done
 }
 

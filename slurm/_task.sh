@@ -5,7 +5,8 @@
 #   gpu       one task per GPU: RANK, LOCAL_RANK, WORLD_SIZE from SLURM_PROCID, SLURM_LOCALID,
 #             SLURM_NTASKS (srun's block distribution: node n holds ranks n*P .. n*P+P-1)
 #   torchrun  one task per node: python -m torch.distributed.run, node rank = SLURM_PROCID
-#   rollout   one task per rollout node (disaggregated): RANK/WORLD_SIZE among the rollout nodes
+#   rollout   one task per rollout-TP group of a rollout node's GPUs (disaggregated): RANK/WORLD_SIZE
+#             among the rollout servers, LOCAL_RANK on the node (it picks the server's GPUs)
 # MASTER_ADDR, MASTER_PORT, UNIAPL_PYTHON and UNIAPL_PROCS_PER_NODE come from slurm/_launch.sh.
 # Training tasks get CUDA_DEVICE_MAX_CONNECTIONS (rollout tasks do not) and, one task per GPU, run bound
 # to the CPUs and memory of their GPU's NUMA node (UNIAPL_CPU_BIND=none turns that off).
@@ -88,9 +89,10 @@ case "$mode" in
         cmd=("$py" -m torch.distributed.run --nnodes="$SLURM_NTASKS" --node-rank="$SLURM_PROCID"
             --nproc-per-node="$p" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m "$@") ;;
     rollout)
-        export RANK="$SLURM_PROCID" LOCAL_RANK=0 WORLD_SIZE="$SLURM_NTASKS" UNIAPL_ROLE=rollout
+        export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS" UNIAPL_ROLE=rollout
         unset CUDA_DEVICE_MAX_CONNECTIONS
-        ranks="$RANK" world="$WORLD_SIZE" local_rank=0 bind_desc="none(rollout server: all GPUs of the node)"
+        ranks="$RANK" world="$WORLD_SIZE" local_rank="$LOCAL_RANK"
+        bind_desc="none(rollout server: its rollout-TP group of the node's GPUs)"
         cmd=("${UNIAPL_ROLLOUT_PYTHON:-$py}" -m "$@") ;;
     *)
         echo "_task.sh: unknown mode '$mode' (expected gpu, torchrun or rollout)" >&2

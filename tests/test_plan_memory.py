@@ -169,28 +169,57 @@ def test_activation_bytes_by_hand_and_their_parallel_behaviour():
     assert act(world_size=2, cp=2) == pytest.approx(acts / 2)
 
 
-def test_rollout_share_colocated_sleeping_or_not_and_fallback_kv_cache():
+def test_colocated_engine_shard_weight_sync_and_fallback_kv_cache():
+    # Qwen3-4B at rollout TP=1: the engine's shard on every training GPU is its bf16 weights plus the KV
+    # cache in bytes; asleep during training, the peak is the largest of the training, rollout and sync
+    # phases (sync: engine weights + one 256 MiB bucket + the largest unit gathered whole, here the
+    # 151,936 x 2,560 embedding, which outweighs one layer's 100.9M parameters).
     s, lay = shape(QWEN3_4B), Layout(world_size=8, tp=2, sp=True)
     train = TrainShape(seq_length=8192)
-    awake = plan(s, lay, train, RolloutShape(gpu_memory_utilization=0.35, sleeps=False), H100)
-    asleep = plan(s, lay, train, RolloutShape(gpu_memory_utilization=0.35), H100)
+    kv = 12 * GIB
+    engine_weights = 2 * 4_022_468_096
+    awake = plan(s, lay, train, RolloutShape(kv_cache_bytes=kv, sleeps=False), H100)
+    asleep = plan(s, lay, train, RolloutShape(kv_cache_bytes=kv), H100)
     base = plan(s, lay, train, NO_ROLLOUT, H100)
     st, sl, b = awake.stages[0], asleep.stages[0], base.stages[0]
-    assert st.total - b.total == pytest.approx(0.35 * H100)
+    sync = 256 * 2**20 + 2 * 151_936 * 2560
+    assert st.total - b.total == pytest.approx(engine_weights + kv + sync)
     step = sum(v for k, v in b.parts.items() if k.startswith(("activations", "logits")))
-    assert sl.total - b.total == pytest.approx(max(0.0, 0.35 * H100 - step))
+    assert sl.total - b.total == pytest.approx(max(0.0, engine_weights + kv - step, engine_weights + sync - step))
+    # vLLM's start-up budget (gpu_memory_utilization of the GPU) must hold what it is told to allocate.
+    tight = plan(s, lay, train, RolloutShape(kv_cache_bytes=kv, gpu_memory_utilization=0.2), H100)
+    assert not tight.fits and "exceed vLLM's start-up budget" in tight.problems[0]
+    # A colocated vLLM engine sized by a fraction of the GPU is refused (the trainer refuses it too).
+    with pytest.raises(PlanError, match="rollout.kv_cache_bytes"):
+        plan(s, lay, train, RolloutShape(gpu_memory_utilization=0.35), H100)
     # torch fallback at TP=1: full bf16 weights + KV cache of 32 seqs x 4096 tokens:
     # 36 layers x (K and V) x 8 kv heads x 128 x 2 bytes per token.
     fb = plan(s, lay, train, RolloutShape(engine="torch", max_num_seqs=32, max_model_len=4096,
                                          sleeps=False), H100).stages[0]
-    assert fb.parts["rollout KV cache (32 seqs x 4096 tokens)"] == 32 * 4096 * 36 * 2 * 8 * 128 * 2
-    assert fb.parts["rollout engine weights (torch fallback, TP=1)"] == 2 * 4_022_468_096
+    assert fb.parts["rollout KV cache (torch engine, 32 seqs x 4096 tokens)"] == 32 * 4096 * 36 * 2 * 8 * 128 * 2
+    assert fb.parts["rollout engine weights"] == engine_weights
+
+
+def test_engines_are_counted_and_unplaceable_layouts_refused(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {hf_path: Qwen/Qwen3-8B}\nparallel: {tensor_model_parallel_size: 4}\n"
+                 "rollout: {tensor_parallel_size: 2, kv_cache_bytes: 1073741824}\n")
+    cfg = tool.load_recipe(str(f))
+    _, notes = tool.plan_recipe(cfg, str(f), 4, 8, H100)
+    assert "rollout: 16 colocated engine(s) of TP=2" in notes  # 32 GPUs / 2
+    cfg = tool.load_recipe(str(f), ["rollout.mode=disaggregated", "rollout.num_nodes=2"])
+    _, notes = tool.plan_recipe(cfg, str(f), 4, 8, H100)
+    assert "rollout: 8 disaggregated engine(s) of TP=2" in notes  # every GPU of the 2 rollout nodes
+    for bad, msg in (("rollout.tensor_parallel_size=16", "would span two nodes"),
+                     ("rollout.tensor_parallel_size=3", "does not divide the 32 training ranks")):
+        with pytest.raises(PlanError, match=msg):
+            tool.plan_recipe(tool.load_recipe(str(f), [bad]), str(f), 4, 8, H100)
 
 
 def test_a_layout_that_cannot_fit_is_refused_with_every_part_listed():
     # 8B without tensor parallelism: 15 GiB weights + 31 GiB fp32 grads + ~38 GiB activations.
     p = plan(shape(QWEN3_8B), Layout(world_size=256), TrainShape(seq_length=8192),
-             RolloutShape(gpu_memory_utilization=0.35), H100)
+             RolloutShape(gpu_memory_utilization=0.35, kv_cache_bytes=8 * GIB), H100)
     assert not p.fits
     with pytest.raises(DoesNotFit) as e:
         check(p)
@@ -201,12 +230,12 @@ def test_a_layout_that_cannot_fit_is_refused_with_every_part_listed():
     assert "79.60 GiB" in msg
     # The same model at TP=4 with SP fits.
     check(plan(shape(QWEN3_8B), Layout(world_size=256, tp=4, sp=True), TrainShape(seq_length=8192),
-               RolloutShape(gpu_memory_utilization=0.35, tensor_parallel_size=2), H100))
+               RolloutShape(gpu_memory_utilization=0.35, kv_cache_bytes=8 * GIB, tensor_parallel_size=2), H100))
 
 
 def test_rollout_that_cannot_hold_its_weights_is_refused():
     p = plan(shape(QWEN3_8B), Layout(world_size=8, tp=4), TrainShape(),
-             RolloutShape(gpu_memory_utilization=0.15), H100)
+             RolloutShape(gpu_memory_utilization=0.15, mode="disaggregated", num_nodes=1), H100)
     assert p.worst.total < H100 and not p.fits
     with pytest.raises(DoesNotFit, match=r"vLLM's share .* cannot hold its weights \(15\.26 GiB"):
         check(p)
@@ -294,7 +323,7 @@ def test_discriminator_is_counted_from_its_config(tmp_path):
     f.write_text("model: {hf_path: Qwen/Qwen3-8B}\nparallel: {tensor_model_parallel_size: 4}\n"
                  "discriminator: {kind: online, path: disc, dtype: bfloat16}\n")
     p, notes = tool.plan_recipe(tool.load_recipe(str(f)), str(f), 1, 8, H100)
-    assert p.worst.parts["discriminator (online, bfloat16, + grads + AdamW)"] == 4 * 2 * 596_049_920
+    assert p.worst.parts["discriminator (online, bfloat16, + grads + AdamW; a copy per GPU)"] == 4 * 2 * 596_049_920
     assert any("public config of Qwen/Qwen3-8B" in n for n in notes)
 
 
@@ -343,7 +372,8 @@ def test_cli_exit_codes_and_shell_output(tmp_path):
               "--gpu-mem-gib", "0", "--shell")
     assert sh.returncode == 0, sh.stderr
     assert sh.stdout.splitlines() == [f"UNIAPL_OUTPUT_DIR={ROOT}/runs/qwen3_8b_32x8", "UNIAPL_RESUME=auto",
-                                      "UNIAPL_ROLLOUT_MODE=disaggregated", "UNIAPL_ROLLOUT_NODES=8"]
+                                      "UNIAPL_ROLLOUT_MODE=disaggregated", "UNIAPL_ROLLOUT_NODES=8",
+                                      "UNIAPL_ROLLOUT_TASKS_PER_NODE=4"]  # 8 GPUs / rollout TP 2
     f = tmp_path / "local.yaml"
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"hidden_size": 64,')

@@ -83,8 +83,8 @@ def test_missing_rollout_server_is_named(tmp_path):
     port = free_port()
     cfg = RolloutConfig(model_path=str(tmp_path), mode="disaggregated", num_nodes=1, control_host="127.0.0.1",
                         control_port=port, connect_timeout_s=1)
-    with pytest.raises(TimeoutError, match=f"0 of rollout.num_nodes=1 rollout servers connected to the trainer at "
-                                           f"127.0.0.1:{port} within 1 s"):
+    with pytest.raises(TimeoutError, match=rf"0 of 1 rollout servers \(rollout.num_nodes=1\) connected to the "
+                                           rf"trainer at 127.0.0.1:{port} within 1 s"):
         build_engine(cfg)
 
 
@@ -108,16 +108,17 @@ _SERVE = """
 import sys
 from uniapl_megatron.rollout import RolloutConfig
 from uniapl_megatron.rollout.server import serve
-cfg = RolloutConfig(engine="torch", model_path=sys.argv[1], max_model_len=64, mode="disaggregated", num_nodes=2,
+cfg = RolloutConfig(engine="torch", model_path=sys.argv[1], max_model_len=64, mode="disaggregated", num_nodes=1,
                     control_host="127.0.0.1", control_port=int(sys.argv[2]), connect_timeout_s=120)
-sys.exit(serve(cfg, rank=int(sys.argv[3])))
+sys.exit(serve(cfg, rank=int(sys.argv[3]), servers=2))
 """
 
 
 def test_two_servers_sample_what_one_engine_samples(tmp_path):
-    # Two real `serve` processes (torch engine: cheap), this process as the trainer's client: weights are
-    # broadcast to both, the prompts are split between them, and the samples equal those of one local
-    # engine with the same weights and seed, so they do not depend on rollout.num_nodes.
+    # Two real `serve` processes on one rollout node (as two rollout-TP groups of its GPUs would be; torch
+    # engine: cheap), this process as the trainer's client: it learns from them that there are two, weights
+    # are broadcast to both, the prompts are split between them, and the samples equal those of one local
+    # engine with the same weights and seed, so they do not depend on the number of servers.
     import sys
 
     import torch
@@ -139,9 +140,10 @@ def test_two_servers_sample_what_one_engine_samples(tmp_path):
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=21)
     try:
         remote = build_engine(RolloutConfig(engine="torch", model_path=str(folder), mode="disaggregated",
-                                            num_nodes=2, control_host="127.0.0.1", control_port=port,
+                                            num_nodes=1, control_host="127.0.0.1", control_port=port,
                                             connect_timeout_s=120))
         try:
+            assert remote.num_engines == 2
             remote.update_weights(iter(moved.items()))
             got = remote.generate(prompts, params)
         finally:

@@ -4,8 +4,10 @@
   sampled-token log-probs equal the student's (fp32, <= 1e-4); after one optimizer step and a sync (full HF
   tensors gathered from the shards, broadcast in buckets) the engine's greedy continuations equal the
   student's; without the sync they differ.
-- colocated (slow), TP=2 student and a rollout TP=2 engine in the same two processes (vLLM's external
-  launcher), synced from random start-up weights: greedy and log-probs agree with the student.
+- colocated: TP=2, then PP=2, student and one rollout TP=2 engine in the same two processes (vLLM's external
+  launcher), refit by the trainer's own path from random start-up weights: the engine's greedy continuations
+  equal the student's, and no rank holds more than one bucket plus one layer's gathered tensors for it
+  (the model is over 4x that).
 
 Run as a script, this file is the worker of one Megatron rank.
 """
@@ -159,30 +161,53 @@ def disaggregated_worker(a: argparse.Namespace) -> None:
     _write_rank0(out, a.out)
 
 
+def _hf_bytes(student) -> tuple[int, int]:
+    """(all HF tensors, the largest decoder layer or other unit) in bytes, from the converter's shape table."""
+    import re
+
+    from uniapl_megatron.convert.mapping import expected_hf_shapes
+
+    units: dict[str, int] = {}
+    for name, shape in expected_hf_shapes(student.arch).items():
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        n = 4
+        for d in shape:
+            n *= d
+        units[m.group(0) if m else name] = units.get(m.group(0) if m else name, 0) + n
+    return sum(units.values()), max(units.values())
+
+
 def colocated_worker(a: argparse.Namespace) -> None:
-    """TP=2 student and, in the same two processes, a vLLM engine with rollout TP=2 (external launcher)."""
+    """Two ranks, each TP=2 then PP=2 student layouts in turn, and in the same two processes one vLLM engine
+    of rollout TP=2 (external launcher) started from random weights: the trainer's refit (trainer.rollout_step
+    .refit) streams the student's weights in, with the bytes each rank holds for it measured."""
+    from megatron.core import parallel_state as ps
+
     from uniapl_megatron.rollout import RolloutConfig, SamplingParams
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
+    from uniapl_megatron.trainer.rollout_step import refit
 
     inp = json.loads(Path(a.inp).read_text())
-    student = _student(a.hf, tp=2, pp=1)
-    _sft_step(student)
-    out: dict = {"greedy_after_step": _greedy(student, inp["greedy_prompts"], GREEDY_TOKENS)}
-    # Random start-up weights: everything the engine knows comes from the colocated sync.
-    engine = VLLMRolloutEngine(RolloutConfig(model_path=a.hf, load_format="dummy", tensor_parallel_size=2,
-                                             work_dir=a.work, max_model_len=128, kv_cache_bytes=32 << 20,
-                                             enforce_eager=True))
-    engine.update_weights(student.hf_tensors())  # every rank: the iterator's gathers are collective
-    engine.sleep()  # CPU: no-ops; the trainer's colocated step calls them around training
-    engine.wake()
     prompts = inp["greedy_prompts"]  # ranks of one rollout TP group must ask for the same prompts
-    out["engine_greedy"] = [s.token_ids for s in engine.generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)).samples]
-    batch = engine.generate(prompts, SamplingParams(n=2, temperature=TEMPERATURE, max_new_tokens=8, seed=5))
-    samples = [{"prompt": prompts[s.prompt_index], "tokens": s.token_ids} for s in batch.samples]
-    lps = _student_logprobs(student, samples, TEMPERATURE)
-    out["logprob_diff"] = max(float((torch.tensor(s.logprobs) - torch.tensor(ref)).abs().max())
-                              for s, ref in zip(batch.samples, lps))
+    engine, out = None, {}
+    for tp, pp in ((2, 1), (1, 2)):
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        student = _student(a.hf, tp=tp, pp=pp)
+        _sft_step(student)
+        if engine is None:
+            engine = VLLMRolloutEngine(RolloutConfig(model_path=a.hf, load_format="dummy", tensor_parallel_size=2,
+                                                     work_dir=a.work, max_model_len=128, kv_cache_bytes=32 << 20,
+                                                     enforce_eager=True))
+        held = refit(engine, student, inp["bucket_bytes"])
+        engine.sleep()  # CPU: no-ops; the trainer's colocated step calls them around training
+        engine.wake()
+        key = f"tp{tp}pp{pp}"
+        out[f"{key}_greedy_student_r{a.rank}"] = _greedy(student, prompts, GREEDY_TOKENS)
+        out[f"{key}_greedy_engine_r{a.rank}"] = [s.token_ids for s in engine.generate(
+            prompts, SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)).samples]
+        out[f"{key}_held_r{a.rank}"] = held
+        out["model_bytes"], out["unit_bytes"] = _hf_bytes(student)
     engine.shutdown()
     _write_rank0(out, a.out)
 
@@ -196,6 +221,7 @@ def worker() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--work", default="")
     a = ap.parse_args()
+    a.rank = int(os.environ.get("RANK", "0"))
     (disaggregated_worker if a.mode == "disaggregated" else colocated_worker)(a)
 
 
@@ -253,19 +279,27 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_colocated_engine_in_the_training_processes(tmp_path):
+def test_refit_from_local_shards_holds_a_bucket_not_the_model(tmp_path):
     from _models import tiny_qwen3
     from uniapl_megatron.launch import run_ranks
 
-    model = tiny_qwen3(tmp_path / "hf", tie=True, vocab=512, layers=2, hidden=64)
+    # Ten layers that outweigh the embedding: the whole model is ~2.2 MB, one layer ~0.2 MB.
+    model = tiny_qwen3(tmp_path / "hf", tie=False, vocab=512, layers=10, hidden=64)
+    bucket = 256 << 10
     prompts = [[11, 12, 13, 14, 15], [200, 7, 9, 300, 41]]
-    (tmp_path / "in.json").write_text(json.dumps({"greedy_prompts": prompts}))
+    (tmp_path / "in.json").write_text(json.dumps({"greedy_prompts": prompts, "bucket_bytes": bucket}))
     work = tmp_path / "vllm_work"
     argv = [sys.executable, __file__, "--mode", "colocated", "--hf", str(model), "--inp", str(tmp_path / "in.json"),
             "--out", str(tmp_path / "out.json"), "--work", str(work)]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    assert run_ranks(argv, 2, env=env, timeout=500) == 0
+    assert run_ranks(argv, 2, env=env, timeout=600) == 0
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["engine_greedy"] == out["greedy_after_step"]
-    assert out["logprob_diff"] <= 1e-4
+    # One bucket (a layer larger than the bucket travels alone) plus one layer's TP-gathered tensors.
+    bound = max(bucket, out["unit_bytes"]) + out["unit_bytes"]
+    assert 4 * bound < out["model_bytes"], out
+    for key in ("tp2pp1", "tp1pp2"):
+        for r in (0, 1):
+            # The engine, synced from random start-up weights, continues exactly as the trained student.
+            assert out[f"{key}_greedy_engine_r{r}"] == out[f"{key}_greedy_student_r{r}"], key
+            assert 0 < out[f"{key}_held_r{r}"] <= bound, (key, r, out[f"{key}_held_r{r}"], bound, out["unit_bytes"])
     assert not (work / "tmp").exists() and not (work / "rpc").exists()

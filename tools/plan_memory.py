@@ -8,7 +8,7 @@ Reads the recipe the way `uniapl train` does (sections, `section.key=value` over
 paths against the file's folder) and plans with uniapl_megatron.plan_memory. Exit status: 0 fits
 (or GPU memory unknown: layout checked, fit not), 1 bad input or an inconsistent layout, 2 does not
 fit (the message lists every part). `--shell` is for slurm/_launch.sh: the plan goes to stderr and
-stdout gets shell assignments (output folder, resume, placement).
+stdout gets shell assignments (output folder, resume, placement, rollout servers per node).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def train_shape(cfg: dict, source: str) -> TrainShape:
     )
 
 
-def rollout_shape(cfg: dict, source: str) -> RolloutShape | None:
+def rollout_shape(cfg: dict, source: str, gpus_per_node: int = 8) -> RolloutShape | None:
     """None when the recipe has no rollout section (as for the trainer: no engine)."""
     if not cfg.get("rollout"):
         return None
@@ -149,11 +149,15 @@ def rollout_shape(cfg: dict, source: str) -> RolloutShape | None:
         max_num_seqs=_field(cfg, r + "max_batch_size", int, d["max_batch_size"], source),
         max_model_len=_field(cfg, r + "max_model_len", int, d["max_model_len"], source),
         dtype_bytes=DTYPE_BYTES[dtype],
+        kv_cache_bytes=_field(cfg, r + "kv_cache_bytes", int, d["kv_cache_bytes"], source),
+        bucket_bytes=_field(cfg, r + "bucket_bytes", int, d["bucket_bytes"], source),
+        gpus_per_node=gpus_per_node,
     )
 
 
 def discriminator_parts(cfg: dict, source: str) -> tuple[dict[str, float], list[str]]:
-    """The discriminator's resident bytes on every GPU (whole model; online adds grads + AdamW)."""
+    """The discriminator's resident bytes on every training GPU: each rank holds a copy and scores the samples
+    of its engine share (whole model; online adds grads + AdamW)."""
     d = cfg.get("discriminator")
     if not d:
         return {}, []
@@ -165,19 +169,38 @@ def discriminator_parts(cfg: dict, source: str) -> tuple[dict[str, float], list[
         return {}, [note + ": not counted"]
     copies = 4 if kind == "online" else 1  # online: weights, grads, AdamW m and v
     total = copies * DTYPE_BYTES.get(dtype, 4) * param_count(shape)
-    return {f"discriminator ({kind}, {dtype}{', + grads + AdamW' if copies > 1 else ''})": total}, \
+    return {f"discriminator ({kind}, {dtype}{', + grads + AdamW' if copies > 1 else ''}; a copy per GPU)": total}, \
         [note] if note else []
+
+
+def engines(rollout: RolloutShape | None, lay: Layout, gpus_per_node: int, source: str) -> int:
+    """How many rollout engines the job runs (rollout/placement.py places them; refused as the trainer
+    would refuse them): one per rollout-TP group of training GPUs (colocated) or of rollout GPUs."""
+    from uniapl_megatron.rollout.placement import PlacementError, place_colocated, place_disaggregated
+
+    if rollout is None:
+        return 0
+    try:
+        if rollout.mode == "disaggregated":
+            return len(place_disaggregated(rollout.num_nodes, gpus_per_node, rollout.tensor_parallel_size))
+        gpus = [str(i) for i in range(gpus_per_node)]
+        return place_colocated(0, lay.world_size, 0, gpus_per_node, gpus, lay.tp,
+                               rollout.tensor_parallel_size).num_engines
+    except PlacementError as e:
+        raise PlanError(f"{source}: {e}") from None
 
 
 def plan_recipe(cfg: dict, source: str, nodes: int, gpus_per_node: int, gpu_bytes: float,
                 reserve_bytes: float = 4 * GIB) -> tuple[MemoryPlan | None, list[str]]:
     """Plan on nodes x gpus_per_node; (None, notes) when the student's shape is unknown."""
-    rollout = rollout_shape(cfg, source)
+    rollout = rollout_shape(cfg, source, gpus_per_node)
     rollout_nodes = rollout.num_nodes if rollout else 0
     train_nodes = nodes - rollout_nodes
     if train_nodes < 1:
         raise PlanError(f"{source}: rollout.num_nodes={rollout_nodes} leaves no training node out of {nodes}")
     lay = layout(cfg, train_nodes * gpus_per_node, source)
+    n_engines = engines(rollout, lay, gpus_per_node, source)
+    placed = [f"rollout: {n_engines} {rollout.mode} engine(s) of TP={rollout.tensor_parallel_size}"] if rollout else []
     mp = lay.tp * lay.pp * lay.cp
     if lay.world_size % mp:  # checked here too: it needs no model shape
         raise PlanError(f"{source}: {lay.world_size} training GPUs ({train_nodes} nodes x {gpus_per_node}) "
@@ -185,13 +208,13 @@ def plan_recipe(cfg: dict, source: str, nodes: int, gpus_per_node: int, gpu_byte
                         f"{lay.tp} x {lay.pp} x {lay.cp} = {mp}")
     hf_path = _field(cfg, "model.hf_path", str, "", source)
     if not hf_path:
-        return None, [f"{source} sets no model.hf_path"]
+        return None, [*placed, f"{source} sets no model.hf_path"]
     shape, note = model_shape(hf_path, "model")
     if shape is None:
-        return None, [note]
+        return None, [*placed, note]
     resident, notes = discriminator_parts(cfg, source)
     p = plan(shape, lay, train_shape(cfg, source), rollout, gpu_bytes, reserve_bytes, resident)
-    return p, [n for n in [note, *notes] if n]
+    return p, [n for n in [*placed, note, *notes] if n]
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -220,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stderr if a.shell else sys.stdout
     try:
         cfg = load_recipe(a.config, a.overrides)
-        rollout = rollout_shape(cfg, a.config)
+        rollout = rollout_shape(cfg, a.config, a.gpus_per_node)
         capacity = a.gpu_mem_gib * GIB
         p, notes = plan_recipe(cfg, a.config, a.nodes, a.gpus_per_node, capacity or 1e30,
                                a.reserve_gib * GIB)
@@ -246,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             "UNIAPL_RESUME": _field(cfg, "train.resume", str, "auto", a.config),
             "UNIAPL_ROLLOUT_MODE": rollout.mode if rollout else "none",
             "UNIAPL_ROLLOUT_NODES": str(rollout.num_nodes if rollout else 0),
+            # Disaggregated: rollout servers per rollout node, one per rollout-TP group of its GPUs.
+            "UNIAPL_ROLLOUT_TASKS_PER_NODE": str(max(a.gpus_per_node // rollout.tensor_parallel_size, 1)
+                                                 if rollout and rollout.mode == "disaggregated" else 0),
         }
         for k, v in values.items():
             print(f"{k}={shlex.quote(v)}")

@@ -62,15 +62,25 @@ def _rollout(config: str, overrides: list[str]) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # slurm/_task.sh gives each rollout node RANK / WORLD_SIZE among the rollout nodes; vLLM would read them as a
-    # torch.distributed world of its own, so they are taken out once the server index is known.
-    rank = int(os.environ.get("RANK", "0"))
+    # slurm/_task.sh gives each rollout server RANK / WORLD_SIZE among the servers and LOCAL_RANK on its node;
+    # vLLM would read them as a torch.distributed world of its own, so they are taken out once used.
+    from .rollout.placement import PlacementError, server_devices
+
+    rank, servers = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "0")) or None
+    try:
+        gpus = server_devices(int(os.environ.get("LOCAL_RANK", "0")), cfg.rollout.tensor_parallel_size,
+                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except PlacementError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if gpus is not None:  # before torch or vLLM look at the GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         os.environ.pop(key, None)
     from .rollout.server import serve
 
     try:
-        return serve(cfg.rollout, rank)
+        return serve(cfg.rollout, rank, servers)
     except (RolloutConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,14 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
 
     if not dist.is_initialized():
         if has_cuda:
-            torch.cuda.set_device(denv.local_rank)
+            # The rank's own GPU, as its colocated rollout engine shard uses it (rollout/placement.py): the
+            # local rank's when the node's GPUs are all visible, the only one when srun binds one per task.
+            from .rollout.placement import shard_device, visible_devices
+
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+            torch.cuda.set_device(torch.device(shard_device(
+                denv.local_rank, max(local_world, denv.local_rank + 1),
+                visible_devices(dict(os.environ), torch.cuda.device_count()))))
         dist.init_process_group(
             backend="nccl" if has_cuda else "gloo",
             init_method=f"tcp://{denv.master_addr}:{denv.master_port}",

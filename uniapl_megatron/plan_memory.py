@@ -4,7 +4,8 @@ For a Hugging Face Qwen3 / Qwen3-MoE `config.json` and a Megatron parallel layou
 the fullest pipeline stage, the bytes of: bf16 weights, fp32 gradients (Megatron's main_grad),
 optimizer state (fp32 master weights + Adam m and v, sharded over data-parallel ranks by the
 distributed optimizer), activations of the micro-batches in flight, the vocab-parallel logits, the
-rollout engine's share of the same GPU (colocated), and a fixed runtime reserve. `check` refuses a
+rollout engine's shard on the same GPU (colocated: one engine per rollout-TP group of training GPUs, asleep
+while the trainer steps), the weight sync's bucket and gathered layer, and a fixed runtime reserve. `check` refuses a
 plan that does not fit, with a message that lists every part.
 
 The formulas are derived for pre-norm Qwen3 layers (GQA, q/k RMSNorm, SwiGLU, no dropout, no bias)
@@ -161,11 +162,14 @@ class RolloutShape:
     mode: str = "colocated"  # colocated (same GPUs as training) | disaggregated (own nodes)
     tensor_parallel_size: int = 1  # the engine's own TP
     gpu_memory_utilization: float = 0.3  # vLLM's fraction of the whole GPU
-    num_nodes: int = 0  # disaggregated: the last num_nodes nodes of the job run the engine
+    num_nodes: int = 0  # disaggregated: the last num_nodes nodes run the engines, one per TP group of GPUs
     max_num_seqs: int = 64  # fallback engine: sequences decoded at once (its KV cache)
     max_model_len: int = 4096  # fallback engine: prompt + response tokens per sequence
     dtype_bytes: int = 2  # bytes per value of the engine's weights and KV cache
     sleeps: bool = True  # colocated engine frees its memory while the trainer steps (sleep/wake)
+    kv_cache_bytes: int = 0  # vLLM's KV cache per engine shard (rollout.kv_cache_bytes); 0 = from the fraction
+    bucket_bytes: int = 256 << 20  # weight-sync bucket (rollout.bucket_bytes)
+    gpus_per_node: int = 8  # disaggregated: rollout GPUs per node, one engine shard each
 
 
 @dataclass
@@ -375,12 +379,17 @@ def plan(shape: ModelShape, lay: Layout, train: TrainShape, rollout: RolloutShap
         if last:
             parts[f"logits ({int(rows)} tokens at a time x {int(vocab_rank)} vocab/GPU)"] = logits
         if rollout is not None and rollout.sleeps and rollout_parts:
-            # The engine sleeps while the trainer steps: the peak is the larger of the two phases.
+            # The engine sleeps while the trainer steps: the peak is the largest of three phases, training
+            # (activations, logits), rollout (engine awake) and the weight sync (engine weights awake, one
+            # bucket and one layer gathered from the shards).
             awake = sum(rollout_parts.values())
-            parts[f"rollout engine beyond activations ({awake / GIB:.2f} GiB awake, sleeps)"] = max(
-                0.0, awake - acts - logits)
+            sync = rollout_parts.get(_ENGINE_WEIGHTS, awake) + _refit_bytes(shape, lay, rollout)
+            parts[f"rollout engine, weight sync ({awake / GIB:.1f} / {sync / GIB:.1f} GiB) beyond activations"] = max(
+                0.0, awake - acts - logits, sync - acts - logits)
         else:
             parts.update(rollout_parts)
+            if rollout is not None and rollout.mode == "colocated":
+                parts["weight sync (one bucket + one layer gathered over TP)"] = _refit_bytes(shape, lay, rollout)
         parts["runtime reserve (CUDA context, NCCL buffers, fragmentation)"] = reserve_bytes
         stages.append(StagePlan(stage=s, params=params, parts=parts))
     return MemoryPlan(stages=stages, capacity=gpu_bytes, rollout_node=rollout_node, problems=problems)
@@ -394,9 +403,24 @@ def param_count(shape: ModelShape, tp: int = 1) -> float:
     return params + emb * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
 
 
+_ENGINE_WEIGHTS = "rollout engine weights"
+
+
+def _refit_bytes(shape: ModelShape, lay: Layout, r: RolloutShape) -> float:
+    """What a training GPU holds for a weight sync (rollout/refit_held_mib measures it on CPU): one bucket of
+    a pipeline stage's tensors, plus one decoder layer gathered whole over TP (or the vocab-sized embedding,
+    when larger)."""
+    flat = Layout(world_size=1)
+    layer = max(sum(_layer_params(shape, i, flat)) for i in range(shape.num_hidden_layers))
+    emb = padded_vocab(shape.vocab_size, 1) * shape.hidden_size
+    return r.bucket_bytes + r.dtype_bytes * max(layer, emb)
+
+
 def _rollout(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, reserve: float
              ) -> tuple[dict[str, float], dict[str, float] | None, list[str]]:
-    """(parts on a training GPU, parts on a rollout-node GPU or None, problems)."""
+    """(parts on a training GPU, parts on a rollout-node GPU or None, problems). Colocated: every training
+    GPU holds its shard of one engine (one per rollout-TP group of ranks); disaggregated: every rollout GPU
+    does, and the training GPUs hold none."""
     if r is None:
         return {}, None, []
     if r.engine not in ("vllm", "torch"):
@@ -409,7 +433,10 @@ def _rollout(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, reserv
                         f"num_attention_heads={shape.num_attention_heads}")
     weights = r.dtype_bytes * param_count(shape, tp)
     problems = []
-    if r.engine == "vllm":
+    if r.engine == "vllm" and not r.kv_cache_bytes:
+        if r.mode == "colocated":
+            raise PlanError("rollout.kv_cache_bytes: a colocated engine shares its GPU with training; set its KV "
+                            "cache in bytes (the trainer refuses 0 too)")
         if not 0.0 < r.gpu_memory_utilization < 1.0:
             raise PlanError(f"rollout.gpu_memory_utilization must be in (0, 1), got {r.gpu_memory_utilization}")
         share = r.gpu_memory_utilization * gpu_bytes
@@ -419,12 +446,20 @@ def _rollout(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, reserv
                 f"{gpu_bytes / GIB:.2f} GiB = {share / GIB:.2f} GiB) cannot hold its weights "
                 f"({weights / GIB:.2f} GiB at tensor_parallel_size={tp}) and a KV cache")
         parts = {f"rollout engine (vLLM, gpu_memory_utilization={r.gpu_memory_utilization})": share}
+    elif r.engine == "vllm":
+        parts = {_ENGINE_WEIGHTS: weights,
+                 f"rollout KV cache (vLLM, rollout.kv_cache_bytes, TP={tp})": float(r.kv_cache_bytes)}
+        budget = r.gpu_memory_utilization * gpu_bytes
+        if weights + r.kv_cache_bytes > budget:  # vLLM refuses a KV cache beyond its own budget at start-up
+            problems.append(f"rollout: weights ({weights / GIB:.2f} GiB) + kv_cache_bytes "
+                            f"({r.kv_cache_bytes / GIB:.2f} GiB) exceed vLLM's start-up budget, "
+                            f"gpu_memory_utilization={r.gpu_memory_utilization} of the GPU ({budget / GIB:.2f} GiB)")
     else:
         kv_heads = max(shape.num_key_value_heads // tp, 1)
         kv = (r.max_num_seqs * r.max_model_len * shape.num_hidden_layers * 2 * kv_heads
               * shape.head_dim * r.dtype_bytes)
-        parts = {f"rollout engine weights (torch fallback, TP={tp})": weights,
-                 f"rollout KV cache ({r.max_num_seqs} seqs x {r.max_model_len} tokens)": kv}
+        parts = {_ENGINE_WEIGHTS: weights,
+                 f"rollout KV cache (torch engine, {r.max_num_seqs} seqs x {r.max_model_len} tokens)": kv}
     if r.mode == "colocated":
         return parts, None, problems
     node = dict(parts)

@@ -210,24 +210,34 @@ def plan_stage(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[str
 def iter_stage(
     chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int,
     only: Callable[[torch.nn.Parameter], bool] | None = None,
+    track: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full HF tensors of this pipeline stage, gathered over TP and EP. Collective: every rank of the
     stage must iterate it to the end. Peak extra memory: one weight's gathered copies. ``only`` keeps the
-    parameters it accepts (the same ones on every rank of the stage)."""
+    parameters it accepts (the same ones on every rank of the stage); ``track`` is shown every tensor this
+    allocates (to measure what a sync holds, weight_sync.HeldBytes)."""
     _, ep_size, ep_group = _ep()
+    seen = track or (lambda t: None)
     gathered_by_ep: list[tuple[torch.Tensor, ...]] | None = None
     finish_param_gather(chunks)
     for lp, ep_r in _stage_items(chunks, arch):
         if only is not None and not only(lp.param):
             continue
         if ep_r <= 0:
-            rank, size, group = _groups(lp.resolved.is_expert)
+            _, size, group = _groups(lp.resolved.is_expert)
             with torch.no_grad():
-                full = from_shards(lp.resolved.rule.kind, _all_gather(export_view(lp.param), size, group),
-                                   arch, num_query_groups)
+                shards = _all_gather(export_view(lp.param), size, group)
+                for t in shards:
+                    seen(t)
+                full = from_shards(lp.resolved.rule.kind, shards, arch, num_query_groups)
+                del shards
+            for t in full:
+                seen(t)
             if lp.resolved.is_expert:
                 # One all-gather over EP per tensor gives every EP rank's copy of "the same" local expert.
                 gathered_by_ep = list(zip(*[_all_gather(t, ep_size, ep_group) for t in full]))
+                for t in (x for g in gathered_by_ep for x in g):
+                    seen(t)
         if ep_r < 0:
             yield from zip(lp.resolved.hf_names, full)
         else:
@@ -236,36 +246,108 @@ def iter_stage(
 
 
 def iter_hf_tensors(
-    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int
+    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int, bucket_bytes: int = 0,
+    track: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every full HF tensor of the model, on every rank (stages broadcast theirs over the PP group).
 
-    This is what rollout weight sync consumes. Collective over the whole model-parallel world.
+    This is what rollout weight sync consumes. Collective over the whole model-parallel world. With
+    ``bucket_bytes`` > 0 a stage broadcasts its tensors in flat buckets of about that size (one collective per
+    bucket; a larger tensor goes alone); a rank then holds at most one bucket plus one tensor's TP-gathered copies
+    (and what its consumer keeps of the tensors yielded, which are copies, never views of the bucket). 0: one
+    broadcast per tensor. ``track``: as for iter_stage.
     """
     from megatron.core import parallel_state as ps
 
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size == 1:
-        yield from iter_stage(chunks, arch, num_query_groups)
+        yield from iter_stage(chunks, arch, num_query_groups, track=track)
         return
     pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
     plans: list[list] = [None] * pp_size  # type: ignore[list-item]
     dist.all_gather_object(plans, plan_stage(chunks, arch), group=pp_group)
     ranks = dist.get_process_group_ranks(pp_group)
     for stage in range(pp_size):
-        mine = iter_stage(chunks, arch, num_query_groups) if stage == pp_rank else None
-        for name, shape, dtype in plans[stage]:
-            if mine is not None:
-                got_name, t = next(mine)
-                assert got_name == name, (got_name, name)
-                t = t.contiguous()
-            else:
-                t = torch.empty(shape, dtype=dtype, device=_device())
-            dist.broadcast(t, src=ranks[stage], group=pp_group)
-            yield name, t
+        mine = iter_stage(chunks, arch, num_query_groups, track=track) if stage == pp_rank else None
+        for bucket in _plan_buckets(plans[stage], bucket_bytes):
+            yield from _broadcast_bucket(bucket, mine, ranks[stage], pp_group, track or (lambda t: None))
         if mine is not None:
             for extra in mine:  # plan and iteration disagree: a bug, not a user error
                 raise RuntimeError(f"iter_stage yielded {extra[0]!r} beyond its plan")
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_ALIGN = 64  # byte offset alignment inside a bucket: a view of any dtype stays aligned
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _plan_buckets(plan: list, bucket_bytes: int) -> Iterator[list]:
+    """Consecutive plan entries in buckets of at most bucket_bytes (aligned), made of whole layers (a non-layer
+    tensor is a unit of its own): a loader that keeps a layer's tensors until the layer is complete (vLLM
+    does) then holds views into one bucket only. A unit larger than the bucket goes alone; 0: one tensor each."""
+    def layer(name: str) -> str | None:
+        m = _HF_LAYER.match(name)
+        return m.group(1) if m else None
+
+    units: list[list] = []
+    for entry in plan:
+        if units and bucket_bytes > 0 and layer(entry[0]) is not None and layer(entry[0]) == layer(units[-1][-1][0]):
+            units[-1].append(entry)
+        else:
+            units.append([entry])
+    bucket: list = []
+    size = 0
+    for unit in units:
+        n = sum(-(-_nbytes(e[1], e[2]) // _ALIGN) * _ALIGN for e in unit)
+        if bucket and (bucket_bytes <= 0 or size + n > bucket_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.extend(unit)
+        size += n
+    if bucket:
+        yield bucket
+
+
+def _broadcast_bucket(bucket: list, mine: Iterator | None, src: int, group: object,
+                      seen: Callable[[torch.Tensor], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Broadcast one bucket of a stage's tensors from `src` (whose rank iterates `mine`); yield them."""
+    if len(bucket) == 1:
+        name, shape, dtype = bucket[0]
+        if mine is not None:
+            got, t = next(mine)
+            assert got == name, (got, name)
+            t = t.contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=_device())
+        seen(t)
+        dist.broadcast(t, src=src, group=group)
+        yield name, t
+        return
+    offsets, total = [], 0
+    for _, shape, dtype in bucket:
+        offsets.append(total)
+        total += -(-_nbytes(shape, dtype) // _ALIGN) * _ALIGN
+    flat = torch.empty(total, dtype=torch.uint8, device=_device())
+    seen(flat)
+    if mine is not None:
+        for (name, _, _), off in zip(bucket, offsets):
+            got, t = next(mine)
+            assert got == name, (got, name)
+            flat[off: off + t.numel() * t.element_size()].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+            del t  # one TP-gathered copy at a time beside the bucket
+    dist.broadcast(flat, src=src, group=group)
+    for (name, shape, dtype), off in zip(bucket, offsets):
+        # A copy, not a view: a loader that keeps a tensor a while (vLLM keeps some until a later layer's
+        # arrive) would otherwise keep the whole bucket alive with it.
+        t = flat[off: off + _nbytes(shape, dtype)].view(dtype).view(shape).clone()
+        seen(t)
+        yield name, t
 
 
 def _device() -> torch.device:

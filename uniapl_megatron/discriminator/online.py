@@ -20,6 +20,7 @@ import copy
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from uniapl_megatron.discriminator.base import CANDIDATE_TEMPLATE, DiscriminatorError, check_triples
@@ -68,56 +69,87 @@ class OnlineDiscriminator:
         return self._transform(self.scorer.logits(ids)).cpu().tolist()
 
     def update(
-        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
+        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str],
+        owned: Sequence[bool] | None = None, group: object = None,
     ) -> dict[str, float]:
         """One round of training on a step's data, when ``step % update_period == 0``.
 
         Real examples: each distinct non-empty (prompt, reference) pair. Fake: every (prompt,
         candidate). Metrics are measured on the training logits before each batch's update.
+
+        Data-parallel (``group``, a torch.distributed group of ranks holding equal copies): every rank passes
+        the same prompts and references, its own candidates where ``owned`` is true (others may be empty
+        strings, never read). Each rank computes the gradient of its rows of every batch (its candidates;
+        real example k on rank k mod world); the summed gradient is that of the whole batch, so all copies
+        take the same update a single process would.
         """
         check_triples(prompts, references, candidates)
         if step % self.cfg.update_period != 0:
             return {"disc/updated": 0.0}
+        rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+        owned = [True] * len(candidates) if owned is None else list(owned)
         real = list(dict.fromkeys((p, r) for p, r in zip(prompts, references) if r))
         if not real or not candidates:
             raise DiscriminatorError("update: needs at least one non-empty reference and one candidate")
-        ids = self.scorer.encode([p for p, _ in real], [""] * len(real), [r for _, r in real])
-        ids += self.scorer.encode(prompts, references, candidates)
-        labels = torch.tensor([1.0] * len(real) + [0.0] * len(candidates), device=self.scorer.device)
-        n = len(ids)
+        n_real, n = len(real), len(real) + len(candidates)
+        mine = [k % world == rank for k in range(n_real)] + owned
+        texts = [(p, "", r) for p, r in real] + list(zip(prompts, references, candidates))
+        ids = dict(zip([i for i in range(n) if mine[i]],
+                       self.scorer.encode(*map(list, zip(*[texts[i] for i in range(n) if mine[i]])))
+                       if any(mine) else []))
+        labels = torch.tensor([1.0] * n_real + [0.0] * len(candidates), device=self.scorer.device)
         # Each class carries half of the loss, whatever the real:fake ratio.
-        class_w = torch.where(labels > 0, n / (2.0 * len(real)), n / (2.0 * len(candidates)))
+        class_w = torch.where(labels > 0, n / (2.0 * n_real), n / (2.0 * len(candidates)))
 
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        sums = {"loss": 0.0, "real_right": 0.0, "fake_right": 0.0}
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, real right, fake right
         batches = 0
         self.scorer.train()
         for epoch in range(self.cfg.update_epochs):
             order = torch.randperm(n, generator=gen).tolist()
             for start in range(0, n, self.cfg.train_batch_size):
                 idx = order[start : start + self.cfg.train_batch_size]
-                z = self.scorer.logits([ids[i] for i in idx])
-                y, w = labels[idx], class_w[idx]
-                loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).mean()
+                rows = [i for i in idx if mine[i]]
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                part = torch.zeros(3, dtype=torch.float64)
+                if rows:
+                    z = self.scorer.logits([ids[i] for i in rows])
+                    y, w = labels[rows], class_w[rows]
+                    # This rank's share of the batch mean: the shares add up to it over the group.
+                    loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).sum() / len(idx)
+                    loss.backward()
+                    right = ((z.detach() > 0).float() == y).float()
+                    part = torch.tensor([float(loss.detach()), float((right * y).sum()),
+                                         float((right * (1 - y)).sum())], dtype=torch.float64)
+                if group is not None:
+                    self._sum_grads(group)
+                    dist.all_reduce(part, group=group)
                 if self.cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
                 self.optimizer.step()
-                sums["loss"] += float(loss.detach())
-                batches += 1
+                sums[0] += part[0]
                 if epoch == 0:
-                    right = ((z.detach() > 0).float() == y).float()
-                    sums["real_right"] += float((right * y).sum())
-                    sums["fake_right"] += float((right * (1 - y)).sum())
+                    sums[1:] += part[1:]
+                batches += 1
         self.scorer.eval()
         self.updates += 1
         return {
             "disc/updated": 1.0,
-            "disc/loss": sums["loss"] / batches,
-            "disc/acc_real": sums["real_right"] / len(real),
-            "disc/acc_fake": sums["fake_right"] / len(candidates),
+            "disc/loss": float(sums[0]) / batches,
+            "disc/acc_real": float(sums[1]) / n_real,
+            "disc/acc_fake": float(sums[2]) / len(candidates),
         }
+
+    def _sum_grads(self, group: object) -> None:
+        """Sum the trainable parameters' gradients over the group in one flat all-reduce (a missing grad is 0)."""
+        params = [p for p in self.scorer.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
 
     def state_dict(self) -> dict:
         return {

@@ -30,15 +30,16 @@ def prompt_text(row: Any) -> str:
     return users[-1] if users else ""
 
 
-# Prompt tokens x samples per engine call. vLLM on CPU prefills at most 4,096 tokens a step and splits a longer
-# prefill across steps, which with per-sample seeds fails there ("CPU Generator does not use offset"); calls this
-# size never split. Seeds follow the global prompt index, so the samples are those of a single call.
+# Prompt tokens x samples per engine call (bounds one call's memory). Seeds follow the global prompt index, so the
+# samples are those of a single call.
 CALL_TOKENS = 2048
 
 
 def sample_and_score(engine: Any, rows: Sequence[Any], fmt: Any, reward: Any, sampling: Any, n: int, seed: int,
-                     stop_ids: Sequence[int], call_tokens: int = CALL_TOKENS) -> HeldoutSamples:
-    """``n`` samples of each prompt row (RLPrompt) at the sampling section's settings, scored by ``reward``."""
+                     stop_ids: Sequence[int], call_tokens: int = CALL_TOKENS, offset: int = 0) -> HeldoutSamples:
+    """``n`` samples of each prompt row (RLPrompt) at the sampling section's settings, scored by ``reward``.
+    ``offset``: the global index of rows[0] when these rows are one engine's share of a longer list (the seeds
+    follow it, so the shares draw what one call over the whole list draws)."""
     from ..rollout.base import SamplingParams
 
     index: list[int] = []
@@ -52,7 +53,7 @@ def sample_and_score(engine: Any, rows: Sequence[Any], fmt: Any, reward: Any, sa
         batch = engine.generate([r.prompt_ids.tolist() for r in rows[start:end]], SamplingParams(
             n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_new_tokens=sampling.max_new_tokens, stop_token_ids=tuple(stop_ids), seed=seed,
-            prompt_index_offset=start))
+            prompt_index_offset=offset + start))
         index += [start + x.prompt_index for x in batch.samples]
         texts += [fmt.decode(x.token_ids, skip_special_tokens=True) for x in batch.samples]
         start = end

@@ -16,7 +16,7 @@ from .config import RolloutConfig, RolloutConfigError
 
 def build_engine(config: RolloutConfig) -> RolloutEngine:
     """The trainer's engine: in this process (colocated), or a client of the rollout servers (disaggregated;
-    waits for rollout.num_nodes of them to connect)."""
+    waits for all of them, one per rollout-TP group of the rollout nodes' GPUs, to connect)."""
     if config.mode == "disaggregated":
         from .remote import RemoteRolloutEngine
 

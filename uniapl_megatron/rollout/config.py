@@ -33,15 +33,15 @@ class RolloutConfig:
     seed: int = 0
     """Seed of the engine's own random state (used when a request carries no seed)."""
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    """Where the rollout engine lives. "colocated": in the training processes, sleeping while Megatron
-    trains; under torchrun/srun with several ranks EVERY rank builds the engine (vLLM's external launcher:
-    replicas of tensor_parallel_size ranks; ranks of one replica must ask for the same prompts).
-    "disaggregated": on nodes of its own, one `uniapl rollout` server each (rollout/server.py); the trainer
-    talks to them through rollout/remote.py; weights arrive over a torch.distributed broadcast
-    (weight_sync.py, engine.connect/receive_weights)."""
+    """Where the rollout engines live. "colocated": in the training processes, one engine per group of
+    tensor_parallel_size ranks (vLLM's external launcher; the torch engine one per rank), each shard on its
+    rank's own device, sleeping while Megatron trains (trainer/rollout_step.py, placement.py).
+    "disaggregated": on nodes of their own, one `uniapl rollout` server per tensor_parallel_size GPUs of
+    each (rollout/server.py); the trainer talks to them through rollout/remote.py; weights arrive over a
+    torch.distributed broadcast (weight_sync.py, engine.connect/receive_weights)."""
     num_nodes: Annotated[int, Ge(0)] = 0
-    """Disaggregated mode: nodes of the job that run `uniapl rollout` (the last ones; slurm/_launch.sh and
-    tools/plan_memory.py read this field too), one rollout server (engine replica) per node. >= 1 there."""
+    """Disaggregated mode: nodes of the job that run `uniapl rollout` servers (the last ones; slurm/_launch.sh
+    and tools/plan_memory.py read this field too), GPUs-per-node / tensor_parallel_size servers each. >= 1."""
     control_host: Annotated[str, "a host name or address ('' = $MASTER_ADDR)"] = ""
     """Disaggregated mode: where the trainer's rank 0 listens for the rollout servers (a JSON-lines control
     channel; weights travel by broadcast, see weight_sync.py). Empty / 0: $MASTER_ADDR (else 127.0.0.1)
@@ -57,20 +57,24 @@ class RolloutConfig:
 
     # --- vllm engine ---
     tensor_parallel_size: Annotated[int, Ge(1)] = 1
-    """vLLM tensor-parallel size of the rollout, independent of the training layout. With the external
-    launcher the world size must be a multiple of it; each group of this many ranks is one replica."""
+    """Tensor-parallel size of one rollout engine, independent of the training layout: colocated, each group of
+    this many consecutive ranks (within a node) is one engine; disaggregated, each group of this many GPUs
+    of a rollout node. The torch engine has no tensor parallelism (1)."""
     gpu_memory_utilization: Annotated[float, Interval(gt=0.0, le=1.0), FINITE] = 0.5
     """Fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU."""
     kv_cache_bytes: Annotated[int, Ge(0)] = 256 << 20
-    """KV-cache size in bytes; 0 = vLLM's default (on CPU set it: vLLM would otherwise size it from RAM)."""
+    """KV-cache size in bytes per engine shard. Colocated engines need it (each shares its device with
+    training: sizing by a fraction of the device is refused); 0 = vLLM's default, from
+    gpu_memory_utilization (a disaggregated engine owns its GPU)."""
     enable_prefix_caching: bool = True
     """Reuse KV of shared prompt prefixes (the G samples of a prompt share it). Reset after every update."""
     enforce_eager: bool = False
     """Run vLLM eagerly (no torch.compile / CUDA graphs): fast start-up, slower decode. On for CPU tests."""
     multiprocess: bool = False
-    """Run vLLM's engine core and workers in child processes (crash isolation: a dead core is restarted
-    without losing the trainer; also the way to give ONE rank of a multi-rank job its own engine). Weights
-    reach them over a local gloo/NCCL broadcast in buckets. Off: the engine lives in-process."""
+    """CPU only: run each colocated vLLM engine's core and workers in child processes of the engine's first
+    rank (crash isolation: a dead core is restarted and re-synced from the engine's ranks without losing the
+    step). Weights reach them over a local gloo broadcast in buckets. Refused on GPUs (the children would
+    own training GPUs). Off: the engine lives in the training processes."""
     work_dir: str = ""
     """Private TMPDIR / VLLM_CACHE_ROOT for vLLM's sockets, compile caches and model-info cache; removed at
     shutdown when the engine created it. Empty: a fresh folder under the system temp dir."""

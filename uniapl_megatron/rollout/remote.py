@@ -1,9 +1,11 @@
 """The trainer's side of disaggregated rollout: a RolloutEngine whose engines are `uniapl rollout` servers.
 
-Rank 0 of the trainer listens on the control address (config.control_address); the `rollout.num_nodes`
-servers connect, start their engines and say "ready". Weights go by broadcast from this process (rank 0 of
-a group of its own) to every server's engine workers; generate requests split the prompts into contiguous
-parts, one per server, and merge the answers in prompt order. A server whose engine crashed and restarted
+Rank 0 of the trainer listens on the control address (config.control_address); the servers -- one engine
+per rollout-TP group of every rollout node's GPUs (slurm/_launch.sh starts them; each says how many there
+are) -- connect, start their engines and say "ready". Weights go by broadcast from this process (rank 0 of a
+group of its own) to every server's engine workers; generate requests split the prompts into contiguous
+parts, one per server (placement.split_bounds, as colocated engines do), and merge the answers in prompt
+order. A server whose engine crashed and restarted
 answers "needs_weights": this client then raises EngineNeedsWeights, and the next update_weights re-joins
 the broadcast group (the restarted workers are new processes) before sending.
 """
@@ -22,6 +24,7 @@ import torch
 from .base import EngineNeedsWeights, RolloutBatch, SamplingParams
 from .config import RolloutConfig, control_address
 from .control import Conn, ControlError, params_to_dict, sample_from_list
+from .placement import split_bounds
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, send_weights
 
 log = logging.getLogger(__name__)
@@ -56,33 +59,46 @@ class RemoteRolloutEngine:
             self.shutdown()
             raise
 
+    @property
+    def num_engines(self) -> int:
+        return len(self._servers)
+
     def _accept_servers(self) -> None:
-        want, deadline = self.config.num_nodes, time.monotonic() + self.timeout_s
+        nodes, deadline = self.config.num_nodes, time.monotonic() + self.timeout_s
+        want: int | None = None  # servers in all: the first "ready" says (at least one per node until then)
         ready: dict[int, tuple[Conn, int]] = {}
-        while len(ready) < want:
+        while len(ready) < (want or nodes):
             left = deadline - time.monotonic()
             self._listener.settimeout(max(left, 0.01))
             try:
                 sock, addr = self._listener.accept()
             except (TimeoutError, socket.timeout):
                 raise TimeoutError(
-                    f"rollout: {len(ready)} of rollout.num_nodes={want} rollout servers connected to the trainer at "
-                    f"{self.host}:{self.port} within {self.timeout_s:g} s (rollout.connect_timeout_s); start "
-                    f"`uniapl rollout CONFIG` with the same config and overrides (slurm/_launch.sh does, on the last "
-                    f"rollout.num_nodes nodes)") from None
+                    f"rollout: {len(ready)} of {want or nodes} rollout servers (rollout.num_nodes={nodes}) connected "
+                    f"to the trainer at {self.host}:{self.port} within {self.timeout_s:g} s "
+                    f"(rollout.connect_timeout_s); start `uniapl rollout CONFIG` with the same config and overrides "
+                    f"(slurm/_launch.sh does, one per rollout-TP group of GPUs of the last rollout.num_nodes "
+                    f"nodes)") from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Conn(sock, f"rollout server at {addr[0]}:{addr[1]}")
             msg = conn.recv(max(deadline - time.monotonic(), 1.0))  # the server starts its engine first
             if not msg or msg.get("op") != "ready" or not isinstance(msg.get("rank"), int):
                 conn.close()
                 raise ControlError(f"{conn.peer}: expected a 'ready' message, got {msg!r}")
+            servers = msg.get("servers", nodes)
+            if not isinstance(servers, int) or servers < nodes or servers % nodes or want not in (None, servers):
+                conn.close()
+                raise ControlError(f"{conn.peer}: says there are {servers!r} rollout servers; expected the same "
+                                   f"number from every server, a multiple of rollout.num_nodes={nodes}")
+            want = servers
             if msg["rank"] in ready or not 0 <= msg["rank"] < want:
                 conn.close()
                 raise ControlError(f"{conn.peer}: rank {msg['rank']} is taken or not in [0, {want})")
             conn.peer = f"rollout server {msg['rank']} at {addr[0]}:{addr[1]}"
             ready[msg["rank"]] = (conn, int(msg.get("tensor_parallel_size", 1)))
             log.info("%s ready", conn.peer)
-        self._servers = [ready[r] for r in range(want)]
+        self._servers = [ready[r] for r in range(len(ready))]
+        log.info("rollout: %d servers (engines) on %d node(s) ready", len(ready), nodes)
 
     def _ask_all(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send one message to each server, then read every answer (all read, so the streams stay in step)."""
@@ -155,11 +171,11 @@ class RemoteRolloutEngine:
         """Prompts split into contiguous parts, one per server; samples come back in prompt order. Each part
         carries its first prompt's index, so the samples do not depend on rollout.num_nodes."""
         n = len(self._servers)
-        bounds = [len(prompts) * k // n for k in range(n + 1)]
+        bounds = split_bounds(len(prompts), n)
         msgs = [{"op": "generate", "prompts": [[int(t) for t in p] for p in prompts[bounds[k]: bounds[k + 1]]],
                  "params": params_to_dict(dataclasses.replace(
                      params, prompt_index_offset=params.prompt_index_offset + bounds[k]))} for k in range(n)]
-        answers = self._ask_all(msgs)
+        answers = self._ask_all(msgs)  # a server with no prompts answers at once
         self._check(answers, "generate")
         batch = RolloutBatch()
         for (conn, _), a, lo in zip(self._servers, answers, bounds):

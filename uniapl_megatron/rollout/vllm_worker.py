@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .sampling import inverse_cdf_draw
+from .sampling import inverse_cdf_draw, seed_tensor, uniforms
 from .weight_sync import NamedTensor, WeightChannel, WeightSyncError, nbytes, receive_weights
 
 
@@ -47,14 +47,42 @@ def load_named_tensors(worker: Any, named_tensors: Iterable[NamedTensor]) -> tup
     return count[0], count[1]
 
 
-def inverse_cdf_sampler(sampler: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+SEED_KEY = "uniapl_seed"  # a request's seed travels in SamplingParams.extra_args under this key (CPU sampler)
+
+
+def row_uniforms(runner: Any, rows: int) -> torch.Tensor:
+    """One uniform per batch row, a pure function of (the request's seed, how many tokens it has sampled).
+
+    vLLM samples a token even for a request whose prefill is only partly done in this step (chunked
+    prefill), throws that token away and rewinds the request's generator (`set_offset(get_offset() - 4)`,
+    gpu_model_runner._bookkeeping_sync), which a CPU generator cannot do ("CPU Generator does not use
+    offset"). A counter-based draw has no state to rewind: the thrown-away draw and the real one use the same
+    counter, so a sample does not depend on how the scheduler split the prompts. The same draw as the torch
+    engine's (sampling.uniforms): equal logits give equal tokens in both engines. Requests without a seed
+    (the engine always sends one) draw from torch's global generator."""
+    batch = runner.input_batch
+    seeds, steps, unseeded = [], [], []
+    for row, req_id in enumerate(batch.req_ids[:rows]):
+        req = runner.requests[req_id]
+        seed = ((req.sampling_params.extra_args or {}) if req.sampling_params is not None else {}).get(SEED_KEY)
+        if seed is None:
+            unseeded.append(row)
+        seeds.append(int(seed or 0))
+        steps.append(len(req.output_token_ids))
+    u = uniforms(seed_tensor(seeds, "cpu"), torch.tensor(steps, dtype=torch.int64))
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded))
+    return u
+
+
+def inverse_cdf_sampler(sampler: Any, runner: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     """A CPU `forward` for vLLM's TopKTopPSampler: vLLM's top-k/top-p, then an inverse-CDF draw.
 
     vLLM's CPU path draws Gumbel noise for every vocabulary entry beside a separate log-softmax for the
     processed log-probs: about 70 ms of a decode step at 64 rows x 151,936 tokens on 2 cores, against ~20 ms
     here (the logits become the log-probs in place, and the cumulative weights reuse one buffer). The draw
-    takes one uniform per row, from the row's own generator when its request has a seed (ours always do),
-    so same seed, same samples still holds in any batch.
+    takes one uniform per row (`row_uniforms`: from the request's seed and position, no generator), so same
+    seed, same samples holds in any batch and any prefill chunking.
     """
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
@@ -68,9 +96,7 @@ def inverse_cdf_sampler(sampler: Any) -> Callable[..., tuple[torch.Tensor, torch
         kept = logits.clone() if mode == "processed_logits" else None
         if buffer.numel() < logits.numel():
             buffer = torch.empty(logits.numel(), dtype=torch.float32)
-        u = torch.rand(logits.shape[0])
-        for row, generator in generators.items():
-            u[row] = torch.rand(1, generator=generator)
+        u = row_uniforms(runner, logits.shape[0])
         # vLLM lets a sampler work on the logits in place (its temperature step does).
         logits = logits.float().sub_(logits.amax(dim=-1, keepdim=True))
         token, total = inverse_cdf_draw(logits, u, out=buffer[:logits.numel()].view(logits.shape))
@@ -112,7 +138,7 @@ class WeightSyncExtension:
         if (self.device.type != "cpu" or sampler is None or getattr(sampler, "use_fp64_gumbel", True)
                 or getattr(sampler, "forward", None) != getattr(sampler, "forward_cpu", None)):
             return False
-        sampler.forward = inverse_cdf_sampler(sampler)  # vLLM itself picks `forward` per platform this way
+        sampler.forward = inverse_cdf_sampler(sampler, self.model_runner)  # vLLM itself picks `forward` per platform this way
         sampler.uniapl_inverse_cdf = True
         return True
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, Iterator
@@ -65,6 +66,40 @@ def bucketize(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterat
         size += n
     if bucket:
         yield bucket
+
+
+class HeldBytes:
+    """How many bytes a weight sync holds at once beyond the model itself: every tensor it allocates (gathered
+    shards, full tensors, buckets; `add`, e.g. as Student.hf_tensors' track) or hands out (`track`) counts
+    until its storage is freed, wherever that happens (a view keeps its whole base alive and is counted with
+    it); tensors sharing storage with the model's own parameters (nothing copied) do not count."""
+
+    def __init__(self, model_params: Iterable[torch.Tensor] = ()) -> None:
+        self._model = {p.untyped_storage().data_ptr() for p in model_params}
+        self._live: set[int] = set()
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, key: int, n: int) -> None:
+        self._live.discard(key)
+        self.now -= n
+
+    def add(self, t: torch.Tensor) -> None:
+        """Count a tensor the sync allocated (or handed out) until its storage is freed."""
+        base = t._base if t._base is not None else t
+        key = id(base)
+        if key not in self._live and base.untyped_storage().data_ptr() not in self._model:
+            n = base.untyped_storage().nbytes()
+            self._live.add(key)
+            self.now += n
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(base, self._free, key, n)
+
+    def track(self, named_tensors: Iterable[NamedTensor]) -> Iterator[NamedTensor]:
+        """Pass the pairs on, counting each tensor (see add)."""
+        for name, t in named_tensors:
+            self.add(t)
+            yield name, t
 
 
 def free_port() -> int:

@@ -88,6 +88,10 @@ class TrainConfig:
     """Log to Weights & Biases too (when wandb is installed)."""
     log_samples: int = 2
     """Rollouts per step written to samples.jsonl (prompt, response, reward) to read what the policy does."""
+    log_rollouts: bool = False
+    """Write every rollout sample to rollouts.jsonl: one line each with step, prompt_index (its position in the
+    step's prompts, across all engines; what its seed derives from), sample_index, dataset_index, token_ids and
+    reward. Written by rank 0 from the gathered results."""
     plot: bool = True
     """Write plot.png of reward and losses per step at the end."""
     eval_every: Annotated[int, Ge(0)] = 0

@@ -142,6 +142,18 @@ class RunLogger:
             tmp = self.metrics_file.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in lines))
             os.replace(tmp, self.metrics_file)
+            self._truncate(self.out / "rollouts.jsonl", len(self.history))
+
+    @staticmethod
+    def _truncate(path: Path, last_step: int) -> None:
+        """Keep the lines of steps <= last_step (a resumed run writes the later ones again)."""
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
     def _record(self, step: int, stats: dict[str, float]) -> dict[str, float]:
         """One metrics row, ``step`` = optimizer steps done (0: before the first)."""
@@ -186,6 +198,12 @@ class RunLogger:
             with (self.out / "samples.jsonl").open("a") as f:
                 for r in rows:
                     f.write(json.dumps({"step": step + 1, **r}, ensure_ascii=False) + "\n")
+
+    def rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Append one step's samples to rollouts.jsonl, the whole step in one write."""
+        if self.enabled and rows:
+            with (self.out / "rollouts.jsonl").open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
 
     def finish(self, seconds: float, last_saved: int) -> dict[str, Any]:
         rewards = [h["reward/mean"] for h in self.history if "reward/mean" in h]

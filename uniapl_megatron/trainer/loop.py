@@ -4,9 +4,9 @@
             -> policy update (epochs x minibatches, demos and rollouts in one mixed batch) -> weight sync
 
 Every named algorithm (sft, grpo, a_grpo, chord, staged pipelines, uniapl) is this step with the weights
-``objective.presets.resolve_weights`` gives for the step. The rollout engine, reward and discriminator live
-on global rank 0, which broadcasts what they produce; every rank then builds the same global list of
-sequences and packs its own data-parallel share.
+``objective.presets.resolve_weights`` gives for the step. The rollout part (engines on every rollout-TP group
+of ranks, sharded scoring, refit from local shards) is trainer/rollout_step.py; every rank then builds the
+same global list of sequences from the gathered results and packs its own data-parallel share.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from ..data.packing import required_pad_multiple, row_pad_multiple
 from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
-from ..rollout.base import EngineNeedsWeights, SamplingParams
+from ..rollout.base import EngineNeedsWeights
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
 from .config import RunConfig, check_run
 from .logging import RunLogger
+from .rollout_step import RolloutStep, place_engines
 from .stages import StageSwitch
 from .student import MicroBatch, Student
 
@@ -67,6 +68,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
         cfg.parallel.validate(self.arch, dist.get_world_size(), torch.cuda.is_available())
+        place_engines(cfg, self.rank, dist.get_world_size())  # refuse an unplaceable rollout before any work
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
         self.out = Path(cfg.train.output_dir)
@@ -89,12 +91,10 @@ class Trainer:
             self.ref = Student(self.arch, cfg.parallel, cfg.model, None)
             self.ref.copy_weights_from(self.student)
 
-        self.engine = self.reward = self.disc = None
-        if self.rank == 0:
-            self._build_rank0_parts()
+        self.rollout = RolloutStep(cfg, self.fmt, self.prompts, self.stop_ids, self.log)
+        self.engine, self.disc = self.rollout.engine, self.rollout.disc  # this rank's engine (None without)
         self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self._stop_signal = 0
-        self._sync_error: Exception | None = None  # rank 0: the last weight sync into the engine failed
         self._maybe_resume()
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -112,28 +112,6 @@ class Trainer:
             self.student._refresh_main_params()
         else:
             self.student.load_hf(self.cfg.model.hf_path)
-
-    def _build_rank0_parts(self) -> None:
-        from ..rewards import build_reward
-
-        cfg = self.cfg
-        self.reward = build_reward(cfg.reward.name, cfg.reward.options)
-        if cfg.rollout is not None:
-            import dataclasses
-
-            from ..rollout import build_engine
-
-            rollout = cfg.rollout
-            if (dist.get_world_size() > 1 and rollout.engine == "vllm" and not rollout.multiprocess
-                    and rollout.mode == "colocated"):
-                # Only rank 0 samples here; an in-process vLLM under torchrun would expect every rank
-                # (external launcher), so rank 0's engine runs in child processes of its own.
-                rollout = dataclasses.replace(rollout, multiprocess=True)
-            self.engine = build_engine(rollout)
-        if cfg.discriminator is not None:
-            from ..discriminator import build_discriminator
-
-            self.disc = build_discriminator(cfg.discriminator)
 
     def _maybe_resume(self) -> None:
         if self.cfg.train.resume == "never":
@@ -166,76 +144,27 @@ class Trainer:
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    def _sample_and_score(self, step: int, prompt_idx: list[int], weights: Any) -> tuple | None:
-        """Rank 0: generate, score and log the step's rollouts; None when the engine needs the weights again."""
-        if self._sync_error is not None:  # sampling now would use stale (or no) weights
-            print(f"step {step}: the last weight sync did not reach the engine; re-syncing the weights from all "
-                  f"ranks", flush=True)
-            return None
-        s = self.cfg.sampling
-        rows = [self.prompts[i] for i in prompt_idx]
-        t0 = time.perf_counter()
-        try:
-            batch = self.engine.generate([r.prompt_ids.tolist() for r in rows], SamplingParams(
-                n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                max_new_tokens=s.max_new_tokens, stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + step))
-        except EngineNeedsWeights as e:
-            print(f"step {step}: {e}; re-syncing the weights from all ranks", flush=True)
-            return None
-        gen_s = time.perf_counter() - t0
-        texts = [self.fmt.decode(x.token_ids, skip_special_tokens=True) for x in batch.samples]
-        prow = [rows[x.prompt_index] for x in batch.samples]
-        rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
-                                      "prompt": _prompt_text(r)} for r in prow], texts)
-        scores = None
-        if weights.needs_discriminator:
-            scores = self.disc.score([_prompt_text(r) for r in prow],
-                                     [r.teacher_response or "" for r in prow], texts)
-        self.log.samples(step, [{"prompt": _prompt_text(r), "response": t, "reward": rw}
-                                for r, t, rw in list(zip(prow, texts, rewards))[: self.cfg.train.log_samples]])
-        return ([(x.prompt_index, x.token_ids, x.logprobs, x.finish_reason) for x in batch.samples],
-                rewards, scores, texts, gen_s, getattr(self.engine, "restarts", 0))
-
     def _rollouts(self, step: int, prompt_idx: list[int], weights: Any) -> tuple[list[Seq], dict[str, float]]:
-        """Rank 0 samples, scores and broadcasts; everyone builds the same rollout sequences.
-
-        A crashed engine restarts by itself but may have lost the weights (they came from the collective,
-        one-shot hf_tensors()): rank 0 then broadcasts None instead of rollouts, every rank runs sync_weights()
-        again, and rank 0 retries the same request. So the step is not lost, at any world size."""
-        limit = max(1, self.cfg.rollout.max_restarts if self.cfg.rollout is not None else 1)
-        for resyncs in range(limit + 1):
-            payload = [self._sample_and_score(step, prompt_idx, weights) if self.rank == 0 else None]
-            dist.broadcast_object_list(payload, src=0)
-            if payload[0] is not None:
-                break
-            if resyncs == limit:
-                raise RuntimeError(f"step {step}: the rollout engine still had no usable weights after {limit} "
-                                   f"re-sync(s) (rollout.max_restarts); last sync error on rank 0: "
-                                   f"{self._sync_error!r}" if self.rank == 0 else
-                                   f"step {step}: the rollout engine could not be re-synced; see rank 0")
-            self.sync_weights()
-        samples, rewards, scores, texts, gen_s, restarts = payload[0]
-        group_ids = torch.tensor([p for p, _, _, _ in samples])
-        adv = rollout_advantages(group_ids, weights, self.cfg.objective, torch.tensor(rewards, dtype=torch.float32),
-                                 None if scores is None else torch.tensor(scores, dtype=torch.float32))
+        """Collective: every engine samples and scores its share (rollout_step.py); everyone builds the same
+        rollout sequences from the gathered results."""
+        samples, stats = self.rollout.run(step, prompt_idx, weights, self.student)
+        rewards = torch.tensor([x[5] for x in samples], dtype=torch.float32)
+        scores = None if samples and samples[0][6] is None else torch.tensor([x[6] for x in samples],
+                                                                             dtype=torch.float32)
+        adv = rollout_advantages(torch.tensor([x[0] for x in samples]), weights, self.cfg.objective, rewards, scores)
         seqs = []
-        for j, (p, toks, lps, _) in enumerate(samples):
+        for j, (p, _, toks, lps, *_) in enumerate(samples):
             prompt_ids = self.prompts[prompt_idx[p]].prompt_ids.tolist()
             if not toks:  # an empty completion carries no token to train
                 continue
             seqs.append(Seq(prompt_ids + list(toks), len(prompt_ids), False, float(adv.task[j]),
-                            float(adv.adversarial[j]), list(lps), extra={"text": texts[j], "prompt_pos": p}))
-        lengths = [len(t) for _, t, _, _ in samples]
-        stats = {"reward/mean": sum(rewards) / max(len(rewards), 1), "rollout/gen_seconds": gen_s,
-                 "rollout/engine_restarts": float(restarts), "rollout/resyncs": float(resyncs),
-                 "rollout/response_len": sum(lengths) / max(len(lengths), 1),
-                 "rollout/truncated": sum(f == "length" for *_, f in samples) / max(len(samples), 1)}
+                            float(adv.adversarial[j]), list(lps), extra={"prompt_pos": p}))
+        lengths = [len(x[2]) for x in samples]
+        stats.update({"reward/mean": float(rewards.mean()) if samples else 0.0,
+                      "rollout/response_len": sum(lengths) / max(len(lengths), 1),
+                      "rollout/truncated": sum(x[4] == "length" for x in samples) / max(len(samples), 1)})
         if scores is not None:
-            stats["disc/score_mean"] = sum(scores) / len(scores)
-        if self.rank == 0 and self.disc is not None and hasattr(self.disc, "update"):
-            prow = [self.prompts[prompt_idx[p]] for p, *_ in samples]
-            upd = self.disc.update(step, [_prompt_text(r) for r in prow], [r.teacher_response or "" for r in prow], texts)
-            stats.update(upd or {})  # the discriminator names its metrics disc/...
+            stats["disc/score_mean"] = float(scores.mean())
         return seqs, stats
 
     def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
@@ -321,20 +250,8 @@ class Trainer:
         return out
 
     def sync_weights(self) -> None:
-        """Collective: every rank gathers the full HF tensors; rank 0 streams them into the engine."""
-        tensors = self.student.hf_tensors()
-        try:
-            if self.engine is not None:
-                self._sync_error = None
-                self.engine.update_weights(tensors)  # wakes the weights first when the engine sleeps
-                self.engine.wake()  # then the KV cache
-        except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next step's rollout re-syncs
-            self._sync_error = e
-            print(f"weight sync into the rollout engine failed ({type(e).__name__}: {e}); the next rollout "
-                  f"re-syncs", flush=True)
-        finally:
-            for _ in tensors:  # the other ranks take part in the collectives (and rank 0 finishes its share)
-                pass
+        """Collective: refit every rank's engine from its own training ranks (rollout_step.RolloutStep.sync)."""
+        self.rollout.sync(self.student)
 
     # ---- held-out evaluation ------------------------------------------------------------------------
 
@@ -360,20 +277,32 @@ class Trainer:
         return self.heldout is not None and (done == self.cfg.train.steps or every > 0 and done % every == 0)
 
     def _heldout_eval(self) -> dict[str, float]:
-        """Rank 0: the mean reward of train.eval_samples samples per held-out prompt, drawn by the run's own rollout
-        engine at the current weights (no second model) with the same seed at every evaluation."""
+        """Collective: the mean reward of train.eval_samples samples per held-out prompt, drawn by the run's own
+        rollout engines at the current weights (no second model), each engine its contiguous share seeded by
+        global prompt index, so the samples are those of one engine given them all, at every evaluation."""
         from ..eval.heldout import sample_and_score
 
-        if self.heldout is None or self.engine is None:
+        if self.heldout is None:
             return {}
-        t0 = time.perf_counter()
-        try:
-            got = sample_and_score(self.engine, self.heldout.rows, self.fmt, self.reward, self.cfg.sampling,
-                                   self.cfg.train.eval_samples, self.cfg.train.seed, self.stop_ids)
-        except EngineNeedsWeights as e:
-            print(f"held-out evaluation skipped: {e}", flush=True)
+        t0, rows = time.perf_counter(), self.heldout.rows
+        lo, hi = self.rollout.share(len(rows))
+        mine: tuple[list[float], str] = ([], "")
+        if self.engine is not None and hi > lo:
+            try:
+                got = sample_and_score(self.engine, rows[lo:hi], self.fmt, self.rollout.reward, self.cfg.sampling,
+                                       self.cfg.train.eval_samples, self.cfg.train.seed, self.stop_ids, offset=lo)
+                mine = (got.rewards if self.rollout.is_source else [], "")
+            except EngineNeedsWeights as e:
+                mine = ([], str(e))
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        failed = [err for _, err in gathered if err]
+        if failed:
+            if self.rank == 0:
+                print(f"held-out evaluation skipped: {failed[0]}", flush=True)
             return {}
-        return {"eval/heldout_reward": got.mean, "time/eval_seconds": time.perf_counter() - t0}
+        rewards = [r for got, _ in gathered for r in got]
+        return {"eval/heldout_reward": sum(rewards) / max(len(rewards), 1), "time/eval_seconds": time.perf_counter() - t0}
 
     # ---- the run ------------------------------------------------------------------------------------
 
@@ -415,14 +344,8 @@ class Trainer:
                     print(f"signal {flag.item()}: saved step {done}, exiting", flush=True)
                 break
         summary = self.log.finish(time.perf_counter() - t_start, last_saved)
-        if self.engine is not None:
-            self.engine.shutdown()
+        self.rollout.shutdown()
         return summary
-
-
-def _prompt_text(row: Any) -> str:
-    users = [m["content"] for m in row.messages if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple: int, dp_rank: int, dp_size: int,

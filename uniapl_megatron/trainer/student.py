@@ -369,13 +369,18 @@ class Student:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every full HF-named tensor on every rank (collective): what rollout weight sync consumes.
+    def hf_tensors(self, bucket_bytes: int = 0, track: Callable[[torch.Tensor], None] | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every full HF-named tensor on every rank (collective): what rollout weight sync consumes. Streamed:
+        one tensor's TP-gathered copies at a time, and with ``bucket_bytes`` the pipeline stages broadcast in
+        buckets of that size (convert.params.iter_hf_tensors); no rank holds the whole model. ``track`` sees
+        every tensor allocated for it (weight_sync.HeldBytes measures the sync's memory).
 
         With tied embeddings ``lm_head.weight`` is sent too: vLLM's CPU backend keeps its own (repacked)
         LM-head copy that loading the embedding alone leaves stale.
         """
-        for name, t in iter_hf_tensors([unwrap(c) for c in self.chunks], self.arch, self.num_query_groups):
+        for name, t in iter_hf_tensors([unwrap(c) for c in self.chunks], self.arch, self.num_query_groups,
+                                       bucket_bytes, track):
             yield name, t
             if self.arch.tie_word_embeddings and name == "model.embed_tokens.weight":
                 yield "lm_head.weight", t

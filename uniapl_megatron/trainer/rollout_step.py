@@ -1,0 +1,279 @@
+"""The rollout part of the step, spread over every training rank (DESIGN.md, "Where each piece of work runs").
+
+Colocated: each rollout-TP group of training ranks runs one engine, in-process (vLLM's external launcher, or
+the torch engine), placed by rollout/placement.py. Engine e generates the contiguous share e of the step's
+prompts, seeded by the prompts' positions in the whole step, so the samples do not depend on the number of
+engines. The engine's ranks split its samples and score them (reward, discriminator); all ranks then gather
+the small results (token ids, log-probs, rewards, scores, finish reasons) and compute the advantages
+themselves. Disaggregated: rank 0 drives the rollout servers (one engine per rollout-TP group of rollout
+GPUs, prompts split over them the same way), broadcasts the token ids, and every training rank scores a share.
+
+Refit: every rank iterates Student.hf_tensors (TP all-gather, PP-stage broadcast in buckets) and each engine
+loads what its own ranks gathered, in-process; a rank holds at most a bucket plus one tensor's gathered copies
+(rollout/refit_held_mib). With rollout.multiprocess (CPU only) the engine's leader rank runs it in child
+processes; a dead engine core restarts there, and every rank re-syncs the engines that lost their weights
+before those generate their share again: the step is not lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..rollout.base import EngineNeedsWeights, SamplingParams
+from ..rollout.placement import EnginePlacement, PlacementError, place_colocated, split_bounds, visible_devices
+from ..rollout.weight_sync import HeldBytes
+
+log = logging.getLogger(__name__)
+
+# One scored sample as it travels between ranks: (prompt position in the step, sample index, token ids,
+# sampler log-probs, finish reason, reward, discriminator score or None).
+Scored = tuple[int, int, list[int], list[float], str, float, "float | None"]
+
+
+def prompt_text(row: Any) -> str:
+    users = [m["content"] for m in row.messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def refit(engine: Any, student: Any, bucket_bytes: int) -> int:
+    """Collective over the training ranks: stream the student's weights (TP all-gather, PP-stage broadcast in
+    buckets of bucket_bytes) into this rank's engine, in-process (None: only take part in the gathers).
+    Returns the most bytes this rank held for the sync at once (weight_sync.HeldBytes). An engine error is
+    raised after this rank has taken part in every gather, so the other ranks never wait on it."""
+    tracker = HeldBytes(p for c in student.chunks for p in c.parameters())
+    tensors = tracker.track(student.hf_tensors(bucket_bytes=bucket_bytes, track=tracker.add))
+    try:
+        if engine is not None:
+            engine.update_weights(tensors)  # wakes the weights first when the engine sleeps
+            engine.wake()  # then the KV cache
+    finally:
+        for _ in tensors:
+            pass
+    return tracker.peak
+
+
+def place_engines(cfg: Any, rank: int, world: int) -> EnginePlacement | None:
+    """This rank's colocated engine (None: no rollout, or disaggregated); raises PlacementError, with the
+    field to change, for a layout that cannot be placed or run. Cheap: the trainer calls it first thing."""
+    r = cfg.rollout
+    if r is None or r.mode != "colocated":
+        return None
+    on_gpu = torch.cuda.is_available() and r.device != "cpu"
+    if r.engine == "torch" and r.tensor_parallel_size != 1:
+        raise PlacementError(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: the torch engine has no "
+                             f"tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm")
+    if r.multiprocess and on_gpu:
+        raise PlacementError("rollout.multiprocess: true would give the engine's child processes training GPUs "
+                             "of their own; colocated engines run in-process on GPUs (set it false)")
+    if r.engine == "vllm" and not r.kv_cache_bytes:
+        raise PlacementError("rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
+                             "fraction of the whole device (or host) memory it shares with training; set the "
+                             "bytes (tools/plan_memory.py shows what fits)")
+    visible = visible_devices(dict(os.environ), torch.cuda.device_count() if on_gpu else 0)
+    return place_colocated(rank, world, int(os.environ.get("LOCAL_RANK", "0")),
+                           int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), visible,
+                           cfg.parallel.tensor_model_parallel_size, r.tensor_parallel_size)
+
+
+class RolloutStep:
+    """Engines, reward and discriminator of this rank, and the collective rollout of one step."""
+
+    def __init__(self, cfg: Any, fmt: Any, prompts: Any, stop_ids: tuple[int, ...], logger: Any) -> None:
+        from ..rewards import build_reward
+
+        self.cfg, self.fmt, self.prompts, self.stop_ids, self.log = cfg, fmt, prompts, stop_ids, logger
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.reward = build_reward(cfg.reward.name, cfg.reward.options)
+        self.disc = None
+        if cfg.discriminator is not None:
+            from ..discriminator import build_discriminator
+
+            self.disc = build_discriminator(cfg.discriminator)  # every rank scores its own share
+        self.engine: Any = None
+        self.placement: EnginePlacement | None = None
+        self.num_engines = 0
+        self.scorers: tuple[int, ...] = (self.rank,)  # ranks that split the samples of this rank's engine
+        self.source = self.rank  # the rank whose engine made them
+        self._group: Any = None  # to broadcast them from `source` to `scorers`; None: each scorer has them
+        self.needs_sync = False  # this rank's engine missed a sync (it failed, or the engine restarted empty)
+        self.held_peak = 0
+        if cfg.rollout is not None:
+            self._start()
+
+    # ---- engines ------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        from ..rollout import build_engine
+
+        r = self.cfg.rollout
+        if r.mode == "disaggregated":
+            self.scorers, self.source = tuple(range(self.world)), 0
+            self._group = dist.group.WORLD if self.world > 1 else None
+            if self.rank == 0:
+                self.engine = build_engine(r)
+            count = [getattr(self.engine, "num_engines", 0)]
+            dist.broadcast_object_list(count, src=0)
+            self.num_engines = count[0]
+            return
+        self.placement = p = place_engines(self.cfg, self.rank, self.world)
+        assert p is not None
+        self.num_engines, self.scorers, self.source = p.num_engines, p.ranks, p.leader
+        if r.multiprocess and r.tensor_parallel_size > 1:  # only the leader sees the samples: it sends them
+            groups = [dist.new_group(list(range(e * r.tensor_parallel_size, (e + 1) * r.tensor_parallel_size)))
+                      for e in range(p.num_engines)]
+            self._group = groups[p.engine]
+        if not r.multiprocess or self.rank == p.leader:
+            self.engine = build_engine(dataclasses.replace(r, device=p.device))
+        if self.rank == 0:
+            log.info("rollout: %d colocated %s engine(s) of %d rank(s) each%s", p.num_engines, r.engine,
+                     r.tensor_parallel_size, " (child processes)" if r.multiprocess else " (in-process)")
+
+    def sync(self, student: Any, only_if_needed: bool = False) -> None:
+        """Collective: refit every engine (or, with only_if_needed, those that missed a sync) from its ranks."""
+        load = self.engine is not None and (self.needs_sync or not only_if_needed)
+        bucket = self.cfg.rollout.bucket_bytes if self.cfg.rollout is not None else 0
+        try:
+            self.held_peak = refit(self.engine if load else None, student, bucket)
+            self.needs_sync = self.needs_sync and not load
+        except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next rollout re-syncs it
+            self.needs_sync = True
+            log.warning("rank %d: weight sync into the rollout engine failed (%s: %s); the next rollout re-syncs",
+                        self.rank, type(e).__name__, e)
+
+    def sleep(self) -> None:
+        if self.engine is not None:
+            self.engine.sleep()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    @property
+    def is_source(self) -> bool:
+        """Whether this rank reports its engine's samples (one rank per engine)."""
+        return self.rank == self.source and self.engine is not None
+
+    def share(self, n_prompts: int) -> tuple[int, int]:
+        """Prompt positions [lo, hi) of a list of n_prompts this rank's engine generates."""
+        if self.placement is None:  # disaggregated: rank 0's client splits over the servers itself
+            return 0, n_prompts
+        b = split_bounds(n_prompts, self.num_engines)
+        return b[self.placement.engine], b[self.placement.engine + 1]
+
+    def _generate(self, step: int, prompt_idx: list[int]) -> list[tuple] | None:
+        """This rank's engine's samples as (position, sample index, tokens, log-probs, finish reason); [] without
+        an engine or prompts; None when the engine needs the weights again."""
+        lo, hi = self.share(len(prompt_idx))
+        if self.engine is None or hi == lo:
+            return []
+        if self.needs_sync:
+            return None
+        s = self.cfg.sampling
+        try:
+            batch = self.engine.generate([self.prompts[i].prompt_ids.tolist() for i in prompt_idx[lo:hi]],
+                                         SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p,
+                                                        top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                                                        stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + step,
+                                                        prompt_index_offset=lo))
+        except EngineNeedsWeights as e:
+            log.warning("rank %d, step %d: %s; re-syncing from the engine's ranks", self.rank, step, e)
+            self.needs_sync = True
+            return None
+        seen: dict[int, int] = {}
+        out = []
+        for x in batch.samples:
+            j = seen[x.prompt_index] = seen.get(x.prompt_index, -1) + 1
+            out.append((lo + x.prompt_index, j, list(x.token_ids), list(x.logprobs), x.finish_reason))
+        return out
+
+    def _generate_all(self, step: int, prompt_idx: list[int], student: Any) -> tuple[list[tuple], int, float]:
+        """Every engine generates its share; engines that lost their weights are re-synced (collectively) and
+        retry, the others keep what they made. Returns (this rank's engine's samples, re-syncs, seconds)."""
+        limit = max(1, self.cfg.rollout.max_restarts)
+        made: list[tuple] | None = None
+        t0 = time.perf_counter()
+        for resyncs in range(limit + 1):
+            if made is None:
+                made = self._generate(step, prompt_idx)
+            failed = torch.tensor([made is None], dtype=torch.int64)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # gloo world: a tiny CPU tensor is enough
+            if not failed.item():
+                return made or [], resyncs, time.perf_counter() - t0
+            if resyncs == limit:
+                raise RuntimeError(f"step {step}: a rollout engine still had no usable weights after {limit} "
+                                   f"re-sync(s) (rollout.max_restarts); see the warnings above")
+            self.sync(student, only_if_needed=True)
+        raise AssertionError("unreachable")
+
+    def _score(self, made: list[tuple], prompt_idx: list[int], needs_disc: bool) -> list[Scored]:
+        """Reward and discriminator score of this rank's part of its engine's samples."""
+        if self._group is not None:
+            box = [made if self.rank == self.source else None]
+            dist.broadcast_object_list(box, src=self.source, group=self._group)
+            made = box[0]
+        b = split_bounds(len(made), len(self.scorers))
+        k = self.scorers.index(self.rank)
+        mine = made[b[k]: b[k + 1]]
+        rows = [self.prompts[prompt_idx[m[0]]] for m in mine]
+        texts = [self.fmt.decode(m[2], skip_special_tokens=True) for m in mine]
+        rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
+                                      "prompt": prompt_text(r)} for r in rows], texts) if mine else []
+        scores: list[float | None] = [None] * len(mine)
+        if needs_disc and mine:
+            scores = self.disc.score([prompt_text(r) for r in rows], [r.teacher_response or "" for r in rows], texts)
+        self._texts = {(m[0], m[1]): t for m, t in zip(mine, texts)}  # for the discriminator's update
+        return [(*m, float(rw), None if sc is None else float(sc)) for m, rw, sc in zip(mine, rewards, scores)]
+
+    def run(self, step: int, prompt_idx: list[int], weights: Any, student: Any) -> tuple[list[Scored], dict]:
+        """Collective: generate, score and gather the step's samples, in (prompt position, sample) order."""
+        made, resyncs, gen_s = self._generate_all(step, prompt_idx, student)
+        mine = self._score(made, prompt_idx, weights.needs_discriminator)
+        restarts = getattr(self.engine, "restarts", 0) if self.rank == self.source else 0
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (mine, restarts, gen_s, self.held_peak))
+        samples = sorted((x for g in gathered for x in g[0]), key=lambda x: (x[0], x[1]))
+        expected = len(prompt_idx) * self.cfg.sampling.group_size
+        if len(samples) != expected:
+            raise RuntimeError(f"step {step}: gathered {len(samples)} rollout samples, expected {expected}")
+        b = split_bounds(len(prompt_idx), self.num_engines or 1)
+        shares = [b[k + 1] - b[k] for k in range(len(b) - 1)]
+        stats = {"rollout/engines": float(sum(n > 0 for n in shares)),
+                 "rollout/prompts_per_engine_max": float(max(shares)),
+                 "rollout/gen_seconds": max(g[2] for g in gathered),
+                 "rollout/engine_restarts": float(sum(g[1] for g in gathered)),
+                 "rollout/resyncs": float(resyncs),
+                 "rollout/refit_held_mib": max(g[3] for g in gathered) / 2**20}  # the last sync, fullest rank
+        if self.disc is not None and hasattr(self.disc, "update"):
+            stats.update(self._update_disc(step, samples, prompt_idx, {(x[0], x[1]) for x in mine}))
+        self._log(step, samples, prompt_idx)
+        return samples, stats
+
+    def _update_disc(self, step: int, samples: list[Scored], prompt_idx: list[int], mine: set) -> dict[str, float]:
+        """The online discriminator learns from every sample, each rank computing the gradient of the samples
+        it scored (their texts are here); the gradients are summed, so every copy takes the same update."""
+        rows = [self.prompts[prompt_idx[x[0]]] for x in samples]
+        owned = [(x[0], x[1]) in mine for x in samples]
+        candidates = [self._texts[(x[0], x[1])] if o else "" for x, o in zip(samples, owned)]
+        upd = self.disc.update(step, [prompt_text(r) for r in rows], [r.teacher_response or "" for r in rows],
+                               candidates, owned=owned, group=dist.group.WORLD if self.world > 1 else None)
+        return dict(upd or {})
+
+    def _log(self, step: int, samples: list[Scored], prompt_idx: list[int]) -> None:
+        if self.rank != 0:
+            return
+        first = samples[: self.cfg.train.log_samples]
+        self.log.samples(step, [{"prompt": prompt_text(self.prompts[prompt_idx[x[0]]]),
+                                 "response": self.fmt.decode(x[2], skip_special_tokens=True), "reward": x[5]}
+                                for x in first])
+        if self.cfg.train.log_rollouts:
+            self.log.rollouts(step, [{"step": step + 1, "prompt_index": x[0], "sample_index": x[1],
+                                      "dataset_index": prompt_idx[x[0]], "token_ids": x[2], "reward": x[5]}
+                                     for x in samples])
