@@ -42,12 +42,12 @@ def inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def assert_matches(got: tuple, want: tuple, what: str, tol: float = 2e-5) -> None:
     for name, a, b in zip(("output", "hidden grad", "weight grad"), got, want):
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda m: f"{what}, {name}: {m}")
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda m, name=name: f"{what}, {name}: {m}")
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_tp1_matches_full_logits(with_entropy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logprobs, "_VOCAB_TILE", 64)  # several vocab tiles and token chunks, ragged ends
+    monkeypatch.setattr(logprobs, "_BLOCK_VALUES", 5 * 64)  # 5-row chunks x 64-column tiles, ragged ends
     x = inputs()
     coef = x["coef_per_token"] if with_entropy else x["coef_float"]
     for temperature in (1.0, 0.7, x["temperature"]):
@@ -62,7 +62,7 @@ def test_tp1_matches_full_logits(with_entropy: bool, monkeypatch: pytest.MonkeyP
 
 
 def test_bf16_weights_keep_fp32_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logprobs, "_VOCAB_TILE", 64)
+    monkeypatch.setattr(logprobs, "_BLOCK_VALUES", 5 * 64)
     x = inputs(1)
     h = x["hidden"].bfloat16().requires_grad_()
     w = x["weight"].bfloat16().requires_grad_()
@@ -94,7 +94,7 @@ def test_tp2_matches_full_logits(tmp_path: Path) -> None:
 
 def test_bad_temperature_is_named() -> None:
     h, w, y = torch.zeros(3, 4), torch.zeros(8, 4), torch.zeros(3, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"temperature: expected one value or one per token \(\[3\]\), got shape \[2\]"):
+    with pytest.raises(ValueError, match=r"one value or one per token \(\[3\]\), got shape \[2\]"):
         logprobs.vocab_parallel_logprobs(h, w, y, true_vocab=8, temperature=torch.ones(2))
     with pytest.raises(ValueError, match="temperature: expected > 0"):
         logprobs.vocab_parallel_logprobs(h, w, y, true_vocab=8, temperature=0.0)

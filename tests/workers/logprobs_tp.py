@@ -24,7 +24,7 @@ def main() -> None:
     from uniapl_megatron.trainer import logprobs
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"])))
-    logprobs._VOCAB_TILE = a.tile
+    logprobs._BLOCK_VALUES = 5 * a.tile  # 5-row chunks
     group, tp, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), \
         ps.get_tensor_model_parallel_rank()
     x = load_file(a.inputs)

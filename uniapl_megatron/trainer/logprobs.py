@@ -1,14 +1,17 @@
 """Log-probs (and entropy) of target tokens, vocab-parallel, tiled over tokens and vocabulary.
 
 Neither the full [tokens x vocab] logits nor a [chunk x full vocab] block ever exists. The forward walks
-[chunk_tokens x vocab tile] blocks of this rank's vocabulary slice, keeping per row an online max, sum of
-exponentials and (for the entropy) their logit-weighted sum; the TP group combines them with one max and one
-sum all-reduce. It saves only per-row statistics. The backward recomputes each block's logits and turns them
-into the gradient (softmax minus one-hot, and the entropy's -p (log p + H)), accumulating the hidden and weight
-gradients block by block. Qwen3's vocabulary is 151,936 entries: full fp32 logits of 16k tokens alone are
-~10 GB. Logits and their statistics are fp32; the matmuls run in the weights' dtype (fp32 accumulation).
-The same design as fused linear cross-entropy kernels (Liger-Kernel, Apple's "cut cross-entropy"), here for
-per-token upstream gradients, an entropy output, per-token temperature and Megatron's vocab-parallel layout.
+[rows x vocab tile] blocks of this rank's vocabulary slice (rows <= chunk_tokens; a block holds ~2M fp32 values,
+8 MB, so it stays in a CPU's cache between the matmul and the reductions), keeping per row an online max, sum of
+exponentials and (for the entropy) their logit-weighted sum; the TP group combines them with one max and one sum
+all-reduce. It saves only per-row statistics. The backward recomputes each block's logits and turns them into
+the gradient (softmax minus one-hot, and the entropy's -p (log p + H)), accumulating the hidden and weight
+gradients block by block; per-row factors (upstream gradient, 1/T) go into the small matmul operands, not the
+block. Qwen3's vocabulary is 151,936 entries: full fp32 logits of 16k tokens alone are ~10 GB. Logits and their
+statistics are fp32; the matmuls run in the weights' dtype (fp32 accumulation). The cost is one extra logits
+matmul in backward (4 instead of 3), the price of O(tokens) memory. The design of fused linear cross-entropy
+kernels (Liger-Kernel, Apple's "cut cross-entropy", TRL's chunked log-prob), here with per-token upstream
+gradients, an entropy output, per-token temperature and Megatron's vocab-parallel layout.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_VOCAB_TILE = 4096  # vocab columns per block: a 2,048 x 4,096 fp32 block is 32 MB
+_BLOCK_VALUES = 1 << 21  # fp32 values of one [rows x vocab tile] block (8 MB)
 _FLOOR = torch.finfo(torch.float32).min  # the running max before any column: exp(_FLOOR - m) is 0, never NaN
 
 
@@ -38,7 +41,9 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, inv_t: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of one block, divided by the rows' temperatures."""
+    """fp32 logits of one block, divided by the rows' temperatures (folded into h when h is fp32)."""
+    if inv_t is not None and h.dtype == torch.float32:
+        return h.mul(inv_t.unsqueeze(-1)) @ w.t()
     z = (h @ w.t()).float()
     return z if inv_t is None else z.mul_(inv_t.unsqueeze(-1))
 
@@ -64,9 +69,11 @@ def _row_stats(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None
             shift = mc - m_new  # <= 0: rescales what was summed against the old max
             scale = shift.exp()
             z.sub_(m_new.unsqueeze(-1))
-            e = z.exp()
             if lay.with_entropy:
+                e = z.exp()
                 ac.mul_(scale).add_(scale * shift * sc).add_(torch.einsum("ij,ij->i", e, z))
+            else:
+                e = z.exp_()
             sc.mul_(scale).add_(e.sum(-1))
             mc.copy_(m_new)
     return m, s, a
@@ -97,48 +104,65 @@ class _TiledLogprobs(torch.autograd.Function):
         if inv_t is not None:
             picked = picked * inv_t
         lse, picked, entropy = _combine(m, s, a, picked, lay)
-        logprob = picked - lse
         ctx.lay = lay
         ctx.save_for_backward(hidden, weight, labels, inv_t, lse, entropy if lay.with_entropy else None)
+        logprob = picked - lse
         return torch.stack([logprob, entropy], dim=-1) if lay.with_entropy else logprob
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, labels, inv_t, lse, entropy = ctx.saved_tensors
         lay: _Layout = ctx.lay
-        g_lp = grad[:, 0] if lay.with_entropy else grad
-        g_h = grad[:, 1] if lay.with_entropy else None
-        # z = (h w) / T: dL/dz = g_lp (onehot - p) - g_h p (log p + H); the 1/T of dL/d(h w) goes into the factors
-        # (dL/d(h w) = onehot g_lp / T - p (alpha + beta log p)).
-        alpha = (g_lp + g_h * entropy) if g_h is not None else g_lp
-        if inv_t is not None:
-            g_lp, alpha = g_lp * inv_t, alpha * inv_t
-            g_h = None if g_h is None else g_h * inv_t
+        # With z = (h w) / T and x = h w: dL/dz = g_lp (onehot - p) - g_h p (log p + H), and dL/dx = dL/dz / T.
+        # So dL/dx = onehot g_lp / T + c u, u = p (or p (alpha + g_h log p) with entropy), c a per-row factor.
+        g_lp = (grad[:, 0] if lay.with_entropy else grad).float()
+        inv = inv_t if inv_t is not None else torch.ones_like(g_lp)
+        if lay.with_entropy:
+            g_h = grad[:, 1].float()
+            alpha, coef = g_lp + g_h * entropy, -inv
+        else:
+            g_h = alpha = None
+            coef = -g_lp * inv
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for r0, r1 in _blocks(hidden.shape[0], lay.chunk):
-            for v0, v1 in _blocks(lay.valid, lay.tile):
-                logp = _logits(hidden[r0:r1], weight[v0:v1], None if inv_t is None else inv_t[r0:r1])
-                logp.sub_(lse[r0:r1].unsqueeze(-1))
-                p = logp.exp()
-                if g_h is None:
-                    dz = p.mul_(-alpha[r0:r1].unsqueeze(-1))
-                else:
-                    dz = logp.mul_(g_h[r0:r1].unsqueeze(-1)).add_(alpha[r0:r1].unsqueeze(-1)).mul_(p).neg_()
-                dz = dz.to(weight.dtype)
-                if gh is not None:
-                    _acc(gh[r0:r1], dz, weight[v0:v1])
-                if gw is not None:
-                    _acc(gw[v0:v1], dz.t(), hidden[r0:r1])
+            rows = slice(r0, r1)
+            _backward_rows(hidden[rows], weight, None if inv_t is None else inv_t[rows], lse[rows],
+                           None if g_h is None else (alpha[rows], g_h[rows]), coef[rows],
+                           None if gh is None else gh[rows], gw, lay)
         local, in_range = _local_labels(labels, lay)
-        g_pick = (g_lp * in_range).float().unsqueeze(-1)  # the one-hot part
+        g_pick = (g_lp * inv * in_range).unsqueeze(-1)  # the one-hot part
         if gh is not None:
             gh.add_(weight[local].float() * g_pick)
         if gw is not None:
             gw.index_add_(0, local, hidden.float() * g_pick)
         return (None if gh is None else gh.to(hidden.dtype), None if gw is None else gw.to(weight.dtype),
                 None, None, None)
+
+
+def _backward_rows(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None, lse: torch.Tensor,
+                   entropy_factors: tuple[torch.Tensor, torch.Tensor] | None, coef: torch.Tensor,
+                   gh: torch.Tensor | None, gw: torch.Tensor | None, lay: _Layout) -> None:
+    """Accumulate one row block's softmax part of dL/dx into gh (its rows) and gw: c (u @ w) and u^T (c h)."""
+    acc = torch.zeros(gh.shape, dtype=torch.float32, device=h.device) if gh is not None else None
+    scaled_h = (h.float() * coef.unsqueeze(-1)).to(weight.dtype) if gw is not None else None
+    for v0, v1 in _blocks(lay.valid, lay.tile):
+        w = weight[v0:v1]
+        u = _logits(h, w, inv_t).sub_(lse.unsqueeze(-1))  # log p
+        if entropy_factors is None:
+            u = u.exp_()
+        else:
+            alpha, g_h = entropy_factors
+            p = u.exp()
+            u = u.mul_(g_h.unsqueeze(-1)).add_(alpha.unsqueeze(-1)).mul_(p)
+        u = u.to(weight.dtype)
+        if acc is not None:
+            _acc(acc, u, w)
+        if gw is not None:
+            _acc(gw[v0:v1], u.t(), scaled_h)
+    if gh is not None:
+        gh.add_(acc.mul_(coef.unsqueeze(-1)))
 
 
 def _acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -164,8 +188,8 @@ def vocab_parallel_logprobs(
     labels [N] global ids -> log-probs [N] (or [N, 2] with entropy), identical on every TP rank.
 
     ``temperature``: one value, or one per token ([N]; demo and rollout tokens of one micro-batch may be
-    scored at different temperatures). ``chunk_tokens`` bounds the token rows of one block (its memory is
-    chunk_tokens x 4,096 fp32 values). Gradients: hidden gets this rank's partial gradient (the caller's TP
+    scored at different temperatures). ``chunk_tokens`` bounds the token rows of one block (a block holds about
+    2M fp32 values whatever its shape). Gradients: hidden gets this rank's partial gradient (the caller's TP
     region mapping sums them), weight gets its slice's gradient; vocabulary padding rows get none.
     """
     n = hidden.shape[0]
@@ -176,7 +200,8 @@ def vocab_parallel_logprobs(
     tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
     vocab_start = tp_rank * weight.shape[0]
     valid = max(0, min(weight.shape[0], true_vocab - vocab_start))
-    lay = _Layout(vocab_start, valid, tp_group, tp_size, with_entropy, chunk_tokens, _VOCAB_TILE)
+    rows = max(1, min(chunk_tokens, n))
+    lay = _Layout(vocab_start, valid, tp_group, tp_size, with_entropy, rows, max(1, _BLOCK_VALUES // rows))
     return _TiledLogprobs.apply(hidden, weight, labels, inv_t, lay)
 
 
