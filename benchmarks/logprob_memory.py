@@ -1,14 +1,14 @@
 """Peak memory and time of the trainer's vocab-parallel log-prob pass against full logits, same batch (fwd + bwd).
 
-Vocabulary 151,936 (Qwen3), hidden 1024 (Qwen3-0.6B), 4,096 target tokens (16,384 on a GPU), fp32, gradients for
-hidden and weight.
-The baseline is the plain one-expression way, ``log_softmax(hidden @ weight.t()).gather(...)``; ours runs at the
-trainer's default ``optim.chunk_tokens`` unless --chunk says otherwise. Each variant runs in a fresh process (the
-variants alternate, --repeats times each); a variant's peak is its process's peak RSS above the RSS once its inputs
-exist (both have the same inputs and the same weight gradient); on a GPU, the peak of allocated memory above the
-inputs. Seconds are wall and CPU seconds of one pass; CPU
-seconds depend less on other load, and `others_cpu` says how much there was. One JSON line last: chunked_peak_mb,
-full_logits_peak_mb, ratio, the seconds, the settings, the largest log-prob and gradient differences, others_cpu.
+Vocabulary 151,936 (Qwen3), hidden 1024 (Qwen3-0.6B; --hidden 128 is the vs_trl.py model), 4,096 target tokens
+(16,384 on a GPU), fp32, gradients for hidden and weight. The baseline is the plain one-expression way,
+``log_softmax(hidden @ weight.t()).gather(...)``; ours runs at the trainer's default ``optim.chunk_tokens`` unless
+--chunk says otherwise. Each variant runs in a fresh process (the variants alternate, --repeats times each); a
+variant's peak is its process's peak RSS above the RSS once its inputs exist (both have the same inputs and the
+same weight gradient); on a GPU, the peak of allocated memory above the inputs. Seconds are wall and CPU seconds
+of one pass; CPU seconds depend less on other load, and `others_cpu` says how much there was. One JSON line last:
+chunked_peak_mb, full_logits_peak_mb, ratio, the seconds, the settings, the largest log-prob and gradient
+differences, others_cpu.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from _machine import OthersCpu, machine
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-V, H = 151936, 1024
+V = 151936
 BASELINE = "torch.log_softmax(hidden @ weight.t(), -1).gather(1, labels[:, None])[:, 0]"
 
 
@@ -39,7 +39,7 @@ def _rss_mb(key: str = "VmRSS") -> float:
     return 0.0
 
 
-def child(variant: str, chunk: int, threads: int, n: int) -> None:
+def child(variant: str, chunk: int, threads: int, n: int, h: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -47,8 +47,8 @@ def child(variant: str, chunk: int, threads: int, n: int) -> None:
     dev = "cuda" if gpu else "cpu"
     g = torch.Generator(dev).manual_seed(0)
     # in place, so that no temporary raises the peak before the measured part starts
-    hidden = torch.randn(n, H, generator=g, device=dev).mul_(0.5).requires_grad_()
-    weight = torch.randn(V, H, generator=g, device=dev).mul_(0.02).requires_grad_()
+    hidden = torch.randn(n, h, generator=g, device=dev).mul_(0.5).requires_grad_()
+    weight = torch.randn(V, h, generator=g, device=dev).mul_(0.02).requires_grad_()
     labels = torch.randint(0, V, (n,), generator=g, device=dev)
     if gpu:
         torch.cuda.synchronize()
@@ -74,9 +74,10 @@ def child(variant: str, chunk: int, threads: int, n: int) -> None:
     }))
 
 
-def run(variant: str, chunk: int, threads: int, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", variant, "--chunk", str(chunk), "--threads",
-                          str(threads), "--tokens", str(n)], check=True, capture_output=True, text=True,
+def run(variant: str, chunk: int, threads: int, n: int, h: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--chunk", str(chunk), "--threads", str(threads),
+           "--tokens", str(n), "--hidden", str(h)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -93,15 +94,16 @@ def main() -> None:
                     help="tokens per block of ours (default: the trainer's optim.chunk_tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16384 if torch.cuda.is_available() else 4096)
+    ap.add_argument("--hidden", type=int, default=1024, help="1024: Qwen3-0.6B; 128: the vs_trl.py model")
     ap.add_argument("--repeats", type=int, default=1, help="fresh processes per variant, alternating; medians")
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.chunk, a.threads, a.tokens)
+        child(a.child, a.chunk, a.threads, a.tokens, a.hidden)
         return
     runs: dict[str, list[dict]] = {"full": [], "chunked": []}
     for _ in range(a.repeats):
         for variant, done in runs.items():
-            done.append(run(variant, a.chunk, a.threads, a.tokens))
+            done.append(run(variant, a.chunk, a.threads, a.tokens, a.hidden))
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mb", "seconds", "cpu_seconds")}
            for v, rs in runs.items()}
     full, ours = runs["full"][0], runs["chunked"][0]
@@ -115,7 +117,7 @@ def main() -> None:
         "others_cpu": {v: [r["others_cpu"] for r in rs] for v, rs in runs.items()},
         "logprob_sum_diff": diff[0],
         "grad_rel_diff": [d / max(s, 1e-30) for d, s in zip(diff[1:], full["abs_sums"])],
-        "settings": {"tokens": a.tokens, "vocab": V, "hidden": H, "dtype": "fp32", "grads": "hidden and weight",
+        "settings": {"tokens": a.tokens, "vocab": V, "hidden": a.hidden, "dtype": "fp32", "grads": "hidden and weight",
                      "chunk_tokens": a.chunk, "block_values": getattr(logprobs, "_BLOCK_VALUES", None),
                      "threads": a.threads, "repeats": a.repeats, "baseline": BASELINE,
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
