@@ -40,12 +40,18 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, inv_t: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of one block, divided by the rows' temperatures (folded into h when h is fp32)."""
+def _scaled(h: torch.Tensor, inv_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows for the logits matmul, per-row factor still to apply to its fp32 output): 1/T is folded into h once
+    per row block when h is fp32, and applied to the fp32 logits otherwise (no rounding of h / T to bf16)."""
     if inv_t is not None and h.dtype == torch.float32:
-        return h.mul(inv_t.unsqueeze(-1)) @ w.t()
+        return h * inv_t.unsqueeze(-1), None
+    return h, inv_t
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, post: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of one block (``h`` and ``post`` from _scaled)."""
     z = (h @ w.t()).float()
-    return z if inv_t is None else z.mul_(inv_t.unsqueeze(-1))
+    return z if post is None else z.mul_(post.unsqueeze(-1))
 
 
 def _local_labels(labels: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +69,9 @@ def _row_stats(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None
     s, a = torch.zeros_like(m), torch.zeros_like(m)
     for r0, r1 in _blocks(n, lay.chunk):
         mc, sc, ac = m[r0:r1], s[r0:r1], a[r0:r1]  # views: updated in place
+        hs, post = _scaled(h[r0:r1], None if inv_t is None else inv_t[r0:r1])
         for v0, v1 in _blocks(lay.valid, lay.tile):
-            z = _logits(h[r0:r1], weight[v0:v1], None if inv_t is None else inv_t[r0:r1])
+            z = _logits(hs, weight[v0:v1], post)
             m_new = torch.maximum(mc, z.max(-1).values)
             shift = mc - m_new  # <= 0: rescales what was summed against the old max
             scale = shift.exp()
@@ -147,9 +154,10 @@ def _backward_rows(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | 
     """Accumulate one row block's softmax part of dL/dx into gh (its rows) and gw: c (u @ w) and u^T (c h)."""
     acc = torch.zeros(gh.shape, dtype=torch.float32, device=h.device) if gh is not None else None
     scaled_h = (h.float() * coef.unsqueeze(-1)).to(weight.dtype) if gw is not None else None
+    hs, post = _scaled(h, inv_t)
     for v0, v1 in _blocks(lay.valid, lay.tile):
         w = weight[v0:v1]
-        u = _logits(h, w, inv_t).sub_(lse.unsqueeze(-1))  # log p
+        u = _logits(hs, w, post).sub_(lse.unsqueeze(-1))  # log p
         if entropy_factors is None:
             u = u.exp_()
         else:
