@@ -61,6 +61,31 @@ def test_tp1_matches_full_logits(with_entropy: bool, monkeypatch: pytest.MonkeyP
         assert w.grad[TRUE_V:].abs().max() == 0, "vocabulary padding rows got a gradient"
 
 
+def test_no_tensor_spans_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor made in forward and backward is at most one [rows x tile] block wide, apart from the
+    [*, hidden] ones (hidden states, weight and their gradients): no [chunk x vocab] logits exist."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(logprobs, "_BLOCK_VALUES", 5 * 64)
+    widest = []
+
+    class Widths(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] != H:
+                    widest.append((t.shape[1], str(func)))
+            return out
+
+    x = inputs()
+    h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    with Widths():
+        out = logprobs.vocab_parallel_logprobs(h, w, x["labels"], true_vocab=TRUE_V, temperature=x["temperature"],
+                                               with_entropy=True, chunk_tokens=5)
+        (out * x["coef_per_token"]).sum().backward()
+    assert widest and max(widest)[0] <= 64, max(widest)
+
+
 def test_bf16_weights_keep_fp32_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logprobs, "_BLOCK_VALUES", 5 * 64)
     x = inputs(1)
