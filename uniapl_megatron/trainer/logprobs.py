@@ -1,17 +1,17 @@
 """Log-probs (and entropy) of target tokens, vocab-parallel, tiled over tokens and vocabulary.
 
 Neither the full [tokens x vocab] logits nor a [chunk x full vocab] block ever exists. The forward walks
-[rows x vocab tile] blocks of this rank's vocabulary slice (rows <= chunk_tokens; a block holds ~2M fp32 values,
-8 MB, so it stays in a CPU's cache between the matmul and the reductions), keeping per row an online max, sum of
-exponentials and (for the entropy) their logit-weighted sum; the TP group combines them with one max and one sum
-all-reduce. It saves only per-row statistics. The backward recomputes each block's logits and turns them into
-the gradient (softmax minus one-hot, and the entropy's -p (log p + H)), accumulating the hidden and weight
-gradients block by block; per-row factors (upstream gradient, 1/T) go into the small matmul operands, not the
-block. Qwen3's vocabulary is 151,936 entries: full fp32 logits of 16k tokens alone are ~10 GB. Logits and their
-statistics are fp32; the matmuls run in the weights' dtype (fp32 accumulation). The cost is one extra logits
-matmul in backward (4 instead of 3), the price of O(tokens) memory. The design of fused linear cross-entropy
-kernels (Liger-Kernel, Apple's "cut cross-entropy", TRL's chunked log-prob), here with per-token upstream
-gradients, an entropy output, per-token temperature and Megatron's vocab-parallel layout.
+[rows x vocab tile] blocks of this rank's vocabulary slice (rows <= chunk_tokens; on a CPU a block holds ~2M
+fp32 values, 8 MB, so it stays in cache between the matmul and the reductions; 128 MB on a GPU), keeping per row
+an online max, sum of exponentials and (for the entropy) their logit-weighted sum; the TP group combines them
+with one max and one sum all-reduce. It saves only per-row statistics. The backward recomputes each block's
+logits and turns them into the gradient (softmax minus one-hot, and the entropy's -p (log p + H)), accumulating
+the hidden and weight gradients block by block; per-row factors (upstream gradient, 1/T) go into the small
+matmul operands, not the block. Qwen3's vocabulary is 151,936 entries: full fp32 logits of 16k tokens alone are
+~10 GB. Logits and their statistics are fp32; the matmuls run in the weights' dtype (fp32 accumulation). The
+cost is one extra logits matmul in backward (4 instead of 3), the price of O(tokens) memory. The design of fused
+linear cross-entropy kernels (Liger-Kernel, Apple's "cut cross-entropy", TRL's chunked log-prob), here with
+per-token upstream gradients, an entropy output, per-token temperature and Megatron's vocab-parallel layout.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_BLOCK_VALUES = 1 << 21  # fp32 values of one [rows x vocab tile] block (8 MB)
+_BLOCK_VALUES = 1 << 21  # fp32 values of one [rows x vocab tile] block on a CPU (8 MB: stays in cache)
+_BLOCK_VALUES_GPU = 1 << 25  # on a GPU (128 MB): fewer, larger kernels
 _FLOOR = torch.finfo(torch.float32).min  # the running max before any column: exp(_FLOOR - m) is 0, never NaN
 
 
@@ -197,8 +198,9 @@ def vocab_parallel_logprobs(
 
     ``temperature``: one value, or one per token ([N]; demo and rollout tokens of one micro-batch may be
     scored at different temperatures). ``chunk_tokens`` bounds the token rows of one block (a block holds about
-    2M fp32 values whatever its shape). Gradients: hidden gets this rank's partial gradient (the caller's TP
-    region mapping sums them), weight gets its slice's gradient; vocabulary padding rows get none.
+    2M fp32 values on a CPU, 32M on a GPU, whatever its shape). Gradients: hidden gets this rank's partial
+    gradient (the caller's TP region mapping sums them), weight gets its slice's gradient; vocabulary padding rows
+    get none.
     """
     n = hidden.shape[0]
     if chunk_tokens < 1:
@@ -209,7 +211,8 @@ def vocab_parallel_logprobs(
     vocab_start = tp_rank * weight.shape[0]
     valid = max(0, min(weight.shape[0], true_vocab - vocab_start))
     rows = max(1, min(chunk_tokens, n))
-    lay = _Layout(vocab_start, valid, tp_group, tp_size, with_entropy, rows, max(1, _BLOCK_VALUES // rows))
+    block = _BLOCK_VALUES if hidden.device.type == "cpu" else _BLOCK_VALUES_GPU
+    lay = _Layout(vocab_start, valid, tp_group, tp_size, with_entropy, rows, max(1, block // rows))
     return _TiledLogprobs.apply(hidden, weight, labels, inv_t, lay)
 
 
