@@ -43,8 +43,9 @@ WORK = {"prompts_per_step": 8, "samples_per_prompt": 4, "new_tokens": 64, "tempe
         "loss": "token-mean (dapo)", "advantages": "group mean/std", "dtype": "fp32",
         "model": "random Qwen3, hidden 128, 2 layers, vocab 151,669, untied, 39.1M parameters"}
 OURS_OVERRIDES = [
-    "data.demo_paths=[]", "data.demos_per_step=0", "data.prompts_per_step=8", "data.require_teacher_response=false",
-    "discriminator=null", "objective.algorithm=grpo", "objective.loss_agg_mode=token-mean", "sampling.group_size=4",
+    "data.demo_paths=[]", "data.demos_per_step=0", "data.eval_prompt_paths=[]", "data.prompts_per_step=8",
+    "data.require_teacher_response=false", "discriminator=null", "objective.algorithm=grpo",
+    "objective.loss_agg_mode=token-mean", "sampling.group_size=4",
     "sampling.max_new_tokens=64", "sampling.temperature=1.0", "optim.lr=1e-5", "optim.warmup_steps=0",
     "optim.decay_style=constant", "train.tensorboard=false", "train.plot=false",
 ]

@@ -12,6 +12,8 @@ matmul operands, not the block. Qwen3's vocabulary is 151,936 entries: full fp32
 cost is one extra logits matmul in backward (4 instead of 3), the price of O(tokens) memory. The design of fused
 linear cross-entropy kernels (Liger-Kernel, Apple's "cut cross-entropy", TRL's chunked log-prob), here with
 per-token upstream gradients, an entropy output, per-token temperature and Megatron's vocab-parallel layout.
+Temperature is one value or one per target token (the trainer scores rollout tokens at the sampler's temperature
+and demonstration tokens at 1).
 """
 
 from __future__ import annotations
