@@ -126,13 +126,15 @@ def main() -> None:
         "chunked_seconds": round(med["chunked"]["seconds"], 2), "full_logits_seconds": round(med["full"]["seconds"], 2),
         "chunked_cpu_seconds": round(med["chunked"]["cpu_seconds"], 2),
         "full_logits_cpu_seconds": round(med["full"]["cpu_seconds"], 2),
-        "others_cpu": max((x for rs in runs.values() for r in rs if (x := r["others_cpu"]) is not None), default=None),
+        "others_cpu": max((x for rs in runs.values() for r in rs if (x := r["others_cpu"]) is not None),
+                          default=None),
         "others_cpu_by_variant": {v: [r["others_cpu"] for r in rs] for v, rs in runs.items()},
         "logprob_sum_diff": diff[0],
         "grad_rel_diff": [d / max(s, 1e-30) for d, s in zip(diff[1:], full["abs_sums"])],
         "settings": {"tokens": a.tokens, "vocab": V, "hidden": a.hidden, "dtype": "fp32", "grads": "hidden and weight",
                      "chunk_tokens": a.chunk,
-                     "block_values": logprobs._BLOCK_VALUES_GPU if torch.cuda.is_available() else logprobs._BLOCK_VALUES,
+                     "block_values": (logprobs._BLOCK_VALUES_GPU if torch.cuda.is_available()
+                                      else logprobs._BLOCK_VALUES),
                      "threads": a.threads, "repeats": a.repeats, "baseline": BASELINE,
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "peak": "peak allocated CUDA memory" if torch.cuda.is_available() else

@@ -359,12 +359,14 @@ def main() -> None:
         if have_vllm and not torch.cuda.is_available():
             if args.part == "all":
                 for part in ([] if args.skip_sync else ["sync"]) + ["throughput"]:
-                    result.update(run_part(part))
+                    got = run_part(part)
+                    result.setdefault("settings", {}).update(got.pop("settings", {}))
+                    result.update(got)
             else:
                 {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
     shares = [x for x in result.get("others_cpu_by_engine", {}).values() if x is not None]
-    result["settings"] = {part: result.pop(f"{part}_settings") for part in ("sync", "throughput", "gpu")
-                          if f"{part}_settings" in result}
+    result.setdefault("settings", {}).update({part: result.pop(f"{part}_settings") for part in
+                                              ("sync", "throughput", "gpu") if f"{part}_settings" in result})
     result.update(others_cpu=max(shares) if shares else None, machine=machine(), date=time.strftime("%Y-%m-%d"))
     line = json.dumps(result)
     if args.out:

@@ -4,7 +4,7 @@ same shape in the same run (the baseline).
 GPU (default there): the Qwen3-0.6B and -1.7B shapes, micro-batch 8 x 2048 tokens, bf16, AdamW; the last line's
 top-level keys are the first shape's (0.6B, the target), every shape's figures are under "by_shape".
 CPU: a small shape so the benchmark always runs. Ours packs the micro-batch into one thd row, computes the
-loss with the chunked vocab-parallel log-prob head (never the full logits), and uses the torch-native spec
+loss with the tiled vocab-parallel log-prob head (never the full logits), and uses the torch-native spec
 (SDPA) unless Transformer Engine is present. One JSON line last: device, tokens_s, mfu, peak_mem_gb,
 baseline_tokens_s, baseline_peak_mem_gb, others_cpu (and baseline_others_cpu): the share of the machine's CPU
 time that other processes used while the steps were timed (see _machine.py; on 2 cores a competing process slows
@@ -184,7 +184,8 @@ def settings(a: argparse.Namespace, dtype: str) -> dict:
 
     return {
         "ours": {"model": "Megatron-core GPTModel, spec auto (Transformer Engine if present, else torch SDPA)",
-                 "data": "one packed (thd) micro-batch", "loss": "chunked vocab-parallel log-prob head",
+                 "data": "one packed (thd) micro-batch",
+                 "loss": "tiled vocab-parallel log-prob head (trainer/logprobs.py)",
                  "chunk_tokens": OptimConfig().chunk_tokens, "recompute": a.recompute,
                  "optimizer": "Megatron distributed Adam, lr 1e-5"},
         "baseline": {"model": "transformers Qwen3ForCausalLM, SDPA", "data": "padded [mb, seq] batch",
