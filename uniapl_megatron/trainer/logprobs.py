@@ -238,7 +238,8 @@ def _inverse_temperature(temperature: float | torch.Tensor, n: int, device: torc
 class LogprobHead:
     """Turns a GPTModel's output layer into a log-prob head for one forward call.
 
-    ``head.targets = (labels [b, s], temperature, with_entropy, mask [b, s] | None)`` before ``model(...)``;
+    ``head.targets = (labels [b, s], temperature (a number or [b, s]), with_entropy, mask [b, s] | None)``
+    before ``model(...)``;
     the model then returns log-probs [b, s] (or [b, s, 2] with entropy) instead of logits. Where ``mask`` is
     0 (prompt tokens, padding) the vocabulary projection is skipped and 0 is returned: in RL batches most
     positions are prompt, and the 151,936-wide projection is the largest cost of a small model's step.
@@ -251,7 +252,7 @@ class LogprobHead:
         self.true_vocab = true_vocab
         self.chunk_tokens = chunk_tokens
         self.tp_group = ps.get_tensor_model_parallel_group()
-        self.targets: tuple[torch.Tensor, float, bool] | None = None
+        self.targets: tuple[torch.Tensor, float | torch.Tensor, bool, torch.Tensor | None] | None = None
         self.layer.forward = self.forward  # instance attribute: only this model's head changes
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None,
@@ -272,10 +273,14 @@ class LogprobHead:
         s, b, h = hidden.shape
         flat_labels = labels.transpose(0, 1).reshape(-1)  # [b, s] -> [s*b], hidden's order
         flat_hidden = hidden.reshape(s * b, h)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.to(labels.device).transpose(0, 1).reshape(-1)
         idx = None
         if mask is not None:
             idx = mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
             flat_hidden, flat_labels = flat_hidden[idx], flat_labels[idx]
+            if isinstance(temperature, torch.Tensor):
+                temperature = temperature[idx]
         out = vocab_parallel_logprobs(
             flat_hidden, w, flat_labels, true_vocab=self.true_vocab, temperature=temperature,
             with_entropy=with_entropy, chunk_tokens=self.chunk_tokens, tp_group=self.tp_group,
