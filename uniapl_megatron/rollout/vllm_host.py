@@ -118,15 +118,20 @@ def spare_default_group(keep: bool) -> Iterator[None]:
         dist.destroy_process_group = original
 
 
+def count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """vLLM's batched_count_greater_than (the rank of each sampled token), eager: summing the comparison in int32
+    is ~5x cheaper on a CPU than the default int64 sum (5 vs 23 ms for 32 x 151,669 log-probs, every decode step)."""
+    return (x >= values).sum(-1, dtype=torch.int32).long()
+
+
 def eager_sampler_helpers() -> None:
     """With enforce_eager, also run vLLM's sampler helper eagerly: it is torch.compile'd on first use, which
     costs 15+ s of C++ compilation per process on a small CPU machine (and its cache lives in the work dir)."""
     import vllm.v1.sample.sampler as sampler
 
     fn = getattr(sampler, "batched_count_greater_than", None)
-    eager = getattr(fn, "_torchdynamo_orig_callable", None)
-    if eager is not None:
-        sampler.batched_count_greater_than = eager
+    if getattr(fn, "_torchdynamo_orig_callable", None) is not None:
+        sampler.batched_count_greater_than = count_at_least
 
 
 _WORK_PREFIX = "uniapl-vllm-"
