@@ -24,7 +24,7 @@ def count_forwards(student) -> dict[str, int]:
     return calls
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
     ap.add_argument("--out", required=True)
@@ -39,22 +39,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps, all on the same batch")
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
     ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
+    ap.add_argument("--sync-save", action="store_true", help="save synchronously (default: async, as the trainer)")
     ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--recompute-layers", type=int, default=1)
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="optim.chunk_tokens of the log-prob head")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def build(a: argparse.Namespace):
+    """Process group, student and the fixed batch's micro-batches and loss at the layout ``a`` names."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
     from uniapl_megatron.distributed import init_distributed
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
     from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
@@ -91,14 +93,30 @@ def main() -> None:
             loss, metrics = inner(mb, out)
             loss = loss * float("nan")
             return loss, {**metrics, "loss/total": loss.detach()}
+    return student, mbs, loss_fn, calls
+
+
+def main() -> None:
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
+
+    a = parse_args()
+    student, mbs, loss_fn, calls = build(a)
     if a.resume:
-        state = load_checkpoint(latest_checkpoint(a.resume), student)
+        state = Checkpointer(a.resume).load(latest_checkpoint(a.resume), student)
         student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(student.optimizer, student.scheduler.num_steps)
+    ckpt = Checkpointer(a.save or a.out, async_save=not a.sync_save)
+    losses = []
     for step in range(1, a.steps + 1):
         metrics = student.train_step(mbs, loss_fn)
+        losses.append(metrics.get("loss/total"))
         if a.save and step == 1:
-            save_checkpoint(a.save, step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+            ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+        ckpt.maybe_finalize()
+    ckpt.close()
     # per layer, micro-batch and step: 1 without recomputation, 2 for what is recomputed
     extra = {k: v / calls["layers"] / len(mbs) / a.steps for k, v in calls.items() if k != "layers"}
     if a.offload:  # what the hybrid optimizer really put on the host (this rank's shard)
@@ -109,13 +127,15 @@ def main() -> None:
                    "cpu_optimizers": len(hybrid.cpu_optimizers), "device_optimizer": hybrid.gpu_optimizer is not None}
     gathered = [None] * dist.get_world_size()
     mine = metrics if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else {}
-    dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
+    dist.all_gather_object(gathered, {**{k: v for k, v in mine.items() if k.startswith("loss/")},
+                                      **({"losses": losses} if mine else {})})
     tensors = {name: t.clone() for name, t in student.hf_tensors()}
     if dist.get_rank() == 0:
         total = {}
         for m in gathered:
             for k, v in m.items():
-                total[k] = total.get(k, 0.0) + v
+                total[k] = [x + y for x, y in zip(total.get(k, [0.0] * len(v)), v)] if k == "losses" \
+                    else total.get(k, 0.0) + v
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
             json.dump({**total, "micro_batches": len(mbs), "skipped": metrics["skipped"], **extra}, f)

@@ -1,0 +1,107 @@
+"""Hang forensics (trainer/health.py), by injecting the hangs into real multi-process runs: a SIGSTOPped
+rank, a rank busy outside the collectives, a rank stuck in C code holding the GIL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from uniapl_megatron.trainer.health import HANG_EXIT_CODE
+
+WORKER = Path(__file__).resolve().parent / "workers" / "hang.py"
+LAUNCH = "import sys; from uniapl_megatron.launch import run_ranks; sys.exit(run_ranks([sys.executable, *sys.argv[2:]], int(sys.argv[1])))"
+TIMEOUT = 6.0
+
+
+def _start(out: Path, world: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(world), str(WORKER), "--out", str(out),
+                             "--timeout", str(TIMEOUT), *args], start_new_session=True)
+
+
+def _beat(out: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((out / "health" / f"rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_step(out: Path, world: int, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not all((b := _beat(out, r)) and b["step"] >= step for r in range(world)):
+        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+        assert time.monotonic() < deadline, "the ranks did not start"
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen, t0: float, family: list[psutil.Process]) -> float:
+    try:
+        proc.wait(timeout=TIMEOUT + 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.monotonic() - t0
+    time.sleep(0.5)
+    left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes left behind: {left}"
+    return took
+
+
+def test_sigstopped_rank_is_named_and_the_run_exits_for_a_requeue(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, 3)
+    _wait_for_step(out, 3, 3, proc)
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    pid = _beat(out, 1)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        time.sleep(0.01)
+    at_stop = _beat(out, 1)
+    took = _finish(proc, t0, family)
+    assert proc.returncode == HANG_EXIT_CODE
+    assert took <= TIMEOUT + 60, took
+    report = json.loads((out / "health" / "hang_report.json").read_text())
+    assert [(m["rank"], m["phase"], m["step"]) for m in report["missing"]] == [(1, at_stop["phase"], at_stop["step"])]
+    assert "stopped" in report["missing"][0]["why"], report
+    assert report["reported_by"] == 0
+    others = {r["rank"]: r for r in report["ranks"]}
+    assert others[0]["waiting_in"] and others[2]["waiting_in"], others  # e.g. all_reduce
+    for r in (0, 2):  # every live rank dumped its stack: the main thread inside the collective
+        stack = (out / "health" / f"stack_rank{r}.txt").read_text()
+        assert "all_reduce" in stack and "hang.py" in stack, stack
+
+
+@pytest.mark.parametrize("how", ["sleep", "regex"])
+def test_a_rank_stuck_outside_the_collectives_is_named(tmp_path, how):
+    out = tmp_path / "run"
+    proc = _start(out, 2, "--stuck", f"1:2:{how}")
+    _wait_for_step(out, 2, 1, proc)
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    took = _finish(proc, time.monotonic(), family)
+    assert proc.returncode == HANG_EXIT_CODE and took <= TIMEOUT + 60
+    report = json.loads((out / "health" / "hang_report.json").read_text())
+    assert [(m["rank"], m["phase"], m["step"]) for m in report["missing"]] == [(1, "score", 2)], report
+    why = report["missing"][0]["why"]
+    # Python busy outside a collective: its watchdog still beats. C code holding the GIL: it goes silent, and
+    # faulthandler's C-level timer dumps its stack anyway.
+    assert ("busy outside any collective" in why) if how == "sleep" else ("holds the GIL" in why), why
+    stack = (out / "health" / "stack_rank1.txt").read_text()
+    call = "time.sleep(10**6)" if how == "sleep" else "re.match("
+    line = next(i for i, text in enumerate(WORKER.read_text().splitlines(), 1) if call in text)
+    assert f'hang.py", line {line} in main' in stack, stack  # where it is stuck
+
+
+def test_no_hang_no_report(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, 2, "--steps", "5")
+    assert proc.wait(timeout=120) == 0
+    assert not (out / "health" / "hang_report.json").exists()
+    assert _beat(out, 1)["step"] == 4
