@@ -4,6 +4,8 @@ that does not load or a partial checkpoint that is picked up; the save-by deadli
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import random
 import signal
@@ -16,6 +18,7 @@ import pytest
 from _models import tiny_qwen3
 from _train_step import max_diff, train_step
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 LAUNCH = "import sys; from uniapl_megatron.launch import run_ranks; sys.exit(run_ranks([sys.executable, *sys.argv[2:]], int(sys.argv[1])))"
 
@@ -97,3 +100,44 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
     print("kills (last save started, last finalized, latest, partial folders):", *landed, sep="\n  ")
     # The kills landed inside saves: some left a save started after the one `latest` names.
     assert sum(last > int(name.split("_")[1]) for last, _, name, _ in landed) >= 3, landed
+
+
+def test_save_by_deadline_arithmetic_and_sources():
+    from uniapl_megatron.models.arch import ConfigError
+    from uniapl_megatron.trainer.checkpoint import SaveDeadline, job_end_time, parse_end_time
+
+    assert job_end_time("auto", {"SLURM_JOB_END_TIME": "1793718000"}) == 1793718000
+    assert job_end_time("none", {"SLURM_JOB_END_TIME": "1793718000"}) is None
+    assert job_end_time("auto", {}) is None  # no job, no deadline
+    assert job_end_time("2026-11-03T17:00:00", {}) == datetime.datetime(2026, 11, 3, 17).timestamp()
+    with pytest.raises(ConfigError, match="train.job_end_time='soon'"):
+        parse_end_time("soon")
+    d = SaveDeadline(1000.0, margin_s=10.0)
+    for s in (3.0, 5.0, 4.0):
+        d.record_step(s)
+    # The longest recent step (5) + the last save (20) + the margin (10) must fit before the end.
+    assert not d.due(20.0, now=964.0) and d.due(20.0, now=965.0)
+    assert not SaveDeadline(None, 10.0).due(20.0, now=1e12)
+
+
+def test_trainer_saves_and_stops_when_the_job_end_is_near(tmp_path):
+    """A run whose job ends before another step and save would fit: it saves the step it has, at once (not at
+    save_every), writes health/exit.json with reason deadline (the launcher requeues on it) and exits 0."""
+    from uniapl_megatron.demo import prepare
+    from uniapl_megatron.trainer.checkpoint import latest_checkpoint
+
+    a = prepare(tmp_path / "assets", train_rows=50)
+    out = tmp_path / "run"
+    end = time.time() + 3600  # with a 3600 s margin: due after the first step
+    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml"),
+                        f"model.hf_path={a['student']}", "rollout=null", "discriminator=null",
+                        "objective.algorithm=sft", f"data.demo_paths=[{a['data']}]", "data.prompt_paths=[]",
+                        "data.prompts_per_step=0", "data.demos_per_step=2", "train.steps=50", "train.save_every=1000",
+                        f"train.job_end_time={end:.0f}", "train.save_margin_s=3600", f"train.output_dir={out}",
+                        "train.tensorboard=false", "train.plot=false"],
+                       capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "job end near: saved step 1, exiting" in r.stdout, r.stdout[-2000:]
+    assert json.loads((out / "health" / "exit.json").read_text())["reason"] == "deadline"
+    assert latest_checkpoint(out).name == "step_000001"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

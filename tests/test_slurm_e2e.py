@@ -17,6 +17,7 @@ UNIAPL_PYTHON (the interpreter the jobs use; default this one).
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
 import re
@@ -235,6 +236,9 @@ _STAND_IN = """#!/usr/bin/env bash
 if [ "$1" = -m ] && [ "$2" = uniapl_megatron.cli ] && [ "$3" = train ]; then
     for a in "$@"; do case "$a" in train.output_dir=*) out="${a#train.output_dir=}" ;; esac; done
     mkdir -p "$out/health"
+    # The trainer's save-by deadline reads the job's end time from squeue inside the job.
+    "$UNIAPL_REAL_PYTHON" -c "from uniapl_megatron.trainer.checkpoint import job_end_time as e; print(e('auto'))" \
+        > "$out/end_time.txt"
     case "$UNIAPL_TEST_STOP" in
         hang) echo '{"missing": [{"rank": 1, "phase": "train", "step": 3}]}' > "$out/health/hang_report.json"
               exit 75 ;;
@@ -262,14 +266,18 @@ def test_hang_and_deadline_stops_requeue(cluster, tmp_path, stop, requeued):
     job = _submit(env, jobs, out, tmp_path, [])
     log = tmp_path / f"job-{job}.out"
     deadline = time.monotonic() + 300
+    ends = set()
     while True:
         info = _job(env, job)
         if int(info["Restarts"]) >= 1 or info["JobState"] in DONE:
             break
+        if info["JobState"] == "RUNNING":
+            ends.add(datetime.datetime.fromisoformat(info["EndTime"]).timestamp())
         assert time.monotonic() < deadline, _text(log)
-        time.sleep(0.5)
+        time.sleep(0.2)
     time.sleep(1)
     text = _text(log)
+    assert float((out / "end_time.txt").read_text()) in ends, ends  # what Slurm says while the job runs
     if requeued:
         assert int(_job(env, job)["Restarts"]) == 1, text
         why = {"hang": "the trainer hung", "deadline": "saved and stopped before the job's end time"}[stop]
