@@ -88,16 +88,17 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
         proc.wait()
         ev = _events(out)
         last_save = max(s for _, w, s in ev if w == "save")
-        finalized = max(s for _, w, s in ev if w == "finalized")
         path = latest_checkpoint(out)
         assert path is not None and not path.name.startswith("."), path
         assert (path / "trainer_state.json").is_file() and (path / "model" / "metadata.json").is_file()
         partial = sorted(p.name for p in (out / "checkpoints").glob(".step_*"))
-        landed.append((last_save, finalized, path.name, partial))
+        where = {"save": "blocking part (or finalizing the one before)", "writing": "background write"}.get(
+            ev[-1][1], ev[-1][1])
+        landed.append((last_save, where, path.name, partial))
     done = subprocess.run([*cmd[:-2], "--steps", "0", "--verify-only"], stdout=log, stderr=log, timeout=600,
                           start_new_session=True, check=False)
     assert done.returncode == 0, f"the last latest did not load as saved: see {log.name}"
-    print("kills (last save started, last finalized, latest, partial folders):", *landed, sep="\n  ")
+    print("kills (last save started, where its save was, latest, partial folders):", *landed, sep="\n  ")
     # The kills landed inside saves: some left a save started after the one `latest` names.
     assert sum(last > int(name.split("_")[1]) for last, _, name, _ in landed) >= 3, landed
 

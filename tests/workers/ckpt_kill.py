@@ -2,7 +2,8 @@
 is one and checks that what it loaded is exactly what the run held at that step (a digest of this rank's
 weights and optimizer shard, written before that save began); then trains on the fixed batch of
 train_step.py, saving asynchronously after every step, until killed (or for --steps). Rank 0 appends
-events (save, finalized) with times to <out>/events.txt. Exit 3: the loaded state differs from the digest."""
+events (save: a save begins, finalizing the previous one first; writing: its writer runs in the background
+while the next step trains; finalized) with times to <out>/events.txt. Exit 3: the loaded state differs from the digest."""
 
 import json
 import os
@@ -66,6 +67,7 @@ def main() -> None:
         ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
         if before is not None:
             event("finalized", before)  # save() completes the previous one first
+        event("writing", step)  # its blocking part is done: the writer process runs while training goes on
     ckpt.close()
     event("finalized", start + a.steps)
     torch.distributed.barrier()
