@@ -298,7 +298,10 @@ def load_sharded(folder: Path, student: Any, optim_format: str, fully_parallel: 
         strategy = get_default_load_sharded_strategy(str(folder))
         if fully_parallel:
             strategy = FullyParallelLoadStrategyWrapper(strategy, _dp_group())
-        loaded = dist_checkpointing.load(sharded, str(folder), strategy)
+        # The offloading optimizer's param groups name its CPU / GPU optimizer classes; torch.load
+        # (weights_only) accepts those classes, and nothing else beyond tensors and plain data.
+        with torch.serialization.safe_globals(_optimizer_classes(student.optimizer)):
+            loaded = dist_checkpointing.load(sharded, str(folder), strategy)
         chunks = [unwrap(c) for c in student.chunks]
         if len(chunks) == 1:
             chunks[0].load_state_dict(loaded["model"], strict=False)
@@ -307,6 +310,23 @@ def load_sharded(folder: Path, student: Any, optim_format: str, fully_parallel: 
                 c.load_state_dict(loaded["model"][f"model{i}"], strict=False)
         with _fully_reshardable_torch_adam(student.optimizer):
             student.optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _optimizer_classes(optimizer: Any) -> list[type]:
+    """Optimizer classes Megatron's HybridDeviceOptimizer (optim.cpu_offload) keeps in its param groups, so a
+    checkpoint it wrote names them: torch's and Transformer Engine's, and the ones this run uses."""
+    out = {torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD}
+    try:
+        from transformer_engine.pytorch.optimizers import FusedAdam, FusedSGD
+
+        out |= {FusedAdam, FusedSGD}
+    except ImportError:
+        pass
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        out |= {c for c in (getattr(inner, "cpu_optimizer_cls", None), getattr(inner, "gpu_optimizer_cls", None))
+                if isinstance(c, type)}
+    return list(out)
 
 
 @contextlib.contextmanager
