@@ -142,3 +142,31 @@ def test_trainer_saves_and_stops_when_the_job_end_is_near(tmp_path):
     assert json.loads((out / "health" / "exit.json").read_text())["reason"] == "deadline"
     assert latest_checkpoint(out).name == "step_000001"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_bad_settings_are_refused_with_the_field(tmp_path):
+    from types import SimpleNamespace
+
+    from uniapl_megatron.models.arch import ConfigError
+    from uniapl_megatron.parallel import ParallelConfig
+    from uniapl_megatron.trainer.checkpoint import Checkpointer
+    from uniapl_megatron.trainer.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {hf_path: x}\n")
+    for override, message in [("train.hang_timeout_s=1800", "train.hang_timeout_s=1800.0: expected 0 .* below 1800"),
+                              ("train.ckpt_optim_format=flat", "train.ckpt_optim_format='flat': expected one of"),
+                              ("train.job_end_time=tomorrow", "train.job_end_time='tomorrow': expected auto, none"),
+                              ("train.save_margin_s=-1", "train.save_margin_s=-1.0: expected >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg, [override])
+    # dp_reshardable optimizer state saved at TP2 x PP2 is refused at TP1, naming what changed.
+    ck = tmp_path / "step_000003"
+    ck.mkdir()
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 3, "optimizer_format": "dp_reshardable", "layout": {
+        "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": None,
+        "expert_model_parallel_size": 1, "context_parallel_size": 1}}))
+    student = SimpleNamespace(parallel=ParallelConfig())  # only its layout is read before refusing
+    with pytest.raises(ConfigError, match=r"dp_reshardable.*tensor_model_parallel_size 2 -> 1, "
+                                          r"pipeline_model_parallel_size 2 -> 1.*fully_reshardable"):
+        Checkpointer(tmp_path).load(ck, student)
