@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _SHOW = 2000  # characters of a timed-out prompt / response written to the log
 _INNER: dict[tuple, Any] = {}  # in a worker: the reward built from (factory, config), kept across tasks
+_OPEN_POOLS = [0]  # pools of this process that are up: they share one forkserver, stopped with the last
 
 
 def _die_with_parent() -> None:
@@ -88,6 +89,7 @@ class TimedReward:
                 # Imported once by the forkserver, so workers (and their replacements) start without it.
                 ctx.set_forkserver_preload([__name__, self.factory.__module__])
                 self._pool = ProcessPool(max_workers=self.workers, context=ctx, initializer=_die_with_parent)
+                _OPEN_POOLS[0] += 1
                 if start:
                     self._pool.schedule(_noop)
             return self._pool
@@ -135,9 +137,41 @@ class TimedReward:
         return out
 
     def close(self) -> None:
+        """Stop the workers; the last open pool also stops multiprocessing's forkserver, which would otherwise
+        outlive this process by the seconds its own exit takes (and whose exit kills every pool's workers)."""
         with self._lock:
             self._closed = True
             if self._pool is not None:
                 self._pool.stop()
                 self._pool.join()
                 self._pool = None
+                _OPEN_POOLS[0] -= 1
+                if _OPEN_POOLS[0] == 0:
+                    _stop_forkserver()
+
+
+def _stop_forkserver(wait_s: float = 10.0) -> None:
+    """What multiprocessing.forkserver's own (test-only) _stop does: close the pipe whose EOF tells the server
+    to exit, and reap it; waiting at most ``wait_s`` (a forked child of this process keeps the pipe open)."""
+    import os
+    import time
+    from multiprocessing import forkserver, util
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid, fd = getattr(server, "_forkserver_pid", None), getattr(server, "_forkserver_alive_fd", None)
+    if server is None or pid is None or fd is None:
+        return
+    with server._lock:
+        os.close(fd)
+        server._forkserver_alive_fd = server._forkserver_pid = None
+        address, server._forkserver_address = server._forkserver_address, None
+        if address and not util.is_abstract_socket_namespace(address):  # Linux: abstract, no file
+            os.unlink(address)
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.05)

@@ -390,6 +390,8 @@ class Trainer:
         summary = self.log.finish(time.perf_counter() - t_start, last_saved)
         if self.engine is not None:
             self.engine.shutdown()
+        if hasattr(self.reward, "close"):
+            self.reward.close()  # its worker processes
         return summary
 
 
