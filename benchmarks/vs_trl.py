@@ -57,6 +57,7 @@ def rows() -> list[dict]:
 def run_ours(model: Path, data: Path, out: Path, steps: int) -> list[float]:
     cmd = [sys.executable, "-m", "uniapl_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml"),
            f"model.hf_path={model}", f"data.prompt_paths=[{data}]", "data.demo_paths=[]", "data.demos_per_step=0",
+           "data.eval_prompt_paths=[]",
            "data.prompts_per_step=8", "data.require_teacher_response=false", "discriminator=null",
            "objective.algorithm=grpo", "objective.loss_agg_mode=token-mean", "sampling.group_size=4",
            "sampling.max_new_tokens=64", "sampling.temperature=1.0", "optim.lr=1e-5", "optim.warmup_steps=0",

@@ -1,5 +1,8 @@
 # shellcheck shell=bash
-# The launch logic shared by slurm/uniapl_*.sh (they hold the #SBATCH headers and source this).
+# The launch logic shared by slurm/uniapl_*.sh and slurm/generate_*.sh (they hold the #SBATCH
+# headers and source this). UNIAPL_COMMAND (train, the default, or generate) is the `uniapl`
+# subcommand every rank runs; for generate the layout check is `python -m uniapl_megatron.generate`
+# (world = generate.data_parallel_size x teacher.tensor_parallel_size) instead of the memory planner.
 #
 # What it does inside an allocation:
 #   1. reads placement from the config (tools/plan_memory.py --shell) and refuses, before anything
@@ -24,7 +27,11 @@
 # python3), UNIAPL_MASTER_PORT, UNIAPL_GPU_MEM_GIB (default: nvidia-smi; unknown = no fit check),
 # UNIAPL_PROCS_PER_NODE (default: the allocation's tasks per node), UNIAPL_REQUEUE_ON_SIGNAL (1),
 # UNIAPL_REQUEUE_ON_HANG (1), UNIAPL_MAX_RESTARTS (20), UNIAPL_DRY_RUN=1 (print every node's command for the allocation in
-# SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE; run nothing).
+# SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE; run nothing),
+# UNIAPL_ROLLOUT_PYTHON (the rollout servers' Python, e.g. a venv of its own with vLLM; default
+# UNIAPL_PYTHON), UNIAPL_CPU_BIND (auto: bind each training rank to its GPU's NUMA node; none),
+# UNIAPL_GPU_NUMA_NODES (the NUMA node of GPU 0,1,...; default: nvidia-smi + sysfs), UNIAPL_NUMA_TOOL
+# (numactl or taskset; default: numactl when installed).
 
 UNIAPL_LOG_PREFIX="[uniapl-launch]"
 
@@ -36,7 +43,7 @@ uniapl_usage() {
 usage: sbatch [sbatch options] $1 CONFIG.yaml [section.key=value ...]
        UNIAPL_DRY_RUN=1 SLURM_JOB_ID=1 SLURM_JOB_NODELIST='node[01-32]' SLURM_NNODES=32 \\
          SLURM_NTASKS_PER_NODE=8 bash $1 CONFIG.yaml [section.key=value ...]
-The overrides go to \`uniapl train\` unchanged. See slurm/_launch.sh for the environment knobs.
+The overrides go to \`uniapl ${UNIAPL_COMMAND:-train}\` unchanged. See slurm/_launch.sh for the environment knobs.
 EOF
 }
 
@@ -84,7 +91,12 @@ uniapl_hostnames() {
 uniapl_set_env() {
     # Megatron: one hardware queue per GPU keeps kernels in issue order, so the TP/SP communication
     # issued before a GEMM really overlaps with it (Megatron asserts this for sequence parallelism).
-    export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+    # For the trainer only: _task.sh sets it in training tasks; rollout servers (vLLM overlaps its own
+    # streams) and the engines a trainer spawns (rollout/vllm_host.py) do not get it.
+    export UNIAPL_TRAIN_CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+    unset CUDA_DEVICE_MAX_CONNECTIONS
+    # CUDA numbers GPUs in PCI order, as nvidia-smi and Slurm do: the NUMA binding looks GPUs up by index.
+    export CUDA_DEVICE_ORDER="${CUDA_DEVICE_ORDER:-PCI_BUS_ID}"
     # A dead rank or hung collective raises in every rank instead of blocking until the time limit,
     # so the job ends (and can be requeued) instead of burning 256 GPUs doing nothing.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
@@ -121,10 +133,16 @@ uniapl_plan() {
         gpu_gib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null \
             | head -1 | awk '{ if ($1 > 0) printf "%.2f", $1 / 1024 }')"
     fi
-    assignments="$("$UNIAPL_PYTHON" "$UNIAPL_ROOT/tools/plan_memory.py" "$UNIAPL_CONFIG" \
-        "${UNIAPL_OVERRIDES[@]}" --nodes "$UNIAPL_NNODES" --gpus-per-node "$UNIAPL_PROCS_PER_NODE" \
-        --gpu-mem-gib "${gpu_gib:-0}" --shell)" \
-        || uniapl_die "the memory/layout plan refused this launch (above); nothing was started"
+    if [ "$UNIAPL_COMMAND" = generate ]; then
+        assignments="$(PYTHONPATH="$UNIAPL_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$UNIAPL_PYTHON" -m uniapl_megatron.generate \
+            "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}" --world $((UNIAPL_NNODES * UNIAPL_PROCS_PER_NODE)))" \
+            || uniapl_die "the generate layout check refused this launch (above); nothing was started"
+    else
+        assignments="$("$UNIAPL_PYTHON" "$UNIAPL_ROOT/tools/plan_memory.py" "$UNIAPL_CONFIG" \
+            "${UNIAPL_OVERRIDES[@]}" --nodes "$UNIAPL_NNODES" --gpus-per-node "$UNIAPL_PROCS_PER_NODE" \
+            --gpu-mem-gib "${gpu_gib:-0}" --shell)" \
+            || uniapl_die "the memory/layout plan refused this launch (above); nothing was started"
+    fi
     # Only the four UNIAPL_* assignments the planner prints (values are shlex-quoted).
     local line
     while IFS= read -r line; do
@@ -149,13 +167,18 @@ uniapl_build_steps() {
     if [ "$UNIAPL_ROLLOUT_NODES" -gt 0 ]; then where=(--nodelist="$UNIAPL_TRAIN_HOSTS"); fi
     # srun does not pass the batch's --cpus-per-task on to steps (Slurm 22.05+): say it again.
     if [ -n "$cpt" ]; then per_task=(--cpus-per-task="$cpt"); node_cpus=(--cpus-per-task=$((cpt * p))); fi
+    # Training ranks bind themselves to their GPU's NUMA node (_task.sh): Slurm's own binding stays out.
+    if [ "${UNIAPL_CPU_BIND:-auto}" != none ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ] \
+        && [ "${SLURM_GPUS_PER_NODE}" != 0 ]; then
+        per_task+=(--cpu-bind=none)
+    fi
     case "$UNIAPL_LAUNCHER" in
         srun)
-            UNIAPL_TRAIN_TASK=(gpu uniapl_megatron.cli train "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
+            UNIAPL_TRAIN_TASK=(gpu uniapl_megatron.cli "$UNIAPL_COMMAND" "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
             UNIAPL_TRAIN_STEP=(srun "${common[@]}" --nodes="$t" --ntasks=$((t * p))
                 --ntasks-per-node="$p" "${per_task[@]}" "${where[@]}" bash "$task" "${UNIAPL_TRAIN_TASK[@]}") ;;
         torchrun)
-            UNIAPL_TRAIN_TASK=(torchrun uniapl_megatron.cli train "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
+            UNIAPL_TRAIN_TASK=(torchrun uniapl_megatron.cli "$UNIAPL_COMMAND" "$UNIAPL_CONFIG" "${UNIAPL_OVERRIDES[@]}")
             UNIAPL_TRAIN_STEP=(srun "${common[@]}" --nodes="$t" --ntasks="$t" --ntasks-per-node=1
                 "${node_cpus[@]}" "${where[@]}" bash "$task" "${UNIAPL_TRAIN_TASK[@]}") ;;
         *) uniapl_die "UNIAPL_LAUNCHER must be srun or torchrun, got '$UNIAPL_LAUNCHER'" ;;
@@ -284,6 +307,8 @@ uniapl_run() {
 uniapl_main() {
     local script="$1"
     shift
+    UNIAPL_COMMAND="${UNIAPL_COMMAND:-train}"
+    case "$UNIAPL_COMMAND" in train | generate) ;; *) uniapl_die "UNIAPL_COMMAND must be train or generate" ;; esac
     trap uniapl_on_usr1 USR1
     trap uniapl_on_term TERM
     if [ "$#" -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then

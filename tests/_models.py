@@ -34,17 +34,28 @@ def tiny_qwen3(folder: Path, *, tie: bool = True, vocab: int = 300, layers: int 
 
 
 def tiny_qwen3_moe(folder: Path, *, tie: bool = False, vocab: int = 300, layers: int = 2, experts: int = 4,
-                   topk: int = 2, seed: int = 0) -> Path:
+                   topk: int = 2, seed: int = 0, tokenizer: bool = False) -> Path:
+    """``tokenizer``: the real Qwen3 tokenizer files beside it and its vocabulary, so `uniapl train` can run it."""
+    import shutil
+
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    from uniapl_megatron.data.chat import qwen3_tokenizer_dir
+    from uniapl_megatron.demo import QWEN3_VOCAB
+
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         num_experts=experts, num_experts_per_tok=topk, norm_topk_prob=True,
-                         tie_word_embeddings=tie, max_position_embeddings=512, decoder_sparse_step=1,
-                         mlp_only_layers=[])
-    return _save(Qwen3MoeForCausalLM(cfg), folder)
+    cfg = Qwen3MoeConfig(vocab_size=QWEN3_VOCAB if tokenizer else vocab, hidden_size=64, intermediate_size=128,
+                         moe_intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, num_experts=experts, num_experts_per_tok=topk,
+                         norm_topk_prob=True, tie_word_embeddings=tie, max_position_embeddings=512,
+                         decoder_sparse_step=1, mlp_only_layers=[])
+    _save(Qwen3MoeForCausalLM(cfg), folder)
+    if tokenizer:
+        for f in Path(qwen3_tokenizer_dir()).iterdir():
+            if f.is_file():
+                shutil.copy2(f, folder / f.name)
+    return folder
 
 
 def load_safetensors_folder(folder: Path) -> dict:

@@ -6,7 +6,18 @@ from __future__ import annotations
 import torch
 
 from uniapl_megatron.rollout import SamplingParams
-from uniapl_megatron.rollout.sampling import filter_logits
+
+
+def filtered(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p on [B, V] temperature-scaled logits, dropped tokens at -inf: transformers' own logits
+    warpers, in generate's order, so the check does not lean on the project's filter (rollout/sampling.py)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    if top_k > 0:
+        logits = TopKLogitsWarper(top_k)(None, logits)
+    if top_p < 1.0:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    return logits
 
 
 @torch.no_grad()
@@ -24,5 +35,5 @@ def hf_logprobs(model, prompt: list[int], tokens: list[int], params: SamplingPar
     top-k, top-p applied); temperature 0 (greedy) gives those of the raw logits."""
     logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
     if params.temperature > 0:
-        logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+        logits = filtered(logits / params.temperature, params.top_k, params.top_p)
     return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]

@@ -51,7 +51,8 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 ROUND_TRIPS = [
     ("tied", "fp32", ["--tp", "2", "--pp", "2"], []),
     ("tied", "fp32", ["--tp", "4"], ["--tp", "2", "--pp", "2"]),  # TP 4 > 2 KV heads: replicated, then folded
-    ("untied", "fp32", ["--pp", "2"], ["--tp", "2"]),
+    ("untied", "fp32", ["--pp", "2", "--vpp", "2"], ["--tp", "2"]),  # VPP: 4 chunks of one layer each
+    ("untied", "fp32", [], ["--pp", "2", "--vpp", "2"]),
     ("bf16", "bf16", [], ["--pp", "2"]),
     ("moe", "fp32", ["--tp", "2", "--ep", "2"], ["--pp", "2", "--ep", "2"]),
     ("moe", "fp32", [], ["--ep", "4"]),

@@ -126,6 +126,11 @@ def test_micro_batch_edge_cases():
     assert sorted(b.is_filler for r in packed for b in r) == [False, False, False, True]
     # At least min_micro_batches per rank (pipeline parallelism).
     assert plan_micro_batches([10] * 8, max_tokens=1000, dp_size=2, min_micro_batches=3).micro_batches_per_rank == 3
+    # A multiple of micro_batch_multiple per rank (the interleaved pipeline schedule's groups of PP): 3 by
+    # budget become 4, and one sequence alone gets a filler beside it.
+    assert plan_micro_batches([600] * 3, max_tokens=1000, micro_batch_multiple=2).micro_batches_per_rank == 4
+    one = plan_micro_batches([10], max_tokens=1000, micro_batch_multiple=2)
+    assert one.ranks == [[[0], []]] and one.summary()["filler_micro_batches"] == 1
     # A sequence over the budget is a clear error.
     with pytest.raises(DataError, match="sequence 1 has 1001 tokens .*max_tokens_per_micro_batch=1000"):
         plan_micro_batches([5, 1001], max_tokens=1000)

@@ -208,6 +208,47 @@ def test_demo_tokens_match_the_template_and_mask_covers_response_plus_eot(tmp_pa
     assert first == demo.prompt_len - 1 and not mask[:first].any() and not mask[first + int(mask.sum()):].any()
 
 
+@pytest.mark.parametrize("thinking", [True, False])
+def test_demo_tokens_line_up_with_the_think_block(tmp_path, fmt, thinking):
+    """The real Qwen3 template, rendered and tokenized by transformers over the whole conversation, is the
+    reference: prompt + response tokens equal it, and the trained positions are exactly what follows the
+    generation prompt (with thinking on, the empty <think></think> block the template writes first)."""
+    thinker = ChatFormatter(fmt.tokenizer, enable_thinking=thinking)
+    tok = fmt.tokenizer
+    conversations = [
+        [{"role": "user", "content": "2+2?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}],
+    ]
+    answers = ["4.", "Blue.\nOr green.", "<think>\nThe user wants a colour.\n</think>\n\nRed."]
+    rows = [{"messages": m, "teacher_response": a} for m in conversations for a in answers]
+    path = write(tmp_path, "demos.jsonl", rows)
+    demos = read_demos([path], thinker, cfg(on_bad_line="skip", max_prompt_tokens=512, max_demo_tokens=512,
+                                            max_tokens_per_micro_batch=512))
+    # With thinking off the generation prompt already closes an empty think block: an answer with its own
+    # reasoning cannot follow it, and is a bad line rather than a sequence with two think blocks.
+    kept = [r for r in rows if thinking or "<think>" not in r["teacher_response"]]
+    assert len(demos) == len(kept) and demos.reports[0].num_bad == len(rows) - len(kept)
+    for row, demo in zip(kept, demos.rows):
+        ref = tok.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["teacher_response"]}],
+                                      tokenize=True, enable_thinking=thinking)
+        ref = list(ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref)
+        newline = tok("\n", add_special_tokens=False)["input_ids"]
+        assert ref[-len(newline):] == newline  # the template ends the turn with <|im_end|> and a newline
+        assert demo.token_ids.tolist() == ref[:-len(newline)]
+        gen = tok.apply_chat_template(row["messages"], tokenize=True, add_generation_prompt=True,
+                                      enable_thinking=thinking)
+        gen = list(gen["input_ids"] if isinstance(gen, dict) or hasattr(gen, "keys") else gen)
+        assert demo.prompt_ids.tolist() == gen
+        batch = pack_sequences([demo.token_ids], [demo.prompt_len])
+        trained = tok.decode(batch.labels[0][batch.loss_mask[0].bool()])
+        answer = row["teacher_response"]
+        if thinking and "<think>" not in answer:
+            assert trained == "<think>\n\n</think>\n\n" + answer + "<|im_end|>"
+        else:
+            assert trained == answer + "<|im_end|>"
+
+
 def test_thinking_switch(fmt):
     messages = [{"role": "user", "content": "2+2?"}]
     thinking = ChatFormatter(fmt.tokenizer, enable_thinking=True)

@@ -215,8 +215,6 @@ def test_model_mode_through_rollout_engine(engine: str, tiny_model: Path, tmp_pa
                                            capsys: pytest.CaptureFixture[str]) -> None:
     from uniapl_megatron.rewards.synthetic import SyntheticConfig, generate_synthetic
 
-    if engine == "vllm":
-        pytest.importorskip("vllm")
     rows = generate_synthetic(SyntheticConfig(num_rows=5, split="eval"))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -286,8 +284,7 @@ def test_analyze_logprobs_with_a_real_model(tiny_model: Path, tmp_path: Path, ca
     got = answer_token_logprobs(str(model_dir), prompts, answers, batch_size=3)
     fmt = ChatFormatter(load_tokenizer(str(model_dir)))
     for p, a, lp in zip(prompts, answers, got):
-        pi = fmt.encode_prompts([[{"role": "user", "content": p}]])[0]
-        ai = fmt.encode_responses([a])[0]
+        pi, ai = fmt.encode_demo([{"role": "user", "content": p}], a)
         ids = torch.as_tensor(np.concatenate([pi, ai]), dtype=torch.long)[None]
         with torch.no_grad():
             ref = torch.log_softmax(model(ids).logits[0].float(), -1)

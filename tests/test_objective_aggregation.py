@@ -50,7 +50,19 @@ def _toy_step(seed: int = 0) -> list[dict]:
     return seqs
 
 
+def _filler(weight: torch.Tensor) -> LossInputs:
+    """A micro-batch with no sequence (a rank with fewer sequences than micro-batches): two padding tokens."""
+    logp_all = torch.log_softmax(torch.zeros(2, D) @ weight, dim=-1)
+    logprobs, none = logp_all[:, 0], torch.zeros(0)
+    return LossInputs(logprobs=logprobs, loss_mask=torch.zeros(2, dtype=torch.long), seq_ids=torch.full((2,), -1),
+                      is_demo=torch.zeros(0, dtype=torch.bool), advantages=none, adv_advantages=none,
+                      old_logprobs=logprobs.detach(), ref_logprobs=logprobs.detach(),
+                      engine_logprobs=logprobs.detach(), entropy=-(logp_all.exp() * logp_all).sum(-1))
+
+
 def _pack(seqs: list[dict], weight: torch.Tensor) -> LossInputs:
+    if not seqs:
+        return _filler(weight)
     x = torch.cat([s["x"] for s in seqs])
     y = torch.cat([s["y"] for s in seqs])
     logits = x @ weight
@@ -97,8 +109,8 @@ def _config(mode: str) -> ObjectiveConfig:
     )
 
 
-# Micro-batches of the split runs: uneven sizes, each mixing demos and rollouts differently.
-SPLITS = [[0, 3, 4], [1, 5], [2], [6, 7]]
+# Micro-batches of the split runs: uneven sizes, each mixing demos and rollouts differently, and a filler.
+SPLITS = [[0, 3, 4], [1, 5], [2], [6, 7], []]
 
 
 def _run(
@@ -153,7 +165,7 @@ def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         for mode in MODES:
             for kind in ("dp", "cp"):
-                if kind == "dp":  # rank 0: micro-batches 0 and 2; rank 1: 1 and 3
+                if kind == "dp":  # rank 0: micro-batches 0, 2 and the filler; rank 1: 1 and 3
                     loss, grad, metrics = _run(SPLITS[rank::world], mode, group=dist.group.WORLD)
                 else:  # every rank: all micro-batches, its half of every sequence's tokens
                     loss, grad, metrics = _run(

@@ -116,6 +116,36 @@ def test_kl_estimators_match_hand_values(estimator):
     assert loss.item() == pytest.approx(0.25 * sum(by_hand) / 5, abs=1e-6)
 
 
+def test_k3_is_capped_and_its_gradient_never_points_away_from_the_reference():
+    from uniapl_megatron.objective.losses import MAX_K3, kl_per_token
+
+    # log(pi / ref) from far below to far above the reference; the exp input alone used to be clamped at 20,
+    # which left exp(20) - 1 + d (about 4.9e8) with gradient +1 for d < -20: minimising it lowered pi further.
+    d = torch.tensor([-200.0, -50.0, -21.0, -19.0, -5.0, -2.0, -0.5, 0.0, 0.5, 2.0, 12.0, 50.0, 200.0])
+    logp = d.clone().requires_grad_(True)
+    k3 = kl_per_token(logp, torch.zeros_like(d), "k3")
+    k3.sum().backward()
+    exact = torch.exp(-d.double()) - 1 + d.double()
+    assert torch.isfinite(k3).all() and torch.isfinite(logp.grad).all()
+    assert ((k3 >= 0) & (k3 <= MAX_K3)).all(), k3
+    small = exact <= MAX_K3
+    assert torch.allclose(k3[small].double(), exact[small], rtol=1e-5, atol=1e-6)
+    assert (k3[~small] == MAX_K3).all()
+    # d(k3)/d(log pi) = 1 - ref/pi: negative below the reference (raise pi), positive above; never the
+    # opposite sign, and the exact value wherever the term is not capped.
+    assert (logp.grad[d < 0] <= 0).all() and (logp.grad[d > 0] >= 0).all(), logp.grad
+    assert torch.allclose(logp.grad[small].double(), (1 - torch.exp(-d.double()))[small], rtol=1e-5, atol=1e-6)
+    assert (logp.grad[~small] == 0).all()
+    # Through the whole objective: a far-off token cannot dominate the step's KL.
+    cfg = ObjectiveConfig(algorithm="grpo", kl_coef=1.0, kl_estimator="k3")
+    inp = _rollout_batch(ratios=[1.0] * 7, adv=(0.0, 0.0))
+    inp.ref_logprobs = inp.logprobs.detach() + torch.tensor([0.0, 60.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    loss, m = objective_loss(inp, StepWeights("grpo", 0.0, 1.0, 0.0, 0.0, True), cfg, step_counts([inp]))
+    assert m["kl"].item() == pytest.approx(MAX_K3 / 5, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(inp.logprobs.grad).all() and inp.logprobs.grad[1].item() <= 0
+
+
 def test_entropy_bonus_lowers_the_loss_by_coef_times_mean_entropy():
     cfg = ObjectiveConfig(algorithm="grpo", entropy_coef=0.1)
     w = StepWeights("grpo", 0.0, 1.0, 0.0, 0.0, True)

@@ -90,7 +90,7 @@ def test_registry_builds_by_name_and_rejects_bad_config() -> None:
     assert isinstance(reward, Reward) and reward.name == "ifeval"
     with pytest.raises(RewardConfigError, match="unknown reward 'nope'; available: .*ifeval"):
         build_reward("nope")
-    with pytest.raises(RewardConfigError, match="unknown option.*'?modde'?.*expected some of: aggregate, mode, seed"):
+    with pytest.raises(RewardConfigError, match="unknown option.*'?modde'?.*expected some of: aggregate, families, mode, seed"):
         build_reward("ifeval", {"modde": "strict"})
     with pytest.raises(RewardConfigError, match="mode must be one of"):
         build_reward("ifeval", {"mode": "lenient"})

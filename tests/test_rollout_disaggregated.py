@@ -32,7 +32,6 @@ def _stop(*procs: subprocess.Popen) -> None:
 
 
 def test_trainer_and_rollout_server(assets, tmp_path):
-    pytest.importorskip("vllm")
     out, steps = tmp_path / "run", 3
     args = [*run_overrides(assets, out, steps), "rollout.mode=disaggregated", "rollout.num_nodes=1",
             "rollout.connect_timeout_s=600"]

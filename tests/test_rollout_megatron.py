@@ -13,7 +13,6 @@ Run as a script, this file is the worker of one Megatron rank.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -202,7 +201,6 @@ def worker() -> None:
 
 # ---- the test -----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_engine_follows_the_megatron_student(tmp_path):
     from _models import tiny_qwen3
     from uniapl_megatron.launch import run_ranks
@@ -255,7 +253,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_colocated_engine_in_the_training_processes(tmp_path):
     from _models import tiny_qwen3
     from uniapl_megatron.launch import run_ranks

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from _models import tiny_qwen3
-from _reference import hf_greedy, hf_logprobs
+from _reference import filtered, hf_greedy, hf_logprobs
 from uniapl_megatron.rollout import RolloutConfig, RolloutConfigError, SamplingParams, build_engine
-from uniapl_megatron.rollout.sampling import filter_logits, sample_next, seed_tensor
+from uniapl_megatron.rollout.sampling import sample_next, seed_tensor
 from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
 from uniapl_megatron.rollout.weight_sync import WeightSyncError
 
@@ -140,7 +140,7 @@ def test_sampler_follows_the_filtered_distribution():
     for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8)]:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         tokens, lps = sample_next(logits.expand(rows, -1), params, seeds, step=3)
-        probs = filter_logits(logits[None] / temperature, top_k, top_p).softmax(-1)[0]
+        probs = filtered(logits[None] / temperature, top_k, top_p).softmax(-1)[0]
         freq = torch.bincount(tokens, minlength=6).double() / rows
         sigma = (probs.double() * (1 - probs.double()) / rows).sqrt()
         assert ((freq - probs.double()).abs() <= 4 * sigma + 1e-12).all(), (params, freq, probs)

@@ -18,12 +18,9 @@ import pytest
 import torch
 
 from _models import tiny_qwen3
-from _reference import hf_greedy, hf_logprobs
-from uniapl_megatron.rollout.sampling import filter_logits
+from _reference import filtered, hf_greedy, hf_logprobs
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
 from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
-
-pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 151_936  # Qwen3's: the real tokenizer's ids fit
 PROMPTS = [[9, 10, 11, 12, 13], [151_644, 872, 198], [7] * 40]  # the last is long: >1 KV block (prefix cache)
@@ -114,7 +111,7 @@ def test_cpu_sampler_draws_from_the_processed_distribution(engine, hf):
         logits = hf(torch.tensor([prompt])).logits[0, -1].float()
     for params in (SamplingParams(n=256, temperature=0.02, top_k=6, max_new_tokens=1, seed=5),
                    SamplingParams(n=256, temperature=0.02, top_p=0.6, max_new_tokens=1, seed=6)):
-        probs = filter_logits(logits[None] / params.temperature, params.top_k, params.top_p).softmax(-1)[0].double()
+        probs = filtered(logits[None] / params.temperature, params.top_k, params.top_p).softmax(-1)[0].double()
         assert 0.05 < probs.max() < 0.95, "the check needs a distribution neither flat nor one-hot"
         out = engine.generate([prompt] * 8, params)
         tokens = torch.tensor([s.token_ids[0] for s in out.samples])
@@ -255,7 +252,7 @@ def test_disaggregated_weights_arrive_by_broadcast(engine, hf, model_dir):
 
 
 @pytest.mark.slow
-def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
+def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work, monkeypatch):
     import psutil
 
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
@@ -263,6 +260,8 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
     # Engine core in child processes, random start-up weights: every weight it has arrives through the
     # bucketed local broadcast. The module's work folder keeps vLLM's model-info cache warm. The weights
     # come as a one-shot iterator (as the trainer sends them); the host copy lets a restart re-sync.
+    # The trainer's own CUDA setting (slurm/_task.sh sets it for training ranks) must not reach vLLM's processes.
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     eng = VLLMRolloutEngine(config(model_dir, work, multiprocess=True, load_format="dummy", bucket_bytes=256 << 10,
                                    keep_host_copy=True))
     sockets = Path(eng.socket_dir)
@@ -275,10 +274,19 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work):
         ref = eng.generate(PROMPTS, params)
         core = [pid for pid in eng.child_pids if "EngineCore" in psutil.Process(pid).name()]
         assert core, [psutil.Process(pid).name() for pid in eng.child_pids]
+        assert "CUDA_DEVICE_MAX_CONNECTIONS" not in psutil.Process(core[0]).environ()
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
         os.kill(core[0], signal.SIGKILL)
         time.sleep(0.5)
         out = eng.generate(PROMPTS, params)  # same step, same samples: restarted and re-synced
         assert eng.restarts == 1
+        envs = []
+        for pid in eng.child_pids:  # the restarted core and its workers
+            try:
+                envs.append(psutil.Process(pid).environ())
+            except psutil.Error:  # a process that just ended
+                pass
+        assert envs and not any("CUDA_DEVICE_MAX_CONNECTIONS" in e for e in envs)
         assert [s.token_ids for s in out.samples] == [s.token_ids for s in ref.samples]
         lp_ref = hf_logprobs(hf, PROMPTS[0], out.samples[0].token_ids, params)
         assert float((torch.tensor(out.samples[0].logprobs) - lp_ref).abs().max()) <= 1e-4

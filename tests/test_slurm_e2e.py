@@ -1,7 +1,8 @@
 """The 1-node Slurm script on a real (local, one-node) Slurm cluster, with the real trainer.
 
 Needs the cluster of `.ci/slurm_up.sh` (`eval "$(.ci/slurm_up.sh)"` first), `examples/tiny_cpu.yaml`
-and the trainer CLI (`uniapl_megatron.cli`); skipped, with the reason, when any is missing.
+and the trainer CLI (`uniapl_megatron.cli`); fails, with the reason, when any is missing (`make test` and
+`.ci/run` provide all of them, so a missing one is a broken set-up, never a reason to skip).
 1. sbatch slurm/uniapl_1node.sh with the tiny CPU config (a few steps); the job completes and
    leaves <train.output_dir>/checkpoints/latest naming a step_XXXXXX folder.
 2. scontrol requeue (+ StartTime=now); the second run completes, the launcher saw the checkpoint,
@@ -55,7 +56,7 @@ def _cluster_env() -> dict[str, str] | None:
     return env if "is UP" in ping.stdout else None
 
 
-def _skip_reason() -> str | None:
+def _missing() -> str | None:
     if _cluster_env() is None:
         return 'no local Slurm cluster answers: run `eval "$(.ci/slurm_up.sh)"` first'
     if not CONFIG.is_file():
@@ -67,9 +68,9 @@ def _skip_reason() -> str | None:
 
 @pytest.fixture
 def cluster():
-    reason = _skip_reason()
+    reason = _missing()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(reason)
     env = _cluster_env()
     env.setdefault("UNIAPL_PYTHON", sys.executable)
     jobs: list[str] = []
@@ -85,13 +86,14 @@ def _tasks_needed() -> int:
     for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         n *= int(par.get(k) or 1)
     if n > (os.cpu_count() or 1):
-        pytest.skip(f"{CONFIG} needs {n} ranks, this node has {os.cpu_count()} CPUs")
+        pytest.fail(f"{CONFIG} needs {n} ranks, this node has {os.cpu_count()} CPUs: pick a smaller "
+                    "UNIAPL_E2E_CONFIG")
     return n
 
 
 def _prepare_assets(env: dict) -> None:
     """The tiny config's student, discriminator and data (what `uniapl demo` builds, offline)."""
-    if CONFIG != ROOT / "examples" / "tiny_cpu.yaml" or (ROOT / "runs/demo_assets/student/config.json").is_file():
+    if CONFIG != ROOT / "examples" / "tiny_cpu.yaml" or (ROOT / "runs/demo_assets/synthetic_eval.jsonl").is_file():
         return
     r = subprocess.run([env["UNIAPL_PYTHON"], "-m", "uniapl_megatron.demo"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
@@ -206,8 +208,9 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, tmp_path):
     while not latest.exists():  # signal once the trainer is stepping (its handler is installed)
         info = _job(env, job)
         if info["JobState"] in DONE:
-            pytest.skip("the run ended before its first checkpoint: give the config a save interval "
-                        "shorter than the run (UNIAPL_E2E_OVERRIDES)")
+            pytest.fail(f"job {job} ended ({info['JobState']}, exit {info.get('ExitCode')}) before its first "
+                        f"checkpoint (a config whose save interval is not shorter than the run, set with "
+                        f"UNIAPL_E2E_OVERRIDES, ends this way too); log:\n{_text(log)}")
         assert time.monotonic() < deadline, f"no checkpoint within {TIMEOUT:.0f} s:\n{_text(log)}"
         time.sleep(0.5)
     before, _ = _checkpoints(out)

@@ -256,3 +256,92 @@ def test_task_wrapper_turns_urg_into_usr1_for_the_trainer_only(tmp_path, mode):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, out
     assert out.count("saved checkpoint") == (2 if mode == "torchrun" else 1), out
+
+
+# ---- NUMA binding and the trainer-only CUDA_DEVICE_MAX_CONNECTIONS (slurm/_task.sh) ----------------------
+
+def _fake_gpu_node(tmp_path: Path) -> dict[str, str]:
+    """A node with 8 GPUs on 2 NUMA nodes as nvidia-smi and sysfs describe it: a stand-in `nvidia-smi` (no
+    GPU here) prints each GPU's PCI bus id; a sysfs tree gives those devices' NUMA nodes and the nodes' CPUs."""
+    buses = [f"00000000:{b:02x}:00.0" for b in (0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb)]
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/bash\n# stand-in for nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i N\n"
+                   'while [ $# -gt 0 ]; do [ "$1" = -i ] && i="$2"; shift; done\n'
+                   f'buses=({" ".join(buses)})\necho "${{buses[$i]}}"\n')
+    smi.chmod(0o755)
+    sysfs = tmp_path / "sys"
+    for i, bus in enumerate(buses):
+        d = sysfs / "bus" / "pci" / "devices" / bus[4:]
+        d.mkdir(parents=True)
+        (d / "numa_node").write_text(f"{i // 4}\n")
+    for node, cpus in ((0, "0-47,96-143"), (1, "48-95,144-191")):
+        d = sysfs / "devices" / "system" / "node" / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpus + "\n")
+    return {"PATH": f"{smi.parent}:{os.environ['PATH']}", "UNIAPL_SYSFS_ROOT": str(sysfs)}
+
+
+def test_training_ranks_bind_to_their_gpus_numa_node(tmp_path):
+    # Slurm gave this job's tasks the GPUs in another order: local rank r drives GPU CUDA_VISIBLE_DEVICES[r].
+    r = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_NUMA_TOOL="taskset",
+                CUDA_VISIBLE_DEVICES="4,5,6,7,0,1,2,3", **_fake_gpu_node(tmp_path))
+    assert r.returncode == 0, r.stderr
+    ts = tasks(r.stdout)
+    assert len(ts) == 8
+    for t in ts:
+        gpu = (int(t["local_rank"]) + 4) % 8
+        node = gpu // 4
+        assert t["bind"] == f"numa:{node}(gpu_{gpu})", t
+        cpus = ("0-47,96-143", "48-95,144-191")[node].replace(",", r"\,")  # as printf %q quotes it
+        assert t["cmd"].startswith(f"taskset -c {cpus} {sys.executable} -m "), t
+        assert t["cuda_max_connections"] == "1"
+    assert " --cpu-bind=none " in step(r.stdout, "train")  # Slurm's own binding stays out of the way
+
+
+def test_numa_binding_from_a_given_map_with_numactl_and_its_off_switch():
+    r = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_GPU_NUMA_NODES="0,0,1,1,2,2,3,3",
+                UNIAPL_NUMA_TOOL="numactl", CUDA_DEVICE_MAX_CONNECTIONS="2")
+    assert r.returncode == 0, r.stderr
+    for t in tasks(r.stdout):
+        n = int(t["local_rank"]) // 2
+        assert t["cmd"].startswith(f"numactl --cpunodebind={n} --preferred={n} {sys.executable} -m "), t
+        assert t["cuda_max_connections"] == "2"  # the user's value wins, for the trainer
+    off = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_GPU_NUMA_NODES="0,0,1,1,2,2,3,3",
+                  UNIAPL_CPU_BIND="none")
+    assert {t["bind"] for t in tasks(off.stdout)} == {"none(UNIAPL_CPU_BIND=none)"}
+    assert all(t["cmd"].startswith(sys.executable) for t in tasks(off.stdout))
+    assert "--cpu-bind" not in step(off.stdout, "train")
+
+
+def test_rollout_servers_get_no_trainer_cuda_setting_and_their_own_python(tmp_path):
+    r = dry_run(S32, str(RECIPE_8B), "rollout.mode=disaggregated", "rollout.num_nodes=8",
+                CUDA_DEVICE_MAX_CONNECTIONS="1", UNIAPL_ROLLOUT_PYTHON="/opt/vllm-venv/bin/python",
+                **_fake_gpu_node(tmp_path))
+    assert r.returncode == 0, r.stderr
+    ts = tasks(r.stdout)
+    roll = [t for t in ts if t["role"] == "rollout"]
+    train = [t for t in ts if t["role"] == "train"]
+    assert roll and all(t["cuda_max_connections"] == "-" for t in roll)
+    assert all(t["cmd"].startswith("/opt/vllm-venv/bin/python -m uniapl_megatron.cli rollout ") for t in roll)
+    assert all(t["cuda_max_connections"] == "1" and t["bind"].startswith("numa:") for t in train)
+    assert " --cpu-bind" not in step(r.stdout, "rollout")
+
+
+def test_task_wrapper_really_binds_the_program(tmp_path):
+    """Not a dry run: the program _task.sh starts runs on its NUMA node's CPUs (here node 0 = CPU 0 of a
+    fake sysfs; taskset does the binding) with the trainer's CUDA setting."""
+    (tmp_path / "where.py").write_text("import os\nprint('cpus', sorted(os.sched_getaffinity(0)), "
+                                       "os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))\n")
+    sysfs = tmp_path / "sys" / "devices" / "system" / "node" / "node0"
+    sysfs.mkdir(parents=True)
+    (sysfs / "cpulist").write_text("0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UNIAPL_", "CUDA_"))}
+    env.update(PYTHONPATH=str(tmp_path), UNIAPL_PYTHON=sys.executable, UNIAPL_PROCS_PER_NODE="1",
+               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29562", UNIAPL_GPU_NUMA_NODES="0", UNIAPL_NUMA_TOOL="taskset",
+               UNIAPL_SYSFS_ROOT=str(tmp_path / "sys"), UNIAPL_TRAIN_CUDA_DEVICE_MAX_CONNECTIONS="1")
+    out = subprocess.run(["bash", str(ROOT / "slurm" / "_task.sh"), "gpu", "where"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "cpus [0] 1" in out.stdout, out.stdout

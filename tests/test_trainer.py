@@ -1,13 +1,17 @@
-"""The trainer's Megatron step: layouts and micro-batching give the same update; config errors are clear."""
+"""The trainer's Megatron step: every layout and micro-batching give the same update, loss and grad norm;
+config errors are clear."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from _models import tiny_qwen3
+from _models import tiny_qwen3, tiny_qwen3_moe
+from _train_step import max_diff
 from _train_step import train_step as _step
 
 
@@ -16,41 +20,103 @@ def model(tmp_path_factory) -> Path:
     return tiny_qwen3(tmp_path_factory.mktemp("hf") / "m", tie=False, vocab=256)
 
 
-def test_layouts_and_micro_batches_give_the_same_update(model, tmp_path):
-    ref, ref_m = _step(model, tmp_path / "tp1", 1)
-    before = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(model / "model.safetensors")).items()}
-    moved = max((ref[k] - before[k]).abs().max().item() for k in ref)
-    assert moved > 1e-3, "the step did not change the weights"
-    runs = {
-        "tp2 pp2 sp": (4, ["--tp", "2", "--pp", "2", "--sp"]),
-        "dp2": (2, []),
-        "4 micro-batches": (1, ["--mb-tokens", "48"]),
-        "dp2 no distributed optimizer": (2, ["--no-dist-opt"]),
-    }
-    for name, (world, args) in runs.items():
-        got, m = _step(model, tmp_path / name.replace(" ", "_"), world, *args)
-        if name == "4 micro-batches":
-            assert m["micro_batches"] >= 4
-        diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
-        assert diff <= 1e-5, f"{name}: weights differ from TP=1 by {diff}"
-        assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-5, (name, m, ref_m)
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory) -> Path:
+    return tiny_qwen3_moe(tmp_path_factory.mktemp("hf") / "moe", vocab=256)
 
 
-def test_tp_above_the_kv_heads_keeps_the_kv_copies_equal(tmp_path):
-    """1 KV head at TP2: each rank holds a copy of it. Two steps must match TP1's (the copies' gradients are
-    summed, so they stay one head; the second step's forward uses both copies)."""
-    one_kv = tiny_qwen3(tmp_path / "m", tie=False, vocab=256, kv_heads=1)
-    ref, ref_m = _step(one_kv, tmp_path / "tp1", 1, "--steps", "2")
-    got, m = _step(one_kv, tmp_path / "tp2", 2, "--tp", "2", "--sp", "--steps", "2")
-    diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
-    assert diff <= 1e-5, f"TP2 with a replicated KV head differs from TP1 by {diff}"
-    assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-5, (m, ref_m)
+# Three steps of the uniapl preset (demos + rollouts: SFT, policy-gradient and adversarial terms) with real Adam
+# and a clip that binds (the grad norm is ~3-4). lr 1e-4: plain Adam's first steps are ~lr*sign(g), so a
+# gradient within rounding of 0 can flip an update; at 1e-4 that stays well inside the 1e-5 bar.
+ADAM_CLIPPED = ("--steps", "3", "--adam", "--lr", "1e-4", "--clip", "1.0")
+# id: (model, ranks, layout arguments); each must match its model's single-rank run.
+LAYOUTS = {
+    "tp2-sp": ("dense", 2, ["--tp", "2", "--sp"]),
+    "pp2-4mb": ("dense", 2, ["--pp", "2", "--mb-tokens", "80"]),
+    # 3 micro-batches by budget, rounded up to 4 (a multiple of PP) for the interleaved schedule
+    "pp2-vpp2": ("dense", 2, ["--pp", "2", "--vpp", "2", "--mb-tokens", "100"]),
+    "dp2": ("dense", 2, []),
+    "dp2-no-dist-opt-4mb": ("dense", 2, ["--no-dist-opt", "--mb-tokens", "40"]),  # 4 per rank
+    "tp4-kv-replicated": ("dense", 4, ["--tp", "4"]),  # 2 KV heads: each TP rank holds a copy of one
+    "ep2-moe": ("moe", 2, ["--ep", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def single_rank(model, moe_model, tmp_path_factory) -> Callable[[str], tuple[dict, dict]]:
+    """The 1-rank run of each model (TP1, PP1, DP1, EP1), run once and shared by the layouts."""
+    runs: dict[str, tuple[dict, dict]] = {}
+
+    def get(name: str) -> tuple[dict, dict]:
+        if name not in runs:
+            hf = model if name == "dense" else moe_model
+            weights, m = _step(hf, tmp_path_factory.mktemp("ref") / name, 1, *ADAM_CLIPPED)
+            assert all(s["grad_norm"] > 1.5 for s in m["steps"]), f"the clip at 1.0 does not bind: {m['steps']}"
+            before = load_file(str(hf / "model.safetensors"))
+            assert max_diff(weights, before) > 1e-4, "the steps did not change the weights"
+            runs[name] = weights, m
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_trains_like_one_rank(single_rank, model, moe_model, tmp_path, layout):
+    """Weights after 3 steps, and every step's loss and grad norm (what clipping scales by), equal 1 rank's."""
+    name, world, args = LAYOUTS[layout]
+    ref, ref_m = single_rank(name)
+    got, m = _step(model if name == "dense" else moe_model, tmp_path / "run", world, *ADAM_CLIPPED, *args)
+    if "4mb" in layout or "vpp" in layout:
+        assert m["micro_batches"] >= 4, m
+    steps = [(s["grad_norm"], r["grad_norm"], s["loss/total"], r["loss/total"])
+             for s, r in zip(m["steps"], ref_m["steps"], strict=True)]
+    for i, (norm, ref_norm, loss, ref_loss) in enumerate(steps, 1):
+        assert abs(norm - ref_norm) <= 1e-5, f"{layout} step {i}: grad_norm {norm} vs {ref_norm} at one rank"
+        assert abs(loss - ref_loss) <= 1e-5, f"{layout} step {i}: loss {loss} vs {ref_loss} at one rank"
+    diff = max_diff(got, ref)
+    assert diff <= 1e-5, f"{layout}: weights differ from one rank's by {diff}"
+
+
+def test_moe_student_trains_end_to_end_at_ep2_like_ep1(tmp_path):
+    """`uniapl train` (sft preset, real Adam, binding clip) on a Qwen3-MoE student: EP2 (its 2 ranks are data
+    parallel, experts split over them) logs the same losses and grad norms as EP1, step by step."""
+    import json
+    import subprocess
+    import sys
+
+    from uniapl_megatron.demo import prepare
+    from uniapl_megatron.launch import run_ranks
+
+    moe = tiny_qwen3_moe(tmp_path / "moe", tokenizer=True)
+    data = prepare(tmp_path / "assets", train_rows=20)["data"]
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text(f"model: {{hf_path: {moe}, dtype: fp32, spec: torch}}\n"
+                   f"data: {{demo_paths: [{data}], demos_per_step: 4, prompts_per_step: 0}}\n"
+                   "objective: {algorithm: sft}\noptim: {lr: 1.0e-3, clip_grad: 1.0}\n"
+                   "train: {steps: 3, save_every: 3, tensorboard: false, plot: false}\n")
+    cmd = [sys.executable, "-m", "uniapl_megatron.cli", "train", str(cfg)]
+    subprocess.run([*cmd, f"train.output_dir={tmp_path / 'ep1'}"], check=True, timeout=900, capture_output=True)
+    assert run_ranks([*cmd, f"train.output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"], 2,
+                     timeout=900) == 0
+    ep1, ep2 = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("ep1", "ep2"))
+    assert [m["step"] for m in ep2] == [1, 2, 3] and all(m["grad_norm"] > 1.0 for m in ep1)
+    for a, b in zip(ep1, ep2, strict=True):
+        for key in ("loss/total", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+
+
+def test_fewer_demos_than_dp_ranks(model, tmp_path):
+    """sft with one demonstration at DP2 x PP2: the second DP replica runs a filler micro-batch (no sequence)
+    through both pipeline stages, and the step equals one rank's."""
+    one_demo = ("--preset", "sft", "--seqs", "1", "--demos", "1")
+    ref, ref_m = _step(model, tmp_path / "dp1", 1, *one_demo)
+    got, m = _step(model, tmp_path / "dp2", 4, "--pp", "2", *one_demo)
+    assert max_diff(got, ref) <= 1e-5
+    assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-6 and ref_m["loss/total"] > 0, (m, ref_m)
 
 
 def test_nan_loss_skips_the_step(model, tmp_path):
-    from safetensors.torch import load_file
-
     got, m = _step(model, tmp_path / "nan", 2, "--nan")
     assert m["skipped"] == 1.0
     before = load_file(str(model / "model.safetensors"))
@@ -71,8 +137,21 @@ def test_config_errors_name_the_key(tmp_path):
     cfg.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
         load_config(cfg)
-    cfg.write_text("model: {hf_path: x}\n")
+    cfg.write_text("model: {hf_path: x}\nobjective: {algorithm: sft}\ndata: {demo_paths: [d.jsonl]}\n")
     with pytest.raises(ConfigError, match="train.steps should be int"):
         load_config(cfg, ["train.steps=abc"])
     c = load_config(cfg, ["train.steps=7", "optim.lr=1e-4"])
     assert c.train.steps == 7 and c.optim.lr == 1e-4
+
+
+def test_layouts_that_cannot_train_correctly_are_refused(tmp_path):
+    from uniapl_megatron.models.arch import ConfigError, Qwen3Arch
+    from uniapl_megatron.parallel import ParallelConfig
+
+    arch = Qwen3Arch.from_pretrained(tiny_qwen3(tmp_path / "m", vocab=256))
+    with pytest.raises(ConfigError, match="context_parallel_size=2 is refused: the trainer does not yet give each CP"):
+        ParallelConfig(context_parallel_size=2).validate(arch, 2, has_cuda=True)
+    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size=1: .* integer >= 2"):
+        ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=1).validate(arch, 2)
+    interleaved = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    assert interleaved.micro_batch_multiple == 2

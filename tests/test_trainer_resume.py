@@ -27,7 +27,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
 def _cmd(assets: dict[str, str], out: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "uniapl_megatron.cli", "train", str(TINY),
             f"model.hf_path={assets['student']}", f"discriminator.path={assets['discriminator']}",
-            f"data.demo_paths=[{assets['data']}]", f"data.prompt_paths=[{assets['data']}]",
+            f"data.demo_paths=[{assets['data']}]", f"data.prompt_paths=[{assets['data']}]", "data.eval_prompt_paths=[]",
             "data.prompts_per_step=2", "data.demos_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=6",
             f"train.steps={steps}", "train.save_every=2", f"train.output_dir={out}", "train.tensorboard=false",
             "train.plot=false"]

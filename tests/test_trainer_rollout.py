@@ -12,10 +12,7 @@ import subprocess
 import time
 
 import pytest
-
 from _runs import TINY, alive, cli, descendants, metrics, run_overrides
-
-pytest.importorskip("vllm")
 
 
 @pytest.fixture(scope="module")

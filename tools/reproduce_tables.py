@@ -5,9 +5,13 @@ Rows: the algorithm presets (SFT, A-SFT, GRPO, A-GRPO, the staged pipelines, CHO
 UniAPL) per student; columns: the benchmarks, their average and the difference to GRPO.
 Inputs: result files or folders (``*.json`` / ``*.jsonl``) with records
 ``{"algorithm", "student", "benchmark", "score"}`` (score a fraction in [0, 1]), such as the
-``ifeval.json`` that tools/eval_ifeval.py writes.
+``ifeval.json`` that tools/eval_ifeval.py writes or the ``results/`` folder of ``uniapl sweep``.
+Records with a ``seed`` are runs of one cell: the table shows mean ± standard deviation over seeds
+and the difference to GRPO with its standard error; records with a ``curve`` also give
+curves/<student>/<preset>.png (learning curves, mean over seeds).
 
   python tools/reproduce_tables.py outputs/ --out outputs/tables
+  python tools/reproduce_tables.py results/mini_repro/results --out results/mini_repro
 """
 
 from __future__ import annotations
@@ -18,29 +22,26 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from uniapl_megatron.eval.io import InputFileError, atomic_write_text
-from uniapl_megatron.eval.tables import build_table, load_results, table_summary, to_csv, to_markdown
+from uniapl_megatron.eval.io import InputFileError
+from uniapl_megatron.eval.tables import load_results, write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="result files or folders")
-    ap.add_argument("--out", default="outputs/tables", help="folder for table.md and table.csv")
+    ap.add_argument("--out", default="outputs/tables", help="folder for table.md, table.csv and curves/")
     ap.add_argument("--benchmarks", nargs="*", default=None, help="column order (default: as found)")
     ap.add_argument("--metric", default=None,
                     help="use metrics[METRIC] where a record has it (e.g. prompt_loose) instead of 'score'")
     args = ap.parse_args(argv)
     try:
-        table = build_table(load_results(args.results, metric=args.metric), args.benchmarks)
-        out = Path(args.out)
-        md = atomic_write_text(out / "table.md", to_markdown(table))
-        csv_path = atomic_write_text(out / "table.csv", to_csv(table))
+        report = write_report(load_results(args.results, metric=args.metric), Path(args.out), args.benchmarks)
     except (InputFileError, OSError) as exc:
         print(f"reproduce_tables: error: {exc}", file=sys.stderr)
         return 2
-    print(to_markdown(table))
-    print(json.dumps({**table_summary(table), "markdown": str(md), "csv": str(csv_path)}))
+    print(report.pop("table"))
+    print(json.dumps(report))
     return 0
 
 

@@ -4,7 +4,9 @@
     uniapl rollout CONFIG.yaml [section.key=value ...] a rollout server for rollout.mode=disaggregated: same
                                                         config and overrides as the trainer; RANK = server index
     uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
+    uniapl generate CONFIG.yaml [section.key=value ...] the teacher's answers, offline, resumable (generate.py)
     uniapl convert import|export ...                    same as tools/convert_hf.py
+    uniapl sweep SWEEP.yaml [--runner local|slurm] ...  presets x students x seeds -> the paper-shaped table
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ def _train(config: str | None, overrides: list[str], launch: bool = True) -> int
     if launch and world > 1 and not under_launcher():
         # A multi-rank layout started as one process: start its ranks here (gloo on CPU).
         return run_ranks([sys.executable, "-m", "uniapl_megatron.cli", "train", *( [config] if config else []), *overrides], world)
-    from .trainer.loop import Trainer
+    from .trainer.loop import NonFiniteLossError, Trainer
 
     try:
         summary = Trainer(cfg).run()
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # metrics.jsonl and the last checkpoint stay as they were
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(json.dumps(summary), flush=True)
     return 0
@@ -86,11 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the embedded tiny CPU default")
     d.add_argument("overrides", nargs="*")
     sub.add_parser("convert", help="HF <-> Megatron weights (tools/convert_hf.py)", add_help=False)
+    g = sub.add_parser("generate", help="teacher answers for a prompt set through vLLM (resumable)")
+    g.add_argument("config")
+    g.add_argument("overrides", nargs="*", help="section.key=value (sections: teacher, generate)")
+    sub.add_parser("sweep", help="presets x students x seeds: train -> export -> evaluate -> table", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "convert":
         from .convert.cli import main as convert_main
 
         return convert_main(rest)
+    if args.cmd == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(rest)
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.cmd == "demo":
@@ -100,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(str(TINY), args.overrides)
     if args.cmd == "rollout":
         return _rollout(args.config, args.overrides)
+    if args.cmd == "generate":
+        from .generate import cli_main
+
+        return cli_main(args.config, args.overrides)
     return _train(args.config, args.overrides)
 
 

@@ -20,13 +20,20 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     """EP: MoE experts split over this many ranks (carved out of the data-parallel ranks)."""
     context_parallel_size: int = 1
-    """CP: long sequences split over this many ranks (GPU + Transformer Engine only)."""
+    """CP: long sequences split over this many ranks. Only 1 is accepted: the trainer does not slice packed
+    sequences per CP rank (validate() refuses CP > 1 with the reason)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state (and fp32 main params) over data-parallel ranks (ZeRO-1)."""
 
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    @property
+    def micro_batch_multiple(self) -> int:
+        """Micro-batches per step must be a multiple of this: PP under the interleaved (VPP) schedule,
+        which runs them in groups of PP (Megatron's default microbatch_group_size_per_vp_stage), else 1."""
+        return self.pipeline_model_parallel_size if self.virtual_pipeline_model_parallel_size else 1
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
@@ -70,15 +77,20 @@ class ParallelConfig:
             problems.append(
                 f"num_hidden_layers={arch.num_layers} is not divisible by PP*VPP = {pp}*{vpp or 1} = {chunks}"
             )
-        if vpp is not None and (vpp < 1 or pp < 2):
-            problems.append(f"virtual_pipeline_model_parallel_size={vpp} needs PP >= 2 (PP={pp})")
+        if vpp is not None and (not isinstance(vpp, int) or vpp < 2 or pp < 2):
+            problems.append(f"virtual_pipeline_model_parallel_size={vpp!r}: the interleaved schedule needs an integer "
+                            f">= 2 and PP >= 2 (PP={pp}); leave it null for the plain pipeline schedule")
         if self.sequence_parallel and tp < 2:
             problems.append("sequence_parallel=true needs tensor_model_parallel_size > 1")
         if ep > 1 and not arch.is_moe:
             problems.append(f"expert_model_parallel_size={ep} but the model has no experts")
         if arch.is_moe and arch.num_experts % ep:
             problems.append(f"num_experts={arch.num_experts} is not divisible by EP={ep}")
-        if cp > 1 and not has_cuda:
-            problems.append(f"context_parallel_size={cp} needs GPUs with Transformer Engine")
+        if cp > 1:
+            problems.append(
+                f"context_parallel_size={cp} is refused: the trainer does not yet give each CP rank its slice of "
+                "the packed sequences nor count tokens over the CP group, so it would train on wrong data; it "
+                "also needs Transformer Engine's attention on >= 2 GPUs, so it cannot be built and tested here"
+                + ("" if has_cuda else " (and this machine has no GPU)"))
         if problems:
             raise ConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))

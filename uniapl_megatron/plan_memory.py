@@ -460,6 +460,11 @@ KNOWN_SHAPES: dict[str, dict] = {
                                num_attention_heads=32, num_key_value_heads=4,
                                tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
                                moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[]),
+    # POLAR reward models (InternLM2 backbones; the planner counts an LM head they do not have: a slight over-count)
+    "internlm/POLAR-1_8B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                                num_key_value_heads=8, vocab_size=92544, tie_word_embeddings=False),
+    "internlm/POLAR-7B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, vocab_size=92544, tie_word_embeddings=False),
 }
 
 

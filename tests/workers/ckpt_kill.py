@@ -34,7 +34,7 @@ def main() -> None:
     a = parse_args(argv)
     from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
 
-    student, mbs, loss_fn, _ = build(a)
+    student, mbs, loss_fn, *_ = build(a)
     out, rank = Path(a.out), dist.get_rank()
     events = open(out / "events.txt", "a") if rank == 0 else None  # noqa: SIM115
 

@@ -24,6 +24,22 @@ def count_forwards(student) -> dict[str, int]:
     return calls
 
 
+def _summed_loss(metrics: dict) -> dict:
+    """The step's loss metrics summed over data-parallel ranks (they live on the last stage, once per TP
+    group); collective."""
+    from megatron.core import parallel_state as ps
+
+    gathered = [None] * dist.get_world_size()
+    mine = metrics if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+        else {}
+    dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
+    total: dict = {}
+    for m in gathered:
+        for k, v in m.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
@@ -31,13 +47,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank (interleaved)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE models)")
+    ap.add_argument("--clip", type=float, default=0.0, help="optim.clip_grad (0 = off)")
+    ap.add_argument("--preset", default="uniapl", help="objective.algorithm")
+    ap.add_argument("--seqs", type=int, default=10, help="sequences in the step")
+    ap.add_argument("--demos", type=int, default=3, help="how many of them are demonstrations (the first ones)")
     ap.add_argument("--mb-tokens", type=int, default=4096)
     ap.add_argument("--no-dist-opt", action="store_true")
     ap.add_argument("--nan", action="store_true", help="make the loss NaN: the step must be skipped")
     ap.add_argument("--offload", type=float, default=0.0, help="optim.cpu_offload with this fraction (0 = off)")
     ap.add_argument("--overlap", action="store_true", help="optim.cpu_offload_overlap")
+    ap.add_argument("--ddp-overlap", action="store_true", help="optim.overlap_comm=on (DDP grad/param overlap)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps, all on the same batch")
+    ap.add_argument("--mb-tokens-later", type=int, default=0,
+                    help="micro-batch budget from the second step on (0 = --mb-tokens): other micro-batch counts")
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of --adam")
     ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
     ap.add_argument("--sync-save", action="store_true", help="save synchronously (default: async, as the trainer)")
     ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
@@ -61,27 +87,30 @@ def build(a: argparse.Namespace):
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
     par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, sequence_parallel=a.sp,
+                         virtual_pipeline_model_parallel_size=a.vpp, expert_model_parallel_size=a.ep,
                          use_distributed_optimizer=not a.no_dist_opt)
     init_distributed(par, seed=7)
     arch = Qwen3Arch.from_pretrained(a.hf)
+    par.validate(arch, dist.get_world_size())
     model_cfg = ModelConfig(dtype=a.dtype, spec="torch", recompute=a.recompute, recompute_num_layers=a.recompute_layers)
     student = Student(arch, par, model_cfg, OptimConfig(
         # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
         # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
-        **(dict(lr=1e-3) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=0.0, chunk_tokens=a.chunk_tokens,
-        cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap))
+        **(dict(lr=a.lr) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
+        cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap,
+        overlap_comm="on" if a.ddp_overlap else "auto"))
     student.load_hf(a.hf)
     calls = count_forwards(student)
 
     g = torch.Generator().manual_seed(0)
     seqs = []
-    for i in range(10):
+    for i in range(a.seqs):
         n, p = 12 + 3 * i, 5 + i % 4
         toks = torch.randint(0, arch.vocab_size, (n,), generator=g).tolist()
-        demo = i < 3
+        demo = i < a.demos
         seqs.append(Seq(toks, p, demo, advantage=0.0 if demo else float(torch.randn(1, generator=g)),
                         adv_advantage=0.0 if demo else float(torch.randn(1, generator=g))))
-    cfg = ObjectiveConfig(algorithm="uniapl", lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
+    cfg = ObjectiveConfig(algorithm=a.preset, lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
     weights = resolve_weights(cfg, 0)
     mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
     counts = global_counts(mbs, ps.get_data_parallel_group())
@@ -93,52 +122,53 @@ def build(a: argparse.Namespace):
             loss, metrics = inner(mb, out)
             loss = loss * float("nan")
             return loss, {**metrics, "loss/total": loss.detach()}
-    return student, mbs, loss_fn, calls
+
+    def repack(max_tokens: int):
+        """Micro-batches and loss of the same batch at another micro-batch budget."""
+        mbs = pack_for_rank(seqs, max_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
+        return mbs, make_loss_fn(weights, global_counts(mbs, ps.get_data_parallel_group()), cfg)
+
+    return student, mbs, loss_fn, calls, repack
 
 
 def main() -> None:
-    from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
     from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
 
     a = parse_args()
-    student, mbs, loss_fn, calls = build(a)
+    student, mbs, loss_fn, calls, repack = build(a)
     if a.resume:
         state = Checkpointer(a.resume).load(latest_checkpoint(a.resume), student)
         student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(student.optimizer, student.scheduler.num_steps)
     ckpt = Checkpointer(a.save or a.out, async_save=not a.sync_save)
-    losses = []
+    per_step = []
     for step in range(1, a.steps + 1):
+        if step == 2 and a.mb_tokens_later:
+            mbs, loss_fn = repack(a.mb_tokens_later)
         metrics = student.train_step(mbs, loss_fn)
-        losses.append(metrics.get("loss/total"))
+        per_step.append({"grad_norm": metrics["grad_norm"], **_summed_loss(metrics)})
         if a.save and step == 1:
             ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
         ckpt.maybe_finalize()
     ckpt.close()
     # per layer, micro-batch and step: 1 without recomputation, 2 for what is recomputed
     extra = {k: v / calls["layers"] / len(mbs) / a.steps for k, v in calls.items() if k != "layers"}
+    ddp = student.chunks[0].ddp_config
+    extra |= {"overlap_grad_reduce": ddp.overlap_grad_reduce, "overlap_param_gather": ddp.overlap_param_gather}
     if a.offload:  # what the hybrid optimizer really put on the host (this rank's shard)
         hybrid = student.optimizer.chained_optimizers[0].optimizer if hasattr(student.optimizer, "chained_optimizers") \
             else student.optimizer.optimizer
         extra |= {"host_numel": sum(p.numel() for p in hybrid.cpu_copys_map_gpu_param),
                    "shard_numel": sum(p.numel() for g in hybrid.param_groups for p in g["params"]),
                    "cpu_optimizers": len(hybrid.cpu_optimizers), "device_optimizer": hybrid.gpu_optimizer is not None}
-    gathered = [None] * dist.get_world_size()
-    mine = metrics if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else {}
-    dist.all_gather_object(gathered, {**{k: v for k, v in mine.items() if k.startswith("loss/")},
-                                      **({"losses": losses} if mine else {})})
     tensors = {name: t.clone() for name, t in student.hf_tensors()}
     if dist.get_rank() == 0:
-        total = {}
-        for m in gathered:
-            for k, v in m.items():
-                total[k] = [x + y for x, y in zip(total.get(k, [0.0] * len(v)), v)] if k == "losses" \
-                    else total.get(k, 0.0) + v
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
-            json.dump({**total, "micro_batches": len(mbs), "skipped": metrics["skipped"], **extra}, f)
+            json.dump({**per_step[-1], "steps": per_step, "micro_batches": len(mbs), "skipped": metrics["skipped"],
+                       **extra}, f)
     dist.barrier()
 
 

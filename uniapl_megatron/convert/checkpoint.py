@@ -30,7 +30,7 @@ from ..models.arch import Qwen3Arch
 from ..models.qwen3 import DTYPES, ModelConfig, build_model, padded_vocab_size
 from ..parallel import ParallelConfig
 from .mapping import expected_hf_shapes
-from .params import ConversionError, iter_stage, load_from_hf, plan_stage, unwrap
+from .params import ConversionError, finish_param_gather, iter_stage, load_from_hf, plan_stage, unwrap
 from .safetensors_io import INDEX_NAME, SafetensorsFolder, StreamingSafetensorsWriter
 
 META_NAME = "uniapl_checkpoint.json"
@@ -169,6 +169,7 @@ def save_model(chunks: list[torch.nn.Module], folder: Path) -> None:
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    finish_param_gather([unwrap(c) for c in chunks])  # a checkpoint must hold the gathered weights
     if len(chunks) == 1:
         return unwrap(chunks[0]).sharded_state_dict()
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}

@@ -1,7 +1,7 @@
 """`tools/convert_hf.py` / `uniapl convert`: Qwen3 weights between Hugging Face and Megatron formats.
 
-    convert_hf.py import --hf DIR --out DIR [--tp N --pp N --ep N] [--dtype bf16|fp32] [--force]
-    convert_hf.py export --mcore DIR --out DIR [--tp N --pp N --ep N] [--max-shard-size 2GB] [--force]
+    convert_hf.py import --hf DIR --out DIR [--tp N --pp N --vpp N --ep N] [--dtype bf16|fp32] [--force]
+    convert_hf.py export --mcore DIR --out DIR [--tp N --pp N --vpp N --ep N] [--max-shard-size 2GB] [--force]
 
 A layout with more than one rank starts that many local processes (gloo on CPU, one GPU each on GPUs),
 unless the command already runs under torchrun or srun.
@@ -40,17 +40,22 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
         s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks doing the work")
         s.add_argument("--pp", type=int, default=1, help="pipeline stages")
+        s.add_argument("--vpp", type=int, default=None, help="model chunks per pipeline stage (interleaved)")
         s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (MoE)")
         s.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p
+
+
+def _layout(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                          virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep)
 
 
 def _run(args: argparse.Namespace) -> None:
     from ..distributed import destroy_distributed, init_distributed
     from . import checkpoint
 
-    par = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                         expert_model_parallel_size=args.ep)
+    par = _layout(args)
     init_distributed(par)
     try:
         if args.cmd == "import":
@@ -76,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = checkpoint.read_meta(args.mcore)
             arch = Qwen3Arch(**{**meta["arch"], "moe_layers": tuple(meta["arch"]["moe_layers"])})
         world = args.tp * args.pp * args.ep
-        ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                       expert_model_parallel_size=args.ep).validate(arch, world)
+        _layout(args).validate(arch, world)
         if world > 1 and not under_launcher():
             return run_ranks([sys.executable, "-m", "uniapl_megatron.convert.cli", *argv], world)
         _run(args)

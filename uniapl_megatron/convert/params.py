@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -94,8 +94,13 @@ def load_from_hf(
     num_query_groups: int,
     padded_vocab: int,
     on_param: Callable[[int], None] | None = None,
+    keep: dict[torch.nn.Parameter, torch.Tensor] | None = None,
 ) -> None:
-    """Fill this rank's parameters. ``get_tensor(hf_name)`` returns the full tensor (may be mmap-backed)."""
+    """Fill this rank's parameters. ``get_tensor(hf_name)`` returns the full tensor (may be mmap-backed).
+
+    ``keep`` collects each parameter's shard as read, before it is stored: FP8 weights (model.fp8_param) keep
+    only a rounded copy, and the optimizer's fp32 master weights should start from these instead
+    (:func:`high_precision_state_dict`)."""
     shapes = expected_hf_shapes(arch)
     for lp in local_params(chunks, arch):
         tensors = []
@@ -115,8 +120,18 @@ def load_from_hf(
             )
         with torch.no_grad():
             lp.param.copy_(shard)
+        if keep is not None:
+            keep[lp.param] = shard.contiguous()  # Megatron reads it flat
         if on_param:
             on_param(lp.param.numel() * lp.param.element_size())
+
+
+def high_precision_state_dict(chunks: list[torch.nn.Module], kept: dict[torch.nn.Parameter, torch.Tensor]
+                              ) -> dict[str, Any]:
+    """What Megatron's ``optimizer.reload_model_params(state_dict)`` takes to set the fp32 master weights from
+    the shards :func:`load_from_hf` kept rather than from the (FP8) parameters: per chunk, by parameter name."""
+    per_chunk = [{name: kept[p] for name, p in unwrap(c).named_parameters() if p in kept} for c in chunks]
+    return per_chunk[0] if len(per_chunk) == 1 else {f"model{i}": sd for i, sd in enumerate(per_chunk)}
 
 
 # ---- export / sync: this rank's shards -> full HF tensors -------------------------------------------------
@@ -128,6 +143,30 @@ def _all_gather(t: torch.Tensor, size: int, group: object) -> list[torch.Tensor]
     out = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(out, t, group=group)
     return out
+
+
+# Set by the trainer on a model chunk whose parameters the distributed optimizer may still owe an all-gather
+# (DDP overlap_param_gather gathers lazily, in the next forward's pre-hooks); reading the weights in any other way
+# must call it first. Collective over the data-parallel group.
+PENDING_GATHER_ATTR = "uniapl_finish_param_gather"
+
+
+def finish_param_gather(chunks: list[torch.nn.Module]) -> None:
+    """Complete any lazy parameter all-gather of these chunks, so every rank holds the updated full weights."""
+    for chunk in chunks:
+        finish = getattr(chunk, PENDING_GATHER_ATTR, None)
+        if finish is not None:
+            finish()
+
+
+def export_view(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight as plain numbers. Transformer Engine's FP8 weights (model.fp8_param) hold
+    FP8 bytes plus this rank's own scales: they are dequantised here, before any gather mixes ranks."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    if is_float8tensor(param):
+        return param.dequantize().to(param.dtype)  # TE's nominal dtype (bf16): what the plan announces
+    return param.detach()
 
 
 def _stage_items(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[LocalParam, int]]:
@@ -177,13 +216,14 @@ def iter_stage(
     parameters it accepts (the same ones on every rank of the stage)."""
     _, ep_size, ep_group = _ep()
     gathered_by_ep: list[tuple[torch.Tensor, ...]] | None = None
+    finish_param_gather(chunks)
     for lp, ep_r in _stage_items(chunks, arch):
         if only is not None and not only(lp.param):
             continue
         if ep_r <= 0:
             rank, size, group = _groups(lp.resolved.is_expert)
             with torch.no_grad():
-                full = from_shards(lp.resolved.rule.kind, _all_gather(lp.param.detach(), size, group),
+                full = from_shards(lp.resolved.rule.kind, _all_gather(export_view(lp.param), size, group),
                                    arch, num_query_groups)
             if lp.resolved.is_expert:
                 # One all-gather over EP per tensor gives every EP rank's copy of "the same" local expert.

@@ -3,12 +3,16 @@
 Token layout of one sequence (demo or rollout):
 
     prompt_ids   = template(messages, add_generation_prompt=True, enable_thinking=...)
-    response_ids = tokens(response text) + [end-of-turn]     (a rollout: the sampled ids as they are)
+    response_ids = tokens(answer text) + [end-of-turn]       (a rollout: the sampled ids as they are)
 
+The answer text is what the template renders after the generation prompt when it renders the whole
+conversation, the teacher's answer as the last assistant message: so prompt_ids + response_ids are the
+tokens of that rendering (up to the newline after <|im_end|>), and training and sampling see the same
+sequence. With Qwen3 and thinking on, the generation prompt ends at "<|im_start|>assistant\n" and the
+template writes an empty "<think>\n\n</think>\n\n" before an answer without reasoning: that block is
+part of the answer, trained like the rest (the model generates it there). With thinking off the
+generation prompt already holds the empty block and the answer text is the answer itself.
 The response is tokenized on its own, as the model generates it after the generation prompt.
-With Qwen3 and thinking off, prompt_ids + response_ids are exactly the tokens of the template
-rendered over the whole conversation (up to the newline after <|im_end|>), so training and
-sampling see the same sequence.
 """
 
 from __future__ import annotations
@@ -90,6 +94,24 @@ class ChatFormatter:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                   enable_thinking=self.enable_thinking)
 
+    def answer_text(self, messages: Messages, response: str) -> str:
+        """What the model generates after the generation prompt for ``response`` (end-of-turn excluded), as the
+        template renders the conversation with the answer as its last assistant message."""
+        prompt = self.render_prompt(messages)
+        full = self.tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": response}], tokenize=False,
+            enable_thinking=self.enable_thinking)
+        if not full.startswith(prompt):
+            raise DataError("the chat template renders this answer after a different prompt than its generation "
+                            f"prompt (enable_thinking={self.enable_thinking}; e.g. an answer with its own <think> "
+                            "block while data.enable_thinking is false), so its tokens would not follow the prompt "
+                            "the model samples from")
+        body = full[len(prompt):]
+        end = body.rfind(self.eot_token)
+        if end < 0:
+            raise DataError(f"the chat template writes no end-of-turn token {self.eot_token!r} after this answer")
+        return body[:end]
+
     def _encode_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
         if not texts:
             return []
@@ -101,14 +123,18 @@ class ChatFormatter:
         """Prompt token ids (generation prompt included) of each conversation."""
         return self._encode_texts([self.render_prompt(m) for m in conversations])
 
-    def encode_responses(self, responses: Sequence[str]) -> list[np.ndarray]:
-        """Response token ids of each answer text, the end-of-turn token appended."""
+    def encode_answer_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Response token ids of answer texts (``answer_text``), the end-of-turn token appended."""
         eot = np.asarray([self.eot_id], dtype=np.int32)
-        return [np.concatenate([ids, eot]) for ids in self._encode_texts(responses)]
+        return [np.concatenate([ids, eot]) for ids in self._encode_texts(texts)]
+
+    def encode_responses(self, conversations: Sequence[Messages], responses: Sequence[str]) -> list[np.ndarray]:
+        """Response token ids of each answer to its conversation, the end-of-turn token appended."""
+        return self.encode_answer_texts([self.answer_text(m, r) for m, r in zip(conversations, responses)])
 
     def encode_demo(self, messages: Messages, response: str) -> tuple[np.ndarray, np.ndarray]:
         """(prompt ids, response ids + end-of-turn) of one demonstration."""
-        return self.encode_prompts([messages])[0], self.encode_responses([response])[0]
+        return self.encode_prompts([messages])[0], self.encode_responses([messages], [response])[0]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)

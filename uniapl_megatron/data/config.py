@@ -18,6 +18,11 @@ class DataConfig:
     # JSONL files of RL prompts with the constraints their rollouts are verified against.
     # Empty for pure SFT.
     prompt_paths: list[str] = field(default_factory=list)
+    # JSONL files of held-out prompts (the prompt files' format), never trained on: the trainer samples
+    # them through its rollout engine before the first and after the last step (and every
+    # `train.eval_every` steps) and logs their mean reward as eval/heldout_reward. A prompt that also
+    # appears in a training file stops the run at start-up.
+    eval_prompt_paths: list[str] = field(default_factory=list)
     # Folder holding the student's tokenizer (tokenizer.json / tokenizer_config.json with the chat
     # template). None: the trainer uses the student model's own folder.
     tokenizer_path: str | None = None
@@ -59,7 +64,7 @@ class DataConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"DataConfig.{name}: {why} (got {getattr(self, name)!r})")
 
-        for name in ("demo_paths", "prompt_paths"):
+        for name in ("demo_paths", "prompt_paths", "eval_prompt_paths"):
             value = getattr(self, name)
             if isinstance(value, str):  # a single path given where a list is expected
                 setattr(self, name, [value])

@@ -60,16 +60,18 @@ class MicroBatchPlan:
 
 
 def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int = 1, pad_multiple: int = 1,
-                       min_micro_batches: int = 1) -> MicroBatchPlan:
+                       min_micro_batches: int = 1, micro_batch_multiple: int = 1) -> MicroBatchPlan:
     """Assign sequences (their token counts) to dp_size ranks x m micro-batches of <= max_tokens each.
 
     min_micro_batches: at least this many per rank (pipeline parallelism wants >= pp_size).
+    micro_batch_multiple: m is a multiple of this (the interleaved pipeline schedule runs groups of pp_size).
     A rank may get an empty micro-batch when there are fewer sequences than micro-batches; pack it
     as a filler (pack_sequences of nothing) so that every rank steps the same number of times.
     """
-    if dp_size < 1 or max_tokens < 1 or pad_multiple < 1 or min_micro_batches < 1:
+    if min(dp_size, max_tokens, pad_multiple, min_micro_batches, micro_batch_multiple) < 1:
         raise ValueError(f"plan_micro_batches: dp_size={dp_size}, max_tokens={max_tokens}, "
-                         f"pad_multiple={pad_multiple}, min_micro_batches={min_micro_batches} must all be >= 1")
+                         f"pad_multiple={pad_multiple}, min_micro_batches={min_micro_batches}, "
+                         f"micro_batch_multiple={micro_batch_multiple} must all be >= 1")
     sizes = [aligned_length(int(n), pad_multiple) for n in lengths]
     for i, s in enumerate(sizes):
         if s > max_tokens:
@@ -86,7 +88,7 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
                 break
         else:
             ffd.append(sizes[i])
-    per_rank = max(min_micro_batches, -(-len(ffd) // dp_size))
+    per_rank = aligned_length(max(min_micro_batches, -(-len(ffd) // dp_size)), micro_batch_multiple)
 
     while True:  # longest first into the least-filled micro-batch; grow if one stops fitting
         heap = [(0, b) for b in range(per_rank * dp_size)]
@@ -101,7 +103,7 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
             heapq.heappush(heap, (loads[b], b))
         else:
             break
-        per_rank += 1
+        per_rank += micro_batch_multiple
 
     # Deal micro-batches to ranks: fullest first, to the rank with the fewest tokens and room left.
     rank_bins: list[list[int]] = [[] for _ in range(dp_size)]

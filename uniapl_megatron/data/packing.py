@@ -28,13 +28,24 @@ import torch
 from uniapl_megatron.data.report import DataError
 
 
-def required_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False) -> int:
+# Per-rank token multiple of Transformer Engine's FP8 GEMMs, per recipe (Megatron's get_fp8_align_size; the
+# blockwise recipe scales 128-row tiles). models.specs reads its recipe list from here.
+FP8_TOKEN_MULTIPLE = {"none": 1, "delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 32}
+
+
+def required_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False,
+                          fp8_recipe: str = "none") -> int:
     """The per-sequence length multiple Megatron needs: 2*cp for context parallelism (each sequence is
-    cut into 2*cp chunks), times tp with sequence parallelism (the local tokens are split over tp)."""
+    cut into 2*cp chunks), times tp with sequence parallelism (the local tokens are split over tp), times
+    the FP8 GEMMs' token multiple under an FP8 recipe (16; 32 for mxfp8, 128 for blockwise), so that every
+    rank's share of every sequence, hence of the packed row, is a multiple of it."""
+    if fp8_recipe not in FP8_TOKEN_MULTIPLE:
+        raise ValueError(f"required_pad_multiple: unknown FP8 recipe {fp8_recipe!r}; expected one of "
+                         f"{', '.join(FP8_TOKEN_MULTIPLE)}")
     multiple = 2 * cp_size if cp_size > 1 else 1
     if sequence_parallel and tp_size > 1:
         multiple *= tp_size
-    return multiple
+    return multiple * FP8_TOKEN_MULTIPLE[fp8_recipe]
 
 
 def aligned_length(n: int, multiple: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from uniapl_megatron.data.chat import ChatFormatter, Messages
 from uniapl_megatron.data.config import DataConfig
-from uniapl_megatron.data.report import TOO_LONG, BadLine, BadLineSink, DataError, ReadReport
+from uniapl_megatron.data.report import INVALID, TOO_LONG, BadLine, BadLineSink, DataError, ReadReport
 from uniapl_megatron.data.schema import LineProblem, ParsedDemo, ParsedPrompt, decode_line, parse_demo, parse_prompt
 
 logger = logging.getLogger("uniapl_megatron.data")
@@ -130,10 +130,21 @@ def read_demos(paths: Iterable[str], formatter: ChatFormatter, cfg: DataConfig) 
     """All demonstrations of the files, tokenized and checked."""
 
     def finish(path: str, chunk: list[tuple[int, ParsedDemo]], sink: Callable[[BadLine], None]) -> list[Demo]:
-        prompts = formatter.encode_prompts([d.messages for _, d in chunk])
-        responses = formatter.encode_responses([d.response for _, d in chunk])
+        texts: list[str | DataError] = []
+        for _, d in chunk:
+            try:
+                texts.append(formatter.answer_text(d.messages, d.response))
+            except DataError as e:
+                texts.append(e)
+        good = [i for i, t in enumerate(texts) if isinstance(t, str)]
+        prompts = dict(zip(good, formatter.encode_prompts([chunk[i][1].messages for i in good])))
+        responses = dict(zip(good, formatter.encode_answer_texts([texts[i] for i in good])))
         out = []
-        for (line, _), p, r in zip(chunk, prompts, responses):
+        for i, (line, _) in enumerate(chunk):  # in file order, bad lines included
+            if i not in prompts:
+                sink(BadLine(path, line, INVALID, str(texts[i])))
+                continue
+            p, r = prompts[i], responses[i]
             if len(p) > cfg.max_prompt_tokens:
                 sink(_too_long(path, line, "the prompt", len(p), cfg.max_prompt_tokens, "max_prompt_tokens"))
             elif len(p) + len(r) > cfg.max_demo_tokens:

@@ -102,6 +102,10 @@ class HFScorer(torch.nn.Module):
         dtype = _DTYPES[cfg.dtype]
         common = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
         archs = config.get("architectures") or []
+        if "InternLM2ForRewardModel" in archs:
+            raise DiscriminatorError(
+                f"discriminator.path: {path} is a POLAR / InternLM2 reward model; set discriminator.kind: polar"
+            )
         try:
             if any(a.endswith("ForSequenceClassification") for a in archs):
                 model = AutoModelForSequenceClassification.from_pretrained(str(path), **common)

@@ -34,8 +34,9 @@ def answer_token_logprobs(
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load a model from {model_dir}: {exc}") from exc
     model.eval()
-    prompt_ids = fmt.encode_prompts([[{"role": "user", "content": p}] for p in prompts])
-    answer_ids = fmt.encode_responses(list(answers))
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    prompt_ids = fmt.encode_prompts(conversations)
+    answer_ids = fmt.encode_responses(conversations, list(answers))
     out: list[np.ndarray] = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):

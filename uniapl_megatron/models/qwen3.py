@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..parallel import ParallelConfig
 from .arch import ConfigError, Qwen3Arch
-from .specs import block_spec, transformer_engine_available
+from .specs import FP8_ALIGN, block_spec, choose_spec, fused_kernels
 
 # megatron-core 0.16.1 reads moe_utils.te_general_gemm unguarded; it is only defined when TE imports.
 from megatron.core.transformer.moe import moe_utils as _moe_utils  # noqa: E402
@@ -21,7 +21,7 @@ if not hasattr(_moe_utils, "te_general_gemm"):
     _moe_utils.te_general_gemm = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FP8_RECIPES = ("none", "delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_RECIPES = ("none", *FP8_ALIGN)
 
 
 @dataclass
@@ -33,11 +33,22 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Parameter/compute dtype. CPU runs use fp32."""
     spec: Literal["auto", "te", "torch"] = "auto"
-    """Layer spec: Transformer Engine (GPU), torch-native (SDPA + RMSNorm), or TE when it imports."""
+    """Layer spec: te (Transformer Engine; fails at start-up, naming TE's import error, when TE does not import),
+    torch (torch SDPA + RMSNorm, any device), or auto: TE when it imports and a GPU is visible, else torch, and
+    the log says which and why (a warning when a GPU is there but TE is not)."""
     fp8: Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"] = "none"
-    """FP8 recipe passed through to Transformer Engine (needs spec te; Hopper for all but mxfp8/Blackwell)."""
+    """FP8 recipe, run by Transformer Engine (spec te or auto; never falls back to bf16). delayed / tensorwise
+    need compute capability 8.9+ (Ada, Hopper), blockwise 9.0+ (Hopper), mxfp8 10.0+ (Blackwell): refused at
+    start-up otherwise. Packed sequences are then padded so each rank's token count is a multiple of 16 (32 for
+    mxfp8, 128 for blockwise), see data.packing.required_pad_multiple."""
     fp8_param: bool = False
-    """Keep FP8 copies of the weights (saves memory; TE only)."""
+    """Keep the weights themselves in FP8 (TransformerConfig.fp8_param) and all-gather them in FP8 in the
+    distributed optimizer (DDP fp8_param_gather): less weight memory and half the gather traffic. Needs an FP8
+    recipe and, for training, parallel.use_distributed_optimizer (it re-quantises the fp32 master shards). Weight
+    sync and checkpoint export dequantise each rank's shard before gathering, so HF tensors stay bf16/fp32."""
+    fp8_bf16_first_last_layers: bool = False
+    """Run the first and the last transformer layer in bf16 under FP8 (Megatron-LM's --first-last-layers-bf16):
+    they are the most sensitive to FP8 rounding. Not with the delayed recipe (Megatron refuses it)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective (core attention) or full (whole layers, uniform method)."""
     recompute_num_layers: int = 1
@@ -50,13 +61,30 @@ class ModelConfig:
     """Embedding rows are padded to a multiple of this times TP; padding is dropped on export."""
 
     def use_te(self) -> bool:
-        if self.spec == "te":
-            if not transformer_engine_available():
-                raise ConfigError("model.spec=te but Transformer Engine does not import (or no CUDA)")
-            return True
-        if self.spec == "torch":
-            return False
-        return transformer_engine_available()
+        """Build the Transformer Engine spec? Refuses FP8 / spec te configurations that cannot run (see specs)."""
+        self.check_fp8_options()
+        return choose_spec(self.spec, self.fp8)
+
+    def check_fp8_options(self) -> None:
+        """The FP8 fields among themselves (the hardware and TE are checked by use_te)."""
+        if self.fp8 not in FP8_RECIPES:
+            raise ConfigError(f"model.fp8={self.fp8!r}: expected one of {', '.join(FP8_RECIPES)}")
+        if self.fp8 == "none":
+            for name in ("fp8_param", "fp8_bf16_first_last_layers"):
+                if getattr(self, name):
+                    raise ConfigError(f"model.{name}=true needs an FP8 recipe (model.fp8 is none)")
+        if self.fp8_bf16_first_last_layers and self.fp8 == "delayed":
+            raise ConfigError("model.fp8_bf16_first_last_layers=true does not work with model.fp8=delayed (its amax "
+                              "history would be reduced wrongly across the bf16 layers); use tensorwise, blockwise "
+                              "or mxfp8")
+
+
+def check_fp8_training(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """FP8 weights are updated by re-quantising the distributed optimizer's fp32 master shards; Megatron's other
+    optimizer would leave them at their first values (Megatron-LM refuses the same)."""
+    if model.fp8_param and not parallel.use_distributed_optimizer:
+        raise ConfigError("model.fp8_param=true needs parallel.use_distributed_optimizer=true to train (the FP8 "
+                          "weights are rebuilt from its fp32 master shards)")
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -77,8 +105,6 @@ def transformer_config(
             f"the checkpoint has {groups} KV groups (KV heads replicated at import), which TP="
             f"{parallel.tensor_model_parallel_size} does not divide; use a TP that divides {groups}"
         )
-    if model.fp8 not in FP8_RECIPES:
-        raise ConfigError(f"model.fp8={model.fp8!r}: expected one of {FP8_RECIPES}")
     if model.fp8 != "none" and not use_te:
         raise ConfigError(f"model.fp8={model.fp8} needs the Transformer Engine spec (GPU with TE installed)")
     moe = {}
@@ -111,7 +137,9 @@ def transformer_config(
     fp8 = {}
     if model.fp8 != "none":
         fp8 = dict(fp8="e4m3" if model.fp8 in ("blockwise", "mxfp8") else "hybrid",
-                   fp8_recipe=model.fp8, fp8_param=model.fp8_param)
+                   fp8_recipe=model.fp8, fp8_param=model.fp8_param,
+                   first_last_layers_bf16=model.fp8_bf16_first_last_layers,
+                   num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -140,13 +168,8 @@ def transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
-        # The fused kernels below come from TE/apex; the torch-native spec runs without them.
-        bias_activation_fusion=use_te,
-        bias_dropout_fusion=use_te,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # TE / apex kernels where they exist, off elsewhere: decided in specs.fused_kernels.
+        **fused_kernels(use_te),
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_sync=torch.cuda.is_available(),
         **moe,
@@ -193,7 +216,34 @@ def build_model(
             rotary_percent=1.0,
             vp_stage=vp_stage,
         )
+        mark_tensor_parallel_params(chunk)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def mark_tensor_parallel_params(chunk: torch.nn.Module) -> None:
+    """Tag the weights of Megatron's own TP-split layers ``tensor_model_parallel``.
+
+    Megatron's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding set that tag only while
+    initialising their weights, and we build without initialising (the weights are loaded next). The
+    optimizer's grad norm counts an untagged parameter on TP rank 0 only, as a duplicate, so without the
+    tag the norm (and clipping) missed the other TP ranks' shards. Transformer Engine's layers tag their
+    own weights; a tag already present is kept.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
+    )
+
+    for module in chunk.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        for name in ("weight", "bias") if dim == 0 else ("weight",):
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, True, dim, 1)

@@ -8,6 +8,7 @@ and its torch norm wrapper refuses sequence parallelism.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -22,15 +23,156 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..data.packing import FP8_TOKEN_MULTIPLE
+from .arch import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def transformer_engine_status() -> tuple[bool, str]:
+    """(imports, detail): Transformer Engine's version, or the import error (type and message) naming why not.
+
+    Not cached: a broken install reports the same error each time, and tests can put a stand-in on the path.
+    """
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch
+    except Exception as e:  # noqa: BLE001 - a broken TE raises ImportError, OSError (CUDA libraries), RuntimeError...
+        return False, f"{type(e).__name__}: {e}"
+    return True, f"Transformer Engine {getattr(transformer_engine, '__version__', '?')}"
+
 
 def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+    """TE imports and a CUDA device is visible (what the TE spec needs)."""
+    return torch.cuda.is_available() and transformer_engine_status()[0]
+
+
+# The FP8 recipes and the per-rank token multiple their GEMMs need (packing pads to it).
+FP8_ALIGN = {k: v for k, v in FP8_TOKEN_MULTIPLE.items() if k != "none"}
+# Oldest compute capability each recipe runs on: FP8 tensor cores from Ada/Hopper; MXFP8's block scales are
+# Blackwell hardware; TE's blockwise recipe needs Hopper's FP8 GEMMs with per-block scales.
+FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+
+
+def fp8_hardware_problem(recipe: str, capability: tuple[int, int]) -> str | None:
+    """Why ``recipe`` cannot run on a GPU of ``capability`` (None if it can)."""
+    need = FP8_MIN_CAPABILITY[recipe]
+    if tuple(capability) >= need:
+        return None
+    have = f"{capability[0]}.{capability[1]}"
+    if recipe == "mxfp8":
+        return (f"model.fp8=mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer); this GPU is {have}"
+                + (" (Hopper): use model.fp8=blockwise or tensorwise there" if tuple(capability) >= (9, 0) else ""))
+    return f"model.fp8={recipe} needs compute capability {need[0]}.{need[1]} or newer; this GPU is {have}"
+
+
+def _te_recipe_problem(recipe: str) -> str | None:
+    """TE's own support check for the recipe on this device (it also knows the CUDA version), if TE has one."""
     try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # TE raises various errors when its CUDA libraries do not match
+        from transformer_engine.pytorch import fp8 as te_fp8
+    except Exception:  # noqa: BLE001 - reported by transformer_engine_status
+        return None
+    name = {"mxfp8": "check_mxfp8_support", "blockwise": "check_fp8_block_scaling_support"}.get(
+        recipe, "check_fp8_support")
+    check = getattr(te_fp8, name, None)
+    if check is None:
+        return None
+    ok, reason = check()
+    return None if ok else f"Transformer Engine says model.fp8={recipe} cannot run here: {reason}"
+
+
+def fp8_problems(recipe: str) -> list[str]:
+    """Everything that stops an FP8 recipe on this machine: no GPU, too old a GPU, TE missing or broken."""
+    problems = []
+    try:
+        capability = torch.cuda.get_device_capability()
+    except Exception as e:  # noqa: BLE001 - no driver / no device
+        problems.append(f"model.fp8={recipe} needs a CUDA GPU; none is usable ({type(e).__name__}: {e})")
+        capability = None
+    if capability is not None:
+        hw = fp8_hardware_problem(recipe, capability)
+        if hw:
+            problems.append(hw)
+    te_ok, detail = transformer_engine_status()
+    if not te_ok:
+        problems.append(f"model.fp8={recipe} runs through Transformer Engine, which does not import: {detail}")
+    elif capability is not None and not problems:
+        te = _te_recipe_problem(recipe)
+        if te:
+            problems.append(te)
+    return problems
+
+
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+def choose_spec(spec: str, fp8: str = "none") -> bool:
+    """Whether to build the Transformer Engine spec; logs the choice and the reason, refuses what cannot run.
+
+    ``spec: te`` and every FP8 recipe need TE: they fail here, naming TE's import error, instead of
+    falling back to the torch-native spec (which would silently drop FP8 and TE's fused kernels).
+    """
+    if spec not in ("auto", "te", "torch"):
+        raise ConfigError(f"model.spec={spec!r}: expected auto, te or torch")
+    if fp8 != "none" and fp8 not in FP8_ALIGN:
+        raise ConfigError(f"model.fp8={fp8!r}: expected none or one of {', '.join(FP8_ALIGN)}")
+    if spec == "torch":
+        if fp8 != "none":
+            raise ConfigError(f"model.fp8={fp8} runs through Transformer Engine; model.spec=torch has no FP8 "
+                              "(use model.spec te or auto)")
+        _log_once(logging.INFO, "model.spec=torch: torch-native layer spec (torch SDPA + RMSNorm), as configured")
+        return False
+    te_ok, detail = transformer_engine_status()
+    has_cuda = torch.cuda.is_available()
+    if fp8 != "none":
+        problems = fp8_problems(fp8)
+        if problems:
+            raise ConfigError("cannot run this FP8 configuration:\n  - " + "\n  - ".join(problems))
+    elif spec == "te" and not (te_ok and has_cuda):
+        why = [] if te_ok else [f"Transformer Engine does not import: {detail}"]
+        why += [] if has_cuda else ["no CUDA device is visible"]
+        raise ConfigError("model.spec=te: " + "; ".join(why))
+    if te_ok and has_cuda:
+        _log_once(logging.INFO, f"model.spec={spec}: Transformer Engine layer spec ({detail}, CUDA device present)")
+        return True
+    if has_cuda:  # auto on a GPU without a working TE: say so loudly, it costs FP8 and the fused kernels
+        _log_once(logging.WARNING, f"model.spec=auto: torch-native layer spec, because Transformer Engine does not "
+                                   f"import ({detail}); TE's fused kernels are off")
+    else:
+        _log_once(logging.INFO, "model.spec=auto: torch-native layer spec (no CUDA device)")
+    return False
+
+
+def _apex_wgrad_kernel() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401 - NVIDIA apex's CUDA extension
+    except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def fused_kernels(use_te: bool) -> dict[str, bool]:
+    """TransformerConfig's fusion flags, on exactly where their kernels exist (the one place they are decided).
+
+    - ``bias_activation_fusion``, ``bias_dropout_fusion``, ``apply_rope_fusion``: TE's kernels, so with the TE
+      spec (TE imports, CUDA).
+    - ``gradient_accumulation_fusion``: weight gradients accumulated straight into the fp32 main grads; TE's
+      linears do it themselves, but Megatron's own linears (the output layer, the torch-native spec) need
+      apex's ``fused_weight_gradient_mlp_cuda`` and refuse to build without it: so CUDA + that apex extension.
+    - ``masked_softmax_fusion``, ``persist_layer_norm``: unused by either spec (TE / SDPA do attention, the
+      norms are TE's or ours).
+    """
+    return {
+        "bias_activation_fusion": use_te, "bias_dropout_fusion": use_te, "apply_rope_fusion": use_te,
+        "gradient_accumulation_fusion": torch.cuda.is_available() and _apex_wgrad_kernel(),
+        "masked_softmax_fusion": False, "persist_layer_norm": False,
+    }
 
 
 class RMSNorm(torch.nn.Module):

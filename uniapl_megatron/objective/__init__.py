@@ -10,7 +10,7 @@ from uniapl_megatron.objective.losses import (
     seq_ids_from_cu_seqlens,
     sum_metrics,
 )
-from uniapl_megatron.objective.presets import StepWeights, mu_at, resolve_weights
+from uniapl_megatron.objective.presets import RunNeeds, StepWeights, mu_at, resolve_weights, run_needs
 
 __all__ = [
     "ALGORITHMS",
@@ -19,6 +19,7 @@ __all__ = [
     "ObjectiveConfig",
     "ObjectiveConfigError",
     "RolloutAdvantages",
+    "RunNeeds",
     "StepWeights",
     "group_advantages",
     "local_counts",
@@ -27,6 +28,7 @@ __all__ = [
     "objective_loss",
     "resolve_weights",
     "rollout_advantages",
+    "run_needs",
     "seq_ids_from_cu_seqlens",
     "step_counts",
     "sum_metrics",

@@ -75,6 +75,16 @@ def trained_token_mask(batch: CountableBatch) -> torch.Tensor:
     return (batch.loss_mask > 0) & (batch.seq_ids >= 0)
 
 
+def per_token(values: torch.Tensor, seq_ids: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+    """Per-sequence values [S] -> [T], each token getting its sequence's value and ``fill`` where it belongs
+    to no sequence (seq id -1). A micro-batch may hold no sequence at all (S = 0: the filler of a rank with
+    fewer sequences than micro-batches); every token then gets ``fill``."""
+    if values.numel() == 0:
+        return torch.full(seq_ids.shape, fill, dtype=values.dtype, device=seq_ids.device)
+    out = values.to(seq_ids.device)[seq_ids.clamp(min=0)]
+    return torch.where(seq_ids >= 0, out, torch.full_like(out, fill))
+
+
 def sequence_lengths(batch: CountableBatch) -> torch.Tensor:
     """[S] trained tokens per sequence: the given full counts, else counted in this micro-batch.
 
@@ -94,9 +104,8 @@ def sequence_lengths(batch: CountableBatch) -> torch.Tensor:
 def local_counts(batch: CountableBatch) -> GlobalCounts:
     """Counts of one micro-batch."""
     valid = trained_token_mask(batch)
-    sid = batch.seq_ids.clamp(min=0)
-    demo_seq = batch.is_demo.to(sid.device).bool()
-    demo_tok = demo_seq[sid] & valid
+    demo_seq = batch.is_demo.to(valid.device).bool()
+    demo_tok = per_token(demo_seq, batch.seq_ids, False) & valid
     has_tokens = sequence_lengths(batch) > 0
     return GlobalCounts(
         demo_tokens=float(demo_tok.sum()),
@@ -139,8 +148,7 @@ def token_weights(
     step's global mean of ``values`` over one population (demos or rollouts) in ``mode``.
     """
     valid = trained_token_mask(batch)
-    sid = batch.seq_ids.clamp(min=0)
-    in_pop = valid & (batch.is_demo.to(sid.device).bool()[sid] == demos)
+    in_pop = valid & (per_token(batch.is_demo.bool(), batch.seq_ids, False) == demos)
     n_tok = counts.demo_tokens if demos else counts.rollout_tokens
     n_seq = counts.demo_seqs if demos else counts.rollout_seqs
     dtype = torch.float32
@@ -151,7 +159,7 @@ def token_weights(
     if n_seq <= 0:
         return torch.zeros(in_pop.shape, dtype=dtype, device=in_pop.device)
     if mode == "seq-mean-token-mean":
-        lengths = sequence_lengths(batch)[sid].clamp(min=1)
+        lengths = per_token(sequence_lengths(batch), batch.seq_ids).clamp(min=1)
         return (in_pop.to(torch.float64) / (lengths * n_seq)).to(dtype)
     if mode == "seq-mean-token-sum-norm":
         if norm_length is None or norm_length < 1:

@@ -51,7 +51,9 @@ class ObjectiveConfig:
     # "loss": the adversarial signal is its own term (UniAPL). "reward": ablation, the scores times
     # lambda_adv are added to the task reward before the group normalisation, and no separate term.
     adversarial_mode: str = "loss"
-    # Staged presets (`sft->grpo`, ...): the optimizer step at which the second stage starts.
+    # Staged presets (`sft->grpo`, ...): the optimizer update at which the second stage starts (updates,
+    # not rollout steps: a step makes train.ppo_epochs x train.minibatches updates, so the switch must be a
+    # multiple of that). The second stage's learning rate, schedule and KL reference: the `stage2` section.
     stage_switch_step: int = 0
 
     # --- CHORD's SFT weight mu (arXiv 2508.11408): loss = (1 - mu) * L_GRPO + mu * L_SFT ---
@@ -61,7 +63,7 @@ class ObjectiveConfig:
     mu_end: float = 0.05
     # "constant" (mu_start throughout), "linear" or "cosine" decay from mu_start to mu_end.
     mu_schedule: str = "cosine"
-    # Number of steps over which mu goes from mu_start to mu_end (ignored by "constant").
+    # Number of optimizer updates over which mu goes from mu_start to mu_end (ignored by "constant").
     mu_decay_steps: int = 100
     # Token weighting inside the SFT term: "none" (plain NLL) or "chord_phi" (CHORD-phi: each token's
     # NLL times p * (1 - p) of the policy, which damps tokens the policy is already sure of or far from).
@@ -94,7 +96,8 @@ class ObjectiveConfig:
     # Coefficient of the KL penalty to the frozen reference model (GRPO, arXiv 2402.03300); 0 = off.
     kl_coef: float = 0.0
     # KL estimator (Schulman 2020, "Approximating KL divergence"): "k1" = log(pi/ref),
-    # "k2" = 0.5 * log(pi/ref)^2, "k3" = ref/pi - 1 - log(ref/pi) (GRPO's choice, unbiased and >= 0).
+    # "k2" = 0.5 * log(pi/ref)^2, "k3" = ref/pi - 1 - log(ref/pi) (GRPO's choice, unbiased and >= 0;
+    # capped at losses.MAX_K3 = 10 per token, as verl does, so a far-off token adds no runaway term).
     kl_estimator: str = "k3"
     # Entropy bonus coefficient: the loss gets -entropy_coef * entropy; 0 = off. Needs per-token entropy.
     entropy_coef: float = 0.0

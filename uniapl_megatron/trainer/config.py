@@ -9,17 +9,22 @@ Each section's fields (with what they do) live next to the code that uses them: 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ..data.packing import required_pad_multiple
 from ..models.arch import ConfigError
 from ..models.qwen3 import ModelConfig
 from ..parallel import ParallelConfig
 from .student import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,11 +56,14 @@ class RewardSection:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    """Optimizer steps of the whole run."""
+    """Steps of the run. Each step draws one batch (rollouts and demos) and makes ppo_epochs x minibatches
+    optimizer updates on it; objective.stage_switch_step and the LR schedule count those updates."""
     ppo_epochs: int = 1
-    """Passes over each step's rollouts."""
+    """Passes over each step's sequences."""
     minibatches: int = 1
-    """Optimizer updates per pass (the step's sequences split evenly); >1 makes later updates off-policy."""
+    """Optimizer updates per pass (the step's sequences split evenly); >1 makes later updates off-policy.
+    The step's logged metrics are means over its updates (grad_norm too, as verl logs it; grad_norm/max is
+    the largest), lr is the last update's and skipped counts the skipped updates."""
     seed: int = 1234
     output_dir: str = "runs/uniapl"
     """Checkpoints, metrics.jsonl, TensorBoard events and plots go here."""
@@ -74,6 +82,12 @@ class TrainConfig:
     """Rollouts per step written to samples.jsonl (prompt, response, reward) to read what the policy does."""
     plot: bool = True
     """Write plot.png of reward and losses per step at the end."""
+    eval_every: int = 0
+    """Held-out evaluation (data.eval_prompt_paths) every this many steps too; 0: only before the first and
+    after the last step."""
+    eval_samples: int = 4
+    """Samples per held-out prompt (at sampling.temperature, seeded by train.seed: the same draws at every
+    evaluation, so two evaluations differ only by the weights)."""
     # ---- run health and checkpoints at scale (trainer/health.py, trainer/checkpoint.py) ----
     hang_timeout_s: float = 1200.0
     """When no rank has advanced (changed phase) for this long, every live rank dumps its Python stack to
@@ -86,7 +100,7 @@ class TrainConfig:
     fully_parallel_save: bool = True
     """Spread the writing (and reading) of replicated shards over the data-parallel ranks (Megatron's
     FullyParallelSave/LoadStrategyWrapper)."""
-    ckpt_optim_format: typing.Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    ckpt_optim_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
     """Distributed-optimizer state format. fully_reshardable: resumes at any TP / PP / DP (saving gathers
     each DP group's optimizer shards). dp_reshardable: no gather, but resumes only at the same TP / PP."""
     job_end_time: str = "auto"
@@ -111,11 +125,48 @@ class TrainConfig:
             raise ConfigError(f"train.save_margin_s={self.save_margin_s}: expected >= 0")
         if self.job_end_time not in ("auto", "none"):
             parse_end_time(self.job_end_time, "train.job_end_time")
+        for name, low in (("eval_every", 0), ("eval_samples", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"train.{name}: expected an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class SecondStageConfig:
+    """The second stage of a staged preset (objective.algorithm ``x->y``), from optimizer update
+    objective.stage_switch_step on. The first stage runs `optim`'s learning rate and schedule over its own
+    updates; at the switch the second stage starts like a fresh run from the first stage's weights: its own
+    schedule over the remaining updates, fresh Adam moments, and (reset_reference) a new KL reference."""
+
+    lr: float | None = None
+    """Peak learning rate of the second stage; None: optim.lr."""
+    min_lr: float | None = None
+    """Learning rate at the end of the second stage's decay; None: optim.min_lr."""
+    warmup_steps: int | None = None
+    """Linear warm-up, in optimizer updates from the switch; None: optim.warmup_steps."""
+    decay_style: Literal["constant", "linear", "cosine"] | None = None
+    """Decay over the second stage's updates; None: optim.decay_style."""
+    reset_reference: bool = True
+    """The KL reference model (objective.kl_coef > 0) becomes a copy of the student at the switch, as when
+    RL starts from the SFT checkpoint; saved once under <output_dir>/checkpoints/reference so a resumed run
+    gets it back. False: the reference stays the initial model."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "min_lr"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+                raise ConfigError(f"stage2.{name}: expected a number >= 0 or null, got {v!r}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise ConfigError(f"stage2.warmup_steps: expected an integer >= 0 or null, got {self.warmup_steps!r}")
+        if self.decay_style not in (None, "constant", "linear", "cosine"):
+            raise ConfigError(f"stage2.decay_style: expected constant, linear, cosine or null, got {self.decay_style!r}")
+        if not isinstance(self.reset_reference, bool):
+            raise ConfigError(f"stage2.reset_reference: expected true or false, got {self.reset_reference!r}")
 
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "parallel": ParallelConfig, "sampling": SamplingConfig, "reward": RewardSection,
-    "optim": OptimConfig, "train": TrainConfig,
+    "optim": OptimConfig, "train": TrainConfig, "stage2": SecondStageConfig,
 }
 
 
@@ -141,7 +192,20 @@ class RunConfig:
     reward: RewardSection
     optim: OptimConfig
     train: TrainConfig
+    stage2: SecondStageConfig | None = None
     source: str = ""
+
+    def __post_init__(self) -> None:
+        # The packed rows' padding follows from the layout and the FP8 recipe; data.pad_multiple is raised to a
+        # multiple of what they need, so every reader of it (the trainer's packing, the saved config) sees it.
+        need = required_pad_multiple(self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size,
+                                     self.parallel.sequence_parallel, fp8_recipe=self.model.fp8)
+        have = getattr(self.data, "pad_multiple", None)
+        if isinstance(have, int) and have % need:
+            self.data.pad_multiple = math.lcm(have, need)
+            log.info("data.pad_multiple %d -> %d (model.fp8=%s, TP %d%s, CP %d)", have, self.data.pad_multiple,
+                     self.model.fp8, self.parallel.tensor_model_parallel_size,
+                     " with SP" if self.parallel.sequence_parallel else "", self.parallel.context_parallel_size)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -173,7 +237,9 @@ def _build(section: str, cls: type, values: Any, source: str) -> Any:
                           f"{section} has: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
-        want = hints.get(k)
+        want = _unoptional(hints.get(k))
+        if v is None:
+            continue
         if want in (int, float) and isinstance(v, str):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
                 v = values[k] = want(v)
@@ -187,6 +253,12 @@ def _build(section: str, cls: type, values: Any, source: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: section {section}: {e}") from None
+
+
+def _unoptional(hint: Any) -> Any:
+    """X for `X | None`, the hint itself otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: str | Path | None = None) -> RunConfig:
@@ -220,18 +292,20 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: st
     _resolve_paths(tree, base)
     built = {}
     for name, cls in sections.items():
-        if name in ("rollout", "discriminator") and not tree.get(name):
+        if name in ("rollout", "discriminator", "stage2") and not tree.get(name):
             built[name] = None
             continue
         if name == "rollout":
             tree[name].setdefault("model_path", (tree.get("model") or {}).get("hf_path", ""))
         built[name] = _build(name, cls, dict(tree.get(name) or {}), source)
-    return RunConfig(**built, source=source)
+    cfg = RunConfig(**built, source=source)
+    check_run(cfg, explicit={f"{sec}.{k}" for sec, keys in tree.items() if isinstance(keys, dict) for k in keys})
+    return cfg
 
 
 _PATH_KEYS = {("model", "hf_path"), ("model", "load"), ("data", "tokenizer_path"), ("rollout", "model_path"),
               ("discriminator", "path"), ("train", "output_dir")}
-_PATH_LIST_KEYS = {("data", "demo_paths"), ("data", "prompt_paths")}
+_PATH_LIST_KEYS = {("data", "demo_paths"), ("data", "prompt_paths"), ("data", "eval_prompt_paths")}
 
 
 def _resolve_paths(tree: dict, base: Path) -> None:
@@ -246,3 +320,80 @@ def _resolve_paths(tree: dict, base: Path) -> None:
     for sec, key in _PATH_LIST_KEYS:
         if isinstance(tree.get(sec), dict) and isinstance(tree[sec].get(key), list):
             tree[sec][key] = [fix(p) for p in tree[sec][key]]
+
+
+def updates_per_step(cfg: RunConfig) -> int:
+    """Optimizer updates one step makes."""
+    return cfg.train.ppo_epochs * cfg.train.minibatches
+
+
+def check_run(cfg: RunConfig, explicit: set[str] = frozenset()) -> None:
+    """What the preset implies for the other sections, and the combinations it cannot run, refused with how
+    to fix them. ``explicit``: the ``section.key`` names the user set (a default may be implied away, a value
+    the user chose is refused instead). Sets data.prompts_per_step / demos_per_step to 0 when no stage
+    draws them (and drops the rollout section when no stage samples, the discriminator when none scores),
+    and data.require_teacher_response when a stage scores rollouts with the discriminator."""
+    from ..objective import run_needs
+
+    obj, data, algo = cfg.objective, cfg.data, f"objective.algorithm={cfg.objective.algorithm!r}"
+    u = updates_per_step(cfg)
+    total = cfg.train.steps * u
+    if "->" in obj.algorithm:
+        _check_switch(cfg, u, total)
+    elif cfg.stage2 is not None:
+        raise ConfigError(f"the stage2 section applies to staged presets (x->y) only; {algo} has one stage: "
+                          "remove the section or pick a staged algorithm")
+    needs = run_needs(obj, total)
+    if not needs.rollouts:
+        data.prompts_per_step = 0  # e.g. sft: no RL prompts are drawn, so none need to exist
+        cfg.rollout = None  # and no engine is started
+    if not needs.demos:
+        data.demos_per_step = 0
+    if not needs.discriminator:
+        cfg.discriminator = None  # nothing is scored, and an online one is not trained on missing references
+    if needs.discriminator:
+        _check_discriminator(cfg, explicit, algo)
+    if needs.rollouts:
+        if data.prompts_per_step == 0:
+            raise ConfigError(f"{algo} trains on rollouts but data.prompts_per_step=0: set it >= 1, or use "
+                              "algorithm 'sft' for demonstrations only")
+        if not data.prompt_paths:
+            raise ConfigError(f"{algo} trains on rollouts of RL prompts, but data.prompt_paths is empty: give the "
+                              "prompt file(s)")
+        if cfg.rollout is None:
+            raise ConfigError(f"{algo} trains on rollouts, but the config has no rollout section: add one "
+                              "(e.g. rollout: {engine: vllm})")
+    if needs.demos and data.demos_per_step > 0 and not data.demo_paths:
+        raise ConfigError(f"{algo} trains on teacher demonstrations, but data.demo_paths is empty: give the "
+                          "demonstration file(s), or set data.demos_per_step: 0 to train without the SFT term")
+    if data.prompts_per_step == 0 and data.demos_per_step == 0:
+        raise ConfigError(f"{algo}: data.demos_per_step=0 and no rollouts: a step would train on nothing")
+
+
+def _check_switch(cfg: RunConfig, u: int, total: int) -> None:
+    s = cfg.objective.stage_switch_step
+    if s % u:
+        raise ConfigError(
+            f"objective.stage_switch_step={s} falls inside a step's {u} optimizer updates (train.ppo_epochs="
+            f"{cfg.train.ppo_epochs} x train.minibatches={cfg.train.minibatches}): use a multiple of {u} "
+            f"(e.g. {max(u, s // u * u)} or {(s // u + 1) * u})")
+    if s >= total:
+        raise ConfigError(
+            f"objective.stage_switch_step={s} is not before the run's last optimizer update ({total} updates: "
+            f"train.steps={cfg.train.steps} x {u}), so the second stage of {cfg.objective.algorithm!r} would "
+            "never run: lower the switch or raise train.steps")
+
+
+def _check_discriminator(cfg: RunConfig, explicit: set[str], algo: str) -> None:
+    obj = cfg.objective
+    if cfg.discriminator is None:
+        raise ConfigError(
+            f"{algo} scores rollouts with a discriminator (lambda_adv={obj.lambda_adv}, adversarial_mode="
+            f"{obj.adversarial_mode!r}) but the config has no discriminator section: add one (kind: frozen or "
+            "online, path: the model folder), or set objective.lambda_adv: 0")
+    if not cfg.data.require_teacher_response and "data.require_teacher_response" in explicit:
+        raise ConfigError(
+            f"data.require_teacher_response=false, but {algo} compares each rollout with the teacher's answer "
+            "(the discriminator's reference): remove the setting, so every RL prompt must carry a "
+            "'teacher_response'")
+    cfg.data.require_teacher_response = True

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
-PHASES = ("init", "rollout", "score", "logprobs", "train", "sync", "save")
+PHASES = ("init", "rollout", "score", "logprobs", "train", "sync", "save", "eval")
 HANG_EXIT_CODE = 75  # EX_TEMPFAIL: try again later (slurm/_launch.sh requeues on a hang report)
 PG_TIMEOUT_S = 1800.0  # distributed.init_distributed's process-group timeout (30 minutes)
 REPORT = "hang_report.json"

@@ -29,9 +29,10 @@ from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
 from ..rollout.base import EngineNeedsWeights, SamplingParams
 from .checkpoint import Checkpointer, SaveDeadline, job_end_time, latest_checkpoint, restore_adam_step
-from .config import RunConfig
+from .config import RunConfig, check_run
 from .health import Health
 from .logging import RunLogger
+from .stages import StageSwitch
 from .student import MicroBatch, Student
 
 
@@ -53,13 +54,19 @@ class Seq:
 _DEADLINE = 1000  # stop flag above any signal number: the job's end time is near
 
 
+class NonFiniteLossError(RuntimeError):
+    """train.max_nonfinite_in_row steps in a row had a NaN/inf loss or were skipped: the run stops."""
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         from megatron.core import parallel_state as ps
 
         from ..distributed import init_distributed
 
+        check_run(cfg)  # load_config ran it; a config built in code gets the same refusals
         self.cfg = cfg
+        self.stages = StageSwitch(cfg)
         self.denv = init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
@@ -78,12 +85,14 @@ class Trainer:
         self.fmt = formatter_from_config(cfg.data, model_dir=cfg.model.hf_path)
         self.demos = read_demos(cfg.data.demo_paths, self.fmt, cfg.data) if cfg.data.demo_paths else None
         self.prompts = read_prompts(cfg.data.prompt_paths, self.fmt, cfg.data) if cfg.data.prompt_paths else None
+        self.heldout = self._read_heldout()
         self.sampler = MixedBatchSampler.from_config(
             cfg.data, len(self.prompts) if self.prompts else 0, len(self.demos) if self.demos else 0)
         self.stop_ids = tuple(sorted({self.fmt.eot_id, *([self.fmt.tokenizer.eos_token_id]
                                                           if self.fmt.tokenizer.eos_token_id is not None else [])}))
 
-        self.student = Student(self.arch, cfg.parallel, cfg.model, cfg.optim, total_steps=self._optimizer_steps())
+        self.student = Student(self.arch, cfg.parallel, cfg.model, cfg.optim,
+                               total_steps=self.stages.first_schedule_updates())
         self._init_weights()
         self.ref = None
         if cfg.objective.kl_coef > 0:
@@ -99,9 +108,6 @@ class Trainer:
         self._maybe_resume()
 
     # ---- set-up -------------------------------------------------------------------------------------
-
-    def _optimizer_steps(self) -> int:
-        return self.cfg.train.steps * self.cfg.train.ppo_epochs * self.cfg.train.minibatches
 
     def _init_weights(self) -> None:
         from ..convert.checkpoint import load_model, read_meta
@@ -148,6 +154,7 @@ class Trainer:
             self.log.restore([])  # a fresh run starts a fresh metrics file
             return
         state = self.ckpt.load(path, self.student, self.disc)
+        self.stages.resume(self, state["step"])  # a second-stage checkpoint holds the second stage's schedule
         self.student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(self.student.optimizer, self.student.scheduler.num_steps)
         self.sampler.load_state_dict(state["sampler"])
@@ -241,12 +248,13 @@ class Trainer:
         if self.rank == 0 and self.disc is not None and hasattr(self.disc, "update"):
             prow = [self.prompts[prompt_idx[p]] for p, *_ in samples]
             upd = self.disc.update(step, [_prompt_text(r) for r in prow], [r.teacher_response or "" for r in prow], texts)
-            stats.update({f"disc/{k}": v for k, v in (upd or {}).items()})
+            stats.update(upd or {})  # the discriminator names its metrics disc/...
         return seqs, stats
 
     def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
-        return pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
-                             max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id)
+        mbs = pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
+                            max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id)
+        return set_token_temperatures(mbs, self.cfg.sampling.temperature)
 
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str) -> None:
         """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank."""
@@ -267,7 +275,9 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        w = resolve_weights(cfg.objective, step)
+        self.stages.maybe_switch(self, step)
+        first_update = step * self.stages.updates  # the objective's steps count optimizer updates
+        w = resolve_weights(cfg.objective, first_update)
         batch = self.sampler.next_batch(prompts=None if w.needs_rollouts else 0, demos=None if w.needs_demos else 0)
         stats: dict[str, float] = {"stage_" + w.stage: 1.0}
         seqs = [Seq(d.token_ids.tolist(), d.prompt_len, True) for d in (self.demos[i] for i in batch.demo_indices)]
@@ -294,13 +304,16 @@ class Trainer:
         self.health.phase("train", step)
         order = list(range(len(seqs)))
         parts = [order[i :: cfg.train.minibatches] for i in range(cfg.train.minibatches)]
+        per_update: list[dict[str, float]] = []
         for _ in range(cfg.train.ppo_epochs):
             for part in parts:
                 mbs = self._pack([seqs[i] for i in part])
                 counts = global_counts(mbs, self.dp_group)
-                m = self.student.train_step(mbs, make_loss_fn(w, counts, cfg.objective), cfg.sampling.temperature,
+                wu = resolve_weights(cfg.objective, first_update + len(per_update))  # CHORD's mu moves per update
+                m = self.student.train_step(mbs, make_loss_fn(wu, counts, cfg.objective), cfg.sampling.temperature,
                                             with_entropy=cfg.objective.entropy_coef > 0)
-                stats.update(self._reduce_metrics(m))
+                per_update.append(self._reduce_metrics(m))
+        stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
         if self.engine is not None or cfg.rollout is not None:
             self.health.phase("sync", step)
@@ -339,6 +352,46 @@ class Trainer:
             for _ in tensors:  # the other ranks take part in the collectives (and rank 0 finishes its share)
                 pass
 
+    # ---- held-out evaluation ------------------------------------------------------------------------
+
+    def _read_heldout(self) -> Any:
+        """The held-out prompts (data.eval_prompt_paths); refused when one of them is also a training prompt."""
+        cfg = self.cfg
+        if not cfg.data.eval_prompt_paths:
+            return None
+        if cfg.rollout is None:
+            raise ValueError("data.eval_prompt_paths: the held-out evaluation samples through the rollout engine, "
+                             "and this config has no rollout section")
+        rows = read_prompts(cfg.data.eval_prompt_paths, self.fmt, cfg.data)
+        trained = {tuple(r.prompt_ids.tolist()) for r in (self.prompts.rows if self.prompts else [])}
+        trained |= {tuple(d.prompt_ids.tolist()) for d in (self.demos.rows if self.demos else [])}
+        both = [r for r in rows.rows if tuple(r.prompt_ids.tolist()) in trained]
+        if both:
+            raise ValueError(f"data.eval_prompt_paths: {len(both)} of {len(rows)} held-out prompts are also training "
+                             f"prompts (first: {both[0].path}:{both[0].line}); held-out prompts must not be trained on")
+        return rows
+
+    def _eval_due(self, done: int) -> bool:
+        every = self.cfg.train.eval_every
+        return self.heldout is not None and (done == self.cfg.train.steps or every > 0 and done % every == 0)
+
+    def _heldout_eval(self, step: int) -> dict[str, float]:
+        """Rank 0: the mean reward of train.eval_samples samples per held-out prompt, drawn by the run's own rollout
+        engine at the current weights (no second model) with the same seed at every evaluation."""
+        from ..eval.heldout import sample_and_score
+
+        if self.heldout is None or self.engine is None:
+            return {}
+        self.health.phase("eval", step)
+        t0 = time.perf_counter()
+        try:
+            got = sample_and_score(self.engine, self.heldout.rows, self.fmt, self.reward, self.cfg.sampling,
+                                   self.cfg.train.eval_samples, self.cfg.train.seed, self.stop_ids)
+        except EngineNeedsWeights as e:
+            print(f"held-out evaluation skipped: {e}", flush=True)
+            return {}
+        return {"eval/heldout_reward": got.mean, "time/eval_seconds": time.perf_counter() - t0}
+
     # ---- the run ------------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -354,10 +407,14 @@ class Trainer:
             self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
         t_start = time.perf_counter()
         last_saved = self.start_step
+        if self.start_step == 0:
+            self.log.evaluation(0, self._heldout_eval(0))
         for step in range(self.start_step, cfg.steps):
             t_step = time.perf_counter()
             stats = self.step(step)
             stats["time/step_seconds"] = time.perf_counter() - t_step
+            if self._eval_due(step + 1):
+                stats.update(self._heldout_eval(step + 1))
             bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
             self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
             self.nonfinite_total += int(bad)
@@ -365,7 +422,7 @@ class Trainer:
             self.log.step(step, stats)
             self.deadline.record_step(stats["time/step_seconds"])
             if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
-                raise RuntimeError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
+                raise NonFiniteLossError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
                                    f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping")
             self.ckpt.maybe_finalize()
             due = self.deadline.due(self.ckpt.last_save_seconds)  # the job ends before another step and save
@@ -408,7 +465,7 @@ def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple:
     pad = max(pad_multiple, required_pad_multiple(
         parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel))
     plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=max_tokens, dp_size=dp_size,
-                              pad_multiple=pad)
+                              pad_multiple=pad, micro_batch_multiple=parallel.micro_batch_multiple)
     out = []
     for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
         mine = [seqs[i] for i in p.seq_ids]
@@ -429,6 +486,31 @@ def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple:
                 for s in mine])[0]
         out.append(MicroBatch(p, extras))
     return out
+
+
+def combine_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its optimizer updates' (ppo_epochs x minibatches of them): the mean of each
+    metric over the updates, grad_norm included (what verl logs), grad_norm/max the largest norm, lr the
+    last update's and skipped the number of skipped updates."""
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for m in per_update for k in m):
+        values = [m[k] for m in per_update if k in m]
+        out[k] = values[-1] if k == "lr" else sum(values) if k == "skipped" else sum(values) / len(values)
+    if len(per_update) > 1 and "grad_norm" in out:
+        out["grad_norm/max"] = max(m["grad_norm"] for m in per_update)
+    return out
+
+
+def set_token_temperatures(mbs: list[MicroBatch], temperature: float) -> list[MicroBatch]:
+    """Each target token's temperature: the sampler's for rollout tokens (their log-probs must be those of
+    the distribution they were drawn from), 1 for demonstrations (SFT trains the model's own distribution,
+    not softmax(z / T))."""
+    if temperature == 1.0:
+        return mbs
+    for mb in mbs:
+        per_seq = torch.where(mb.extras["is_demo"], 1.0, float(temperature)).to(torch.float32)
+        mb.temperature = mb.packed.per_token(per_seq, fill=float(temperature))
+    return mbs
 
 
 def global_counts(mbs: list[MicroBatch], dp_group: Any) -> Any:

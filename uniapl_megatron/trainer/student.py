@@ -13,14 +13,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..convert.params import iter_hf_tensors, load_from_hf, unwrap
+from ..convert.params import high_precision_state_dict, iter_hf_tensors, load_from_hf, unwrap
 from ..convert.safetensors_io import SafetensorsFolder
 from ..data.packing import PackedBatch
 from ..distributed import collective_device
 from ..models.arch import ConfigError, Qwen3Arch
-from ..models.qwen3 import ModelConfig, build_model, padded_vocab_size
+from ..models.qwen3 import ModelConfig, build_model, check_fp8_training, padded_vocab_size
 from ..parallel import ParallelConfig
+from .grad_norm import count_kv_copies_once, replica_groups
 from .logprobs import LogprobHead
+from .overlap import OverlapMode, decide_overlap, wire_overlap
 
 
 def _guard_te_version_check() -> None:
@@ -69,6 +71,13 @@ class OptimConfig:
     cpu_offload_overlap: bool = False
     """One CPU optimizer per parameter on side streams, so copies overlap the CPU step
     (OptimizerConfig.overlap_cpu_optimizer_d2h_h2d)."""
+    overlap_comm: OverlapMode = "auto"
+    """Overlap data-parallel communication with compute (Megatron DDP): overlap_grad_reduce reduces each
+    gradient bucket as soon as the last micro-batch's backward fills it; overlap_param_gather (distributed
+    optimizer) all-gathers the updated weights bucket by bucket during the next forward, and weight sync / export
+    / checkpoints finish that gather first. auto: on at data-parallel (x context-parallel) size > 1 on GPUs, off
+    on CPU (gloo overlaps nothing) and at DP 1; on: also without a GPU; off: never. Gradient overlap stays off
+    when TP exceeds the KV heads (their replicated gradients are summed after backward)."""
 
     def validate(self, parallel: ParallelConfig, model: ModelConfig) -> None:
         """Stop at start-up, naming the field, on combinations Megatron would reject later or mid-step."""
@@ -96,12 +105,28 @@ class OptimConfig:
                               "(0 would offload nothing)")
 
 
+def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
+    """Megatron's LR (and weight-decay) schedule of ``o`` over ``total_steps`` optimizer updates, starting
+    at update 0 (it sets the optimizer's learning rate for the first update)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+
+
 @dataclass
 class MicroBatch:
     """One packed row plus the per-token inputs of the loss (all [T] tensors aligned with the logits)."""
 
     packed: PackedBatch
     extras: dict[str, Any]
+    temperature: torch.Tensor | None = None
+    """[1, T] temperature of each target's log-prob (demos at 1, rollouts at the sampler's); None: the
+    temperature the pass is called with, for every token."""
 
 
 class Student:
@@ -123,6 +148,11 @@ class Student:
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.config.variable_seq_lengths = True  # packed rows differ in length; PP sends shapes first
+        if parallel.virtual_pipeline_model_parallel_size:
+            # Interleaved, a stage sends to and receives from the same neighbour in both directions (at PP 2
+            # both neighbours are one rank); batched P2P would pair a gradient with an activation. Megatron's
+            # separate sends/receives keep the directions apart, as Megatron-LM uses them with VPP.
+            self.config.batch_p2p_comm, self.config.overlap_p2p_comm = False, True
         self.heads = [LogprobHead(c, arch.vocab_size, self.optim_cfg.chunk_tokens) for c in chunks if c.post_process]
         if self.train:
             self.chunks, self.optimizer, self.scheduler = self._make_trainable(chunks, total_steps)
@@ -134,58 +164,59 @@ class Student:
 
     # ---- construction -------------------------------------------------------------------------------
 
-    def _replicated_kv_grad_sync(self, chunks: list) -> Callable[[], None]:
+    def _replicated_kv(self, chunks: list) -> tuple[list, tuple[int, int], Any]:
         """TP above the model's KV heads gives every TP rank its own copy of a KV head (num_query_groups = TP,
-        one group per rank). Each copy's gradient holds only its own query heads' share, so the K/V rows of
-        linear_qkv's gradient are summed over the ranks that share a head; otherwise the copies drift apart
-        after the first update and no longer equal one HF head. Returns a no-op when nothing is replicated.
-        (Megatron's grad norm still counts each copy, so the reported norm, and clipping, see the K/V rows
-        TP / KV-heads times.)"""
+        one group per rank): this rank's ``linear_qkv`` weights, the [start, end) rows of their K and V
+        heads, and the group of ranks holding the same head (None when nothing is replicated)."""
         from megatron.core import parallel_state as ps
 
         tp, kv = self.parallel.tensor_model_parallel_size, self.arch.num_kv_heads
         if self.num_query_groups == kv or tp == 1:
-            return lambda: None
-        rep = tp // kv
-        mine = None
-        # new_group is collective over the world: every rank creates every TP group's subgroups, in order.
-        tp_groups: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(
-            tp_groups, tuple(torch.distributed.get_process_group_ranks(ps.get_tensor_model_parallel_group())))
-        for ranks in sorted(set(tp_groups)):
-            for h in range(kv):
-                group = torch.distributed.new_group(list(ranks[h * rep:(h + 1) * rep]))
-                if torch.distributed.get_rank() in ranks[h * rep:(h + 1) * rep]:
-                    mine = group
+            return [], (0, 0), None
         hd = self.arch.head_dim
         q_rows = self.arch.num_heads // self.num_query_groups * hd  # one local group: its q heads, then k, v
         params = [p for c in chunks for n, p in c.named_parameters() if n.endswith("self_attention.linear_qkv.weight")]
+        return params, (q_rows, q_rows + 2 * hd), replica_groups(ps.get_tensor_model_parallel_group(), kv)
+
+    @staticmethod
+    def _kv_grad_sync(params: list, rows: tuple[int, int], group: Any) -> Callable[[], None]:
+        """Sum the K/V rows of linear_qkv's gradient over the ranks sharing the head; otherwise the copies
+        drift apart after the first update and no longer equal one HF head."""
 
         def sync() -> None:
             for p in params:
                 grad = getattr(p, "main_grad", None)
                 if grad is not None:
-                    rows = grad[q_rows:q_rows + 2 * hd]
-                    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.SUM, group=mine)
+                    torch.distributed.all_reduce(grad[rows[0]:rows[1]], op=torch.distributed.ReduceOp.SUM,
+                                                 group=group)
 
-        return sync
+        return sync if group is not None else lambda: None
 
     def _make_trainable(self, chunks: list, total_steps: int) -> tuple[list, Any, Any]:
+        from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         o, dtype = self.optim_cfg, self.config.params_dtype
         _guard_te_version_check()
+        check_fp8_training(self.model_cfg, self.parallel)
+        overlap = decide_overlap(
+            o.overlap_comm, ps.get_data_parallel_world_size(with_context_parallel=True), torch.cuda.is_available(),
+            self.parallel.use_distributed_optimizer,
+            replicated_kv=self.num_query_groups != self.arch.num_kv_heads and self.parallel.tensor_model_parallel_size > 1)
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap.grad_reduce, overlap_param_gather=overlap.param_gather,
             use_distributed_optimizer=self.parallel.use_distributed_optimizer, check_for_nan_in_grad=False,
             average_in_collective=False,
+            # FP8 weights (model.fp8_param) are all-gathered as FP8 by the distributed optimizer.
+            fp8_param_gather=self.model_cfg.fp8_param,
         )
         wrapped = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c,
                                            disable_bucketing=i > 0) for i, c in enumerate(chunks)]
-        sync_kv = self._replicated_kv_grad_sync(chunks)
+        wire_overlap(wrapped, self.config, overlap)
+        kv_params, kv_rows, kv_group = self._replicated_kv(chunks)
+        sync_kv = self._kv_grad_sync(kv_params, kv_rows, kv_group)
 
         def finalize(model: list, num_tokens: Any = None, **kw: Any) -> None:
             sync_kv()
@@ -205,19 +236,19 @@ class Student:
             # main shards up in an empty fp32-copy table, a KeyError).
             use_precision_aware_optimizer=o.cpu_offload,
         ), wrapped)
-        sched = OptimizerParamScheduler(
-            opt, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
-            lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
-        )
+        sched = lr_scheduler(opt, o, total_steps)
+        if kv_group is not None:
+            count_kv_copies_once(opt, kv_params, kv_rows, is_copy=kv_group.rank() != 0)
         return wrapped, opt, sched
 
     def load_hf(self, hf_dir: str) -> None:
         """Weights straight from a HF safetensors folder (no conversion step needed)."""
         src = SafetensorsFolder(hf_dir)
-        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab)
-        self._refresh_main_params()
+        # FP8 weights hold a rounded copy: the fp32 master weights start from the file's values instead.
+        kept = {} if self.model_cfg.fp8_param and self.optimizer is not None else None
+        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab,
+                     keep=kept)
+        self._refresh_main_params(high_precision_state_dict(self.chunks, kept) if kept else None)
 
     def copy_weights_from(self, other: "Student") -> None:
         with torch.no_grad():
@@ -226,10 +257,10 @@ class Student:
                     pa.copy_(pb)
         self._refresh_main_params()
 
-    def _refresh_main_params(self) -> None:
+    def _refresh_main_params(self, state_dict: dict[str, Any] | None = None) -> None:
         # fp32 main copies of bf16 weights (and DDP's param buffers) must follow loaded weights.
         if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
-            self.optimizer.reload_model_params()
+            self.optimizer.reload_model_params(state_dict)
 
     # ---- passes -------------------------------------------------------------------------------------
 
@@ -240,17 +271,23 @@ class Student:
 
         forward_only = loss_fn is None
         outputs: list = []
-        it: Iterator[MicroBatch] = iter(micro_batches)
+        self._check_micro_batch_count(len(micro_batches))
+        # One iterator per model chunk, each over the same micro-batches: the interleaved schedule runs
+        # micro-batch j through chunk k at its own time, and each chunk's forward takes that chunk's next one.
+        iters: list[Iterator[MicroBatch]] = [iter(micro_batches) for _ in self.chunks]
 
         def forward_step(data_iter: Iterator[MicroBatch], model: torch.nn.Module) -> tuple:
             mb = next(data_iter)
             p = mb.packed
             m = unwrap(model)
             if m.post_process:
+                # A micro-batch with no trained token (a filler) runs the head on all its tokens: its zero loss
+                # must reach the earlier pipeline stages through autograd, or they wait for a gradient forever.
+                mask = p.loss_mask > 0 if only_loss_tokens and p.num_loss_tokens else None
                 for head in self.heads:
                     if head.layer is m.output_layer:
-                        head.targets = (p.labels, temperature, with_entropy,
-                                        p.loss_mask > 0 if only_loss_tokens else None)
+                        head.targets = (p.labels, temperature if mb.temperature is None else mb.temperature,
+                                        with_entropy, mask)
             out = model(p.input_ids, p.position_ids, attention_mask=None,
                         packed_seq_params=p.to_packed_seq_params())
 
@@ -270,12 +307,23 @@ class Student:
         ctx = torch.no_grad() if forward_only else torch.enable_grad()
         with ctx:
             get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=[it] * len(self.chunks) if len(self.chunks) > 1 else it,
+                forward_step_func=forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
                 model=self.chunks, num_microbatches=len(micro_batches),
                 seq_length=max(mb.packed.num_tokens for mb in micro_batches), micro_batch_size=1,
                 forward_only=forward_only,
             )
         return outputs
+
+    def _check_micro_batch_count(self, n: int) -> None:
+        """The interleaved (VPP) schedule runs micro-batches in groups of PP; Megatron would stop mid-step."""
+        multiple = self.parallel.micro_batch_multiple
+        if n < 1:
+            raise ValueError("no micro-batch to run: every rank needs at least one (a filler when it has no data)")
+        if n % multiple:
+            raise ValueError(f"{n} micro-batches: with parallel.virtual_pipeline_model_parallel_size="
+                             f"{self.parallel.virtual_pipeline_model_parallel_size} the interleaved schedule needs a "
+                             f"multiple of pipeline_model_parallel_size={multiple}; plan_micro_batches("
+                             f"micro_batch_multiple=ParallelConfig.micro_batch_multiple) packs such a count")
 
     def logprobs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0,
                  with_entropy: bool = False, only_loss_tokens: bool = True) -> list[torch.Tensor] | None:
