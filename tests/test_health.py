@@ -74,16 +74,21 @@ def test_sigstop_one_rank_of_a_training_run(assets, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "uniapl_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml"),
          f"model.hf_path={a['student']}", f"discriminator.path={a['discriminator']}",
-         f"data.demo_paths=[{a['data']}]", f"data.prompt_paths=[{a['data']}]", "data.prompts_per_step=2",
+         f"data.demo_paths=[{a['data']}]", f"data.prompt_paths=[{a['data']}]", "data.eval_prompt_paths=[]",
+         "data.prompts_per_step=2",
          "data.demos_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=6", "rollout.engine=torch",
          "parallel.tensor_model_parallel_size=2", "train.steps=1000", "train.save_every=1000",
          f"train.hang_timeout_s={TRAIN_TIMEOUT}", f"train.output_dir={out}", "train.tensorboard=false",
-         "train.plot=false"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "train.plot=false"], start_new_session=True, stdout=(log := open(tmp_path / "log.txt", "wb")),  # noqa: SIM115
+        stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+        assert proc.poll() is None, f"the run ended early ({proc.returncode}): {log.name}:\n" + \
+            (tmp_path / "log.txt").read_text()[-3000:]
         assert time.monotonic() < deadline, "no training step within 900 s"
         time.sleep(0.2)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first.get("reward/timeouts") == 0.0, first  # the trainer's reward scores in the timed pool
     family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     pid = _beat(out, 1)["pid"]
     os.kill(pid, signal.SIGSTOP)

@@ -51,6 +51,7 @@ def test_a_stuck_check_costs_its_sample_a_zero_and_the_step_goes_on(batch, how, 
         # The next step: the pool replaced the killed worker and scores as before.
         assert reward.score(rows, responses) == want
         assert reward.take_stats()["reward/timeouts"] == 0.0
+        print(f"{how}: the step with the stuck sample took {took:.1f} s (limit {LIMIT:g} s)")
     finally:
         reward.close()
 
