@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="micro-batch budget from the second step on (0 = --mb-tokens): other micro-batch counts")
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of --adam")
+    ap.add_argument("--adam-eps", type=float, default=1e-8, help="eps of --adam")
     ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
     ap.add_argument("--sync-save", action="store_true", help="save synchronously (default: async, as the trainer)")
     ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
@@ -96,7 +97,7 @@ def build(a: argparse.Namespace):
     student = Student(arch, par, model_cfg, OptimConfig(
         # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
         # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
-        **(dict(lr=a.lr) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
+        **({"lr": a.lr, "adam_eps": a.adam_eps} if a.adam else {"lr": 500.0, "adam_eps": 1000.0}), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
         cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap,
         overlap_comm="on" if a.ddp_overlap else "auto"))
     student.load_hf(a.hf)
