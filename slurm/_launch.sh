@@ -26,8 +26,9 @@
 # Knobs (environment): UNIAPL_LAUNCHER, UNIAPL_PYTHON (default <repo>/.venv/bin/python, else
 # python3), UNIAPL_MASTER_PORT, UNIAPL_GPU_MEM_GIB (default: nvidia-smi; unknown = no fit check),
 # UNIAPL_PROCS_PER_NODE (default: the allocation's tasks per node), UNIAPL_REQUEUE_ON_SIGNAL (1),
-# UNIAPL_REQUEUE_ON_HANG (1), UNIAPL_MAX_RESTARTS (20), UNIAPL_DRY_RUN=1 (print every node's command for the allocation in
-# SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE; run nothing),
+# UNIAPL_REQUEUE_ON_HANG (1), UNIAPL_MAX_RESTARTS (20), UNIAPL_DRY_RUN=1 (print every node's
+# command for the allocation in SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES,
+# SLURM_NTASKS_PER_NODE; run nothing),
 # UNIAPL_ROLLOUT_PYTHON (the rollout servers' Python, e.g. a venv of its own with vLLM; default
 # UNIAPL_PYTHON), UNIAPL_CPU_BIND (auto: bind each training rank to its GPU's NUMA node; none),
 # UNIAPL_GPU_NUMA_NODES (the NUMA node of GPU 0,1,...; default: nvidia-smi + sysfs), UNIAPL_NUMA_TOOL
