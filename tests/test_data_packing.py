@@ -71,6 +71,34 @@ def test_packed_seq_params_and_pad_multiple():
     assert required_pad_multiple(tp_size=4, cp_size=2) == 4
 
 
+
+def test_row_padding_pads_the_row_not_each_sequence():
+    """row_multiple (FP8's per-row token multiple) pads the row once, in its last sequence: every real token,
+    label, loss position and response slot is where per-sequence padding alone puts it."""
+    seqs, prompts = random_seqs(7, seed=5)
+    ref = pack_sequences(seqs, prompts, pad_multiple=2)
+    b = pack_sequences(seqs, prompts, pad_multiple=2, row_multiple=16)
+    assert b.num_tokens % 16 == 0 and ref.num_tokens <= b.num_tokens < ref.num_tokens + 16
+    assert b.cu_seqlens_padded[:-1].tolist() == ref.cu_seqlens_padded[:-1].tolist()
+    assert b.cu_seqlens.tolist() == ref.cu_seqlens.tolist() and b.num_loss_tokens == ref.num_loss_tokens
+    n = ref.num_tokens
+    for k in ("input_ids", "labels", "loss_mask", "position_ids"):
+        assert torch.equal(getattr(b, k)[:, :n], getattr(ref, k)), k
+    assert b.loss_mask[:, n:].sum() == 0 and (b.seq_index[n:] == -1).all()
+    # Per-sequence padding to the same multiple costs more than the row's.
+    assert b.num_tokens < pack_sequences(seqs, prompts, pad_multiple=16).num_tokens
+    # A filler row is one row multiple; lcm with the sequences' multiple.
+    assert pack_sequences([], [], pad_multiple=4, row_multiple=6).num_tokens == 12
+    # The planner keeps each padded row within the budget (1000 rounds down to 992 sequence tokens per row).
+    lens = [len(s) for s in random_seqs(60, seed=6, max_len=300)[0]]
+    plan = plan_micro_batches(lens, max_tokens=1000, dp_size=2, pad_multiple=2, row_multiple=32)
+    assert plan.row_multiple == 32
+    for r in range(2):
+        for t, mb in zip(plan.tokens[r], pack_rank(plan, r, [[1] * n for n in lens], [1] * len(lens), pad_id=0)):
+            assert mb.is_filler or mb.num_tokens == t <= 1000 and t % 32 == 0
+    with pytest.raises(DataError, match=r"995 tokens \(996 aligned to 2; 1024 in a row padded to a multiple of 32\)"):
+        plan_micro_batches([995], max_tokens=1000, pad_multiple=2, row_multiple=32)
+
 def test_filler_and_bad_inputs():
     f = pack_sequences([], [], pad_multiple=4, pad_id=7)
     assert f.is_filler and f.num_tokens == 4 and f.num_loss_tokens == 0 and f.unpack(f.input_ids) == []

@@ -265,9 +265,9 @@ def test_formatter_errors(fmt):
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match="DataConfig.on_bad_line"):
+    with pytest.raises(ValueError, match="data.on_bad_line: expected one of .stop., .skip."):
         DataConfig(on_bad_line="ignore")
-    with pytest.raises(ValueError, match="DataConfig.max_prompt_tokens"):
+    with pytest.raises(ValueError, match="data.max_prompt_tokens: expected an integer >= 1"):
         DataConfig(max_prompt_tokens=0)
     with pytest.raises(ValueError, match="both 0"):
         DataConfig(prompts_per_step=0, demos_per_step=0)

@@ -9,7 +9,6 @@ install, and the GPU's compute-capability query.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -22,7 +21,7 @@ import torch
 from _models import load_safetensors_folder, tiny_qwen3
 from _train_step import max_diff, train_step
 
-from uniapl_megatron.data.packing import pack_sequences, required_pad_multiple
+from uniapl_megatron.data.packing import aligned_length, pack_sequences, required_pad_multiple, row_pad_multiple
 from uniapl_megatron.models import specs
 from uniapl_megatron.models.arch import ConfigError
 from uniapl_megatron.models.qwen3 import ModelConfig, check_fp8_training
@@ -39,36 +38,45 @@ TE_MISSING = "No module named 'transformer_engine'"
 @pytest.mark.parametrize("recipe", ["none", *RECIPES])
 @pytest.mark.parametrize("tp,cp,sp", [(1, 1, False), (4, 1, False), (4, 1, True), (2, 2, True), (1, 4, False)])
 def test_fp8_padding_per_recipe_and_layout(recipe, tp, cp, sp):
-    m = required_pad_multiple(tp, cp, sp, fp8_recipe=recipe)
+    seq_m, row_m = required_pad_multiple(tp, cp, sp), row_pad_multiple(tp, cp, sp, fp8_recipe=recipe)
     split = (tp if sp else 1) * cp  # how many ranks share one sequence's tokens
-    # Each rank's share of every packed sequence (TE cuts a sequence into 2*cp chunks, 2 per CP rank, then
-    # SP splits over TP) must be a multiple of the recipe's GEMM multiple...
     align = RECIPES.get(recipe, 1)
     lens = [1, 7, 31, 129, 300]
-    row = pack_sequences([list(range(n)) for n in lens], [1] * len(lens), pad_multiple=m)
-    bounds = row.cu_seqlens_padded.tolist()
-    for start, end in itertools.pairwise(bounds):
-        assert (end - start) % (2 * cp if cp > 1 else 1) == 0
-        assert (end - start) // split % align == 0, (recipe, tp, cp, sp, end - start)
-    assert row.num_tokens // split % align == 0
-    # ...and exactly NeMo-RL's rule, no more: recipe multiple x (TP under SP) x (2*CP).
-    assert m == align * (tp if sp else 1) * (2 * cp if cp > 1 else 1)
+    row = pack_sequences([list(range(n)) for n in lens], [1] * len(lens), pad_multiple=seq_m, row_multiple=row_m)
+    padded = row.cu_seqlens_padded.diff().tolist()
+    # Every sequence splits evenly over CP (2*cp chunks) and SP (TP ranks); only the last one takes more than
+    # that, so that each rank's share of the row is a multiple of the recipe's GEMM multiple.
+    assert all(p % seq_m == 0 for p in padded)
+    assert padded[:-1] == [aligned_length(n, seq_m) for n in lens[:-1]]
+    assert row.num_tokens % split == 0 and row.num_tokens // split % align == 0, (recipe, tp, cp, sp, padded)
+    assert row.num_tokens - sum(aligned_length(n, seq_m) for n in lens) < row_m  # no more than the row lacks
+    # NeMo-RL's rule: sequences x (TP under SP) x (2*CP); the row x the recipe multiple on top.
+    assert seq_m == (tp if sp else 1) * (2 * cp if cp > 1 else 1) and row_m == seq_m * align
 
 
 def test_fp8_padding_refuses_an_unknown_recipe():
     with pytest.raises(ValueError, match="unknown FP8 recipe 'fp4'"):
-        required_pad_multiple(2, 1, True, fp8_recipe="fp4")
+        row_pad_multiple(2, 1, True, fp8_recipe="fp4")
 
 
 def test_run_config_pads_for_the_recipe(tmp_path):
     from uniapl_megatron.trainer.config import load_config
+    from uniapl_megatron.trainer.loop import Seq, pack_for_rank
 
     recipe = ROOT / "examples" / "qwen3_8b_32x8.yaml"  # TP 4 with sequence parallelism
     assert load_config(recipe).data.pad_multiple == 4
-    assert load_config(recipe, ["model.fp8=tensorwise"]).data.pad_multiple == 64
-    assert load_config(recipe, ["model.fp8=blockwise"]).data.pad_multiple == 512
-    # A user multiple is kept, raised to a multiple of both.
-    assert load_config(recipe, ["model.fp8=mxfp8", "data.pad_multiple=48"]).data.pad_multiple == 384
+    # FP8 pads the packed row, not each sequence.
+    assert load_config(recipe, ["model.fp8=blockwise"]).data.pad_multiple == 4
+    # A user multiple is kept, raised to a multiple of the layout's.
+    assert load_config(recipe, ["model.fp8=mxfp8", "data.pad_multiple=6"]).data.pad_multiple == 12
+    cfg = load_config(recipe, ["model.fp8=blockwise"])
+    seqs = [Seq(list(range(n)), 1, True) for n in (5, 130, 9, 77)]
+    mbs = pack_for_rank(seqs, cfg.data.max_tokens_per_micro_batch, cfg.parallel, cfg.data.pad_multiple, 0, 1, 0,
+                        fp8_recipe=cfg.model.fp8)
+    for mb in mbs:  # each TP rank's share of the row: a multiple of 128 (blockwise) by padding the row to 512
+        padded, lens = mb.packed.cu_seqlens_padded.diff().tolist(), mb.packed.seq_lens
+        assert mb.packed.num_tokens % 512 == 0 and padded[:-1] == [aligned_length(n, 4) for n in lens[:-1]]
+    assert sum(mb.packed.num_tokens for mb in mbs) == 512  # per-sequence FP8 padding took 4 x 512
 
 
 # ---- refusals: Transformer Engine missing or broken ---------------------------------------------------------

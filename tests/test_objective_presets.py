@@ -129,11 +129,11 @@ def test_a_sft_reward_mode_is_the_same_objective_as_loss_mode():
     "kwargs, message",
     [
         (dict(algorithm="ppo"), "objective.algorithm: expected one of 'sft', 'a_sft'"),
-        (dict(lambda_adv=-0.1), "objective.lambda_adv: expected a number in [0.0, inf], got -0.1"),
+        (dict(lambda_adv=-0.1), "objective.lambda_adv: expected a number >= 0.0 (finite), got -0.1"),
         (dict(w_sft=float("nan")), "objective.w_sft"),
-        (dict(clip_eps_low=1.0), "objective.clip_eps_low: expected a number below 1"),
+        (dict(clip_eps_low=1.0), "objective.clip_eps_low: expected a number in [0.0, 1.0) (the ratio"),
         (dict(clip_eps_high="0.2"), "objective.clip_eps_high"),
-        (dict(dual_clip_c=1.0), "objective.dual_clip_c: expected a number in (1.0, inf]"),
+        (dict(dual_clip_c=1.0), "objective.dual_clip_c: expected a number > 1.0 (finite) or null, got 1.0"),
         (dict(tis_cap=0), "objective.tis_cap"),
         (dict(kl_estimator="k4"), "objective.kl_estimator: expected one of 'k1', 'k2', 'k3'"),
         (

@@ -67,8 +67,10 @@ def test_bad_sweep_files_name_the_field(tmp_path, change, message):
     assert str(path) in str(e.value) and message in str(e.value), e.value
 
 
-def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path):
+def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path, assets):
+    # The inputs exist (the fixture's), so what is refused below is the bad override, then the missing model.
     doc = _minimal(tmp_path, presets={"grpo": ["optim.lr=0.5"], "sft->grpo": []}, seeds=[3, 4],
+                   overrides=_tiny_overrides(assets),
                    students={"tiny": {"overrides": ["train.steps=7"], "warmup": ["objective.algorithm=sft"]}},
                    cells={"tiny/grpo/4": ["optim.lr=0.25"]})
     spec = load_spec(_write(tmp_path, doc))
@@ -82,7 +84,8 @@ def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path):
     bad = _write(tmp_path, {**doc, "cells": {"tiny/grpo/4": ["optim.lr=fast"]}}, "bad.yaml")
     with pytest.raises(SweepError, match=r"cell tiny/grpo/seed4: .*optim.lr"):
         plan(load_spec(bad))
-    missing = _write(tmp_path, _minimal(tmp_path, students={"tiny": {"overrides": ["model.hf_path=/nowhere"]}}),
+    missing = _write(tmp_path, _minimal(tmp_path, overrides=_tiny_overrides(assets),
+                                        students={"tiny": {"overrides": ["model.hf_path=/nowhere"]}}),
                      "missing.yaml")
     with pytest.raises(SweepError, match="missing input.*model.hf_path=/nowhere"):
         plan(load_spec(missing))
@@ -98,6 +101,7 @@ def test_shipped_sweep_files_expand():
     assert len(cells) == 3 * 10 * 3 and {c.base.name for c in cells} == {
         "qwen3_0p6b_32x8.yaml", "qwen3_4b_32x8.yaml", "qwen3_8b_32x8.yaml"}
     assert next(c.base.name for c in cells if c.student == "Qwen3-8B") == "qwen3_8b_32x8.yaml"
+    assert list(paper.evaluators) == ["ifeval", "ifbench"]
 
 
 # ---------------------------------------------------------------- the table over seeds
@@ -199,21 +203,34 @@ def test_local_sweep_killed_in_its_second_cell_resumes(assets, tmp_path):
     assert not (first / "run" / "checkpoints").exists()  # keep_checkpoints: false
 
 
-def test_ifeval_evaluator_scores_through_the_tool(assets, tmp_path):
-    """The registered `ifeval` evaluator runs tools/eval_ifeval.py on a model folder and reads its score back
-    (here 5 synthetic prompts in IFEval's format and the torch engine, to stay cheap)."""
+def _ifbench_rows(n: int) -> list[dict]:
+    """IFBench test rows whose checkers need no nltk data beyond what the packages ship."""
+    from uniapl_megatron.rewards import ifbench
+
+    needs_data = {"ratio:stop_words", "words:start_verb"}
+    return [r for r in ifbench.load_ifbench_prompts() if not needs_data & set(r["instruction_id_list"])][:n]
+
+
+@pytest.mark.parametrize("name,label", [("ifeval", "IFEval"), ("ifbench", "IFBench")])
+def test_tool_evaluator_scores_through_the_tool(assets, tmp_path, name, label):
+    """The registered `ifeval` / `ifbench` evaluators run tools/eval_ifeval.py --benchmark <name> on a model folder
+    and read its score back (here 3 of the benchmark's prompts and the torch engine, to stay cheap)."""
     from uniapl_megatron.sweep.evaluators import EvalContext, build_evaluator
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(Path(assets["eval_data"]).read_text().splitlines(keepends=True)[:5]))
-    ev = build_evaluator("ifeval", {"args": ["--prompts", str(prompts), "--engine", "torch", "--max-new-tokens", "4"]})
+    if name == "ifeval":
+        prompts.write_text("".join(Path(assets["eval_data"]).read_text().splitlines(keepends=True)[:3]))
+    else:
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in _ifbench_rows(3)))
+    ev = build_evaluator(name, {"args": ["--prompts", str(prompts), "--engine", "torch", "--max-new-tokens", "4"]})
     cell = {"id": "c", "preset": "grpo", "student": "tiny"}
     got = ev.evaluate(EvalContext(cell, Path(assets["student"]), None, tmp_path / "eval"))
-    written = json.loads((tmp_path / "eval" / "ifeval.json").read_text())
-    assert ev.benchmark == "IFEval" and got.score == written["score"] == written["metrics"]["prompt_strict"]
-    assert written["algorithm"] == "grpo" and written["student"] == "tiny" and written["metrics"]["num_prompts"] == 5
-    with pytest.raises(SweepError, match="evaluators.ifeval: bad options"):
-        build_evaluator("ifeval", {"prompts": "x"})
+    written = json.loads((tmp_path / "eval" / f"{name}.json").read_text())
+    assert ev.benchmark == label == written["benchmark"]
+    assert got.score == written["score"] == written["metrics"]["prompt_strict"]
+    assert written["algorithm"] == "grpo" and written["student"] == "tiny" and written["metrics"]["num_prompts"] == 3
+    with pytest.raises(SweepError, match=f"evaluators.{name}: bad options"):
+        build_evaluator(name, {"prompts": "x"})
 
 
 def test_heldout_prompts_that_are_trained_on_are_refused(assets, tmp_path):

@@ -3,6 +3,7 @@ config errors are clear."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,8 @@ LAYOUTS = {
     "dp2-no-dist-opt-4mb": ("dense", 2, ["--no-dist-opt", "--mb-tokens", "40"]),  # 4 per rank
     "tp4-kv-replicated": ("dense", 4, ["--tp", "4"]),  # 2 KV heads: each TP rank holds a copy of one
     "ep2-moe": ("moe", 2, ["--ep", "2"]),
+    # each packed row padded for blockwise FP8's 128-token GEMM tiles (the padding only; no FP8 on CPU)
+    "fp8-row-padding": ("dense", 1, ["--row-pad", "blockwise"]),
 }
 
 
@@ -68,6 +71,9 @@ def test_layout_trains_like_one_rank(single_rank, model, moe_model, tmp_path, la
     got, m = _step(model if name == "dense" else moe_model, tmp_path / "run", world, *ADAM_CLIPPED, *args)
     if "4mb" in layout or "vpp" in layout:
         assert m["micro_batches"] >= 4, m
+    if layout == "fp8-row-padding":  # the row takes the padding, in its last sequence; the others keep their length
+        assert all(sum(r["padded"]) % 128 == 0 and r["padded"][:-1] == r["seq_lens"][:-1]
+                   and r["padded"][-1] > r["seq_lens"][-1] for r in m["rows"]), m["rows"]
     steps = [(s["grad_norm"], r["grad_norm"], s["loss/total"], r["loss/total"])
              for s, r in zip(m["steps"], ref_m["steps"], strict=True)]
     for i, (norm, ref_norm, loss, ref_loss) in enumerate(steps, 1):
@@ -116,11 +122,38 @@ def test_fewer_demos_than_dp_ranks(model, tmp_path):
     assert abs(m["loss/total"] - ref_m["loss/total"]) <= 1e-6 and ref_m["loss/total"] > 0, (m, ref_m)
 
 
-def test_nan_loss_skips_the_step(model, tmp_path):
-    got, m = _step(model, tmp_path / "nan", 2, "--nan")
-    assert m["skipped"] == 1.0
+# id: (ranks, worker arguments); each poisons its one step, which every rank must skip. The optimizer forms:
+# DistributedOptimizer (the NaN reaches one DP rank's shard), Float16OptimizerWithFloat16Params (bf16; the NaN
+# sits on one TP rank's half); FP32Optimizer is test_step_after_a_nan_gradient_is_a_first_step's.
+NONFINITE = {
+    "loss-dp2": (2, ["--nan", "loss"]),
+    "grad-bf16-dp2-dist-opt": (2, ["--nan", "grad", "--dtype", "bf16"]),
+    "grad-bf16-tp2": (2, ["--nan", "grad", "--dtype", "bf16", "--tp", "2", "--sp", "--no-dist-opt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_nonfinite_step_is_skipped(model, tmp_path, case):
+    """A NaN loss, or a NaN gradient under a finite loss, skips the update on every rank: the weights stay."""
+    world, args = NONFINITE[case]
+    got, m = _step(model, tmp_path / "nan", world, *args, "--clip", "1.0")
+    assert m["skipped"] == 1.0, m
+    if "grad" in case:  # the loss was fine; the gradient norm was not
+        assert math.isfinite(m["loss/total"]) and math.isnan(m["grad_norm"]), m
     before = load_file(str(model / "model.safetensors"))
-    assert all(torch.equal(got[k], before[k]) for k in before), "a NaN step changed the weights"
+    changed = [k for k in before if not torch.equal(got[k], before[k].to(got[k].dtype))]
+    assert not changed, f"{case}: the skipped step changed {changed}"
+
+
+def test_step_after_a_nan_gradient_is_a_first_step(model, tmp_path):
+    """After a skipped NaN-gradient step, the next step equals a clean run's first one: the gradients were
+    dropped and neither Adam's moments and step count nor the LR schedule moved."""
+    adam = ("--adam", "--lr", "1e-3", "--no-dist-opt")
+    clean, _ = _step(model, tmp_path / "clean", 1, *adam)
+    assert max_diff(clean, load_file(str(model / "model.safetensors"))) > 1e-4, "a clean step did not train"
+    got, m = _step(model, tmp_path / "nan", 1, *adam, "--nan", "grad", "--steps", "2")
+    assert [s["skipped"] for s in m["steps"]] == [1.0, 0.0] and math.isfinite(m["steps"][1]["grad_norm"]), m
+    assert max_diff(got, clean) == 0.0
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -138,7 +171,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
         load_config(cfg)
     cfg.write_text("model: {hf_path: x}\nobjective: {algorithm: sft}\ndata: {demo_paths: [d.jsonl]}\n")
-    with pytest.raises(ConfigError, match="train.steps should be int"):
+    with pytest.raises(ConfigError, match="train.steps: expected an integer, got .abc."):
         load_config(cfg, ["train.steps=abc"])
     c = load_config(cfg, ["train.steps=7", "optim.lr=1e-4"])
     assert c.train.steps == 7 and c.optim.lr == 1e-4

@@ -27,6 +27,11 @@ def test_sft_needs_no_prompt_file_and_grpo_no_demo_file(tmp_path):
     c = _load(tmp_path, "objective: {algorithm: grpo}\ndata: {prompt_paths: [p.jsonl]}\n" + ROLLOUT)
     assert c.data.demos_per_step == 0 and c.data.prompts_per_step == 8
     assert not c.data.require_teacher_response  # no discriminator in grpo
+    # sft with a held-out set keeps its engine: the evaluation samples through it (the sweep's sft cells).
+    c = _load(tmp_path, "objective: {algorithm: sft}\ndata: {demo_paths: [d.jsonl], eval_prompt_paths: [e.jsonl]}\n"
+              + ROLLOUT)
+    assert c.data.prompts_per_step == 0 and c.rollout is not None
+    assert _load(tmp_path, "objective: {algorithm: sft}\ndata: {demo_paths: [d.jsonl]}\n" + ROLLOUT).rollout is None
 
 
 def test_adversarial_presets_need_a_discriminator_and_teacher_answers(tmp_path):

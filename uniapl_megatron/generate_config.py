@@ -8,61 +8,62 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+from uniapl_megatron.config_fields import Ge, Interval, MinLen, check_fields
 from uniapl_megatron.data.schema import LineProblem, decode_line, parse_messages
 from uniapl_megatron.rewards.base import PromptRowError
+
+if TYPE_CHECKING:
+    from uniapl_megatron.rollout.config import RolloutConfig
 
 
 class GenerateError(ValueError):
     """A bad generate setting or input line; the message names the field or file:line."""
 
 
+Positive = Annotated[int, Ge(1)]
+
+
 @dataclass
 class GenerateConfig:
     """The `generate` section (the `teacher` section is a RolloutConfig)."""
 
-    # Prompt files (JSONL: "prompt" or "messages"; optional "key", "instruction_id_list", "kwargs").
-    input_paths: list[str] = field(default_factory=list)
-    # Where the merged output goes; chunks live in <output_path>.parts/ until the merge.
-    output_path: str = ""
-    # Name recorded in every row's "teacher" field; "" = the teacher folder's name.
+    input_paths: Annotated[list[Annotated[str, MinLen(1)]], MinLen(1), "a list of JSONL files"] = field(
+        default_factory=list)
+    """Prompt files (JSONL: "prompt" or "messages"; optional "key", "instruction_id_list", "kwargs")."""
+    output_path: Annotated[str, MinLen(1), "a file path"] = ""
+    """Where the merged output goes; chunks live in <output_path>.parts/ until the merge."""
     teacher_name: str = ""
-    # Tokenizer folder (chat template); None = the teacher's model folder.
+    """Name recorded in every row's "teacher" field; "" = the teacher folder's name."""
     tokenizer_path: str | None = None
-    # Qwen3 chat-template thinking switch for the teacher's prompts.
+    """Tokenizer folder (chat template); None = the teacher's model folder."""
     enable_thinking: bool = False
-    # Engines (teacher replicas); the world size must be data_parallel_size x teacher.tensor_parallel_size.
-    data_parallel_size: int = 1
-    # Prompts per chunk file: the unit of work, of atomic writes and of resuming.
-    chunk_size: int = 64
-    # Sampling (Qwen3-Instruct-2507's recommended settings by default).
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    max_new_tokens: int = 4096
-    # Seeds every sample (with the prompt's global index).
+    """Qwen3 chat-template thinking switch for the teacher's prompts."""
+    data_parallel_size: Positive = 1
+    """Engines (teacher replicas); the world size must be data_parallel_size x teacher.tensor_parallel_size."""
+    chunk_size: Positive = 64
+    """Prompts per chunk file: the unit of work, of atomic writes and of resuming."""
+    temperature: Annotated[float, Ge(0.0)] = 0.7
+    """Sampling temperature (Qwen3-Instruct-2507's recommended settings are the defaults)."""
+    top_p: Annotated[float, Interval(gt=0.0, le=1.0)] = 0.8
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    top_k: Annotated[int, Ge(0)] = 20
+    """Sample among the k most likely tokens; 0 = off."""
+    max_new_tokens: Positive = 4096
+    """Longest answer, in tokens."""
     seed: int = 0
-    # Drop answers that fail their own prompt's constraints (rows with instruction_id_list; IFEval and IFBench
-    # checkers, strict, all constraints).
+    """Seeds every sample (with the prompt's global index)."""
     filter_constraints: bool = True
-    # Drop answers cut off at max_new_tokens.
+    """Drop answers that fail their own prompt's constraints (rows with instruction_id_list; IFEval and IFBench
+    checkers, strict, all constraints)."""
     drop_truncated: bool = True
-    # Drop prompts that match an IFEval or IFBench test prompt (rewards.prompts.Decontaminator).
+    """Drop answers cut off at max_new_tokens."""
     decontaminate: bool = True
+    """Drop prompts that match an IFEval or IFBench test prompt (rewards.prompts.Decontaminator)."""
 
     def __post_init__(self) -> None:
-        if not self.input_paths or not all(isinstance(p, str) and p for p in self.input_paths):
-            raise GenerateError(f"generate.input_paths: expected a list of JSONL files, got {self.input_paths!r}")
-        if not isinstance(self.output_path, str) or not self.output_path:
-            raise GenerateError(f"generate.output_path: expected a file path, got {self.output_path!r}")
-        for name in ("data_parallel_size", "chunk_size", "max_new_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GenerateError(f"generate.{name}: expected an integer >= 1, got {v!r}")
-        if not (0.0 <= self.temperature) or not (0.0 < self.top_p <= 1.0) or self.top_k < 0:
-            raise GenerateError("generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                                f"{self.temperature}, {self.top_p}, {self.top_k}")
+        check_fields(self, "generate", GenerateError)
 
     def sampling_record(self) -> dict[str, Any]:
         """What each output row records of how it was drawn."""
@@ -72,9 +73,12 @@ class GenerateConfig:
 
 @dataclass
 class GenerateRun:
-    teacher: Any  # RolloutConfig
+    teacher: RolloutConfig
+    """The teacher's engine (a `rollout` section, read from `teacher`)."""
     generate: GenerateConfig
+    """What to generate, from which prompts, and where it goes."""
     source: str = ""
+    """The config file it was read from."""
 
 
 def load_generate_config(path: str, overrides: list[str]) -> GenerateRun:

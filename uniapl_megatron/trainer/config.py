@@ -11,17 +11,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from ..config_fields import Ge, check_fields, coerce_yaml
+from ..data.config import DataConfig
 from ..data.packing import required_pad_multiple
+from ..discriminator.config import DiscriminatorConfig
 from ..models.arch import ConfigError
 from ..models.qwen3 import ModelConfig
+from ..objective.config import ObjectiveConfig
 from ..parallel import ParallelConfig
+from ..rollout.config import RolloutConfig
 from .student import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -34,9 +38,14 @@ class SamplingConfig:
     temperature: float = 1.0
     """Sampling temperature; the trainer's log-probs use the same one."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (1 = off)."""
     top_k: int = 0
-    """0 = off."""
+    """Sample among the k most likely tokens; 0 = off."""
     max_new_tokens: int = 128
+    """Longest rollout response, in tokens."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sampling", ConfigError)
 
 
 @dataclass
@@ -52,6 +61,9 @@ class RewardSection:
     workers: int = 2
     """Worker processes of that pool (kept warm across steps)."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "reward", ConfigError)
+
 
 @dataclass
 class TrainConfig:
@@ -65,27 +77,29 @@ class TrainConfig:
     The step's logged metrics are means over its updates (grad_norm too, as verl logs it; grad_norm/max is
     the largest), lr is the last update's and skipped counts the skipped updates."""
     seed: int = 1234
+    """Seed of the student's initialisation noise, dropout and rollout sampling."""
     output_dir: str = "runs/uniapl"
     """Checkpoints, metrics.jsonl, TensorBoard events and plots go here."""
-    resume: str = "auto"
+    resume: Literal["auto", "never"] = "auto"
     """auto: continue from output_dir's latest checkpoint if there is one; never: start fresh."""
     save_every: int = 50
     """Checkpoint every this many steps (and at the end, and on SIGTERM / SIGUSR1)."""
     keep_last: int = 2
     """Checkpoints kept (older ones are deleted after a new one is complete)."""
     max_nonfinite_in_row: int = 3
-    """Steps with a NaN/inf loss are skipped and counted; this many in a row stop the run."""
+    """Steps with a NaN/inf loss or gradient norm are skipped and counted; this many in a row stop the run."""
     tensorboard: bool = True
+    """Write TensorBoard events of the logged metrics."""
     wandb_project: str | None = None
     """Log to Weights & Biases too (when wandb is installed)."""
     log_samples: int = 2
     """Rollouts per step written to samples.jsonl (prompt, response, reward) to read what the policy does."""
     plot: bool = True
     """Write plot.png of reward and losses per step at the end."""
-    eval_every: int = 0
+    eval_every: Annotated[int, Ge(0)] = 0
     """Held-out evaluation (data.eval_prompt_paths) every this many steps too; 0: only before the first and
     after the last step."""
-    eval_samples: int = 4
+    eval_samples: Annotated[int, Ge(1)] = 4
     """Samples per held-out prompt (at sampling.temperature, seeded by train.seed: the same draws at every
     evaluation, so two evaluations differ only by the weights)."""
     # ---- run health and checkpoints at scale (trainer/health.py, trainer/checkpoint.py) ----
@@ -107,28 +121,20 @@ class TrainConfig:
     """When the job will be stopped, so the last save starts in time: auto = Slurm's end time for
     SLURM_JOB_ID (SLURM_JOB_END_TIME, else squeue), none where there is no job; "none" = no deadline;
     or Unix seconds, or a local ISO time such as 2026-11-03T17:00:00."""
-    save_margin_s: float = 120.0
+    save_margin_s: Annotated[float, Ge(0)] = 120.0
     """Slack on top of the expected step and save time: a save starts (and the run stops for a requeue)
     once the job end is nearer than the longest recent step + the last save's duration + this."""
 
     def __post_init__(self) -> None:
-        from .checkpoint import OPTIM_FORMATS, parse_end_time
+        check_fields(self, "train", ConfigError)
+        from .checkpoint import parse_end_time
         from .health import PG_TIMEOUT_S
 
         if not 0 <= self.hang_timeout_s < PG_TIMEOUT_S:
             raise ConfigError(f"train.hang_timeout_s={self.hang_timeout_s}: expected 0 (off) or a value below "
                               f"{PG_TIMEOUT_S:.0f} s, the process group's timeout (a hung collective raises then)")
-        if self.ckpt_optim_format not in OPTIM_FORMATS:
-            raise ConfigError(f"train.ckpt_optim_format={self.ckpt_optim_format!r}: expected one of "
-                              f"{', '.join(OPTIM_FORMATS)}")
-        if self.save_margin_s < 0:
-            raise ConfigError(f"train.save_margin_s={self.save_margin_s}: expected >= 0")
         if self.job_end_time not in ("auto", "none"):
             parse_end_time(self.job_end_time, "train.job_end_time")
-        for name, low in (("eval_every", 0), ("eval_samples", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"train.{name}: expected an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -138,11 +144,11 @@ class SecondStageConfig:
     updates; at the switch the second stage starts like a fresh run from the first stage's weights: its own
     schedule over the remaining updates, fresh Adam moments, and (reset_reference) a new KL reference."""
 
-    lr: float | None = None
+    lr: Annotated[float, Ge(0)] | None = None
     """Peak learning rate of the second stage; None: optim.lr."""
-    min_lr: float | None = None
+    min_lr: Annotated[float, Ge(0)] | None = None
     """Learning rate at the end of the second stage's decay; None: optim.min_lr."""
-    warmup_steps: int | None = None
+    warmup_steps: Annotated[int, Ge(0)] | None = None
     """Linear warm-up, in optimizer updates from the switch; None: optim.warmup_steps."""
     decay_style: Literal["constant", "linear", "cosine"] | None = None
     """Decay over the second stage's updates; None: optim.decay_style."""
@@ -152,59 +158,55 @@ class SecondStageConfig:
     gets it back. False: the reference stays the initial model."""
 
     def __post_init__(self) -> None:
-        for name in ("lr", "min_lr"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
-                raise ConfigError(f"stage2.{name}: expected a number >= 0 or null, got {v!r}")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
-            raise ConfigError(f"stage2.warmup_steps: expected an integer >= 0 or null, got {self.warmup_steps!r}")
-        if self.decay_style not in (None, "constant", "linear", "cosine"):
-            raise ConfigError(f"stage2.decay_style: expected constant, linear, cosine or null, got {self.decay_style!r}")
-        if not isinstance(self.reset_reference, bool):
-            raise ConfigError(f"stage2.reset_reference: expected true or false, got {self.reset_reference!r}")
+        check_fields(self, "stage2", ConfigError)
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "parallel": ParallelConfig, "sampling": SamplingConfig, "reward": RewardSection,
-    "optim": OptimConfig, "train": TrainConfig, "stage2": SecondStageConfig,
+    "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "rollout": RolloutConfig,
+    "sampling": SamplingConfig, "objective": ObjectiveConfig, "discriminator": DiscriminatorConfig,
+    "reward": RewardSection, "optim": OptimConfig, "train": TrainConfig, "stage2": SecondStageConfig,
 }
-
-
-def _external_sections() -> dict[str, type]:
-    from ..data.config import DataConfig
-    from ..discriminator.config import DiscriminatorConfig
-    from ..objective.config import ObjectiveConfig
-    from ..rollout.config import RolloutConfig
-
-    return {"data": DataConfig, "objective": ObjectiveConfig, "discriminator": DiscriminatorConfig,
-            "rollout": RolloutConfig}
+"""Section name -> its dataclass, in the order they are built."""
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig
+    """The student: its Hugging Face folder, dtype, FP8, recompute."""
     parallel: ParallelConfig
-    data: Any
-    rollout: Any | None
+    """The Megatron layout: TP, SP, PP, VPP, EP, CP, distributed optimizer."""
+    data: DataConfig
+    """Demonstration and prompt files, their checks, the step's mix and packing."""
+    rollout: RolloutConfig | None
+    """The rollout engine; None when no stage samples."""
     sampling: SamplingConfig
-    objective: Any
-    discriminator: Any | None
+    """How rollouts are drawn."""
+    objective: ObjectiveConfig
+    """The preset and the shape of its loss terms."""
+    discriminator: DiscriminatorConfig | None
+    """The adversarial term's discriminator; None when no stage scores rollouts."""
     reward: RewardSection
+    """The verifiable task reward."""
     optim: OptimConfig
+    """Optimizer and learning-rate schedule (of the first stage, for a staged preset)."""
     train: TrainConfig
+    """Steps, updates per step, checkpoints and logging."""
     stage2: SecondStageConfig | None = None
+    """A staged preset's second stage; None: it continues with `optim`."""
     source: str = ""
+    """The config file it was read from."""
 
     def __post_init__(self) -> None:
-        # The packed rows' padding follows from the layout and the FP8 recipe; data.pad_multiple is raised to a
-        # multiple of what they need, so every reader of it (the trainer's packing, the saved config) sees it.
+        # Each sequence's padding follows from the layout; data.pad_multiple is raised to a multiple of what it
+        # needs, so every reader of it (the trainer's packing, the saved config) sees it. The FP8 recipe's
+        # multiple applies to the packed row, not each sequence (data.packing.row_pad_multiple).
         need = required_pad_multiple(self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size,
-                                     self.parallel.sequence_parallel, fp8_recipe=self.model.fp8)
-        have = getattr(self.data, "pad_multiple", None)
-        if isinstance(have, int) and have % need:
+                                     self.parallel.sequence_parallel)
+        have = self.data.pad_multiple
+        if have % need:
             self.data.pad_multiple = math.lcm(have, need)
-            log.info("data.pad_multiple %d -> %d (model.fp8=%s, TP %d%s, CP %d)", have, self.data.pad_multiple,
-                     self.model.fp8, self.parallel.tensor_model_parallel_size,
+            log.info("data.pad_multiple %d -> %d (TP %d%s, CP %d)", have, self.data.pad_multiple,
+                     self.parallel.tensor_model_parallel_size,
                      " with SP" if self.parallel.sequence_parallel else "", self.parallel.context_parallel_size)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +228,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 
 def _build(section: str, cls: type, values: Any, source: str) -> Any:
+    """One section from its YAML mapping. Every field is checked against its type hint (config_fields): by the
+    section's own __post_init__, or here for the sections defined next to their code (model, parallel,
+    optim); errors name the file and ``section.field``."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -235,30 +240,13 @@ def _build(section: str, cls: type, values: Any, source: str) -> Any:
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
                           f"{section} has: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    for k, v in values.items():
-        want = _unoptional(hints.get(k))
-        if v is None:
-            continue
-        if want in (int, float) and isinstance(v, str):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                v = values[k] = want(v)
-            except ValueError:
-                raise ConfigError(f"{source}: {section}.{k} should be {want.__name__}, got {v!r}") from None
-        if want in (int, float) and isinstance(v, bool) or want is int and isinstance(v, float):
-            raise ConfigError(f"{source}: {section}.{k} should be {want.__name__}, got {v!r}")
-        if want is float and isinstance(v, int):
-            values[k] = float(v)
+    coerce_yaml(cls, values)
     try:
-        return cls(**values)
+        built = cls(**values)
+        check_fields(built, section, ConfigError)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: section {section}: {e}") from None
-
-
-def _unoptional(hint: Any) -> Any:
-    """X for `X | None`, the hint itself otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+        raise ConfigError(f"{source}: {e}") from None
+    return built
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: str | Path | None = None) -> RunConfig:
@@ -284,7 +272,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: st
             raise ConfigError(f"override {o!r}: expected section.key=value")
         k, v = o.split("=", 1)
         _set_path(tree, k.strip(), yaml.safe_load(v))
-    sections = {**SECTIONS, **_external_sections()}
+    sections = SECTIONS
     unknown = sorted(set(tree) - set(sections))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; expected: {', '.join(sorted(sections))}")
@@ -346,7 +334,8 @@ def check_run(cfg: RunConfig, explicit: set[str] = frozenset()) -> None:
     needs = run_needs(obj, total)
     if not needs.rollouts:
         data.prompts_per_step = 0  # e.g. sft: no RL prompts are drawn, so none need to exist
-        cfg.rollout = None  # and no engine is started
+        if not data.eval_prompt_paths:
+            cfg.rollout = None  # and no engine is started (the held-out evaluation samples through it)
     if not needs.demos:
         data.demos_per_step = 0
     if not needs.discriminator:

@@ -1,4 +1,5 @@
-"""Replicated K/V heads (TP above the model's KV heads) and the optimizer's gradient norm.
+"""Replicated K/V heads (TP above the model's KV heads), the optimizer's gradient norm, and an optimizer step
+that a non-finite gradient norm skips.
 
 With TP > KV heads every TP rank holds one KV group, so ``rep = TP / KV heads`` consecutive TP ranks hold
 a copy of the same K/V head in their ``linear_qkv`` weight. Two things keep those copies one head:
@@ -11,6 +12,7 @@ a copy of the same K/V head in their ``linear_qkv`` weight. Two things keep thos
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -101,3 +103,32 @@ def _without(opt: Any, inner: Callable[[], list], drop: dict[int, tuple[int, int
         return out
 
     return grads_for_norm
+
+
+@torch.no_grad()
+def step_unless_nonfinite(optimizer: Any, clip_grad: float) -> tuple[bool, float]:
+    """One Megatron-core optimizer step, skipped when the gradient norm is NaN/inf: (stepped, grad norm).
+
+    Megatron checks gradients for inf/NaN only under a loss scaler (fp16, or an explicit ``loss_scale``);
+    its FP32Optimizer never checks and bf16 without a scaler neither, so a NaN gradient with a finite loss
+    would reach Adam and poison every weight. This runs ``ChainedOptimizer.step``'s own sequence from the
+    optimizer's public pieces (prepare the main grads, one grad norm, clip by it, step) for every optimizer
+    form, with the norm checked before clipping. The norm is the one clipping needs anyway (computed here
+    also when ``clip_grad`` is 0, so the check and the logged norm always exist); it is all-reduced over the
+    gradient-statistics group (the model-parallel ranks, plus the data-parallel ones under the distributed
+    optimizer, whose replicas otherwise hold identical reduced gradients), so every rank takes the same
+    decision. On a skip the caller drops the gradients; nothing of the optimizer's state has moved."""
+    if optimizer.prepare_grads():  # a loss scaler's own inf/NaN check (fp16), already agreed over ranks
+        return False, float("nan")
+    norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(norm):
+        return False, norm
+    if clip_grad > 0.0:
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for opt in _leaf_optimizers(optimizer):
+            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, clip_grad, norm,
+                                             opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), norm

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import MixedBatchSampler, formatter_from_config, plan_micro_batches, read_demos, read_prompts
-from ..data.packing import required_pad_multiple
+from ..data.packing import required_pad_multiple, row_pad_multiple
 from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
@@ -253,7 +253,8 @@ class Trainer:
 
     def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
         mbs = pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
-                            max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id)
+                            max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id,
+                            fp8_recipe=self.cfg.model.fp8)
         return set_token_temperatures(mbs, self.cfg.sampling.temperature)
 
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str) -> None:
@@ -458,14 +459,16 @@ def _prompt_text(row: Any) -> str:
 
 
 def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple: int, dp_rank: int, dp_size: int,
-                  pad_id: int) -> list[MicroBatch]:
-    """This DP rank's packed micro-batches of the step's sequences, with the per-sequence loss inputs."""
+                  pad_id: int, fp8_recipe: str = "none") -> list[MicroBatch]:
+    """This DP rank's packed micro-batches of the step's sequences, with the per-sequence loss inputs. Each
+    sequence is padded for the layout, each packed row also for ``fp8_recipe``'s GEMMs (model.fp8)."""
     from ..data.microbatch import pack_rank
 
-    pad = max(pad_multiple, required_pad_multiple(
-        parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel))
+    layout = (parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel)
+    pad = max(pad_multiple, required_pad_multiple(*layout))
     plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=max_tokens, dp_size=dp_size,
-                              pad_multiple=pad, micro_batch_multiple=parallel.micro_batch_multiple)
+                              pad_multiple=pad, micro_batch_multiple=parallel.micro_batch_multiple,
+                              row_multiple=row_pad_multiple(*layout, fp8_recipe=fp8_recipe))
     out = []
     for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
         mine = [seqs[i] for i in p.seq_ids]

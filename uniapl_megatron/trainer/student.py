@@ -9,7 +9,7 @@ neither divides by the number of micro-batches nor averages gradients over data-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from ..distributed import collective_device
 from ..models.arch import ConfigError, Qwen3Arch
 from ..models.qwen3 import ModelConfig, build_model, check_fp8_training, padded_vocab_size
 from ..parallel import ParallelConfig
-from .grad_norm import count_kv_copies_once, replica_groups
+from .grad_norm import count_kv_copies_once, replica_groups, step_unless_nonfinite
 from .logprobs import LogprobHead
 from .overlap import OverlapMode, decide_overlap, wire_overlap
 
@@ -39,7 +39,7 @@ def _guard_te_version_check() -> None:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     """adam (AdamW; decoupled weight decay) or sgd (tests compare gradients through it)."""
     lr: float = 1e-6
     """Peak learning rate (Adam)."""
@@ -47,13 +47,16 @@ class OptimConfig:
     """Learning rate at the end of the decay."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimizer steps."""
-    decay_style: str = "constant"
-    """constant | linear | cosine (over train.steps optimizer steps)."""
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay of the learning rate from lr to min_lr over the run's optimizer updates."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
+    """Adam's decay rate of the first moment (the gradient's running mean)."""
     adam_beta2: float = 0.999
+    """Adam's decay rate of the second moment (the squared gradient's running mean)."""
     adam_eps: float = 1e-8
+    """Added to the second moment's square root before dividing."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     chunk_tokens: int = 2048
@@ -341,27 +344,27 @@ class Student:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics_list = self._run(micro_batches, temperature, with_entropy, loss_fn)
-        # A NaN/inf loss anywhere skips the step on every rank (its gradients are dropped).
+        # A NaN/inf loss anywhere, or a NaN/inf gradient norm, skips the step on every rank: its gradients
+        # are dropped and neither the optimizer nor the LR schedule moves.
         bad = torch.tensor([float(any(not torch.isfinite(torch.as_tensor(v)).all()
                                       for m in metrics_list for v in m.values()))], device=collective_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
-            self.skip_step()
-            ok, grad_norm = False, float("nan")
-        else:
-            ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = (False, float("nan")) if bad.item() else \
+            step_unless_nonfinite(self.optimizer, self.optim_cfg.clip_grad)
         if ok:
             self.scheduler.step(increment=1)
+        else:
+            self.skip_step()
         summed: dict[str, float] = {}
         for m in metrics_list:
             for k, v in m.items():
                 summed[k] = summed.get(k, 0.0) + float(v)
-        summed.update(grad_norm=float(grad_norm or 0.0), lr=float(self.optimizer.param_groups[0]["lr"]),
+        summed.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
                       skipped=float(not ok))
         return summed
 
     def skip_step(self) -> None:
-        """Drop gradients of a step whose loss was not finite."""
+        """Drop the gradients of a skipped step (NaN/inf loss or gradient norm)."""
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
