@@ -326,6 +326,14 @@ class Trainer:
         self._stop_signal = signum
 
     def run(self) -> dict[str, Any]:
+        """Train to train.steps (or a signal / the job's deadline); engines and reward workers stop on any exit."""
+        try:
+            return self._run_steps()
+        finally:
+            self.health.stop()
+            self.rollout.shutdown()
+
+    def _run_steps(self) -> dict[str, Any]:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         cfg = self.cfg.train
@@ -372,9 +380,7 @@ class Trainer:
         self.ckpt.close()
         self.health.exit(reason, last_saved)
         self.health.stop()
-        summary = self.log.finish(time.perf_counter() - t_start, last_saved)
-        self.rollout.shutdown()
-        return summary
+        return self.log.finish(time.perf_counter() - t_start, last_saved)
 
 
 def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple: int, dp_rank: int, dp_size: int,
