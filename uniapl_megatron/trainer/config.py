@@ -130,6 +130,8 @@ class TrainConfig:
     once the job end is nearer than the longest recent step + the last save's duration + this."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.job_end_time, (int, float)) and not isinstance(self.job_end_time, bool):
+            self.job_end_time = f"{self.job_end_time:.0f}"  # YAML reads Unix seconds as a number
         check_fields(self, "train", ConfigError)
         from .checkpoint import parse_end_time
         from .health import PG_TIMEOUT_S
