@@ -14,7 +14,9 @@
 #      $MASTER_ADDR:$MASTER_PORT+17);
 #   4. passes the time-limit signal (#SBATCH --signal=B:USR1@N reaches only this shell) on to the
 #      trainer, which saves a checkpoint and exits; then requeues the job, and the next run
-#      resumes from <output_dir>/checkpoints/latest (resume=auto).
+#      resumes from <output_dir>/checkpoints/latest (resume=auto). It also requeues when the trainer
+#      stopped itself for the same reason (train.job_end_time: <output_dir>/health/exit.json says
+#      "deadline") or its hang watchdog fired (<output_dir>/health/hang_report.json, exit 75).
 #
 # Launchers (UNIAPL_LAUNCHER):
 #   srun      one srun task per GPU (Megatron's way): each task gets RANK/LOCAL_RANK/WORLD_SIZE
@@ -25,8 +27,9 @@
 # Knobs (environment): UNIAPL_LAUNCHER, UNIAPL_PYTHON (default <repo>/.venv/bin/python, else
 # python3), UNIAPL_MASTER_PORT, UNIAPL_GPU_MEM_GIB (default: nvidia-smi; unknown = no fit check),
 # UNIAPL_PROCS_PER_NODE (default: the allocation's tasks per node), UNIAPL_REQUEUE_ON_SIGNAL (1),
-# UNIAPL_MAX_RESTARTS (20), UNIAPL_DRY_RUN=1 (print every node's command for the allocation in
-# SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NTASKS_PER_NODE; run nothing),
+# UNIAPL_REQUEUE_ON_HANG (1), UNIAPL_MAX_RESTARTS (20), UNIAPL_DRY_RUN=1 (print every node's
+# command for the allocation in SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES,
+# SLURM_NTASKS_PER_NODE; run nothing),
 # UNIAPL_ROLLOUT_PYTHON (the rollout servers' Python, e.g. a venv of its own with vLLM; default
 # UNIAPL_PYTHON), UNIAPL_CPU_BIND (auto: bind each training rank to its GPU's NUMA node; none),
 # UNIAPL_GPU_NUMA_NODES (the NUMA node of GPU 0,1,...; default: nvidia-smi + sysfs), UNIAPL_NUMA_TOOL
@@ -225,6 +228,24 @@ uniapl_dry_run() {
 
 UNIAPL_SIGNALED=""
 UNIAPL_TRAIN_PID=""
+UNIAPL_LAUNCH_TIME=""
+
+# Why this run should be requeued, or nothing: the time-limit signal, the trainer's own stop before the
+# job's end (health/exit.json reason "deadline"), or a hang report; files count only when this run
+# (started at UNIAPL_LAUNCH_TIME, Unix seconds) wrote them.
+uniapl_requeue_reason() {
+    local health="${UNIAPL_OUTPUT_DIR:+$UNIAPL_OUTPUT_DIR/health}" since="${UNIAPL_LAUNCH_TIME:-0}"
+    if [ "$UNIAPL_SIGNALED" = USR1 ] && [ "${UNIAPL_REQUEUE_ON_SIGNAL:-1}" = 1 ]; then
+        echo "the time limit is near (SIGUSR1)"
+    elif [ -n "$health" ] && [ "${UNIAPL_REQUEUE_ON_SIGNAL:-1}" = 1 ] && [ -f "$health/exit.json" ] \
+        && [ "$(stat -c %Y "$health/exit.json")" -ge "$since" ] \
+        && grep -q '"reason": "deadline"' "$health/exit.json"; then
+        echo "the trainer saved and stopped before the job's end time"
+    elif [ -n "$health" ] && [ "${UNIAPL_REQUEUE_ON_HANG:-1}" = 1 ] && [ -f "$health/hang_report.json" ] \
+        && [ "$(stat -c %Y "$health/hang_report.json")" -ge "$since" ]; then
+        echo "the trainer hung: $health/hang_report.json names the ranks that did not arrive"
+    fi
+}
 
 # USR1 comes from #SBATCH --signal=B:USR1@N before the time limit: ask the trainer to save and exit.
 # Not by signalling the steps with USR1: Slurm delivers a step's signals to every process in it, and
@@ -254,6 +275,7 @@ uniapl_run() {
             rollout_pid=$!
         fi
         uniapl_log "train step: $(uniapl_quote "${UNIAPL_TRAIN_STEP[@]}")"
+        UNIAPL_LAUNCH_TIME="$(date +%s)"
         "${UNIAPL_TRAIN_STEP[@]}" &
         UNIAPL_TRAIN_PID=$!
         # Poll both steps: if the rollout step dies the trainer would wait for rollouts forever.
@@ -278,10 +300,11 @@ uniapl_run() {
             wait "$rollout_pid" || true
         fi
     fi
-    local restarts="${SLURM_RESTART_COUNT:-0}"
-    if [ "$UNIAPL_SIGNALED" = USR1 ] && [ "${UNIAPL_REQUEUE_ON_SIGNAL:-1}" = 1 ]; then
+    local restarts="${SLURM_RESTART_COUNT:-0}" why
+    why="$(uniapl_requeue_reason)"
+    if [ -n "$why" ]; then
         if [ "$restarts" -lt "${UNIAPL_MAX_RESTARTS:-20}" ]; then
-            uniapl_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from" \
+            uniapl_log "$why: requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from" \
                 "the checkpoint: $(uniapl_latest_checkpoint)"
             # Slurm ends this run as it requeues the job (SIGTERM here and to scontrol itself).
             scontrol requeue "$SLURM_JOB_ID" || true

@@ -9,6 +9,8 @@ and the trainer CLI (`uniapl_megatron.cli`); fails, with the reason, when any is
    the trainer says it resumed from it, and the first run's checkpoints were not rewritten.
 3. The time-limit path: SIGUSR1 to the batch shell (what `--signal=B:USR1@N` sends) mid-run; the
    trainer saves and exits, the job requeues itself and the next run resumes and completes.
+4. A hang report or the trainer's stop before the job's end time requeues the job; a finished run does
+   not (a stand-in trainer leaves the files the real one does).
 Knobs: UNIAPL_E2E_CONFIG (another config), UNIAPL_E2E_OVERRIDES (extra section.key=value,
 shell-split, after the test's own), UNIAPL_E2E_TIMEOUT (seconds per run, default 900),
 UNIAPL_PYTHON (the interpreter the jobs use; default this one).
@@ -16,6 +18,7 @@ UNIAPL_PYTHON (the interpreter the jobs use; default this one).
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
 import re
@@ -226,3 +229,61 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, tmp_path):
     assert saved, f"the launcher did not report the checkpoint it requeued with:\n{first}"
     assert int(saved.group(1).split("_")[1]) > int(before.split("_")[1]), (before, first)
     _assert_resumed(_run_section(text, 1), saved.group(1))
+
+
+# A stand-in for the trainer (for `-m uniapl_megatron.cli train` only; anything else runs on the real
+# interpreter): it leaves what the real trainer leaves when it stops for one of these reasons, then exits
+# with the trainer's status for it. tests/test_health.py and tests/test_checkpoint_scale.py show the real
+# trainer writing these files; here the launcher's requeue decision runs on a real Slurm.
+_STAND_IN = """#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = uniapl_megatron.cli ] && [ "$3" = train ]; then
+    for a in "$@"; do case "$a" in train.output_dir=*) out="${a#train.output_dir=}" ;; esac; done
+    mkdir -p "$out/health"
+    # The trainer's save-by deadline reads the job's end time from squeue inside the job.
+    "$UNIAPL_REAL_PYTHON" -c "from uniapl_megatron.trainer.checkpoint import job_end_time as e; print(e('auto'))" \
+        > "$out/end_time.txt"
+    case "$UNIAPL_TEST_STOP" in
+        hang) echo '{"missing": [{"rank": 1, "phase": "train", "step": 3}]}' > "$out/health/hang_report.json"
+              exit 75 ;;
+        deadline) echo '{"reason": "deadline", "step": 3}' > "$out/health/exit.json"; exit 0 ;;
+        *) echo '{"reason": "finished", "step": 4}' > "$out/health/exit.json"; exit 0 ;;
+    esac
+fi
+exec "$UNIAPL_REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.parametrize("stop, requeued", [("hang", True), ("deadline", True), ("finished", False)])
+def test_hang_and_deadline_stops_requeue(cluster, tmp_path, stop, requeued):
+    env, jobs = cluster
+    fake = tmp_path / "python"
+    fake.write_text(_STAND_IN)
+    fake.chmod(0o755)
+    env = dict(env, UNIAPL_REAL_PYTHON=env["UNIAPL_PYTHON"], UNIAPL_PYTHON=str(fake), UNIAPL_TEST_STOP=stop)
+    out = tmp_path / "run"
+    out.mkdir()
+    if stop == "hang":  # an earlier run's report does not count
+        (out / "health").mkdir()
+        (out / "health" / "exit.json").write_text('{"reason": "deadline", "step": 1}')
+        os.utime(out / "health" / "exit.json", (time.time() - 3600, time.time() - 3600))
+    job = _submit(env, jobs, out, tmp_path, [])
+    log = tmp_path / f"job-{job}.out"
+    deadline = time.monotonic() + 300
+    ends = set()
+    while True:
+        info = _job(env, job)
+        if int(info["Restarts"]) >= 1 or info["JobState"] in DONE:
+            break
+        if info["JobState"] == "RUNNING":
+            ends.add(datetime.datetime.fromisoformat(info["EndTime"]).timestamp())
+        assert time.monotonic() < deadline, _text(log)
+        time.sleep(0.2)
+    time.sleep(1)
+    text = _text(log)
+    assert float((out / "end_time.txt").read_text()) in ends, ends  # what Slurm says while the job runs
+    if requeued:
+        assert int(_job(env, job)["Restarts"]) == 1, text
+        why = {"hang": "the trainer hung", "deadline": "saved and stopped before the job's end time"}[stop]
+        assert re.search(rf"{why}.*requeueing job {job} \(restart 1\)", text), text
+    else:
+        assert info["JobState"] == "COMPLETED" and "requeueing" not in text, (info, text)

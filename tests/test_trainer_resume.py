@@ -47,9 +47,12 @@ def test_sigkill_then_resume_matches_uninterrupted(assets, tmp_path):
     proc = subprocess.Popen(_cmd(assets, out, 5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and len(_metrics(out)) < 3 and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # after step 3: the checkpoint of step 2 is the latest
+    latest = out / "checkpoints" / "latest"
+    # After step 3, once the (asynchronous) checkpoint of step 2 is complete: it is the latest.
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            len(_metrics(out)) >= 3 and latest.is_file() and latest.read_text().strip() == "step_000002"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(_metrics(out)) >= 3
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"

@@ -280,6 +280,7 @@ def run_generate(run: GenerateRun) -> dict[str, Any] | None:
         fmt = ChatFormatter(load_tokenizer(cfg.tokenizer_path or run.teacher.model_path),
                             enable_thinking=cfg.enable_thinking)
         engine = start_engine(run.teacher)
+        worker = None
         try:
             worker = ChunkWorker(run, prompts, engine, fmt)
             for c in todo:
@@ -293,6 +294,8 @@ def run_generate(run: GenerateRun) -> dict[str, Any] | None:
                     log.info("rank %d: chunk %d/%d written", rank, c + 1, n_chunks)
         finally:
             engine.shutdown()
+            if worker is not None and hasattr(worker.reward, "close"):
+                worker.reward.close()  # its checker processes
     written = _total(written, world)
     if world > 1:
         import torch.distributed as dist

@@ -55,7 +55,7 @@ def poison_first_gradient(student) -> None:
     student.config.finalize_model_grads_func = poisoned
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
     ap.add_argument("--out", required=True)
@@ -81,7 +81,9 @@ def main() -> None:
                     help="micro-batch budget from the second step on (0 = --mb-tokens): other micro-batch counts")
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of --adam")
+    ap.add_argument("--adam-eps", type=float, default=1e-8, help="eps of --adam")
     ap.add_argument("--save", help="write a trainer checkpoint here after the first step")
+    ap.add_argument("--sync-save", action="store_true", help="save synchronously (default: async, as the trainer)")
     ap.add_argument("--resume", help="load this folder's latest trainer checkpoint before stepping")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
@@ -89,17 +91,18 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="optim.chunk_tokens of the log-prob head")
     ap.add_argument("--row-pad", default="none", help="pad each packed row for this FP8 recipe (padding only: the "
                                                        "model runs without FP8)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def build(a: argparse.Namespace):
+    """Process group, student and the fixed batch's micro-batches and loss at the layout ``a`` names."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
     from uniapl_megatron.distributed import init_distributed
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
     from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
@@ -113,7 +116,7 @@ def main() -> None:
     student = Student(arch, par, model_cfg, OptimConfig(
         # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
         # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
-        **(dict(lr=a.lr) if a.adam else dict(lr=500.0, adam_eps=1000.0)), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
+        **({"lr": a.lr, "adam_eps": a.adam_eps} if a.adam else {"lr": 500.0, "adam_eps": 1000.0}), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
         cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap,
         overlap_comm="on" if a.ddp_overlap else "auto"))
     student.load_hf(a.hf)
@@ -142,20 +145,37 @@ def main() -> None:
             loss, metrics = inner(mb, out)
             loss = loss * float("nan")
             return loss, {**metrics, "loss/total": loss.detach()}
+
+    def repack(max_tokens: int):
+        """Micro-batches and loss of the same batch at another micro-batch budget."""
+        mbs = pack_for_rank(seqs, max_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
+        return mbs, make_loss_fn(weights, global_counts(mbs, ps.get_data_parallel_group()), cfg)
+
+    return student, mbs, loss_fn, calls, repack
+
+
+def main() -> None:
+    from safetensors.torch import save_file
+
+    from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
+
+    a = parse_args()
+    student, mbs, loss_fn, calls, repack = build(a)
     if a.resume:
-        state = load_checkpoint(latest_checkpoint(a.resume), student)
+        state = Checkpointer(a.resume).load(latest_checkpoint(a.resume), student)
         student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(student.optimizer, student.scheduler.num_steps)
+    ckpt = Checkpointer(a.save or a.out, async_save=not a.sync_save)
     per_step = []
     for step in range(1, a.steps + 1):
         if step == 2 and a.mb_tokens_later:
-            mbs = pack_for_rank(seqs, a.mb_tokens_later, par, 1, ps.get_data_parallel_rank(),
-                                ps.get_data_parallel_world_size(), 0)
-            loss_fn = make_loss_fn(weights, global_counts(mbs, ps.get_data_parallel_group()), cfg)
+            mbs, loss_fn = repack(a.mb_tokens_later)
         metrics = student.train_step(mbs, loss_fn)
         per_step.append({"grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"], **_summed_loss(metrics)})
         if a.save and step == 1:
-            save_checkpoint(a.save, step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+            ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+        ckpt.maybe_finalize()
+    ckpt.close()
     # per layer, micro-batch and step: 1 without recomputation, 2 for what is recomputed
     extra = {k: v / calls["layers"] / len(mbs) / a.steps for k, v in calls.items() if k != "layers"}
     ddp = student.chunks[0].ddp_config

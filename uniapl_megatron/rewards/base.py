@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 
 class RewardConfigError(ValueError):
@@ -51,8 +52,12 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, options: Mapping[str, Any] | None = None) -> Reward:
-    """Build the reward registered as ``name``, with ``options`` as its config fields."""
+def build_reward(name: str, options: Mapping[str, Any] | None = None, timeout_s: float = 10.0,
+                 workers: int = 2) -> Reward:
+    """Build the reward registered as ``name``, with ``options`` as its config fields.
+
+    With ``timeout_s`` > 0 (the default) every sample is scored in a warm pool of ``workers`` processes
+    with that time limit (rewards/pool.py); 0 scores in this process, without a limit."""
     if name not in _REGISTRY:
         raise RewardConfigError(
             f"unknown reward {name!r}; available: {', '.join(available_rewards()) or '(none)'}"
@@ -65,4 +70,9 @@ def build_reward(name: str, options: Mapping[str, Any] | None = None) -> Reward:
         raise RewardConfigError(
             f"reward {name!r}: unknown option(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(fields))}"
         )
-    return factory(config_cls(**options))
+    config = config_cls(**options)
+    if timeout_s > 0:
+        from uniapl_megatron.rewards.pool import TimedReward
+
+        return TimedReward(name, factory, config, timeout_s, workers)
+    return factory(config)

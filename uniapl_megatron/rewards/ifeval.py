@@ -37,6 +37,9 @@ import langdetect  # noqa: E402
 from lm_eval.tasks.ifeval import instructions_registry  # noqa: E402
 
 langdetect.DetectorFactory.seed = 0
+# Its language profiles load now, not inside the first check: rewards/pool.py's workers fork with them
+# loaded, and a check's time limit is not spent on them.
+langdetect.detector_factory.init_factory()
 # Upstream logs an error for every response langdetect finds no features in (e.g. "******"); that
 # is an ordinary "not followed" outcome, and at GRPO volumes the lines would drown the logs.
 logging.getLogger("lm_eval.tasks.ifeval.instructions").setLevel(logging.CRITICAL)

@@ -92,11 +92,13 @@ class HeldoutReward:
         rollout = dataclasses.replace(rollout, model_path=str(ctx.model_dir), load_format="auto", mode="colocated",
                                       multiprocess=False, num_nodes=0)
         engine = build_engine(rollout)
+        reward = build_reward(cfg.reward.name, cfg.reward.options, cfg.reward.timeout_s, cfg.reward.workers)
         try:
-            got = sample_and_score(engine, rows, fmt, build_reward(cfg.reward.name, cfg.reward.options), cfg.sampling,
-                                   n, cfg.train.seed, stop_token_ids(fmt))
+            got = sample_and_score(engine, rows, fmt, reward, cfg.sampling, n, cfg.train.seed, stop_token_ids(fmt))
         finally:
             engine.shutdown()
+            if hasattr(reward, "close"):
+                reward.close()  # its checker processes
         write_jsonl(({"key": rows[i].key, "response": t, "reward": r}
                      for i, t, r in zip(got.prompt_index, got.texts, got.rewards)), ctx.out_dir / "responses.jsonl")
         solved = {i for i, r in zip(got.prompt_index, got.rewards) if r >= 1.0}

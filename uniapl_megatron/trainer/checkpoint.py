@@ -4,18 +4,32 @@ RNG, discriminator, counters. Written aside and renamed; the ``latest`` pointer 
 Layout of ``<output_dir>/checkpoints/step_000042/``::
 
     uniapl_checkpoint.json  + hf/   same as tools/convert_hf.py import writes, so `export` works on it
-    model/                          torch_dist: model and (dp-reshardable) optimizer state
-    trainer_state.json              step, scheduler, sampler, counters
+    model/                          torch_dist: model and optimizer state (see OPTIM_FORMATS)
+    trainer_state.json              step, scheduler, sampler, counters, optimizer format, layout
     rng/rank_00000.json             Python / numpy / torch RNG of each rank
     discriminator.pt                online discriminator state (tensors only; loaded weights_only)
+
+How it scales (Megatron's dist-ckpt, as Megatron-LM drives it): every rank writes its own shards, the
+replicated ones spread over the data-parallel ranks (FullyParallelSaveStrategyWrapper) and read once per
+data-parallel group then exchanged (FullyParallelLoadStrategyWrapper). With ``async_save`` the tensors are
+staged to host memory and a forked writer process writes them while training goes on; the folder is renamed
+into place and ``latest`` moves only in the finalize step, after every rank's writer has finished. So a
+checkpoint folder without the ``.partial`` suffix is always complete, at any moment a process may be killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import logging
 import os
 import random
 import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +38,17 @@ import torch
 import torch.distributed as dist
 
 from ..convert.checkpoint import FORMAT, HF_SIDE_FILES, META_NAME, model_sharded_state_dict
+from ..models.arch import ConfigError
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
+# fully_reshardable: one tensor per parameter and state (like a plain optimizer's), loadable at any TP / PP / DP;
+# saving gathers each data-parallel group's optimizer shards. dp_reshardable: each rank's flat buffers as they
+# are, no gather, loadable only at the same TP / PP (Megatron-LM's default).
+OPTIM_FORMATS = ("fully_reshardable", "dp_reshardable")
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+               "expert_model_parallel_size", "context_parallel_size")
 
 
 def _rank() -> int:
@@ -43,13 +66,32 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / "trainer_state.json").is_file()
+
+
+def _delete(path: Path) -> None:
+    """Renamed out of the step_* namespace first, so no step_* folder is ever half deleted."""
+    trash = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names; if that one is gone (a folder deleted by hand), the newest complete one."""
     ckpts = Path(output_dir) / "checkpoints"
     pointer = ckpts / LATEST
     if not pointer.is_file():
         return None
     path = ckpts / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    if _complete(path):
+        return path
+    done = sorted(p for p in ckpts.glob("step_*") if _complete(p))
+    if done:
+        log.warning("%s names %s, which is not a complete checkpoint; using %s", pointer, path.name, done[-1].name)
+        return done[-1]
+    return None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -67,31 +109,101 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _sharded(student: Any, is_loading: bool) -> dict[str, Any]:
+def _sharded(student: Any, is_loading: bool, optim_format: str) -> dict[str, Any]:
     from ..convert.params import unwrap
 
     model_sd = model_sharded_state_dict([unwrap(c) for c in student.chunks])
-    opt_sd = student.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, sharding_type="dp_reshardable") \
-        if student.parallel.use_distributed_optimizer else student.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    metadata = {"distrib_optim_sharding_type": optim_format} if student.parallel.use_distributed_optimizer else None
+    opt_sd = student.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     return {"model": model_sd, "optimizer": opt_sd}
 
 
-def save_checkpoint(output_dir: str | Path, step: int, student: Any, state: dict[str, Any], meta: dict[str, Any],
-                    hf_dir: str | None, discriminator: Any = None, keep_last: int = 2) -> Path:
-    """Collective. ``state`` is JSON-able trainer state (scheduler, sampler, counters)."""
-    from megatron.core import dist_checkpointing
+def _layout(student: Any) -> dict[str, Any]:
+    return {k: getattr(student.parallel, k, None) for k in LAYOUT_KEYS}
 
-    ckpts = Path(output_dir) / "checkpoints"
-    name = f"step_{step:06d}"
-    final, tmp = ckpts / name, ckpts / f".{name}.partial"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "model").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    _barrier()
-    dist_checkpointing.save(_sharded(student, is_loading=False), str(tmp / "model"))
-    _write_json(tmp / "rng" / f"rank_{_rank():05d}.json", _rng_state())
-    if _rank() == 0:
+
+def _dp_group() -> Any:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+class Checkpointer:
+    """Saves (optionally async) and loads trainer checkpoints under ``<output_dir>/checkpoints``.
+
+    Every method is collective: all ranks call it at the same point. An async save completes in
+    :meth:`maybe_finalize` (call it once per step), in the next :meth:`save`, or in :meth:`finalize`.
+    """
+
+    def __init__(self, output_dir: str | Path, async_save: bool = True, fully_parallel: bool = True,
+                 optim_format: str = "fully_reshardable", keep_last: int = 2) -> None:
+        if optim_format not in OPTIM_FORMATS:
+            raise ConfigError(f"train.ckpt_optim_format={optim_format!r}: expected one of {', '.join(OPTIM_FORMATS)}")
+        self.dir = Path(output_dir) / "checkpoints"
+        self.async_save, self.fully_parallel = async_save, fully_parallel
+        self.optim_format, self.keep_last = optim_format, keep_last
+        self._queue: Any = None
+        self._strategy: Any = None
+        self._pending: tuple[int, float] | None = None  # (step, start time) of the save being written
+        self.last_save_seconds: float | None = None  # start of the last save until it was complete
+        self.last_blocking_seconds: float | None = None  # how long the last save held training up
+
+    # ---- save ---------------------------------------------------------------------------------------
+
+    def _save_strategy(self) -> Any:
+        if self._strategy is None:
+            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+            self._strategy = get_default_save_sharded_strategy()
+            if self.fully_parallel:
+                # The state's structure is the same at every save: the distribution is computed once.
+                self._strategy = FullyParallelSaveStrategyWrapper(self._strategy, _dp_group(),
+                                                                  do_cache_distribution=True)
+        return self._strategy
+
+    def save(self, step: int, student: Any, state: dict[str, Any], meta: dict[str, Any], hf_dir: str | None,
+             discriminator: Any = None, block: bool = False) -> Path:
+        """Write checkpoint ``step``; returns its final path (complete once finalized). ``state`` is JSON-able
+        trainer state (scheduler, sampler, counters). ``block`` waits until it is complete."""
+        from megatron.core import dist_checkpointing
+
+        self.finalize()  # one save at a time: the previous one completes (and moves `latest`) first
+        t0 = time.perf_counter()
+        name = f"step_{step:06d}"
+        final, tmp = self.dir / name, self.dir / f".{name}.partial"
+        if _rank() == 0:
+            for left in self.dir.glob(".step_*"):  # a killed run's unfinished or half-deleted folders
+                shutil.rmtree(left, ignore_errors=True)
+            (tmp / "model").mkdir(parents=True)
+            (tmp / "rng").mkdir()
+        _barrier()
+        request = dist_checkpointing.save(_sharded(student, False, self.optim_format), str(tmp / "model"),
+                                          self._save_strategy(), async_sharded_save=self.async_save)
+        _write_json(tmp / "rng" / f"rank_{_rank():05d}.json", _rng_state())
+        if _rank() == 0:
+            self._write_side_files(tmp, step, state, meta, hf_dir, discriminator, student)
+        commit = partial(self._commit, tmp, final)
+        self._pending = (step, t0)
+        if request is None:
+            _barrier()
+            commit()
+            self._done()
+        else:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            if self._queue is None:
+                self._queue = AsyncCallsQueue()
+            request.add_finalize_fn(commit)
+            request.add_finalize_fn(self._done)
+            self._queue.schedule_async_request(request)
+        self.last_blocking_seconds = time.perf_counter() - t0
+        if block:
+            self.finalize()
+        return final
+
+    def _write_side_files(self, tmp: Path, step: int, state: dict[str, Any], meta: dict[str, Any],
+                          hf_dir: str | None, discriminator: Any, student: Any) -> None:
         if discriminator is not None and hasattr(discriminator, "state_dict"):
             torch.save(discriminator.state_dict(), tmp / "discriminator.pt")
         (tmp / "hf").mkdir()
@@ -99,25 +211,81 @@ def save_checkpoint(output_dir: str | Path, step: int, student: Any, state: dict
             if hf_dir and (Path(hf_dir) / f).is_file():
                 shutil.copy2(Path(hf_dir) / f, tmp / "hf" / f)
         _write_json(tmp / META_NAME, {"format": FORMAT, **meta})
-        _write_json(tmp / "trainer_state.json", {"step": step, **state})
-    _barrier()
-    if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        _write_json(tmp / "trainer_state.json", {"step": step, "optimizer_format": self.optim_format,
+                                                 "layout": _layout(student), **state})
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """Rank 0, once every rank's shards are written: rename into place, move ``latest``, prune."""
+        if _rank() != 0:
+            return
+        if final.exists():  # the same step saved again (after a resume)
+            _delete(final)
         os.replace(tmp, final)
-        pointer = ckpts / (LATEST + ".tmp")
-        pointer.write_text(name + "\n")
-        os.replace(pointer, ckpts / LATEST)  # the pointer moves only once the checkpoint is whole
-        done = sorted(p for p in ckpts.glob("step_*") if p.is_dir())
-        for old in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+        pointer = self.dir / (LATEST + ".tmp")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, self.dir / LATEST)  # the pointer moves only once the checkpoint is whole
+        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for old in done[: -self.keep_last] if self.keep_last > 0 else []:
+            if old != final:
+                _delete(old)
+
+    def _done(self) -> None:
+        if self._pending is not None:
+            self.last_save_seconds = time.perf_counter() - self._pending[1]
+            self._pending = None
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of a save still being written, or None."""
+        return self._pending[0] if self._pending else None
+
+    def maybe_finalize(self) -> None:
+        """Complete the async save if every rank's writer is done (one small all-reduce); never waits."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def finalize(self) -> None:
+        """Wait for the async save, if any, and complete it."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        self.finalize()
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+    # ---- load ---------------------------------------------------------------------------------------
+
+    def load(self, path: Path, student: Any, discriminator: Any = None) -> dict[str, Any]:
+        """Restore model, optimizer, RNG, discriminator; returns the trainer state."""
+        state = json.loads((path / "trainer_state.json").read_text())
+        # Checkpoints from before the format was recorded hold dp_reshardable optimizer state.
+        fmt = state.get("optimizer_format", "dp_reshardable")
+        saved_at = state.get("layout")
+        if fmt == "dp_reshardable" and student.parallel.use_distributed_optimizer and saved_at \
+                and saved_at != _layout(student):
+            changed = ", ".join(f"{k} {saved_at.get(k)} -> {v}" for k, v in _layout(student).items()
+                                if saved_at.get(k) != v)
+            raise ConfigError(f"{path}: its optimizer state is dp_reshardable, which loads only at the layout it was "
+                              f"saved at ({changed}); resume at that layout, or save with "
+                              f"train.ckpt_optim_format=fully_reshardable")
+        load_sharded(path / "model", student, fmt, self.fully_parallel)
+        rng = path / "rng" / f"rank_{_rank():05d}.json"
+        if rng.is_file() and saved_at in (None, _layout(student)):  # another layout: other ranks, other streams
+            _set_rng_state(json.loads(rng.read_text()))
+        if discriminator is not None and hasattr(discriminator, "load_state_dict") \
+                and (path / "discriminator.pt").is_file():
+            discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True,
+                                                     map_location="cpu"))
+        return state
 
 
-def load_checkpoint(path: Path, student: Any, discriminator: Any = None) -> dict[str, Any]:
-    """Restore model, optimizer, RNG, discriminator; returns the trainer state."""
+def load_sharded(folder: Path, student: Any, optim_format: str, fully_parallel: bool = True) -> None:
+    """Model and optimizer state from a Megatron distributed checkpoint, at this rank's layout. Collective."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
     from ..convert.params import unwrap
 
@@ -126,21 +294,70 @@ def load_checkpoint(path: Path, student: Any, discriminator: Any = None) -> dict
         for opt in getattr(student.optimizer, "chained_optimizers", [student.optimizer]):
             if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
                 opt._init_optimizer_states_with_dummy_values()
-        sharded = _sharded(student, is_loading=True)
-        loaded = dist_checkpointing.load(sharded, str(path / "model"))
+        sharded = _sharded(student, True, optim_format)
+        strategy = get_default_load_sharded_strategy(str(folder))
+        if fully_parallel:
+            strategy = FullyParallelLoadStrategyWrapper(strategy, _dp_group())
+        # The offloading optimizer's param groups name its CPU / GPU optimizer classes; torch.load
+        # (weights_only) accepts those classes, and nothing else beyond tensors and plain data.
+        with torch.serialization.safe_globals(_optimizer_classes(student.optimizer)):
+            loaded = dist_checkpointing.load(sharded, str(folder), strategy)
         chunks = [unwrap(c) for c in student.chunks]
         if len(chunks) == 1:
             chunks[0].load_state_dict(loaded["model"], strict=False)
         else:
             for i, c in enumerate(chunks):
                 c.load_state_dict(loaded["model"][f"model{i}"], strict=False)
-        student.optimizer.load_state_dict(loaded["optimizer"])
-    rng = path / "rng" / f"rank_{_rank():05d}.json"
-    if rng.is_file():
-        _set_rng_state(json.loads(rng.read_text()))
-    if discriminator is not None and hasattr(discriminator, "load_state_dict") and (path / "discriminator.pt").is_file():
-        discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True, map_location="cpu"))
-    return json.loads((path / "trainer_state.json").read_text())
+        with _fully_reshardable_torch_adam(student.optimizer):
+            student.optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _optimizer_classes(optimizer: Any) -> list[type]:
+    """Optimizer classes Megatron's HybridDeviceOptimizer (optim.cpu_offload) keeps in its param groups, so a
+    checkpoint it wrote names them: torch's and Transformer Engine's, and the ones this run uses."""
+    out = {torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD}
+    try:
+        from transformer_engine.pytorch.optimizers import FusedAdam, FusedSGD
+
+        out |= {FusedAdam, FusedSGD}
+    except ImportError:
+        pass
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        out |= {c for c in (getattr(inner, "cpu_optimizer_cls", None), getattr(inner, "gpu_optimizer_cls", None))
+                if isinstance(c, type)}
+    return list(out)
+
+
+@contextlib.contextmanager
+def _fully_reshardable_torch_adam(optimizer: Any) -> Iterator[None]:
+    """megatron-core 0.16.1's fully_reshardable load copies every key of a parameter's optimizer state from
+    the checkpoint, but torch's AdamW (the fallback without TE / apex) keeps a per-parameter ``step`` there
+    that the checkpoint does not hold as a tensor (KeyError 'step'). During the load each ``step`` is set
+    aside around that copy and put back (restore_adam_step then sets it from the scheduler's count)."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        orig = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if orig is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue
+
+        def set_states(model_param: Any, tensors: dict, opt: Any = opt, orig: Any = orig) -> None:
+            group, order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+            step = state.pop("step", None)
+            try:
+                orig(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states  # this instance only, for this load
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
 
 
 def restore_adam_step(optimizer: Any, num_updates: int) -> None:
@@ -151,3 +368,62 @@ def restore_adam_step(optimizer: Any, num_updates: int) -> None:
             if "step" in state:
                 step = state["step"]
                 state["step"] = torch.full_like(step, float(num_updates)) if torch.is_tensor(step) else num_updates
+
+
+# ---- save-by deadline ---------------------------------------------------------------------------------
+
+
+def parse_end_time(value: str, where: str = "train.job_end_time") -> float:
+    """Unix seconds from ``"1793718000"`` or an ISO time (local time unless it names a zone)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ConfigError(f"{where}={value!r}: expected auto, none, Unix seconds or an ISO time such as "
+                          f"2026-11-03T17:00:00") from None
+
+
+def job_end_time(setting: str, environ: dict[str, str] | None = None) -> float | None:
+    """When this job will be stopped (Unix seconds), or None: see TrainConfig.job_end_time."""
+    env = os.environ if environ is None else environ
+    if setting == "none":
+        return None
+    if setting != "auto":
+        return parse_end_time(setting)
+    if env.get("SLURM_JOB_END_TIME", "").strip():
+        return parse_end_time(env["SLURM_JOB_END_TIME"].strip(), "SLURM_JOB_END_TIME")
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%e", "-j", job], capture_output=True, text=True,
+                             timeout=30, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("job %s: could not ask squeue for the end time (%s); no save-by deadline", job, e)
+        return None
+    try:
+        return parse_end_time(out, "squeue's end time")
+    except ConfigError:  # N/A, NONE, Unknown: no time limit
+        log.info("job %s: squeue gives no end time (%r); no save-by deadline", job, out)
+        return None
+
+
+class SaveDeadline:
+    """Says when the last save must start: when the job's end is nearer than the longest recent step, plus
+    the last save's duration, plus a margin (so the time-limit signal never arrives in a long step)."""
+
+    def __init__(self, end_time: float | None, margin_s: float, window: int = 5) -> None:
+        self.end, self.margin, self.window = end_time, margin_s, window
+        self.steps: list[float] = []
+
+    def record_step(self, seconds: float) -> None:
+        self.steps = (self.steps + [seconds])[-self.window:]
+
+    def due(self, save_seconds: float | None, now: float | None = None) -> bool:
+        if self.end is None:
+            return False
+        need = max(self.steps, default=0.0) + (save_seconds or 0.0) + self.margin
+        return (time.time() if now is None else now) + need >= self.end

@@ -54,6 +54,12 @@ class RewardSection:
     """Registered reward (uniapl_megatron.rewards): ifeval = all instruction constraints hold (1/0)."""
     options: dict[str, Any] = field(default_factory=dict)
     """The reward's own config fields (e.g. {mode: loose, aggregate: fraction})."""
+    timeout_s: float = 10.0
+    """Per-sample time limit of a check: each sample is scored in a pool of worker processes; one that
+    takes longer is killed (its worker replaced), scores 0, and is counted (reward/timeouts) and logged
+    with its prompt and response. 0 = score in this process, without a limit."""
+    workers: int = 2
+    """Worker processes of that pool (kept warm across steps)."""
 
     def __post_init__(self) -> None:
         check_fields(self, "reward", ConfigError)
@@ -100,9 +106,39 @@ class TrainConfig:
     eval_samples: Annotated[int, Ge(1)] = 4
     """Samples per held-out prompt (at sampling.temperature, seeded by train.seed: the same draws at every
     evaluation, so two evaluations differ only by the weights)."""
+    # ---- run health and checkpoints at scale (trainer/health.py, trainer/checkpoint.py) ----
+    hang_timeout_s: float = 1200.0
+    """When no rank has advanced (changed phase) for this long, every live rank dumps its Python stack to
+    <output_dir>/health/, the lowest live one writes health/hang_report.json naming the ranks that did not
+    arrive, and all exit with code 75 so Slurm requeues the job. 0 = off. Must stay below the process
+    group's 30-minute timeout, or a hung collective raises first, without forensics."""
+    async_save: bool = True
+    """Checkpoints are written by a background process while training goes on; `latest` moves once every
+    rank's writer has finished. false = the save blocks until written."""
+    fully_parallel_save: bool = True
+    """Spread the writing (and reading) of replicated shards over the data-parallel ranks (Megatron's
+    FullyParallelSave/LoadStrategyWrapper)."""
+    ckpt_optim_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """Distributed-optimizer state format. fully_reshardable: resumes at any TP / PP / DP (saving gathers
+    each DP group's optimizer shards). dp_reshardable: no gather, but resumes only at the same TP / PP."""
+    job_end_time: str = "auto"
+    """When the job will be stopped, so the last save starts in time: auto = Slurm's end time for
+    SLURM_JOB_ID (SLURM_JOB_END_TIME, else squeue), none where there is no job; "none" = no deadline;
+    or Unix seconds, or a local ISO time such as 2026-11-03T17:00:00."""
+    save_margin_s: Annotated[float, Ge(0)] = 120.0
+    """Slack on top of the expected step and save time: a save starts (and the run stops for a requeue)
+    once the job end is nearer than the longest recent step + the last save's duration + this."""
 
     def __post_init__(self) -> None:
         check_fields(self, "train", ConfigError)
+        from .checkpoint import parse_end_time
+        from .health import PG_TIMEOUT_S
+
+        if not 0 <= self.hang_timeout_s < PG_TIMEOUT_S:
+            raise ConfigError(f"train.hang_timeout_s={self.hang_timeout_s}: expected 0 (off) or a value below "
+                              f"{PG_TIMEOUT_S:.0f} s, the process group's timeout (a hung collective raises then)")
+        if self.job_end_time not in ("auto", "none"):
+            parse_end_time(self.job_end_time, "train.job_end_time")
 
 
 @dataclass

@@ -28,8 +28,9 @@ from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
 from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
 from ..rollout.base import EngineNeedsWeights
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_adam_step, save_checkpoint
+from .checkpoint import Checkpointer, SaveDeadline, job_end_time, latest_checkpoint, restore_adam_step
 from .config import RunConfig, check_run
+from .health import Health
 from .logging import RunLogger
 from .rollout_step import RolloutStep, place_engines
 from .stages import StageSwitch
@@ -49,6 +50,9 @@ class Seq:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+_DEADLINE = 1000  # stop flag above any signal number: the job's end time is near
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +77,12 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.out = Path(cfg.train.output_dir)
         self.log = RunLogger(self.out, cfg, enabled=self.rank == 0)
+        t = cfg.train
+        self.health = Health(self.out, self.rank, dist.get_world_size(), t.hang_timeout_s)
+        self.ckpt = Checkpointer(self.out, t.async_save, t.fully_parallel_save, t.ckpt_optim_format, t.keep_last)
+        end = [job_end_time(t.job_end_time) if self.rank == 0 else None]  # one squeue call, not one per rank
+        dist.broadcast_object_list(end, src=0)
+        self.deadline = SaveDeadline(end[0], t.save_margin_s)
 
         self.fmt = formatter_from_config(cfg.data, model_dir=cfg.model.hf_path)
         self.demos = read_demos(cfg.data.demo_paths, self.fmt, cfg.data) if cfg.data.demo_paths else None
@@ -93,6 +103,7 @@ class Trainer:
 
         self.rollout = RolloutStep(cfg, self.fmt, self.prompts, self.stop_ids, self.log)
         self.engine, self.disc = self.rollout.engine, self.rollout.disc  # this rank's engine (None without)
+        self.rollout.health = self.health
         self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self._stop_signal = 0
         self._maybe_resume()
@@ -121,7 +132,7 @@ class Trainer:
         if path is None:
             self.log.restore([])  # a fresh run starts a fresh metrics file
             return
-        state = load_checkpoint(path, self.student, self.disc)
+        state = self.ckpt.load(path, self.student, self.disc)
         self.stages.resume(self, state["step"])  # a second-stage checkpoint holds the second stage's schedule
         self.student.scheduler.load_state_dict(state["scheduler"])
         restore_adam_step(self.student.optimizer, self.student.scheduler.num_steps)
@@ -132,15 +143,15 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from {path} (step {self.start_step})", flush=True)
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, block: bool = False) -> None:
+        self.health.phase("save", step)
         state = {"scheduler": self.student.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                  "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
                  "history": self.log.history}
         meta = {"dtype": self.cfg.model.dtype, "num_query_groups": self.student.num_query_groups,
                 "make_vocab_size_divisible_by": self.cfg.model.make_vocab_size_divisible_by,
                 "arch": self.arch.to_dict(), "source": self.cfg.model.hf_path, "step": step}
-        save_checkpoint(self.out, step, self.student, state, meta, self.cfg.model.hf_path, self.disc,
-                        keep_last=self.cfg.train.keep_last)
+        self.ckpt.save(step, self.student, state, meta, self.cfg.model.hf_path, self.disc, block=block)
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -199,6 +210,7 @@ class Trainer:
         stats: dict[str, float] = {"stage_" + w.stage: 1.0}
         seqs = [Seq(d.token_ids.tolist(), d.prompt_len, True) for d in (self.demos[i] for i in batch.demo_indices)]
         if w.needs_rollouts:
+            self.health.phase("rollout", step)
             rollouts, rstats = self._rollouts(step, batch.prompt_indices, w)
             seqs += rollouts
             stats.update(rstats)
@@ -209,6 +221,7 @@ class Trainer:
         t0 = time.perf_counter()
         rl = [s for s in seqs if not s.is_demo]
         off_policy = cfg.train.ppo_epochs * cfg.train.minibatches > 1
+        self.health.phase("logprobs", step)
         if rl and off_policy:
             self._fill_logprobs(rl, self.student, "old_logprobs")
             # Engine vs trainer on the same tokens and weights: ~1e-6 in fp32 when the sync is right.
@@ -216,6 +229,7 @@ class Trainer:
                 float((s.old_logprobs - torch.tensor(s.engine_logprobs)).abs().max()) for s in rl)
         if rl and self.ref is not None:
             self._fill_logprobs(rl, self.ref, "ref_logprobs")
+        self.health.phase("train", step)
         order = list(range(len(seqs)))
         parts = [order[i :: cfg.train.minibatches] for i in range(cfg.train.minibatches)]
         per_update: list[dict[str, float]] = []
@@ -230,6 +244,7 @@ class Trainer:
         stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
         if self.engine is not None or cfg.rollout is not None:
+            self.health.phase("sync", step)
             t1 = time.perf_counter()
             self.sync_weights()
             stats["time/sync_seconds"] = time.perf_counter() - t1
@@ -276,7 +291,7 @@ class Trainer:
         every = self.cfg.train.eval_every
         return self.heldout is not None and (done == self.cfg.train.steps or every > 0 and done % every == 0)
 
-    def _heldout_eval(self) -> dict[str, float]:
+    def _heldout_eval(self, step: int) -> dict[str, float]:
         """Collective: the mean reward of train.eval_samples samples per held-out prompt, drawn by the run's own
         rollout engines at the current weights (no second model), each engine its contiguous share seeded by
         global prompt index, so the samples are those of one engine given them all, at every evaluation."""
@@ -284,6 +299,7 @@ class Trainer:
 
         if self.heldout is None:
             return {}
+        self.health.phase("eval", step)
         t0, rows = time.perf_counter(), self.heldout.rows
         lo, hi = self.rollout.share(len(rows))
         mine: tuple[list[float], str] = ([], "")
@@ -310,42 +326,61 @@ class Trainer:
         self._stop_signal = signum
 
     def run(self) -> dict[str, Any]:
+        """Train to train.steps (or a signal / the job's deadline); engines and reward workers stop on any exit."""
+        try:
+            return self._run_steps()
+        finally:
+            self.health.stop()
+            self.rollout.shutdown()
+
+    def _run_steps(self) -> dict[str, Any]:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         cfg = self.cfg.train
+        self.health.start()
         if self.cfg.rollout is not None:
+            self.health.phase("sync", self.start_step)
             self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
         t_start = time.perf_counter()
         last_saved = self.start_step
         if self.start_step == 0:
-            self.log.evaluation(0, self._heldout_eval())
+            self.log.evaluation(0, self._heldout_eval(0))
         for step in range(self.start_step, cfg.steps):
             t_step = time.perf_counter()
             stats = self.step(step)
             stats["time/step_seconds"] = time.perf_counter() - t_step
             if self._eval_due(step + 1):
-                stats.update(self._heldout_eval())
+                stats.update(self._heldout_eval(step + 1))
             bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
             self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
             self.nonfinite_total += int(bad)
             stats.update(nonfinite_in_row=self.nonfinite_in_row, nonfinite_total=self.nonfinite_total)
             self.log.step(step, stats)
+            self.deadline.record_step(stats["time/step_seconds"])
             if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
                 raise NonFiniteLossError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
                                    f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping")
-            flag = torch.tensor([self._stop_signal], dtype=torch.int64, device=collective_device())
+            self.ckpt.maybe_finalize()
+            due = self.deadline.due(self.ckpt.last_save_seconds)  # the job ends before another step and save
+            flag = torch.tensor([_DEADLINE if due else self._stop_signal], dtype=torch.int64,
+                                device=collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.steps or flag.item():
-                self._save(done)
+                self._save(done, block=bool(flag.item()) or done == cfg.steps)
                 last_saved = done
             if flag.item():
+                reason = "deadline" if flag.item() == _DEADLINE else "signal"
                 if self.rank == 0:
-                    print(f"signal {flag.item()}: saved step {done}, exiting", flush=True)
+                    print(f"{'job end near' if reason == 'deadline' else f'signal {flag.item()}'}: saved step "
+                          f"{done}, exiting", flush=True)
                 break
-        summary = self.log.finish(time.perf_counter() - t_start, last_saved)
-        self.rollout.shutdown()
-        return summary
+        else:
+            reason = "finished"
+        self.ckpt.close()
+        self.health.exit(reason, last_saved)
+        self.health.stop()
+        return self.log.finish(time.perf_counter() - t_start, last_saved)
 
 
 def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple: int, dp_rank: int, dp_size: int,

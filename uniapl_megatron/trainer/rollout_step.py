@@ -90,7 +90,9 @@ class RolloutStep:
 
         self.cfg, self.fmt, self.prompts, self.stop_ids, self.log = cfg, fmt, prompts, stop_ids, logger
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.reward = build_reward(cfg.reward.name, cfg.reward.options)
+        # a warm pool of checker processes: a check past reward.timeout_s scores 0 and is counted
+        self.reward = build_reward(cfg.reward.name, cfg.reward.options, cfg.reward.timeout_s, cfg.reward.workers)
+        self.health: Any = None  # the trainer's hang watchdog (trainer/health.py), told when scoring starts
         self.disc = None
         if cfg.discriminator is not None:
             from ..discriminator import build_discriminator
@@ -154,6 +156,8 @@ class RolloutStep:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if hasattr(self.reward, "close"):
+            self.reward.close()  # its worker processes
 
     # ---- one step ---------------------------------------------------------------------------------------
     @property
@@ -235,10 +239,13 @@ class RolloutStep:
     def run(self, step: int, prompt_idx: list[int], weights: Any, student: Any) -> tuple[list[Scored], dict]:
         """Collective: generate, score and gather the step's samples, in (prompt position, sample) order."""
         made, resyncs, gen_s = self._generate_all(step, prompt_idx, student)
+        if self.health is not None:
+            self.health.phase("score", step)
         mine = self._score(made, prompt_idx, weights.needs_discriminator)
         restarts = getattr(self.engine, "restarts", 0) if self.rank == self.source else 0
+        checks = self.reward.take_stats() if hasattr(self.reward, "take_stats") else {}
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, (mine, restarts, gen_s, self.held_peak))
+        dist.all_gather_object(gathered, (mine, restarts, gen_s, self.held_peak, checks))
         samples = sorted((x for g in gathered for x in g[0]), key=lambda x: (x[0], x[1]))
         expected = len(prompt_idx) * self.cfg.sampling.group_size
         if len(samples) != expected:
@@ -251,6 +258,9 @@ class RolloutStep:
                  "rollout/engine_restarts": float(sum(g[1] for g in gathered)),
                  "rollout/resyncs": float(resyncs),
                  "rollout/refit_held_mib": max(g[3] for g in gathered) / 2**20}  # the last sync, fullest rank
+        for g in gathered:  # reward/timeouts, reward/worker_crashes: summed over the ranks that scored
+            for key, value in g[4].items():
+                stats[key] = stats.get(key, 0.0) + value
         if self.disc is not None and hasattr(self.disc, "update"):
             stats.update(self._update_disc(step, samples, prompt_idx, {(x[0], x[1]) for x in mine}))
         self._log(step, samples, prompt_idx)
