@@ -21,6 +21,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +48,58 @@ def _own_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _student(shape: str) -> tuple[Any, str]:
+    """The one-rank Megatron student of SHAPES[shape], random weights and Adam moments as after a step; its dtype."""
+    from uniapl_megatron.distributed import init_distributed
+    from uniapl_megatron.models.arch import Qwen3Arch
+    from uniapl_megatron.models.qwen3 import ModelConfig
+    from uniapl_megatron.parallel import ParallelConfig
+    from uniapl_megatron.trainer.student import OptimConfig, Student
+
+    par = ParallelConfig()
+    init_distributed(par)
+    arch = Qwen3Arch.from_hf_dict({"model_type": "qwen3", **SHAPES[shape]})
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    student = Student(arch, par, ModelConfig(dtype=dtype), OptimConfig(lr=1e-5))
+    with torch.no_grad():
+        for c in student.chunks:
+            for p in c.parameters():
+                p.normal_(0, 0.02)
+    student._refresh_main_params()
+    for opt in getattr(student.optimizer, "chained_optimizers", [student.optimizer]):
+        opt._init_optimizer_states_with_dummy_values()  # Adam's moments exist, as after a step
+    return student, dtype
+
+
+def _measure(student: Any, state: dict, root: Path, fmt: str, mode: str, repeats: int) -> dict[str, Any]:
+    """Medians of `repeats` saves in one optimizer format and mode (after a warm-up save) and the bytes of one
+    checkpoint; keys of the non-default format carry its name."""
+    from uniapl_megatron.trainer.checkpoint import Checkpointer
+
+    key = "" if fmt == "fully_reshardable" else f"{fmt}_"
+    ckpt = Checkpointer(root / mode, async_save=mode == "async", optim_format=fmt, keep_last=1)
+    blocking, complete = [], []
+    for i in range(repeats + 1):  # the first save of each mode is a warm-up (plans, caches)
+        t0 = time.perf_counter()
+        ckpt.save(i + 1, student, state, {}, None)
+        t1 = time.perf_counter()
+        ckpt.finalize()
+        t2 = time.perf_counter()
+        if i:
+            blocking.append(t1 - t0)
+            complete.append(t2 - t0)
+    ckpt.close()
+    res: dict[str, Any] = {}
+    if mode == "sync":
+        res[f"{key}sync_save_s"] = round(statistics.median(blocking), 3)
+    else:
+        res[f"{key}async_blocking_s"] = round(statistics.median(blocking), 3)
+        res[f"{key}async_complete_s"] = round(statistics.median(complete), 3)
+    res[f"{key}checkpoint_bytes"] = sum(f.stat().st_size for f in (root / mode).rglob("*") if f.is_file())
+    shutil.rmtree(root / mode, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="cpu_100m", choices=sorted(SHAPES))
@@ -60,26 +113,7 @@ def main() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
 
-    from uniapl_megatron.distributed import init_distributed
-    from uniapl_megatron.models.arch import Qwen3Arch
-    from uniapl_megatron.models.qwen3 import ModelConfig
-    from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.checkpoint import Checkpointer
-    from uniapl_megatron.trainer.student import OptimConfig, Student
-
-    par = ParallelConfig()
-    init_distributed(par)
-    cfg = SHAPES[a.shape]
-    arch = Qwen3Arch.from_hf_dict({"model_type": "qwen3", **cfg})
-    dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    student = Student(arch, par, ModelConfig(dtype=dtype), OptimConfig(lr=1e-5))
-    with torch.no_grad():
-        for c in student.chunks:
-            for p in c.parameters():
-                p.normal_(0, 0.02)
-    student._refresh_main_params()
-    for opt in getattr(student.optimizer, "chained_optimizers", [student.optimizer]):
-        opt._init_optimizer_states_with_dummy_values()  # Adam's moments exist, as after a step
+    student, dtype = _student(a.shape)
     params = sum(p.numel() for c in student.chunks for p in c.parameters())
     root = Path(a.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -88,26 +122,7 @@ def main() -> None:
                  else "cpu"}
     b0, o0, w0 = _busy_s(), _own_s(), time.perf_counter()
     for fmt, mode in [(f, m) for f in a.formats.split(",") for m in ("sync", "async")]:
-        key = "" if fmt == "fully_reshardable" else f"{fmt}_"
-        ckpt = Checkpointer(root / mode, async_save=mode == "async", optim_format=fmt, keep_last=1)
-        blocking, complete = [], []
-        for i in range(a.repeats + 1):  # the first save of each mode is a warm-up (plans, caches)
-            t0 = time.perf_counter()
-            ckpt.save(i + 1, student, state, {}, None)
-            t1 = time.perf_counter()
-            ckpt.finalize()
-            t2 = time.perf_counter()
-            if i:
-                blocking.append(t1 - t0)
-                complete.append(t2 - t0)
-        ckpt.close()
-        if mode == "sync":
-            res[f"{key}sync_save_s"] = round(statistics.median(blocking), 3)
-        else:
-            res[f"{key}async_blocking_s"] = round(statistics.median(blocking), 3)
-            res[f"{key}async_complete_s"] = round(statistics.median(complete), 3)
-        res[f"{key}checkpoint_bytes"] = sum(f.stat().st_size for f in (root / mode).rglob("*") if f.is_file())
-        shutil.rmtree(root / mode, ignore_errors=True)
+        res.update(_measure(student, state, root, fmt, mode, a.repeats))
     b1, o1, wall = _busy_s(), _own_s(), time.perf_counter() - w0
     if b0 is not None and b1 is not None and not torch.cuda.is_available():
         res["others_cpu"] = round(max(0.0, (b1 - b0) - (o1 - o0)) / (wall * os.cpu_count()), 2)

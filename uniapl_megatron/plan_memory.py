@@ -18,158 +18,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GIB = 1024**3
-BF16 = 2
-FP32 = 4
-
-
-class PlanError(ValueError):
-    """A layout or model config that is inconsistent (the message names the numbers)."""
+# The inputs and per-part estimators live in memory_estimates; re-exported so callers import from one place.
+from .memory_estimates import (  # noqa: F401
+    BF16,
+    ENGINE_WEIGHTS,
+    FP32,
+    GIB,
+    Layout,
+    ModelShape,
+    PlanError,
+    RolloutShape,
+    TrainShape,
+    layer_act_bytes_per_token,
+    layer_params,
+    padded_vocab,
+    param_count,
+    refit_bytes,
+    rollout_parts,
+    validate,
+)
 
 
 class DoesNotFit(PlanError):
     """The layout is consistent but needs more memory than the GPU has."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The fields of a HF Qwen3 / Qwen3-MoE config.json that memory depends on."""
-
-    hidden_size: int  # h
-    num_hidden_layers: int  # L
-    num_attention_heads: int  # query heads
-    num_key_value_heads: int  # GQA key/value heads
-    head_dim: int  # per-head width (Qwen3-0.6B: 128, not hidden/heads)
-    intermediate_size: int  # dense SwiGLU width
-    vocab_size: int  # before Megatron's padding
-    tie_word_embeddings: bool  # LM head shares the input embedding
-    num_experts: int = 0  # 0 = dense model
-    num_experts_per_tok: int = 0  # top-k routing
-    moe_intermediate_size: int = 0  # SwiGLU width of one expert
-    decoder_sparse_step: int = 1  # every n-th layer is MoE (Qwen3-MoE rule)
-    mlp_only_layers: tuple[int, ...] = ()  # layers that stay dense in a MoE model
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelShape":
-        """Read a config.json dict; a missing or wrongly typed field names `source` and the field."""
-        if not isinstance(cfg, dict):
-            raise PlanError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
-
-        def req(key: str, kind: type = int):
-            if key not in cfg:
-                raise PlanError(f"{source}: missing field '{key}' (needed for the memory plan)")
-            val = cfg[key]
-            if kind is int and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
-                raise PlanError(f"{source}: field '{key}' must be a positive integer, got {val!r}")
-            return val
-
-        heads = req("num_attention_heads")
-        hidden = req("hidden_size")
-        head_dim = cfg.get("head_dim") or hidden // heads
-        num_experts = int(cfg.get("num_experts") or 0)
-        shape = cls(
-            hidden_size=hidden,
-            num_hidden_layers=req("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            intermediate_size=req("intermediate_size"),
-            vocab_size=req("vocab_size"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            num_experts=num_experts,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
-            mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
-        )
-        if num_experts and (shape.num_experts_per_tok <= 0 or shape.moe_intermediate_size <= 0):
-            raise PlanError(
-                f"{source}: num_experts={num_experts} needs positive 'num_experts_per_tok' and "
-                "'moe_intermediate_size'"
-            )
-        return shape
-
-    def is_moe_layer(self, i: int) -> bool:
-        """Qwen3-MoE's rule for which decoder layers have experts."""
-        return (
-            self.num_experts > 0
-            and i not in self.mlp_only_layers
-            and (i + 1) % self.decoder_sparse_step == 0
-        )
-
-    @property
-    def q_width(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_key_value_heads * self.head_dim
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A Megatron parallel layout on `world_size` training GPUs (the `parallel:` config section)."""
-
-    world_size: int  # training GPUs (disaggregated rollout nodes excluded)
-    tp: int = 1  # tensor_model_parallel_size
-    pp: int = 1  # pipeline_model_parallel_size
-    vpp: int = 1  # virtual_pipeline_model_parallel_size (model chunks per stage)
-    cp: int = 1  # context_parallel_size
-    ep: int = 1  # expert_model_parallel_size
-    etp: int | None = None  # expert_tensor_parallel_size; None = tp (Megatron's default)
-    sp: bool = False  # sequence_parallel (only matters when tp > 1)
-    distributed_optimizer: bool = True  # use_distributed_optimizer: shard fp32 state over DP
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp * self.cp)
-
-    @property
-    def expert_tp(self) -> int:
-        return self.etp or self.tp
-
-    @property
-    def expert_dp(self) -> int:
-        return self.world_size // (self.pp * self.ep * self.expert_tp)
-
-
-@dataclass(frozen=True)
-class TrainShape:
-    """What one training micro-batch looks like and how activations are kept."""
-
-    micro_batch_size: int = 1  # sequences per micro-batch
-    seq_length: int = 4096  # tokens per (packed) sequence
-    recompute: str = "none"  # none | selective (core attention) | full (whole layers)
-    num_microbatches: int | None = None  # per step and DP rank; None = enough to fill the pipeline
-    flash_attention: bool = True  # fused attention (SDPA/flash/TE): no seq x seq score matrix kept
-    # sdpa: the torch-native spec (torch SDPA expands GQA's K/V to every head and the projection
-    # gets a copy of its output; measured on an H100); te: Transformer Engine's attention (neither).
-    attention: str = "sdpa"
-    dtype: str = "bf16"  # bf16 | fp16 (fp32 master weights in the optimizer) | fp32 (none)
-    grads_fp32: bool = True  # Megatron keeps bf16 models' grads in fp32 main_grad buffers
-    reference_model: bool = False  # a frozen copy of the student for the KL term, sharded alike
-    logits_chunk_tokens: int = 0  # log-probs computed this many tokens at a time; 0 = all at once
-    # Peak bytes per logit entry, forward + backward: bf16 logits -> fp32 log-softmax -> gather
-    # measured 11.7 on an H100 (a fused vocab-parallel cross-entropy needs ~8).
-    logits_bytes_per_entry: float = 12.0
-
-
-@dataclass(frozen=True)
-class RolloutShape:
-    """The rollout engine's claim on GPU memory (the `rollout:` config section)."""
-
-    engine: str = "vllm"  # vllm | torch (the non-vLLM fallback)
-    mode: str = "colocated"  # colocated (same GPUs as training) | disaggregated (own nodes)
-    tensor_parallel_size: int = 1  # the engine's own TP
-    gpu_memory_utilization: float = 0.3  # vLLM's fraction of the whole GPU
-    num_nodes: int = 0  # disaggregated: the last num_nodes nodes run the engines, one per TP group of GPUs
-    max_num_seqs: int = 64  # fallback engine: sequences decoded at once (its KV cache)
-    max_model_len: int = 4096  # fallback engine: prompt + response tokens per sequence
-    dtype_bytes: int = 2  # bytes per value of the engine's weights and KV cache
-    sleeps: bool = True  # colocated engine frees its memory while the trainer steps (sleep/wake)
-    kv_cache_bytes: int = 0  # vLLM's KV cache per engine shard (rollout.kv_cache_bytes); 0 = from the fraction
-    bucket_bytes: int = 256 << 20  # weight-sync bucket (rollout.bucket_bytes)
-    gpus_per_node: int = 8  # disaggregated: rollout GPUs per node, one engine shard each
 
 
 @dataclass
@@ -215,94 +86,6 @@ class MemoryPlan:
             lines.append(f"  {'total':<66s} {total / GIB:8.2f} GiB of {self.capacity / GIB:.2f} GiB")
         return "\n".join(lines)
 
-
-def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocabulary to a multiple of divisible_by * tp."""
-    m = divisible_by * tp
-    return -(-vocab // m) * m
-
-
-def validate(shape: ModelShape, lay: Layout, train: TrainShape) -> None:
-    """Raise PlanError naming the numbers that disagree."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise PlanError(msg)
-
-    for name, v in (("tensor_model_parallel_size", lay.tp), ("pipeline_model_parallel_size", lay.pp),
-                    ("virtual_pipeline_model_parallel_size", lay.vpp),
-                    ("context_parallel_size", lay.cp), ("expert_model_parallel_size", lay.ep)):
-        need(isinstance(v, int) and v >= 1, f"parallel.{name} must be an integer >= 1, got {v!r}")
-    mp = lay.tp * lay.pp * lay.cp
-    need(lay.world_size % mp == 0,
-         f"{lay.world_size} training GPUs are not divisible by tensor x pipeline x context parallel "
-         f"= {lay.tp} x {lay.pp} x {lay.cp} = {mp}")
-    need(shape.num_attention_heads % lay.tp == 0,
-         f"num_attention_heads={shape.num_attention_heads} is not divisible by "
-         f"tensor_model_parallel_size={lay.tp}")
-    kv = shape.num_key_value_heads
-    need(kv % lay.tp == 0 or lay.tp % kv == 0,
-         f"num_key_value_heads={kv} and tensor_model_parallel_size={lay.tp}: one must divide the other")
-    need(lay.vpp == 1 or lay.pp > 1, "virtual pipeline stages need pipeline_model_parallel_size > 1")
-    chunks = lay.pp * lay.vpp
-    need(shape.num_hidden_layers % chunks == 0,
-         f"num_hidden_layers={shape.num_hidden_layers} is not divisible by pipeline x virtual "
-         f"pipeline stages = {lay.pp} x {lay.vpp} = {chunks}")
-    need(train.recompute in ("none", "selective", "full"),
-         f"recompute must be none, selective or full, got {train.recompute!r}")
-    need(train.attention in ("sdpa", "te"), f"attention must be sdpa or te, got {train.attention!r}")
-    need(train.dtype in ("bf16", "fp16", "fp32"), f"dtype must be bf16, fp16 or fp32, got {train.dtype!r}")
-    need(lay.cp == 1 or train.seq_length % (2 * lay.cp) == 0,
-         f"seq_length={train.seq_length} is not divisible by 2 x context_parallel_size={lay.cp}")
-    if shape.num_experts:
-        need(shape.num_experts % lay.ep == 0,
-             f"num_experts={shape.num_experts} is not divisible by expert_model_parallel_size={lay.ep}")
-        emp = lay.pp * lay.ep * lay.expert_tp
-        need(lay.world_size % emp == 0,
-             f"{lay.world_size} training GPUs are not divisible by pipeline x expert x expert-tensor "
-             f"parallel = {lay.pp} x {lay.ep} x {lay.expert_tp} = {emp}")
-    else:
-        need(lay.ep == 1, f"expert_model_parallel_size={lay.ep} needs a MoE model (num_experts > 0)")
-
-
-def _layer_params(shape: ModelShape, i: int, lay: Layout) -> tuple[float, float]:
-    """(dense, expert) parameter counts of decoder layer i on one GPU."""
-    h, d = shape.hidden_size, shape.head_dim
-    kv_heads = max(shape.num_key_value_heads // lay.tp, 1)  # TP > kv heads replicates them
-    attn = h * shape.q_width // lay.tp + 2 * h * kv_heads * d + shape.q_width // lay.tp * h
-    norms = 2 * h + 2 * d  # input/post-attention RMSNorm, q/k RMSNorm: replicated on every TP rank
-    if not shape.is_moe_layer(i):
-        return attn + norms + 3 * h * shape.intermediate_size / lay.tp, 0.0
-    router = h * shape.num_experts  # replicated
-    experts = (shape.num_experts // lay.ep) * 3 * h * shape.moe_intermediate_size / lay.expert_tp
-    return attn + norms + router, experts
-
-
-def _layer_act_bytes_per_token(shape: ModelShape, i: int, lay: Layout, train: TrainShape) -> float:
-    """Bytes one decoder layer keeps for backward, per token on this GPU (no recompute)."""
-    h, t = shape.hidden_size, lay.tp
-    hs = t if (lay.sp and t > 1) else 1  # sequence parallel splits the hidden-size tensors over TP
-    q = shape.q_width / t
-    kv = max(shape.num_key_value_heads // t, 1) * shape.head_dim
-    heads = shape.num_attention_heads / t
-    # attention: norm input, QKV input (h-sized); QKV output = q/k-norm input, roped q and k,
-    # attention output = projection input, fp32 softmax statistics (per head).
-    attn = 2 * BF16 * h / hs + BF16 * ((q + 2 * kv) + (q + kv) + q) + FP32 * heads
-    if train.attention == "sdpa":
-        attn += BF16 * (2 * (q - kv) + q)  # K, V expanded to all query heads; output copy
-    if not train.flash_attention and train.recompute == "none":
-        attn += BF16 * heads * train.seq_length / lay.cp  # softmax probabilities (seq x seq)
-    if not shape.is_moe_layer(i):
-        ffn = shape.intermediate_size / t
-        # norm input, fc1 input (h-sized); gate|up output, SwiGLU output.
-        mlp = 2 * BF16 * h / hs + BF16 * (2 * ffn + ffn)
-    else:
-        k, ffn = shape.num_experts_per_tok, shape.moe_intermediate_size / lay.expert_tp
-        # norm input, router input, fp32 router logits; per routed copy: permuted input,
-        # gate|up and SwiGLU outputs, expert output (for the weighted combine). Average routing.
-        mlp = (2 * BF16 * h + FP32 * shape.num_experts) / hs + k * (BF16 * 2 * h + BF16 * 3 * ffn)
-    return attn + mlp
-
-
 def plan(shape: ModelShape, lay: Layout, train: TrainShape, rollout: RolloutShape | None,
          gpu_bytes: float, reserve_bytes: float = 4 * GIB,
          resident: dict[str, float] | None = None) -> MemoryPlan:
@@ -312,159 +95,122 @@ def plan(shape: ModelShape, lay: Layout, train: TrainShape, rollout: RolloutShap
     time (e.g. the discriminator), by name.
     """
     validate(shape, lay, train)
-    L = shape.num_hidden_layers
-    chunks = lay.pp * lay.vpp
-    per_chunk = L // chunks
-    vocab_rank = padded_vocab(shape.vocab_size, lay.tp) / lay.tp
-    tokens = train.micro_batch_size * train.seq_length / lay.cp  # per micro-batch on this GPU
-    h = shape.hidden_size
-    hs = lay.tp if (lay.sp and lay.tp > 1) else 1
-    rollout_parts, rollout_node, problems = _rollout(shape, rollout, gpu_bytes, reserve_bytes)
-
-    stages = []
-    for s in range(lay.pp):
-        layers = [c * per_chunk + j for c in range(s, chunks, lay.pp) for j in range(per_chunk)]
-        dense = expert = 0.0
-        for i in layers:
-            d, e = _layer_params(shape, i, lay)
-            dense, expert = dense + d, expert + e
-        first, last = s == 0, s == lay.pp - 1
-        if first:
-            dense += vocab_rank * h  # input embedding
-        if last:
-            dense += h  # final norm
-            # untied: own LM head; tied with PP > 1: Megatron keeps a synchronised copy on the last stage
-            if not shape.tie_word_embeddings or lay.pp > 1:
-                dense += vocab_rank * h
-        params = dense + expert
-
-        # 1F1B keeps (warm-up + 1) micro-batches in flight on stage s; interleaving adds chunks.
-        if lay.vpp > 1:
-            in_flight_chunks = (lay.pp - s - 1) * 2 + (lay.vpp - 1) * lay.pp + 1
-        else:
-            in_flight_chunks = lay.pp - s
-        if train.num_microbatches:
-            in_flight_chunks = min(in_flight_chunks, train.num_microbatches * lay.vpp)
-        chunk_layers = layers[:per_chunk]  # chunks of a stage have equal layer counts
-        full = sum(_layer_act_bytes_per_token(shape, i, lay, train) for i in chunk_layers) * tokens
-        if train.recompute == "full":
-            kept = BF16 * h / hs * tokens * per_chunk  # only each layer's input is kept
-            work = max(_layer_act_bytes_per_token(shape, i, lay, train) for i in layers) * tokens
-            acts = in_flight_chunks * kept + work  # plus one layer re-run during backward
-        else:
-            acts = in_flight_chunks * full
-        rows = min(train.logits_chunk_tokens, tokens) if train.logits_chunk_tokens else tokens
-        logits = rows * vocab_rank * train.logits_bytes_per_entry if last else 0.0
-
-        w_b = FP32 if train.dtype == "fp32" else BF16
-        grad_b = FP32 if train.grads_fp32 else w_b
-        states = 2 if train.dtype == "fp32" else 3  # Adam m, v (+ fp32 master weights)
-        what = "Adam m, v" if states == 2 else "fp32 master + Adam m, v"
-        if lay.distributed_optimizer:
-            opt = states * FP32 * (dense / (lay.dp * lay.cp) + expert / lay.expert_dp)
-            opt_name = f"optimizer ({what}; sharded over DP={lay.dp * lay.cp})"
-        else:
-            opt = states * FP32 * params
-            opt_name = f"optimizer ({what}; not sharded)"
-        parts = {
-            f"weights ({train.dtype})": w_b * params,
-            f"gradients ({'fp32 main_grad' if train.grads_fp32 else train.dtype})": grad_b * params,
-            opt_name: opt,
-            f"activations ({in_flight_chunks} x {per_chunk} layers in flight, "
-            f"recompute={train.recompute})": acts,
-        }
-        if train.reference_model:
-            parts["reference model for KL (frozen copy)"] = w_b * params
-        parts.update(resident or {})
-        if last:
-            parts[f"logits ({int(rows)} tokens at a time x {int(vocab_rank)} vocab/GPU)"] = logits
-        if rollout is not None and rollout.sleeps and rollout_parts:
-            # The engine sleeps while the trainer steps: the peak is the largest of three phases, training
-            # (activations, logits), rollout (engine awake) and the weight sync (engine weights awake, one
-            # bucket and one layer gathered from the shards).
-            awake = sum(rollout_parts.values())
-            sync = rollout_parts.get(_ENGINE_WEIGHTS, awake) + _refit_bytes(shape, lay, rollout)
-            parts[f"rollout engine, weight sync ({awake / GIB:.1f} / {sync / GIB:.1f} GiB) beyond activations"] = max(
-                0.0, awake - acts - logits, sync - acts - logits)
-        else:
-            parts.update(rollout_parts)
-            if rollout is not None and rollout.mode == "colocated":
-                parts["weight sync (one bucket + one layer gathered over TP)"] = _refit_bytes(shape, lay, rollout)
-        parts["runtime reserve (CUDA context, NCCL buffers, fragmentation)"] = reserve_bytes
-        stages.append(StagePlan(stage=s, params=params, parts=parts))
+    on_train_gpu, rollout_node, problems = rollout_parts(shape, rollout, gpu_bytes, reserve_bytes)
+    stages = [_stage(shape, lay, train, s, rollout, on_train_gpu, resident or {}, reserve_bytes)
+              for s in range(lay.pp)]
     return MemoryPlan(stages=stages, capacity=gpu_bytes, rollout_node=rollout_node, problems=problems)
 
 
-def param_count(shape: ModelShape, tp: int = 1) -> float:
-    """Parameters of the whole model on one GPU of `tp` (experts split over the same TP)."""
-    flat = Layout(world_size=tp, tp=tp)
-    params = sum(sum(_layer_params(shape, i, flat)) for i in range(shape.num_hidden_layers))
-    emb = padded_vocab(shape.vocab_size, tp) / tp * shape.hidden_size
-    return params + emb * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
+def _stage(shape: ModelShape, lay: Layout, train: TrainShape, s: int, rollout: RolloutShape | None,
+           on_train_gpu: dict[str, float], resident: dict[str, float], reserve_bytes: float) -> StagePlan:
+    """Pipeline stage s: its parameters, training state, activations, logits and rollout share, by part."""
+    per_chunk = shape.num_hidden_layers // (lay.pp * lay.vpp)
+    layers = _stage_layers(lay, per_chunk, s)
+    vocab_rank = padded_vocab(shape.vocab_size, lay.tp) / lay.tp
+    tokens = train.micro_batch_size * train.seq_length / lay.cp  # per micro-batch on this GPU
+    last = s == lay.pp - 1
+    dense, expert = _stage_params(shape, lay, s, layers, vocab_rank)
+    in_flight = _in_flight_chunks(lay, train, s)
+    acts = _activation_bytes(shape, lay, train, layers, per_chunk, in_flight, tokens)
+    rows = min(train.logits_chunk_tokens, tokens) if train.logits_chunk_tokens else tokens
+    logits = rows * vocab_rank * train.logits_bytes_per_entry if last else 0.0
+
+    parts = _training_state(lay, train, dense, expert)
+    parts[f"activations ({in_flight} x {per_chunk} layers in flight, recompute={train.recompute})"] = acts
+    if train.reference_model:
+        parts["reference model for KL (frozen copy)"] = parts[f"weights ({train.dtype})"]
+    parts.update(resident)
+    if last:
+        parts[f"logits ({int(rows)} tokens at a time x {int(vocab_rank)} vocab/GPU)"] = logits
+    parts.update(_rollout_on_stage(shape, lay, rollout, on_train_gpu, acts, logits))
+    parts["runtime reserve (CUDA context, NCCL buffers, fragmentation)"] = reserve_bytes
+    return StagePlan(stage=s, params=dense + expert, parts=parts)
 
 
-_ENGINE_WEIGHTS = "rollout engine weights"
+def _stage_layers(lay: Layout, per_chunk: int, s: int) -> list[int]:
+    """Decoder layers on stage s: with interleaving, stage s holds chunks s, s + pp, s + 2 pp, ..."""
+    chunks = lay.pp * lay.vpp
+    return [c * per_chunk + j for c in range(s, chunks, lay.pp) for j in range(per_chunk)]
 
 
-def _refit_bytes(shape: ModelShape, lay: Layout, r: RolloutShape) -> float:
-    """What a training GPU holds for a weight sync (rollout/refit_held_mib measures it on CPU): one bucket of
-    a pipeline stage's tensors, plus one decoder layer gathered whole over TP (or the vocab-sized embedding,
-    when larger)."""
-    flat = Layout(world_size=1)
-    layer = max(sum(_layer_params(shape, i, flat)) for i in range(shape.num_hidden_layers))
-    emb = padded_vocab(shape.vocab_size, 1) * shape.hidden_size
-    return r.bucket_bytes + r.dtype_bytes * max(layer, emb)
+def _stage_params(shape: ModelShape, lay: Layout, s: int, layers: list[int], vocab_rank: float
+                  ) -> tuple[float, float]:
+    """(dense, expert) parameters on one GPU of stage s, the embedding and LM head included."""
+    h = shape.hidden_size
+    dense = expert = 0.0
+    for i in layers:
+        d, e = layer_params(shape, i, lay)
+        dense, expert = dense + d, expert + e
+    if s == 0:
+        dense += vocab_rank * h  # input embedding
+    if s == lay.pp - 1:
+        dense += h  # final norm
+        # untied: own LM head; tied with PP > 1: Megatron keeps a synchronised copy on the last stage
+        if not shape.tie_word_embeddings or lay.pp > 1:
+            dense += vocab_rank * h
+    return dense, expert
 
 
-def _rollout(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, reserve: float
-             ) -> tuple[dict[str, float], dict[str, float] | None, list[str]]:
-    """(parts on a training GPU, parts on a rollout-node GPU or None, problems). Colocated: every training
-    GPU holds its shard of one engine (one per rollout-TP group of ranks); disaggregated: every rollout GPU
-    does, and the training GPUs hold none."""
-    if r is None:
-        return {}, None, []
-    if r.engine not in ("vllm", "torch"):
-        raise PlanError(f"rollout.engine must be vllm or torch, got {r.engine!r}")
-    if r.mode not in ("colocated", "disaggregated"):
-        raise PlanError(f"rollout.mode must be colocated or disaggregated, got {r.mode!r}")
-    tp = r.tensor_parallel_size
-    if shape.num_attention_heads % tp:
-        raise PlanError(f"rollout.tensor_parallel_size={tp} does not divide "
-                        f"num_attention_heads={shape.num_attention_heads}")
-    weights = r.dtype_bytes * param_count(shape, tp)
-    problems = []
-    if r.engine == "vllm" and not r.kv_cache_bytes:
-        if r.mode == "colocated":
-            raise PlanError("rollout.kv_cache_bytes: a colocated engine shares its GPU with training; set its KV "
-                            "cache in bytes (the trainer refuses 0 too)")
-        if not 0.0 < r.gpu_memory_utilization < 1.0:
-            raise PlanError(f"rollout.gpu_memory_utilization must be in (0, 1), got {r.gpu_memory_utilization}")
-        share = r.gpu_memory_utilization * gpu_bytes
-        if weights >= share:
-            problems.append(
-                f"rollout: vLLM's share (gpu_memory_utilization={r.gpu_memory_utilization} of "
-                f"{gpu_bytes / GIB:.2f} GiB = {share / GIB:.2f} GiB) cannot hold its weights "
-                f"({weights / GIB:.2f} GiB at tensor_parallel_size={tp}) and a KV cache")
-        parts = {f"rollout engine (vLLM, gpu_memory_utilization={r.gpu_memory_utilization})": share}
-    elif r.engine == "vllm":
-        parts = {_ENGINE_WEIGHTS: weights,
-                 f"rollout KV cache (vLLM, rollout.kv_cache_bytes, TP={tp})": float(r.kv_cache_bytes)}
-        budget = r.gpu_memory_utilization * gpu_bytes
-        if weights + r.kv_cache_bytes > budget:  # vLLM refuses a KV cache beyond its own budget at start-up
-            problems.append(f"rollout: weights ({weights / GIB:.2f} GiB) + kv_cache_bytes "
-                            f"({r.kv_cache_bytes / GIB:.2f} GiB) exceed vLLM's start-up budget, "
-                            f"gpu_memory_utilization={r.gpu_memory_utilization} of the GPU ({budget / GIB:.2f} GiB)")
+def _in_flight_chunks(lay: Layout, train: TrainShape, s: int) -> int:
+    """Model chunks whose activations stage s holds at its peak."""
+    # 1F1B keeps (warm-up + 1) micro-batches in flight on stage s; interleaving adds chunks.
+    if lay.vpp > 1:
+        in_flight = (lay.pp - s - 1) * 2 + (lay.vpp - 1) * lay.pp + 1
     else:
-        kv_heads = max(shape.num_key_value_heads // tp, 1)
-        kv = (r.max_num_seqs * r.max_model_len * shape.num_hidden_layers * 2 * kv_heads
-              * shape.head_dim * r.dtype_bytes)
-        parts = {_ENGINE_WEIGHTS: weights,
-                 f"rollout KV cache (torch engine, {r.max_num_seqs} seqs x {r.max_model_len} tokens)": kv}
-    if r.mode == "colocated":
-        return parts, None, problems
-    node = dict(parts)
-    node["runtime reserve (CUDA context, NCCL buffers, fragmentation)"] = reserve
-    return {}, node, problems
+        in_flight = lay.pp - s
+    if train.num_microbatches:
+        in_flight = min(in_flight, train.num_microbatches * lay.vpp)
+    return in_flight
+
+
+def _activation_bytes(shape: ModelShape, lay: Layout, train: TrainShape, layers: list[int], per_chunk: int,
+                      in_flight: int, tokens: float) -> float:
+    """Activation bytes stage s keeps for backward with `in_flight` chunks' micro-batches outstanding."""
+    if train.recompute == "full":
+        hs = lay.tp if (lay.sp and lay.tp > 1) else 1
+        kept = BF16 * shape.hidden_size / hs * tokens * per_chunk  # only each layer's input is kept
+        work = max(layer_act_bytes_per_token(shape, i, lay, train) for i in layers) * tokens
+        return in_flight * kept + work  # plus one layer re-run during backward
+    chunk_layers = layers[:per_chunk]  # chunks of a stage have equal layer counts
+    per_layer = sum(layer_act_bytes_per_token(shape, i, lay, train) for i in chunk_layers)
+    return in_flight * (per_layer * tokens)
+
+
+def _training_state(lay: Layout, train: TrainShape, dense: float, expert: float) -> dict[str, float]:
+    """Weights, gradients and optimizer state of this GPU's parameters, by part."""
+    params = dense + expert
+    w_b = FP32 if train.dtype == "fp32" else BF16
+    grad_b = FP32 if train.grads_fp32 else w_b
+    states = 2 if train.dtype == "fp32" else 3  # Adam m, v (+ fp32 master weights)
+    what = "Adam m, v" if states == 2 else "fp32 master + Adam m, v"
+    if lay.distributed_optimizer:
+        opt = states * FP32 * (dense / (lay.dp * lay.cp) + expert / lay.expert_dp)
+        opt_name = f"optimizer ({what}; sharded over DP={lay.dp * lay.cp})"
+    else:
+        opt = states * FP32 * params
+        opt_name = f"optimizer ({what}; not sharded)"
+    return {
+        f"weights ({train.dtype})": w_b * params,
+        f"gradients ({'fp32 main_grad' if train.grads_fp32 else train.dtype})": grad_b * params,
+        opt_name: opt,
+    }
+
+
+def _rollout_on_stage(shape: ModelShape, lay: Layout, rollout: RolloutShape | None, on_train_gpu: dict[str, float],
+                      acts: float, logits: float) -> dict[str, float]:
+    """The rollout engine's and weight sync's parts on a training GPU that peaks at acts + logits in training."""
+    if rollout is not None and rollout.sleeps and on_train_gpu:
+        # The engine sleeps while the trainer steps: the peak is the largest of three phases, training
+        # (activations, logits), rollout (engine awake) and the weight sync (engine weights awake, one
+        # bucket and one layer gathered from the shards).
+        awake = sum(on_train_gpu.values())
+        sync = on_train_gpu.get(ENGINE_WEIGHTS, awake) + refit_bytes(shape, lay, rollout)
+        name = f"rollout engine, weight sync ({awake / GIB:.1f} / {sync / GIB:.1f} GiB) beyond activations"
+        return {name: max(0.0, awake - acts - logits, sync - acts - logits)}
+    parts = dict(on_train_gpu)
+    if rollout is not None and rollout.mode == "colocated":
+        parts["weight sync (one bucket + one layer gathered over TP)"] = refit_bytes(shape, lay, rollout)
+    return parts
 
 
 def check(p: MemoryPlan) -> None:

@@ -87,8 +87,19 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
             raise DataError(f"sequence {i} has {lengths[i]} tokens ({s} aligned to {pad_multiple}{in_row}), more than "
                             f"the micro-batch budget data.max_tokens_per_micro_batch={max_tokens}")
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    need = -(-_first_fit_count(order, sizes, budget) // dp_size)
+    per_rank = aligned_length(max(min_micro_batches, need), micro_batch_multiple)
+    members, loads, per_rank = _fill_micro_batches(order, sizes, budget, per_rank, dp_size, micro_batch_multiple)
+    rank_bins = _deal_to_ranks(loads, dp_size, per_rank)
+    if dp_size > 1:
+        _rebalance(rank_bins, members, loads, sizes, budget)
+    return MicroBatchPlan(ranks=[[sorted(members[b]) for b in bins] for bins in rank_bins],
+                          tokens=[[aligned_length(loads[b], row) for b in bins] for bins in rank_bins],
+                          max_tokens=max_tokens, pad_multiple=pad_multiple, row_multiple=row_multiple)
 
-    # First-fit-decreasing: how many micro-batches the budget needs at all.
+
+def _first_fit_count(order: list[int], sizes: list[int], budget: int) -> int:
+    """How many micro-batches the budget needs at all: first-fit-decreasing over `order` (longest first)."""
     ffd: list[int] = []
     for i in order:
         for b, load in enumerate(ffd):
@@ -97,9 +108,14 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
                 break
         else:
             ffd.append(sizes[i])
-    per_rank = aligned_length(max(min_micro_batches, -(-len(ffd) // dp_size)), micro_batch_multiple)
+    return len(ffd)
 
-    while True:  # longest first into the least-filled micro-batch; grow if one stops fitting
+
+def _fill_micro_batches(order: list[int], sizes: list[int], budget: int, per_rank: int, dp_size: int,
+                        step: int) -> tuple[list[list[int]], list[int], int]:
+    """(members, token loads, micro-batches per rank): longest first into the least-filled micro-batch, which
+    balances them; when one stops fitting, try again with `step` more micro-batches per rank."""
+    while True:
         heap = [(0, b) for b in range(per_rank * dp_size)]
         members: list[list[int]] = [[] for _ in heap]
         loads = [0] * len(heap)
@@ -111,21 +127,19 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
             loads[b] = load + sizes[i]
             heapq.heappush(heap, (loads[b], b))
         else:
-            break
-        per_rank += micro_batch_multiple
+            return members, loads, per_rank
+        per_rank += step
 
-    # Deal micro-batches to ranks: fullest first, to the rank with the fewest tokens and room left.
+
+def _deal_to_ranks(loads: list[int], dp_size: int, per_rank: int) -> list[list[int]]:
+    """Micro-batch indices per rank: fullest first, to the rank with the fewest tokens and room left."""
     rank_bins: list[list[int]] = [[] for _ in range(dp_size)]
     totals = [0] * dp_size
-    for b in sorted(range(len(members)), key=lambda b: (-loads[b], b)):
+    for b in sorted(range(len(loads)), key=lambda b: (-loads[b], b)):
         r = min((r for r in range(dp_size) if len(rank_bins[r]) < per_rank), key=lambda r: (totals[r], r))
         rank_bins[r].append(b)
         totals[r] += loads[b]
-    if dp_size > 1:
-        _rebalance(rank_bins, members, loads, sizes, budget)
-    return MicroBatchPlan(ranks=[[sorted(members[b]) for b in bins] for bins in rank_bins],
-                          tokens=[[aligned_length(loads[b], row) for b in bins] for bins in rank_bins],
-                          max_tokens=max_tokens, pad_multiple=pad_multiple, row_multiple=row_multiple)
+    return rank_bins
 
 
 def _rebalance(rank_bins: list[list[int]], members: list[list[int]], loads: list[int], sizes: list[int],

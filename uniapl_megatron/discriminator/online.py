@@ -17,7 +17,7 @@ rank and broadcast the scores, so that the copies never drift apart.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -101,6 +101,20 @@ class OnlineDiscriminator:
         # Each class carries half of the loss, whatever the real:fake ratio.
         class_w = torch.where(labels > 0, n / (2.0 * n_real), n / (2.0 * len(candidates)))
 
+        sums, batches = self._train_epochs(step, mine, ids, labels, class_w, group)
+        self.updates += 1
+        return {
+            "disc/updated": 1.0,
+            "disc/loss": float(sums[0]) / batches,
+            "disc/acc_real": float(sums[1]) / n_real,
+            "disc/acc_fake": float(sums[2]) / len(candidates),
+        }
+
+    def _train_epochs(self, step: int, mine: list[bool], ids: dict[int, Any], labels: torch.Tensor,
+                      class_w: torch.Tensor, group: object) -> tuple[torch.Tensor, int]:
+        """update_epochs passes over the examples in batches shuffled from (seed, step). Returns the summed
+        (loss, real right, fake right), the right counts from the first epoch only, and the batch count."""
+        n = len(mine)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         sums = torch.zeros(3, dtype=torch.float64)  # loss, real right, fake right
         batches = 0
@@ -109,36 +123,36 @@ class OnlineDiscriminator:
             order = torch.randperm(n, generator=gen).tolist()
             for start in range(0, n, self.cfg.train_batch_size):
                 idx = order[start : start + self.cfg.train_batch_size]
-                rows = [i for i in idx if mine[i]]
-                self.optimizer.zero_grad(set_to_none=True)
-                part = torch.zeros(3, dtype=torch.float64)
-                if rows:
-                    z = self.scorer.logits([ids[i] for i in rows])
-                    y, w = labels[rows], class_w[rows]
-                    # This rank's share of the batch mean: the shares add up to it over the group.
-                    loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).sum() / len(idx)
-                    loss.backward()
-                    right = ((z.detach() > 0).float() == y).float()
-                    part = torch.tensor([float(loss.detach()), float((right * y).sum()),
-                                         float((right * (1 - y)).sum())], dtype=torch.float64)
-                if group is not None:
-                    self._sum_grads(group)
-                    dist.all_reduce(part, group=group)
-                if self.cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
-                self.optimizer.step()
+                part = self._train_batch(idx, [i for i in idx if mine[i]], ids, labels, class_w, group)
                 sums[0] += part[0]
                 if epoch == 0:
                     sums[1:] += part[1:]
                 batches += 1
         self.scorer.eval()
-        self.updates += 1
-        return {
-            "disc/updated": 1.0,
-            "disc/loss": float(sums[0]) / batches,
-            "disc/acc_real": float(sums[1]) / n_real,
-            "disc/acc_fake": float(sums[2]) / len(candidates),
-        }
+        return sums, batches
+
+    def _train_batch(self, idx: list[int], rows: list[int], ids: dict[int, Any], labels: torch.Tensor,
+                     class_w: torch.Tensor, group: object) -> torch.Tensor:
+        """One optimizer step on the batch `idx`, of which this rank computes `rows`. Returns the batch's
+        (loss, real right, fake right), summed over the group."""
+        self.optimizer.zero_grad(set_to_none=True)
+        part = torch.zeros(3, dtype=torch.float64)
+        if rows:
+            z = self.scorer.logits([ids[i] for i in rows])
+            y, w = labels[rows], class_w[rows]
+            # This rank's share of the batch mean: the shares add up to it over the group.
+            loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).sum() / len(idx)
+            loss.backward()
+            right = ((z.detach() > 0).float() == y).float()
+            part = torch.tensor([float(loss.detach()), float((right * y).sum()),
+                                 float((right * (1 - y)).sum())], dtype=torch.float64)
+        if group is not None:
+            self._sum_grads(group)
+            dist.all_reduce(part, group=group)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.scorer.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        return part
 
     def _sum_grads(self, group: object) -> None:
         """Sum the trainable parameters' gradients over the group in one flat all-reduce (a missing grad is 0)."""

