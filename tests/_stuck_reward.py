@@ -9,7 +9,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from uniapl_megatron.rewards import IFEvalReward, register_reward
+from uniapl_megatron.rewards import IFEvalReward, RewardBase, register_reward
 
 
 @dataclass
@@ -18,7 +18,7 @@ class StuckConfig:
     how: str = "sleep"  # or "regex", or "exit" (the worker process dies)
 
 
-class StuckReward:
+class StuckReward(RewardBase):
     name = "stuck_ifeval"
 
     def __init__(self, config: StuckConfig) -> None:

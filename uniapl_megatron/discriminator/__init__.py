@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from uniapl_megatron.discriminator.base import (
     CANDIDATE_TEMPLATE,
+    DISCRIMINATORS,
     REFERENCE_TEMPLATE,
     Discriminator,
+    DiscriminatorBase,
     DiscriminatorError,
     TrainableDiscriminator,
+    register_discriminator,
 )
 from uniapl_megatron.discriminator.config import DiscriminatorConfig
 from uniapl_megatron.discriminator.frozen import FrozenDiscriminator
@@ -16,20 +19,18 @@ from uniapl_megatron.discriminator.online import OnlineDiscriminator
 from uniapl_megatron.discriminator.polar import PolarDiscriminator
 
 
-def build_discriminator(cfg: DiscriminatorConfig) -> FrozenDiscriminator | OnlineDiscriminator | PolarDiscriminator:
-    """The discriminator ``cfg.kind`` names, loaded from ``cfg.path``."""
-    if cfg.kind == "online":
-        return OnlineDiscriminator.from_config(cfg)
-    if cfg.kind == "polar":
-        return PolarDiscriminator.from_config(cfg)
-    return FrozenDiscriminator.from_config(cfg)
+def build_discriminator(cfg: DiscriminatorConfig) -> Discriminator:
+    """The discriminator registered as ``cfg.kind``, loaded from ``cfg.path``."""
+    return DISCRIMINATORS.get(cfg.kind, "discriminator.kind").from_config(cfg)
 
 
 __all__ = [
     "CANDIDATE_TEMPLATE",
+    "DISCRIMINATORS",
     "REFERENCE_TEMPLATE",
     "VALUE_HEAD_FILE",
     "Discriminator",
+    "DiscriminatorBase",
     "DiscriminatorConfig",
     "DiscriminatorError",
     "FrozenDiscriminator",
@@ -38,4 +39,5 @@ __all__ = [
     "PolarDiscriminator",
     "TrainableDiscriminator",
     "build_discriminator",
+    "register_discriminator",
 ]

@@ -1,9 +1,11 @@
-"""The discriminator contract the trainer talks to, and the input template both kinds share."""
+"""The discriminator contract the trainer talks to, its registry, and the input template the kinds share."""
 
 from __future__ import annotations
 
 import string
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from uniapl_megatron.registry import Registry
 
 
 class DiscriminatorError(ValueError):
@@ -15,29 +17,60 @@ class Discriminator(Protocol):
     """Scores each candidate answer against the teacher's reference answer for the same prompt.
 
     Higher means "more like the teacher". Scores are deterministic for the same inputs and
-    weights, and do not depend on how the inputs are batched.
+    weights, and do not depend on how the inputs are batched. A trainable one (``trainable``) also
+    learns during the run and has state to checkpoint; the others keep DiscriminatorBase's no-ops.
     """
+
+    trainable: bool
+    """Whether update() trains it and state_dict() holds something to checkpoint."""
 
     def score(
         self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
     ) -> list[float]:
         """One float per (prompt, reference, candidate) triple, in input order."""
 
-
-@runtime_checkable
-class TrainableDiscriminator(Discriminator, Protocol):
-    """A discriminator that learns during the run (teacher answers real, rollouts fake)."""
-
     def update(
-        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
+        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str],
+        owned: Sequence[bool] | None = None, group: object = None,
     ) -> dict[str, float]:
-        """Train on one step's data when ``step`` falls on the update period; return metrics."""
+        """Train on one step's data when ``step`` falls on the update period; return metrics. ``owned``: which
+        candidates this rank holds (the others are ""); ``group``: where the gradients are summed."""
 
     def state_dict(self) -> dict:
         """Everything needed to resume: weights, optimizer state."""
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
+
+
+@runtime_checkable
+class TrainableDiscriminator(Discriminator, Protocol):
+    """A discriminator that learns during the run (teacher answers real, rollouts fake): ``trainable`` is True."""
+
+
+class DiscriminatorBase:
+    """A frozen discriminator's defaults: nothing to train, nothing to save. Discriminators subclass it."""
+
+    trainable: bool = False
+
+    def update(
+        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str],
+        owned: Sequence[bool] | None = None, group: object = None,
+    ) -> dict[str, float]:
+        """Frozen: no training, no metrics."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Frozen: its weights are the checkpoint folder's; nothing to save."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Frozen: nothing to restore."""
+
+
+# discriminator.kind -> a class with from_config(DiscriminatorConfig); the kinds register in their modules
+DISCRIMINATORS: Registry[Any] = Registry("discriminator kind", DiscriminatorError)
+register_discriminator = DISCRIMINATORS.register
 
 
 # Reference-conditioned (frozen, POLAR-style): the model sees the teacher's answer next to the

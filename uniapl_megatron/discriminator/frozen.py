@@ -11,12 +11,18 @@ from typing import Sequence
 
 import torch
 
-from uniapl_megatron.discriminator.base import REFERENCE_TEMPLATE, DiscriminatorError
+from uniapl_megatron.discriminator.base import (
+    REFERENCE_TEMPLATE,
+    DiscriminatorBase,
+    DiscriminatorError,
+    register_discriminator,
+)
 from uniapl_megatron.discriminator.config import DiscriminatorConfig
 from uniapl_megatron.discriminator.hf_scorer import HFScorer
 
 
-class FrozenDiscriminator:
+@register_discriminator("frozen")
+class FrozenDiscriminator(DiscriminatorBase):
     """``score(prompts, references, candidates) -> list[float]`` with a frozen HF reward model."""
 
     def __init__(self, scorer: HFScorer):

@@ -23,15 +23,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from uniapl_megatron.discriminator.base import CANDIDATE_TEMPLATE, DiscriminatorError, check_triples
+from uniapl_megatron.discriminator.base import (
+    CANDIDATE_TEMPLATE,
+    DiscriminatorBase,
+    DiscriminatorError,
+    check_triples,
+    register_discriminator,
+)
 from uniapl_megatron.discriminator.config import DiscriminatorConfig
 from uniapl_megatron.discriminator.hf_scorer import HFScorer
 
 _STATE_KEYS = {"model", "optimizer", "updates"}
 
 
-class OnlineDiscriminator:
-    """Discriminator protocol plus ``update``, ``state_dict``, ``load_state_dict``."""
+@register_discriminator("online")
+class OnlineDiscriminator(DiscriminatorBase):
+    """The Discriminator protocol, trainable: ``update`` trains it, ``state_dict`` holds weights and optimizer."""
+
+    trainable = True
 
     def __init__(self, scorer: HFScorer, cfg: DiscriminatorConfig):
         if "{reference}" in scorer.template:

@@ -32,7 +32,12 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from safetensors import safe_open
 
-from uniapl_megatron.discriminator.base import DiscriminatorError, check_triples
+from uniapl_megatron.discriminator.base import (
+    DiscriminatorBase,
+    DiscriminatorError,
+    check_triples,
+    register_discriminator,
+)
 from uniapl_megatron.discriminator.config import DiscriminatorConfig
 
 log = logging.getLogger(__name__)
@@ -330,7 +335,8 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_rows: int)
     return batches
 
 
-class PolarDiscriminator:
+@register_discriminator("polar")
+class PolarDiscriminator(DiscriminatorBase):
     """The Discriminator protocol for a POLAR checkpoint (frozen, never trained here)."""
 
     def __init__(self, model: InternLM2RewardModel, encoder: PolarEncoder, cfg: DiscriminatorConfig,

@@ -5,6 +5,7 @@ family in ``synthetic``."""
 from uniapl_megatron.rewards.base import (
     PromptRowError,
     Reward,
+    RewardBase,
     RewardConfigError,
     available_rewards,
     build_reward,
@@ -18,6 +19,7 @@ __all__ = [
     "InstructionChecker",
     "PromptRowError",
     "Reward",
+    "RewardBase",
     "RewardConfigError",
     "available_rewards",
     "build_reward",

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from uniapl_megatron.registry import Registry
+
 
 class RewardConfigError(ValueError):
     """A bad reward name or option; the message names it and says what is expected."""
@@ -29,9 +31,28 @@ class Reward(Protocol):
     def score(self, prompts: list[dict], responses: list[str]) -> list[float]:
         """One float per (prompt, response) pair; ``prompts[i]`` goes with ``responses[i]``."""
 
+    def take_stats(self) -> dict[str, float]:
+        """Counters since the last call, as metrics (``reward/timeouts``, ...); {} when it keeps none."""
+
+    def close(self) -> None:
+        """Release what scoring holds (worker processes); nothing for an in-process reward."""
+
+
+class RewardBase:
+    """What a reward does by default: no counters, nothing to release. Rewards subclass it."""
+
+    name: str = ""
+
+    def take_stats(self) -> dict[str, float]:
+        """No counters."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 # name -> (config dataclass, factory taking an instance of it)
-_REGISTRY: dict[str, tuple[type, Callable[[Any], Reward]]] = {}
+REWARDS: Registry[tuple[type, Callable[[Any], Reward]]] = Registry("reward", RewardConfigError)
 
 
 def register_reward(name: str, config_cls: type) -> Callable[[Callable[[Any], Reward]], Callable[[Any], Reward]]:
@@ -40,16 +61,15 @@ def register_reward(name: str, config_cls: type) -> Callable[[Callable[[Any], Re
         raise TypeError(f"reward {name!r}: config class must be a dataclass")
 
     def deco(factory: Callable[[Any], Reward]) -> Callable[[Any], Reward]:
-        if name in _REGISTRY:
-            raise RewardConfigError(f"reward {name!r} is registered twice")
-        _REGISTRY[name] = (config_cls, factory)
+        REWARDS.add(name, (config_cls, factory))
         return factory
 
     return deco
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered reward names, sorted."""
+    return REWARDS.names()
 
 
 def build_reward(name: str, options: Mapping[str, Any] | None = None, timeout_s: float = 10.0,
@@ -58,11 +78,7 @@ def build_reward(name: str, options: Mapping[str, Any] | None = None, timeout_s:
 
     With ``timeout_s`` > 0 (the default) every sample is scored in a warm pool of ``workers`` processes
     with that time limit (rewards/pool.py); 0 scores in this process, without a limit."""
-    if name not in _REGISTRY:
-        raise RewardConfigError(
-            f"unknown reward {name!r}; available: {', '.join(available_rewards()) or '(none)'}"
-        )
-    config_cls, factory = _REGISTRY[name]
+    config_cls, factory = REWARDS.get(name)
     options = dict(options or {})
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(options) - fields)

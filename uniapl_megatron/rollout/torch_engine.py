@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .base import RolloutBatch, Sample, SamplingParams
+from .base import EngineBase, RolloutBatch, Sample, SamplingParams, register_engine
 from .config import RolloutConfig, resolve_device
 from .qwen3_decoder import build_decoder
 from .sampling import base_seed, check_request, sample_next, sample_seed, seed_tensor
@@ -41,8 +41,18 @@ def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
                 yield name, st.get_tensor(name)
 
 
-class TorchRolloutEngine:
+@register_engine("torch")
+class TorchRolloutEngine(EngineBase):
     """RolloutEngine on our Qwen3 decoder with a static KV cache and our own sampler."""
+
+    @classmethod
+    def check_colocated(cls, config: RolloutConfig) -> None:
+        """One engine per rank: no tensor parallelism."""
+        from .placement import PlacementError
+
+        if config.tensor_parallel_size != 1:
+            raise PlacementError(f"rollout.tensor_parallel_size={config.tensor_parallel_size}: the torch engine has "
+                                 f"no tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm")
 
     def __init__(self, config: RolloutConfig) -> None:
         from transformers import AutoConfig

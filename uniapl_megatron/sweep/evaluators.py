@@ -97,8 +97,7 @@ class HeldoutReward:
             got = sample_and_score(engine, rows, fmt, reward, cfg.sampling, n, cfg.train.seed, stop_token_ids(fmt))
         finally:
             engine.shutdown()
-            if hasattr(reward, "close"):
-                reward.close()  # its checker processes
+            reward.close()  # its checker processes
         write_jsonl(({"key": rows[i].key, "response": t, "reward": r}
                      for i, t, r in zip(got.prompt_index, got.texts, got.rewards)), ctx.out_dir / "responses.jsonl")
         solved = {i for i, r in zip(got.prompt_index, got.rewards) if r >= 1.0}

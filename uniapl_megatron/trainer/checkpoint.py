@@ -204,7 +204,7 @@ class Checkpointer:
 
     def _write_side_files(self, tmp: Path, step: int, state: dict[str, Any], meta: dict[str, Any],
                           hf_dir: str | None, discriminator: Any, student: Any) -> None:
-        if discriminator is not None and hasattr(discriminator, "state_dict"):
+        if discriminator is not None and discriminator.trainable:  # a frozen one's weights are its folder's
             torch.save(discriminator.state_dict(), tmp / "discriminator.pt")
         (tmp / "hf").mkdir()
         for f in HF_SIDE_FILES:
@@ -274,8 +274,7 @@ class Checkpointer:
         rng = path / "rng" / f"rank_{_rank():05d}.json"
         if rng.is_file() and saved_at in (None, _layout(student)):  # another layout: other ranks, other streams
             _set_rng_state(json.loads(rng.read_text()))
-        if discriminator is not None and hasattr(discriminator, "load_state_dict") \
-                and (path / "discriminator.pt").is_file():
+        if discriminator is not None and discriminator.trainable and (path / "discriminator.pt").is_file():
             discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True,
                                                      map_location="cpu"))
         return state

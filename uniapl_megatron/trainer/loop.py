@@ -158,22 +158,20 @@ class Trainer:
     def _rollouts(self, step: int, prompt_idx: list[int], weights: Any) -> tuple[list[Seq], dict[str, float]]:
         """Collective: every engine samples and scores its share (rollout_step.py); everyone builds the same
         rollout sequences from the gathered results."""
-        samples, stats = self.rollout.run(step, prompt_idx, weights, self.student)
-        rewards = torch.tensor([x[5] for x in samples], dtype=torch.float32)
-        scores = None if samples and samples[0][6] is None else torch.tensor([x[6] for x in samples],
-                                                                             dtype=torch.float32)
-        adv = rollout_advantages(torch.tensor([x[0] for x in samples]), weights, self.cfg.objective, rewards, scores)
+        rollouts, stats = self.rollout.run(step, prompt_idx, weights, self.student)
+        rewards, scores = rollouts.rewards(), rollouts.scores()
+        adv = rollout_advantages(rollouts.prompt_positions(), weights, self.cfg.objective, rewards, scores)
         seqs = []
-        for j, (p, _, toks, lps, *_) in enumerate(samples):
-            prompt_ids = self.prompts[prompt_idx[p]].prompt_ids.tolist()
-            if not toks:  # an empty completion carries no token to train
+        for j, x in enumerate(rollouts):
+            prompt_ids = self.prompts[prompt_idx[x.prompt_pos]].prompt_ids.tolist()
+            if not x.token_ids:  # an empty completion carries no token to train
                 continue
-            seqs.append(Seq(prompt_ids + list(toks), len(prompt_ids), False, float(adv.task[j]),
-                            float(adv.adversarial[j]), list(lps), extra={"prompt_pos": p}))
-        lengths = [len(x[2]) for x in samples]
-        stats.update({"reward/mean": float(rewards.mean()) if samples else 0.0,
+            seqs.append(Seq(prompt_ids + list(x.token_ids), len(prompt_ids), False, float(adv.task[j]),
+                            float(adv.adversarial[j]), list(x.logprobs), extra={"prompt_pos": x.prompt_pos}))
+        lengths = [len(x.token_ids) for x in rollouts]
+        stats.update({"reward/mean": float(rewards.mean()) if len(rollouts) else 0.0,
                       "rollout/response_len": sum(lengths) / max(len(lengths), 1),
-                      "rollout/truncated": sum(x[4] == "length" for x in samples) / max(len(samples), 1)})
+                      "rollout/truncated": sum(x.finish_reason == "length" for x in rollouts) / max(len(rollouts), 1)})
         if scores is not None:
             stats["disc/score_mean"] = float(scores.mean())
         return seqs, stats

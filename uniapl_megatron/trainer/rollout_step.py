@@ -21,25 +21,21 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from ..rollout.base import EngineNeedsWeights, SamplingParams
+from ..eval.heldout import prompt_text
+from ..rollout.base import ENGINES, EngineNeedsWeights, RolloutEngine, SamplingParams
 from ..rollout.placement import EnginePlacement, PlacementError, place_colocated, split_bounds, visible_devices
 from ..rollout.weight_sync import HeldBytes
+from .scored import RankShare, ScoredRollouts, ScoredSample
+
+if TYPE_CHECKING:
+    from ..discriminator.base import Discriminator
 
 log = logging.getLogger(__name__)
-
-# One scored sample as it travels between ranks: (prompt position in the step, sample index, token ids,
-# sampler log-probs, finish reason, reward, discriminator score or None).
-Scored = tuple[int, int, list[int], list[float], str, float, "float | None"]
-
-
-def prompt_text(row: Any) -> str:
-    users = [m["content"] for m in row.messages if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def refit(engine: Any, student: Any, bucket_bytes: int) -> int:
@@ -66,16 +62,10 @@ def place_engines(cfg: Any, rank: int, world: int) -> EnginePlacement | None:
     if r is None or r.mode != "colocated":
         return None
     on_gpu = torch.cuda.is_available() and r.device != "cpu"
-    if r.engine == "torch" and r.tensor_parallel_size != 1:
-        raise PlacementError(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: the torch engine has no "
-                             f"tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm")
     if r.multiprocess and on_gpu:
         raise PlacementError("rollout.multiprocess: true would give the engine's child processes training GPUs "
                              "of their own; colocated engines run in-process on GPUs (set it false)")
-    if r.engine == "vllm" and not r.kv_cache_bytes:
-        raise PlacementError("rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
-                             "fraction of the whole device (or host) memory it shares with training; set the "
-                             "bytes (tools/plan_memory.py shows what fits)")
+    ENGINES.get(r.engine, "rollout.engine").check_colocated(r)
     visible = visible_devices(dict(os.environ), torch.cuda.device_count() if on_gpu else 0)
     return place_colocated(rank, world, int(os.environ.get("LOCAL_RANK", "0")),
                            int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), visible,
@@ -93,12 +83,12 @@ class RolloutStep:
         # a warm pool of checker processes: a check past reward.timeout_s scores 0 and is counted
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, cfg.reward.timeout_s, cfg.reward.workers)
         self.health: Any = None  # the trainer's hang watchdog (trainer/health.py), told when scoring starts
-        self.disc = None
+        self.disc: Discriminator | None = None
         if cfg.discriminator is not None:
             from ..discriminator import build_discriminator
 
             self.disc = build_discriminator(cfg.discriminator)  # every rank scores its own share
-        self.engine: Any = None
+        self.engine: RolloutEngine | None = None
         self.placement: EnginePlacement | None = None
         self.num_engines = 0
         self.scorers: tuple[int, ...] = (self.rank,)  # ranks that split the samples of this rank's engine
@@ -119,7 +109,7 @@ class RolloutStep:
             self._group = dist.group.WORLD if self.world > 1 else None
             if self.rank == 0:
                 self.engine = build_engine(r)
-            count = [getattr(self.engine, "num_engines", 0)]
+            count = [self.engine.num_engines if self.engine is not None else 0]
             dist.broadcast_object_list(count, src=0)
             self.num_engines = count[0]
             return
@@ -156,8 +146,7 @@ class RolloutStep:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-        if hasattr(self.reward, "close"):
-            self.reward.close()  # its worker processes
+        self.reward.close()  # its worker processes
 
     # ---- one step ---------------------------------------------------------------------------------------
     @property
@@ -172,9 +161,9 @@ class RolloutStep:
         b = split_bounds(n_prompts, self.num_engines)
         return b[self.placement.engine], b[self.placement.engine + 1]
 
-    def _generate(self, step: int, prompt_idx: list[int]) -> list[tuple] | None:
-        """This rank's engine's samples as (position, sample index, tokens, log-probs, finish reason); [] without
-        an engine or prompts; None when the engine needs the weights again."""
+    def _generate(self, step: int, prompt_idx: list[int]) -> list[ScoredSample] | None:
+        """This rank's engine's samples, not scored yet; [] without an engine or prompts; None when the engine
+        needs the weights again."""
         lo, hi = self.share(len(prompt_idx))
         if self.engine is None or hi == lo:
             return []
@@ -195,14 +184,14 @@ class RolloutStep:
         out = []
         for x in batch.samples:
             j = seen[x.prompt_index] = seen.get(x.prompt_index, -1) + 1
-            out.append((lo + x.prompt_index, j, list(x.token_ids), list(x.logprobs), x.finish_reason))
+            out.append(ScoredSample(lo + x.prompt_index, j, list(x.token_ids), list(x.logprobs), x.finish_reason))
         return out
 
-    def _generate_all(self, step: int, prompt_idx: list[int], student: Any) -> tuple[list[tuple], int, float]:
+    def _generate_all(self, step: int, prompt_idx: list[int], student: Any) -> tuple[list[ScoredSample], int, float]:
         """Every engine generates its share; engines that lost their weights are re-synced (collectively) and
         retry, the others keep what they made. Returns (this rank's engine's samples, re-syncs, seconds)."""
         limit = max(1, self.cfg.rollout.max_restarts)
-        made: list[tuple] | None = None
+        made: list[ScoredSample] | None = None
         t0 = time.perf_counter()
         for resyncs in range(limit + 1):
             if made is None:
@@ -217,7 +206,7 @@ class RolloutStep:
             self.sync(student, only_if_needed=True)
         raise AssertionError("unreachable")
 
-    def _score(self, made: list[tuple], prompt_idx: list[int], needs_disc: bool) -> list[Scored]:
+    def _score(self, made: list[ScoredSample], prompt_idx: list[int], needs_disc: bool) -> list[ScoredSample]:
         """Reward and discriminator score of this rank's part of its engine's samples."""
         if self._group is not None:
             box = [made if self.rank == self.source else None]
@@ -226,27 +215,28 @@ class RolloutStep:
         b = split_bounds(len(made), len(self.scorers))
         k = self.scorers.index(self.rank)
         mine = made[b[k]: b[k + 1]]
-        rows = [self.prompts[prompt_idx[m[0]]] for m in mine]
-        texts = [self.fmt.decode(m[2], skip_special_tokens=True) for m in mine]
+        rows = [self.prompts[prompt_idx[m.prompt_pos]] for m in mine]
+        texts = [self.fmt.decode(m.token_ids, skip_special_tokens=True) for m in mine]
         rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
                                       "prompt": prompt_text(r)} for r in rows], texts) if mine else []
         scores: list[float | None] = [None] * len(mine)
         if needs_disc and mine:
             scores = self.disc.score([prompt_text(r) for r in rows], [r.teacher_response or "" for r in rows], texts)
-        self._texts = {(m[0], m[1]): t for m, t in zip(mine, texts)}  # for the discriminator's update
-        return [(*m, float(rw), None if sc is None else float(sc)) for m, rw, sc in zip(mine, rewards, scores)]
+        self._texts = {m.key: t for m, t in zip(mine, texts)}  # for the discriminator's update
+        return [dataclasses.replace(m, reward=float(rw), score=None if sc is None else float(sc))
+                for m, rw, sc in zip(mine, rewards, scores)]
 
-    def run(self, step: int, prompt_idx: list[int], weights: Any, student: Any) -> tuple[list[Scored], dict]:
+    def run(self, step: int, prompt_idx: list[int], weights: Any, student: Any) -> tuple[ScoredRollouts, dict]:
         """Collective: generate, score and gather the step's samples, in (prompt position, sample) order."""
         made, resyncs, gen_s = self._generate_all(step, prompt_idx, student)
         if self.health is not None:
             self.health.phase("score", step)
         mine = self._score(made, prompt_idx, weights.needs_discriminator)
-        restarts = getattr(self.engine, "restarts", 0) if self.rank == self.source else 0
-        checks = self.reward.take_stats() if hasattr(self.reward, "take_stats") else {}
+        share = RankShare(mine, self.engine.restarts if self.is_source else 0, gen_s, self.held_peak,
+                          self.reward.take_stats())
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, (mine, restarts, gen_s, self.held_peak, checks))
-        samples = sorted((x for g in gathered for x in g[0]), key=lambda x: (x[0], x[1]))
+        dist.all_gather_object(gathered, share)
+        samples = sorted((x for g in gathered for x in g.samples), key=lambda x: x.key)
         expected = len(prompt_idx) * self.cfg.sampling.group_size
         if len(samples) != expected:
             raise RuntimeError(f"step {step}: gathered {len(samples)} rollout samples, expected {expected}")
@@ -254,36 +244,38 @@ class RolloutStep:
         shares = [b[k + 1] - b[k] for k in range(len(b) - 1)]
         stats = {"rollout/engines": float(sum(n > 0 for n in shares)),
                  "rollout/prompts_per_engine_max": float(max(shares)),
-                 "rollout/gen_seconds": max(g[2] for g in gathered),
-                 "rollout/engine_restarts": float(sum(g[1] for g in gathered)),
+                 "rollout/gen_seconds": max(g.gen_seconds for g in gathered),
+                 "rollout/engine_restarts": float(sum(g.restarts for g in gathered)),
                  "rollout/resyncs": float(resyncs),
-                 "rollout/refit_held_mib": max(g[3] for g in gathered) / 2**20}  # the last sync, fullest rank
+                 "rollout/refit_held_mib": max(g.held_peak_bytes for g in gathered) / 2**20}  # last sync, fullest
         for g in gathered:  # reward/timeouts, reward/worker_crashes: summed over the ranks that scored
-            for key, value in g[4].items():
+            for key, value in g.reward_stats.items():
                 stats[key] = stats.get(key, 0.0) + value
-        if self.disc is not None and hasattr(self.disc, "update"):
-            stats.update(self._update_disc(step, samples, prompt_idx, {(x[0], x[1]) for x in mine}))
+        if self.disc is not None and self.disc.trainable:
+            stats.update(self._update_disc(step, samples, prompt_idx, {x.key for x in mine}))
         self._log(step, samples, prompt_idx)
-        return samples, stats
+        return ScoredRollouts(samples), stats
 
-    def _update_disc(self, step: int, samples: list[Scored], prompt_idx: list[int], mine: set) -> dict[str, float]:
+    def _update_disc(self, step: int, samples: list[ScoredSample], prompt_idx: list[int],
+                     mine: set[tuple[int, int]]) -> dict[str, float]:
         """The online discriminator learns from every sample, each rank computing the gradient of the samples
         it scored (their texts are here); the gradients are summed, so every copy takes the same update."""
-        rows = [self.prompts[prompt_idx[x[0]]] for x in samples]
-        owned = [(x[0], x[1]) in mine for x in samples]
-        candidates = [self._texts[(x[0], x[1])] if o else "" for x, o in zip(samples, owned)]
+        rows = [self.prompts[prompt_idx[x.prompt_pos]] for x in samples]
+        owned = [x.key in mine for x in samples]
+        candidates = [self._texts[x.key] if o else "" for x, o in zip(samples, owned)]
         upd = self.disc.update(step, [prompt_text(r) for r in rows], [r.teacher_response or "" for r in rows],
                                candidates, owned=owned, group=dist.group.WORLD if self.world > 1 else None)
         return dict(upd or {})
 
-    def _log(self, step: int, samples: list[Scored], prompt_idx: list[int]) -> None:
+    def _log(self, step: int, samples: list[ScoredSample], prompt_idx: list[int]) -> None:
+        """Rank 0 logs the first train.log_samples samples (and, with train.log_rollouts, all of them)."""
         if self.rank != 0:
             return
         first = samples[: self.cfg.train.log_samples]
-        self.log.samples(step, [{"prompt": prompt_text(self.prompts[prompt_idx[x[0]]]),
-                                 "response": self.fmt.decode(x[2], skip_special_tokens=True), "reward": x[5]}
-                                for x in first])
+        self.log.samples(step, [{"prompt": prompt_text(self.prompts[prompt_idx[x.prompt_pos]]),
+                                 "response": self.fmt.decode(x.token_ids, skip_special_tokens=True),
+                                 "reward": x.reward} for x in first])
         if self.cfg.train.log_rollouts:
-            self.log.rollouts(step, [{"step": step + 1, "prompt_index": x[0], "sample_index": x[1],
-                                      "dataset_index": prompt_idx[x[0]], "token_ids": x[2], "reward": x[5]}
-                                     for x in samples])
+            self.log.rollouts(step, [{"step": step + 1, "prompt_index": x.prompt_pos, "sample_index": x.sample_index,
+                                      "dataset_index": prompt_idx[x.prompt_pos], "token_ids": x.token_ids,
+                                      "reward": x.reward} for x in samples])
