@@ -22,15 +22,24 @@ from ..eval.io import atomic_write_json
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s [%(filename)s:%(lineno)d] %(message)s"
 # Figures shown next to the bar: metric -> short name.
+log = logging.getLogger(__name__)
 _BAR_FIGURES = {"reward/mean": "reward", "eval/heldout_reward": "heldout", "loss/total": "loss"}
 
 
 class _ConsoleHandler(logging.Handler):
-    """Writes above the progress bar instead of through it."""
+    """Writes above the progress bar instead of through it: warnings to stderr; the trainer's own milestones
+    (INFO: resumed, stage switch, saved on a signal) to stdout."""
+
+    def __init__(self, level: int, stream: Any = None, below: int | None = None) -> None:
+        super().__init__(level)
+        self.stream, self.below = stream, below
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (self.below is None or record.levelno < self.below) and super().filter(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record), file=self.stream or sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -55,6 +64,12 @@ class LogRouting:
         root.addHandler(self.file)
         root.setLevel(logging.INFO)
         ours.addHandler(self.console)
+        self.milestones = _ConsoleHandler(logging.INFO, sys.stdout, below=logging.WARNING)
+        self.milestones.setFormatter(logging.Formatter("%(message)s"))
+        self._trainer = logging.getLogger("uniapl_megatron.trainer")
+        self._trainer_level = self._trainer.level
+        self._trainer.setLevel(logging.INFO)
+        self._trainer.addHandler(self.milestones)
         logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> the root's file handler
         self._env_set = self._route_vllm()
         self._hf_progress = self._route_transformers()
@@ -98,6 +113,8 @@ class LogRouting:
         root.removeHandler(self.file)
         root.setLevel(self._root_level)
         logging.getLogger("uniapl_megatron").removeHandler(self.console)
+        self._trainer.removeHandler(self.milestones)
+        self._trainer.setLevel(self._trainer_level)
         logging.captureWarnings(False)
         if self._env_set:
             os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
@@ -133,7 +150,7 @@ class RunLogger:
 
                 self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(), dir=str(out))
             except ImportError:
-                print("train.wandb_project is set but wandb is not installed; logging without it", flush=True)
+                log.warning("train.wandb_project is set but wandb is not installed; logging without it")
 
     def restore(self, history: list[dict[str, float]]) -> None:
         self.history = list(history)

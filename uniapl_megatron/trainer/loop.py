@@ -11,6 +11,7 @@ same global list of sequences from the gathered results and packs its own data-p
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -35,6 +36,8 @@ from .logging import RunLogger
 from .rollout_step import RolloutStep, place_engines
 from .stages import StageSwitch
 from .student import MicroBatch, Student
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,7 +144,7 @@ class Trainer:
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
         self.log.restore(state.get("history", []))
         if self.rank == 0:
-            print(f"resumed from {path} (step {self.start_step})", flush=True)
+            log.info("resumed from %s (step %d)", path, self.start_step)
 
     def _save(self, step: int, block: bool = False) -> None:
         self.health.phase("save", step)
@@ -313,7 +316,7 @@ class Trainer:
         failed = [err for _, err in gathered if err]
         if failed:
             if self.rank == 0:
-                print(f"held-out evaluation skipped: {failed[0]}", flush=True)
+                log.warning("held-out evaluation skipped: %s", failed[0])
             return {}
         rewards = [r for got, _ in gathered for r in got]
         return {"eval/heldout_reward": sum(rewards) / max(len(rewards), 1), "time/eval_seconds": time.perf_counter() - t0}
@@ -370,8 +373,8 @@ class Trainer:
             if flag.item():
                 reason = "deadline" if flag.item() == _DEADLINE else "signal"
                 if self.rank == 0:
-                    print(f"{'job end near' if reason == 'deadline' else f'signal {flag.item()}'}: saved step "
-                          f"{done}, exiting", flush=True)
+                    why = "job end near" if reason == "deadline" else f"signal {flag.item()}"
+                    log.info("%s: saved step %d, exiting", why, done)
                 break
         else:
             reason = "finished"

@@ -62,9 +62,9 @@ class StageSwitch:
             trainer.ref.copy_weights_from(student)
             self._save_reference(trainer.ref)
         if dist.get_rank() == 0:
-            print(f"stage switch at optimizer update {self.cfg.objective.stage_switch_step} (step {step}): "
-                  f"lr {self.second_optim().lr:g} ({self.second_optim().decay_style}), fresh Adam moments"
-                  + (", KL reference = the current student" if reset else ""), flush=True)
+            log.info("stage switch at optimizer update %d (step %d): lr %g (%s), fresh Adam moments%s",
+                     self.cfg.objective.stage_switch_step, step, self.second_optim().lr,
+                     self.second_optim().decay_style, ", KL reference = the current student" if reset else "")
         return True
 
     def resume(self, trainer: Any, done_steps: int) -> None:
