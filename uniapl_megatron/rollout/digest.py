@@ -21,10 +21,11 @@ import torch
 log = logging.getLogger(__name__)
 
 Digest = tuple[float, float]
-# Relative tolerance of a digest: a read copy differs from the sent tensor only by summation order; a probed
-# GEMM by its own accumulation in the engine's dtype.
-_RTOL_READ = 1e-5
-_RTOL_PROBE = {torch.float32: 1e-4, torch.float64: 1e-6}
+# Relative tolerance of a digest: a read copy differs from the sent tensor only by float64 summation order; a
+# probed GEMM by its own accumulation in the engine's dtype.
+_RTOL_READ = 1e-10  # float64 on both sides: only the summation order differs
+_BLOCK_ELEMENTS = 1 << 22
+_RTOL_PROBE = {torch.float32: 1e-5, torch.float64: 1e-9}
 _RTOL_PROBE_LOW = 2e-2  # bfloat16 / float16 outputs
 
 
@@ -49,10 +50,6 @@ def probe(k: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
     return _fixed(k, 1).to(device=device, dtype=dtype)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def reduce(v: torch.Tensor) -> Digest:
     """(c . v, |v|^2) in float64 of a vector (W's product with the probe, or W itself)."""
     v = v.detach().reshape(-1).to(torch.float64)
@@ -61,12 +58,15 @@ def reduce(v: torch.Tensor) -> Digest:
 
 
 def product(t: torch.Tensor) -> torch.Tensor:
-    """v of a tensor: the tensor itself (<= 1-D) or its rows times the probe (>= 2-D, leading dims as rows)."""
+    """v of a tensor, in float64: the tensor itself (<= 1-D) or its rows times the probe (>= 2-D, leading dims
+    as rows), a block of rows at a time (a float64 copy of a whole large matrix would not fit beside it)."""
     t = t.detach()
     if t.dim() <= 1:
-        return t
-    w = t.reshape(-1, t.shape[-1]).to(_compute_dtype(t.dtype))
-    return w @ probe(t.shape[-1], w.dtype, w.device)
+        return t.to(torch.float64)
+    w = t.reshape(-1, t.shape[-1])
+    x = probe(t.shape[-1], torch.float64, w.device)
+    rows = max(1, _BLOCK_ELEMENTS // w.shape[1])
+    return torch.cat([w[i:i + rows].to(torch.float64) @ x for i in range(0, w.shape[0], rows)])
 
 
 def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> Digest:

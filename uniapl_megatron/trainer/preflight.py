@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 _TEMPERATURE_FACTORS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.4, 1.6, 2.0)
+_REFINE_STEPS = 6
 
 
 class PreflightError(RuntimeError):
@@ -62,20 +63,34 @@ def _samples(trainer: Any) -> list:
     return seqs
 
 
+def _fit_temperature(trainer: Any, seqs: list) -> tuple[float, float]:
+    """(temperature, max |diff|) at which the trainer's log-probs best match the engine's: a grid around
+    sampling.temperature (and 1), then a ternary search between the best point's neighbours."""
+    t = trainer.cfg.sampling.temperature
+    grid = sorted({1.0, t, *(round(t * f, 4) for f in _TEMPERATURE_FACTORS)})
+    scores = [_diffs(trainer, seqs, x)[0] for x in grid]
+    i = min(range(len(grid)), key=scores.__getitem__)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    best = (scores[i], grid[i])
+    for _ in range(_REFINE_STEPS):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        fa, fb = _diffs(trainer, seqs, a)[0], _diffs(trainer, seqs, b)[0]
+        best = min(best, (fa, a), (fb, b))
+        lo, hi = (lo, b) if fa <= fb else (a, hi)
+    return best[1], best[0]
+
+
 def _cause(trainer: Any, seqs: list, tol: float, max_diff: float) -> str:
     """The likely cause of a disagreement, from re-scoring the tokens at other temperatures."""
     t = trainer.cfg.sampling.temperature
-    tried = sorted({1.0, *(round(t * f, 4) for f in _TEMPERATURE_FACTORS)} - {t})
-    best = min(((_diffs(trainer, seqs, x)[0], x) for x in tried), key=lambda z: z[0])
-    if best[0] <= max(tol, 0.2 * max_diff):
-        if best[1] == 1.0:
-            return (f"temperature: the engine's log-probs match the trainer's at temperature 1 (max |diff| "
-                    f"{best[0]:.3g}), not at sampling.temperature={t} - the engine samples at temperature 1 or "
-                    f"returns raw (unprocessed) log-probs instead of those of the distribution it sampled from")
-        return (f"temperature: the engine's log-probs match the trainer's at temperature {best[1]:g} (max |diff| "
-                f"{best[0]:.3g}), not at sampling.temperature={t} - the engine samples at another temperature "
-                f"than the trainer scores at")
-    return (f"weights or dtype: no temperature explains it (best: {best[1]:g}, max |diff| {best[0]:.3g}); "
+    fit, diff = _fit_temperature(trainer, seqs)
+    if diff <= max(tol, 0.2 * max_diff) and abs(fit - t) > 0.01 * t:
+        raw = (" - or returns raw (temperature-1) log-probs instead of those of the distribution it sampled from"
+               if abs(fit - 1.0) <= 0.02 else "")
+        return (f"temperature: the engine's log-probs match the trainer's at temperature {fit:.3g} (max |diff| "
+                f"{diff:.3g}), not at sampling.temperature={t}: the engine samples at temperature {fit:.3g} while "
+                f"the trainer scores at {t}{raw}")
+    return (f"weights or dtype: no temperature explains it (best fit {fit:.3g}, max |diff| {diff:.3g}); "
             f"engine dtype rollout.dtype={trainer.cfg.rollout.dtype}, trainer model.dtype={trainer.cfg.model.dtype}"
             f" - check the weight sync (rollout.verify_weights) and both dtypes")
 
