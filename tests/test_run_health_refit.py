@@ -90,7 +90,8 @@ def test_a_normal_start_passes_the_gate_and_an_altered_weight_fails_the_step(ass
     rows = metrics(tmp_path / "w")
     gate = [m for m in rows if "preflight/logprob_max_diff" in m]
     assert gate and gate[0]["preflight/logprob_max_diff"] <= 1e-3, (rows, text[-3000:])
-    steps = [m for m in rows if m["step"] >= 1]
-    assert len(steps) == 1 and steps[0]["sync/verified"] == 1.0 and "sync/digest_seconds" in steps[0], rows
+    # The start-up sync was verified and passed (the gate ran after it); the sync after step 1 finds the weight
+    # altered in the engine's memory: the step fails (it is not logged) naming the tensor and both digests.
     assert r.returncode != 0 and "Traceback" not in text, text[-3000:]
     assert "model.embed_tokens.weight: engine 0 (rank 0) holds digest" in text, text[-3000:]
+    assert "the trainer sent" in text and not [m for m in rows if m["step"] >= 1], text[-3000:]
