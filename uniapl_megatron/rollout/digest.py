@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 Digest = torch.Tensor  # v, float32, one value per row (or element of a vector)
 # Relative tolerance of a digest's values: a read copy differs from the sent tensor only by the float32
 # product's rounding; a probed GEMM by its own accumulation in the engine's dtype.
-_RTOL_READ = 1e-6  # the same float32 product of the same values: only the kernel's threading may differ
+_RTOL_READ = 2e-5  # float32 products of the same values: kernels (contiguous or not, threads) round apart
 _BLOCK_ELEMENTS = 1 << 22
-_RTOL_PROBE = {torch.float32: 1e-5, torch.float64: 1e-9}
+_RTOL_PROBE = {torch.float32: 5e-5, torch.float64: 1e-9}
 _RTOL_PROBE_LOW = 2e-2  # bfloat16 / float16 outputs
 
 
