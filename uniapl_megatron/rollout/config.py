@@ -55,11 +55,11 @@ class RolloutConfig:
     """Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
     (a single tensor larger than this travels alone)."""
 
-    verify_weights: Literal["off", "first", "every"] = "every"
+    verify_weights: Literal["never", "first", "every"] = "every"
     """Refit integrity (rollout/digest.py): after a weight sync, each colocated engine digests the weights it
     holds (in its own worker) and compares them with the digests its training ranks computed of what they
     sent; a mismatch stops the run naming the tensor, the engine and both digests. "every" sync, only the
-    "first" (start-up and resume), or "off". Its cost is logged as sync/digest_seconds. Engines of rollout
+    "first" (start-up and resume), or "never" (YAML reads a bare off as false). Its cost is logged as sync/digest_seconds. Engines of rollout
     tensor_parallel_size > 1 (vLLM) and disaggregated servers are not verified yet (a warning says so)."""
 
     # --- vllm engine ---
