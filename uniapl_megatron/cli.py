@@ -35,14 +35,16 @@ def _train(config: str | None, overrides: list[str], launch: bool = True) -> int
     if launch and world > 1 and not under_launcher():
         # A multi-rank layout started as one process: start its ranks here (gloo on CPU).
         return run_ranks([sys.executable, "-m", "uniapl_megatron.cli", "train", *( [config] if config else []), *overrides], world)
+    from .rollout.digest import RefitMismatchError
     from .trainer.loop import NonFiniteLossError, Trainer
+    from .trainer.preflight import PreflightError
 
     try:
         summary = Trainer(cfg).run()
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:  # metrics.jsonl and the last checkpoint stay as they were
+    except (NonFiniteLossError, PreflightError, RefitMismatchError) as e:  # checkpoints stay as they were
         print(f"error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:

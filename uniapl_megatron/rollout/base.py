@@ -66,6 +66,8 @@ class RolloutEngine(Protocol):
     receives_broadcast: bool
     """Whether its own workers join a sender's weight broadcast (connect, then receive_weights per sync) in a
     rollout server; False: the server process receives the broadcast and calls update_weights."""
+    verifies_weights: bool
+    """weight_digests() reports what the engine holds, so a refit can be checked (rollout.verify_weights)."""
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """n samples for each prompt (token ids in, token ids out), grouped by prompt order.
@@ -103,6 +105,7 @@ class EngineBase:
     num_engines: int = 1
     last_sync: SyncStats = SyncStats()
     receives_broadcast: bool = False
+    verifies_weights: bool = False
 
     @classmethod
     def check_colocated(cls, config: RolloutConfig) -> None:
@@ -117,6 +120,10 @@ class EngineBase:
     def receive_weights(self, src: int = 0) -> None:
         """Only receives_broadcast engines receive a broadcast themselves."""
         raise NotImplementedError(f"{type(self).__name__} does not join a weight broadcast (receives_broadcast)")
+
+    def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
+        """Only verifies_weights engines report digests of what they hold (rollout/digest.py)."""
+        return None
 
 
 # rollout.engine -> the engine class, built as cls(config); the engines register in their modules

@@ -55,6 +55,14 @@ class RolloutConfig:
     """Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
     (a single tensor larger than this travels alone)."""
 
+    verify_weights: Literal["never", "first", "every"] = "every"
+    """Refit integrity (rollout/digest.py): after a weight sync, each colocated engine digests the weights it
+    holds (in its own worker) and compares them with the digests its training ranks computed of what they
+    sent; a mismatch stops the run naming the tensor, the engine and both digests. "every" sync, only the
+    "first" (start-up and resume), or "never" (not "off": YAML reads a bare off as false). Its cost is
+    logged as sync/digest_seconds. Engines of rollout tensor_parallel_size > 1 (vLLM) and disaggregated
+    servers are not verified yet (a warning says so)."""
+
     # --- vllm engine ---
     tensor_parallel_size: Annotated[int, Ge(1)] = 1
     """Tensor-parallel size of one rollout engine, independent of the training layout: colocated, each group of

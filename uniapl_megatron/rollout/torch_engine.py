@@ -17,6 +17,7 @@ import torch
 
 from .base import EngineBase, RolloutBatch, Sample, SamplingParams, register_engine
 from .config import RolloutConfig, resolve_device
+from .digest import product
 from .qwen3_decoder import build_decoder
 from .sampling import base_seed, check_request, sample_next, sample_seed, seed_tensor
 from .weight_sync import NamedTensor, SyncStats, WeightsSource, WeightSyncError, nbytes
@@ -44,6 +45,8 @@ def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
 @register_engine("torch")
 class TorchRolloutEngine(EngineBase):
     """RolloutEngine on our Qwen3 decoder with a static KV cache and our own sampler."""
+
+    verifies_weights = True
 
     @classmethod
     def check_colocated(cls, config: RolloutConfig) -> None:
@@ -120,6 +123,11 @@ class TorchRolloutEngine(EngineBase):
             torch.cuda.synchronize(self.device)
         self.last_sync = stats
         return written
+
+    @torch.no_grad()
+    def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """{HF name: (digest v, read)} of the weights the model holds now (rollout/digest.py)."""
+        return {name: (product(t).cpu(), True) for name, t in self._params.items()}
 
     # ---- generation -------------------------------------------------------------------------------------
     def _decode_step(self, prev: torch.Tensor, last_position: torch.Tensor, last_slot: torch.Tensor,

@@ -108,6 +108,7 @@ class VLLMRolloutEngine(EngineBase):
     """RolloutEngine on vLLM. See the module docstring for the layouts."""
 
     receives_broadcast = True  # disaggregated: its workers join the trainer's broadcast group themselves
+    verifies_weights = True  # its worker digests the loaded weights (vllm_worker.uniapl_digests)
 
     @classmethod
     def check_colocated(cls, config: RolloutConfig) -> None:
@@ -407,6 +408,11 @@ class VLLMRolloutEngine(EngineBase):
             raise WeightSyncError("update_weights: the iterator yielded no tensors")
         if "kv_cache" not in self._asleep:  # a sleeping cache is emptied anyway; wake() resets it again
             self._llm.reset_prefix_cache()
+
+    def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
+        """{HF name: (digest v, read)} of the weights the engine's worker holds now (rollout/digest.py), computed
+        in the worker (in-process or child process); None for a tensor-parallel engine (shards)."""
+        return self._llm.collective_rpc("uniapl_digests")[0]
 
     def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
                 rank_offset: int = 1) -> None:

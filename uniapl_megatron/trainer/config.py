@@ -129,6 +129,15 @@ class TrainConfig:
     """Slack on top of the expected step and save time: a save starts (and the run stops for a requeue)
     once the job end is nearer than the longest recent step + the last save's duration + this."""
 
+    preflight_tolerance: Annotated[float, Ge(0)] | None = None
+    """Pre-flight log-prob gate (trainer/preflight.py): after the first weight sync (start and resume), the
+    engines sample preflight_prompts prompts and the trainer scores the same tokens at sampling.temperature;
+    the run refuses to start when max |diff| exceeds this, naming the likely cause (temperature, raw vs
+    processed log-probs, weights/dtype). None: 1e-3 with float32 engine and student, 0.5 otherwise; 0: off.
+    The gate samples without top-k/top-p (the trainer's log-probs are of the full distribution)."""
+    preflight_prompts: Annotated[int, Ge(1)] = 2
+    """Prompts the pre-flight gate samples (sampling.group_size samples each, at most 16 new tokens)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.job_end_time, (int, float)) and not isinstance(self.job_end_time, bool):
             self.job_end_time = f"{self.job_end_time:.0f}"  # YAML reads Unix seconds as a number

@@ -33,6 +33,7 @@ from .checkpoint import Checkpointer, SaveDeadline, job_end_time, latest_checkpo
 from .config import RunConfig, check_run
 from .health import Health
 from .logging import RunLogger
+from .preflight import preflight_gate
 from .rollout_step import RolloutStep, place_engines
 from .stages import StageSwitch
 from .student import MicroBatch, Student
@@ -179,16 +180,18 @@ class Trainer:
             stats["disc/score_mean"] = float(scores.mean())
         return seqs, stats
 
-    def _pack(self, seqs: list[Seq]) -> list[MicroBatch]:
+    def _pack(self, seqs: list[Seq], temperature: float | None = None) -> list[MicroBatch]:
         mbs = pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
                             max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id,
                             fp8_recipe=self.cfg.model.fp8)
-        return set_token_temperatures(mbs, self.cfg.sampling.temperature)
+        return set_token_temperatures(mbs, self.cfg.sampling.temperature if temperature is None else temperature)
 
-    def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str) -> None:
-        """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank."""
-        mbs = self._pack(seqs)
-        lps = model.logprobs(mbs, temperature=self.cfg.sampling.temperature)
+    def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str, temperature: float | None = None) -> None:
+        """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank, at the
+        sampler's temperature (or `temperature`)."""
+        t = self.cfg.sampling.temperature if temperature is None else temperature
+        mbs = self._pack(seqs, t)
+        lps = model.logprobs(mbs, temperature=t)
         local: dict[int, list[float]] = {}
         if lps is not None:
             for mb, lp in zip(mbs, lps):
@@ -249,6 +252,7 @@ class Trainer:
             t1 = time.perf_counter()
             self.sync_weights()
             stats["time/sync_seconds"] = time.perf_counter() - t1
+            stats.update(self.rollout.sync_stats)
         return stats
 
     def _reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
@@ -342,6 +346,7 @@ class Trainer:
         if self.cfg.rollout is not None:
             self.health.phase("sync", self.start_step)
             self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
+            preflight_gate(self)  # engine vs trainer log-probs of a few samples, before any step
         t_start = time.perf_counter()
         last_saved = self.start_step
         if self.start_step == 0:

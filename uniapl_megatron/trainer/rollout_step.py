@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..eval.heldout import prompt_text
 from ..rollout.base import ENGINES, EngineNeedsWeights, RolloutEngine, SamplingParams
+from ..rollout.digest import RefitMismatchError, SentDigests, compare, digest_stream, unverified
 from ..rollout.placement import EnginePlacement, PlacementError, place_colocated, split_bounds, visible_devices
 from ..rollout.weight_sync import HeldBytes
 from .scored import RankShare, ScoredRollouts, ScoredSample
@@ -38,13 +39,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def refit(engine: Any, student: Any, bucket_bytes: int) -> int:
+def refit(engine: Any, student: Any, bucket_bytes: int, digests: SentDigests | None = None,
+          dtype: torch.dtype | None = None) -> int:
     """Collective over the training ranks: stream the student's weights (TP all-gather, PP-stage broadcast in
     buckets of bucket_bytes) into this rank's engine, in-process (None: only take part in the gathers).
-    Returns the most bytes this rank held for the sync at once (weight_sync.HeldBytes). An engine error is
+    With `digests`, each tensor's digest as an engine of weight dtype `dtype` holds it is recorded there as
+    it is sent (rollout/digest.py). Returns the most bytes this rank held for the sync at once
+    (weight_sync.HeldBytes). An engine error is
     raised after this rank has taken part in every gather, so the other ranks never wait on it."""
     tracker = HeldBytes(p for c in student.chunks for p in c.parameters())
     tensors = tracker.track(student.hf_tensors(bucket_bytes=bucket_bytes, track=tracker.add))
+    if engine is not None and digests is not None:
+        tensors = digest_stream(tensors, digests, dtype)
     try:
         if engine is not None:
             engine.update_weights(tensors)  # wakes the weights first when the engine sleeps
@@ -96,6 +102,9 @@ class RolloutStep:
         self._group: Any = None  # to broadcast them from `source` to `scorers`; None: each scorer has them
         self.needs_sync = False  # this rank's engine missed a sync (it failed, or the engine restarted empty)
         self.held_peak = 0
+        self.syncs = 0  # completed syncs (rollout.verify_weights "first" checks only the first)
+        self.sync_stats: dict[str, float] = {}
+        self._warned_unverified = False
         if cfg.rollout is not None:
             self._start()
 
@@ -127,16 +136,57 @@ class RolloutStep:
                      r.tensor_parallel_size, " (child processes)" if r.multiprocess else " (in-process)")
 
     def sync(self, student: Any, only_if_needed: bool = False) -> None:
-        """Collective: refit every engine (or, with only_if_needed, those that missed a sync) from its ranks."""
+        """Collective: refit every engine (or, with only_if_needed, those that missed a sync) from its ranks,
+        then verify what each engine holds when rollout.verify_weights asks for it (RefitMismatchError)."""
         load = self.engine is not None and (self.needs_sync or not only_if_needed)
-        bucket = self.cfg.rollout.bucket_bytes if self.cfg.rollout is not None else 0
+        r = self.cfg.rollout
+        bucket = r.bucket_bytes if r is not None else 0
+        verify = r is not None and (r.verify_weights == "every" or r.verify_weights == "first" and self.syncs == 0)
+        sent: SentDigests | None = SentDigests() if verify and load and self.engine.verifies_weights else None
+        dtype = getattr(torch, r.dtype) if r is not None else None
         try:
-            self.held_peak = refit(self.engine if load else None, student, bucket)
+            self.held_peak = refit(self.engine if load else None, student, bucket, sent, dtype)
             self.needs_sync = self.needs_sync and not load
         except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next rollout re-syncs it
             self.needs_sync = True
+            sent = None
             log.warning("rank %d: weight sync into the rollout engine failed (%s: %s); the next rollout re-syncs",
                         self.rank, type(e).__name__, e)
+        if verify:
+            self._verify(sent, dtype)
+        self.syncs += 1
+
+    def _verify(self, sent: SentDigests | None, dtype: Any) -> None:
+        """Collective: this rank's engine digests what it holds and compares (rollout/digest.py); every rank
+        raises RefitMismatchError when any engine holds other weights than its ranks sent."""
+        t0 = time.perf_counter()
+        bad: list[str] = []
+        if sent:
+            held = self.engine.weight_digests()
+            engine = f"engine {self.placement.engine if self.placement else 0} (rank {self.rank})"
+            if held is None:
+                self._warn_once(f"rollout.verify_weights: {engine} holds tensor-parallel shards; not verified")
+            else:
+                bad = compare(sent, held, dtype, engine)
+                skipped = unverified(sent, held)
+                if skipped:
+                    self._warn_once(f"rollout.verify_weights: {len(skipped)} tensor(s) have no digest in the engine's "
+                                    f"layout (e.g. {skipped[0]}); not verified")
+        digest_s = time.perf_counter() - t0 + (sent.seconds if sent else 0.0)  # engine's + trainer's digests
+        flag = torch.tensor([len(bad), int(digest_s * 1e6)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # gloo world: a tiny CPU tensor is enough
+        self.sync_stats = {"sync/digest_seconds": flag[1].item() / 1e6, "sync/verified": 1.0}
+        if flag[0].item():
+            msgs: list[Any] = [None] * self.world
+            dist.all_gather_object(msgs, bad)
+            lines = [m for g in msgs for m in g]
+            raise RefitMismatchError(f"weight sync: {len(lines)} tensor(s) held by the rollout engine differ from "
+                                     f"what the trainer sent: " + "; ".join(lines[:5]))
+
+    def _warn_once(self, msg: str) -> None:
+        if not self._warned_unverified:
+            log.warning(msg)
+            self._warned_unverified = True
 
     def sleep(self) -> None:
         if self.engine is not None:
