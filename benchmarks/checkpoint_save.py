@@ -26,10 +26,26 @@ from typing import Any
 import torch
 
 SHAPES = {
-    "cpu_100m": {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 64, "tie_word_embeddings": True},
-    "0.6b": {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True},
+    "cpu_100m": {
+        "vocab_size": 32000,
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
+    "0.6b": {
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -105,8 +121,11 @@ def main() -> None:
     ap.add_argument("--shape", default="cpu_100m", choices=sorted(SHAPES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default="/tmp/uniapl_ckpt_bench")
-    ap.add_argument("--formats", default="fully_reshardable,dp_reshardable",
-                    help="optimizer formats to measure (keys of the non-default one carry its name)")
+    ap.add_argument(
+        "--formats",
+        default="fully_reshardable,dp_reshardable",
+        help="optimizer formats to measure (keys of the non-default one carry its name)",
+    )
     a = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29571")
@@ -118,8 +137,12 @@ def main() -> None:
     root = Path(a.dir)
     shutil.rmtree(root, ignore_errors=True)
     state = {"scheduler": student.scheduler.state_dict()}
-    res: dict = {"shape": a.shape, "params": params, "dtype": dtype, "device": "cuda" if torch.cuda.is_available()
-                 else "cpu"}
+    res: dict = {
+        "shape": a.shape,
+        "params": params,
+        "dtype": dtype,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     b0, o0, w0 = _busy_s(), _own_s(), time.perf_counter()
     for fmt, mode in [(f, m) for f in a.formats.split(",") for m in ("sync", "async")]:
         res.update(_measure(student, state, root, fmt, mode, a.repeats))

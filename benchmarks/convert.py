@@ -23,10 +23,22 @@ from pathlib import Path
 from _machine import OthersCpu, machine
 
 QWEN3_0P6B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
-    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
-    "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
-    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "attention_bias": False, "hidden_act": "silu",
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "attention_bias": False,
+    "hidden_act": "silu",
 }
 
 
@@ -43,9 +55,11 @@ def make_checkpoint(folder: Path, cfg: dict) -> None:
     shapes = expected_hf_shapes(Qwen3Arch.from_hf_dict(cfg))
     # Two shards plus an index, as real releases are laid out.
     names = sorted(shapes)
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-        save_file({n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part},
-                  folder / f"model-{i + 1:05d}-of-00002.safetensors")
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        save_file(
+            {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in part},
+            folder / f"model-{i + 1:05d}-of-00002.safetensors",
+        )
     weight_map = {n: f"model-{1 if n in names[: len(names) // 2] else 2:05d}-of-00002.safetensors" for n in names}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
@@ -68,8 +82,11 @@ def child(direction: str, src: str, dst: str) -> None:
 
 def run_child(direction: str, src: Path, dst: Path) -> tuple[float, float, float]:
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, __file__, "--child", direction, str(src), str(dst)],
-                         stdout=subprocess.PIPE, env={**os.environ, "MASTER_PORT": "29731"})
+    p = subprocess.Popen(
+        [sys.executable, __file__, "--child", direction, str(src), str(dst)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "MASTER_PORT": "29731"},
+    )
     out = p.stdout.read().decode()
     _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
@@ -88,7 +105,7 @@ def write_ceiling_mb_s(folder: Path, nbytes: int) -> float:
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         for i in range(0, nbytes, step):
-            f.write(memoryview(data[i:i + step]))
+            f.write(memoryview(data[i : i + step]))
         f.flush()
         os.fsync(f.fileno())
     seconds = time.perf_counter() - t0
@@ -123,20 +140,31 @@ def main() -> None:
                 shutil.rmtree(tmp / f"mcore{i}")
         med = {d: statistics.median(r[0] for r in rs) for d, rs in runs.items()}
         rss = {d: max(r[1] for r in rs) for d, rs in runs.items()}
-        print(json.dumps({
-            "import_mb_s": round(mb / med["import"], 1), "export_mb_s": round(mb / med["export"], 1),
-            "peak_rss_mb": round(max(rss.values()), 1), "checkpoint_mb": round(mb, 1),
-            "import_peak_rss_mb": round(rss["import"], 1), "export_peak_rss_mb": round(rss["export"], 1),
-            "import_runs_mb_s": [round(mb / r[0], 1) for r in runs["import"]],
-            "export_runs_mb_s": [round(mb / r[0], 1) for r in runs["export"]],
-            "write_ceiling_runs_mb_s": [round(c, 1) for c in ceiling],
-            "import_wall_s_with_startup": round(statistics.median(r[2] for r in runs["import"]), 1),
-            "export_wall_s_with_startup": round(statistics.median(r[2] for r in runs["export"]), 1),
-            "others_cpu": meter.share(),
-            "settings": {"checkpoint": "Qwen3-0.6B shape, bf16, random", "repeats": args.repeats,
-                         "timed": "inside each fresh process, start-up excluded; median per direction"},
-            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-        }))
+        print(
+            json.dumps(
+                {
+                    "import_mb_s": round(mb / med["import"], 1),
+                    "export_mb_s": round(mb / med["export"], 1),
+                    "peak_rss_mb": round(max(rss.values()), 1),
+                    "checkpoint_mb": round(mb, 1),
+                    "import_peak_rss_mb": round(rss["import"], 1),
+                    "export_peak_rss_mb": round(rss["export"], 1),
+                    "import_runs_mb_s": [round(mb / r[0], 1) for r in runs["import"]],
+                    "export_runs_mb_s": [round(mb / r[0], 1) for r in runs["export"]],
+                    "write_ceiling_runs_mb_s": [round(c, 1) for c in ceiling],
+                    "import_wall_s_with_startup": round(statistics.median(r[2] for r in runs["import"]), 1),
+                    "export_wall_s_with_startup": round(statistics.median(r[2] for r in runs["export"]), 1),
+                    "others_cpu": meter.share(),
+                    "settings": {
+                        "checkpoint": "Qwen3-0.6B shape, bf16, random",
+                        "repeats": args.repeats,
+                        "timed": "inside each fresh process, start-up excluded; median per direction",
+                    },
+                    "machine": machine(),
+                    "date": time.strftime("%Y-%m-%d"),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -77,20 +77,41 @@ def child(variant: str, chunk: int, threads: int, n: int, h: int) -> None:
     if gpu:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({
-        "peak_mb": peak - base, "seconds": wall, "cpu_seconds": cpu, "others_cpu": meter.share(),
-        "sums": [float(x.double().sum()) for x in (lp.detach(), hidden.grad, weight.grad)],
-        "abs_sums": [float(x.double().abs().sum()) for x in (hidden.grad, weight.grad)],
-    }))
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    print(
+        json.dumps(
+            {
+                "peak_mb": peak - base,
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "others_cpu": meter.share(),
+                "sums": [float(x.double().sum()) for x in (lp.detach(), hidden.grad, weight.grad)],
+                "abs_sums": [float(x.double().abs().sum()) for x in (hidden.grad, weight.grad)],
+            }
+        )
+    )
 
 
 def run(variant: str, chunk: int, threads: int, n: int, h: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--chunk", str(chunk), "--threads", str(threads),
-           "--tokens", str(n), "--hidden", str(h)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--chunk",
+        str(chunk),
+        "--threads",
+        str(threads),
+        "--tokens",
+        str(n),
+        "--hidden",
+        str(h),
+    ]
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -102,8 +123,12 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--chunk", type=int, default=OptimConfig().chunk_tokens,
-                    help="tokens per block of ours (default: the trainer's optim.chunk_tokens)")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=OptimConfig().chunk_tokens,
+        help="tokens per block of ours (default: the trainer's optim.chunk_tokens)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16384 if torch.cuda.is_available() else 4096)
     ap.add_argument("--hidden", type=int, default=1024, help="1024: Qwen3-0.6B; 128: the vs_trl.py model")
@@ -116,31 +141,51 @@ def main() -> None:
     for _ in range(a.repeats):
         for variant, done in runs.items():
             done.append(run(variant, a.chunk, a.threads, a.tokens, a.hidden))
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mb", "seconds", "cpu_seconds")}
-           for v, rs in runs.items()}
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mb", "seconds", "cpu_seconds")}
+        for v, rs in runs.items()
+    }
     full, ours = runs["full"][0], runs["chunked"][0]
     diff = [abs(x - y) for x, y in zip(full["sums"], ours["sums"])]
-    print(json.dumps({
-        "chunked_peak_mb": round(med["chunked"]["peak_mb"], 1), "full_logits_peak_mb": round(med["full"]["peak_mb"], 1),
-        "ratio": round(med["full"]["peak_mb"] / max(med["chunked"]["peak_mb"], 1e-9), 2),
-        "chunked_seconds": round(med["chunked"]["seconds"], 2), "full_logits_seconds": round(med["full"]["seconds"], 2),
-        "chunked_cpu_seconds": round(med["chunked"]["cpu_seconds"], 2),
-        "full_logits_cpu_seconds": round(med["full"]["cpu_seconds"], 2),
-        "others_cpu": max((x for rs in runs.values() for r in rs if (x := r["others_cpu"]) is not None),
-                          default=None),
-        "others_cpu_by_variant": {v: [r["others_cpu"] for r in rs] for v, rs in runs.items()},
-        "logprob_sum_diff": diff[0],
-        "grad_rel_diff": [d / max(s, 1e-30) for d, s in zip(diff[1:], full["abs_sums"])],
-        "settings": {"tokens": a.tokens, "vocab": V, "hidden": a.hidden, "dtype": "fp32", "grads": "hidden and weight",
-                     "chunk_tokens": a.chunk,
-                     "block_values": (logprobs._BLOCK_VALUES_GPU if torch.cuda.is_available()
-                                      else logprobs._BLOCK_VALUES),
-                     "threads": a.threads, "repeats": a.repeats, "baseline": BASELINE,
-                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                     "peak": "peak allocated CUDA memory" if torch.cuda.is_available() else
-                     "peak RSS above the inputs' RSS"},
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-    }))
+    print(
+        json.dumps(
+            {
+                "chunked_peak_mb": round(med["chunked"]["peak_mb"], 1),
+                "full_logits_peak_mb": round(med["full"]["peak_mb"], 1),
+                "ratio": round(med["full"]["peak_mb"] / max(med["chunked"]["peak_mb"], 1e-9), 2),
+                "chunked_seconds": round(med["chunked"]["seconds"], 2),
+                "full_logits_seconds": round(med["full"]["seconds"], 2),
+                "chunked_cpu_seconds": round(med["chunked"]["cpu_seconds"], 2),
+                "full_logits_cpu_seconds": round(med["full"]["cpu_seconds"], 2),
+                "others_cpu": max(
+                    (x for rs in runs.values() for r in rs if (x := r["others_cpu"]) is not None), default=None
+                ),
+                "others_cpu_by_variant": {v: [r["others_cpu"] for r in rs] for v, rs in runs.items()},
+                "logprob_sum_diff": diff[0],
+                "grad_rel_diff": [d / max(s, 1e-30) for d, s in zip(diff[1:], full["abs_sums"])],
+                "settings": {
+                    "tokens": a.tokens,
+                    "vocab": V,
+                    "hidden": a.hidden,
+                    "dtype": "fp32",
+                    "grads": "hidden and weight",
+                    "chunk_tokens": a.chunk,
+                    "block_values": (
+                        logprobs._BLOCK_VALUES_GPU if torch.cuda.is_available() else logprobs._BLOCK_VALUES
+                    ),
+                    "threads": a.threads,
+                    "repeats": a.repeats,
+                    "baseline": BASELINE,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "peak": "peak allocated CUDA memory"
+                    if torch.cuda.is_available()
+                    else "peak RSS above the inputs' RSS",
+                },
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,17 @@ def main() -> None:
     weights = {}
     for f in sorted(Path(student).glob("*.safetensors")):
         weights.update(load_file(f))
-    eng = build_engine(RolloutConfig(engine="vllm", model_path=student, load_format="dummy", max_model_len=256,
-                                     kv_cache_bytes=64 << 20, enforce_eager=True, work_dir=str(root / "work")))
+    eng = build_engine(
+        RolloutConfig(
+            engine="vllm",
+            model_path=student,
+            load_format="dummy",
+            max_model_len=256,
+            kv_cache_bytes=64 << 20,
+            enforce_eager=True,
+            work_dir=str(root / "work"),
+        )
+    )
     plain, digested, digest_only = [], [], []
     others = OthersCpu()
     try:
@@ -56,11 +65,21 @@ def main() -> None:
     finally:
         eng.shutdown()
     p, d = statistics.median(plain), statistics.median(digested)
-    print(json.dumps({"benchmark": "refit_digest", "tensors": len(weights),
-                      "mib": sum(t.numel() * t.element_size() for t in weights.values()) / 2**20,
-                      "sync_s_median": p, "sync_with_digests_s_median": d,
-                      "digest_s_median": statistics.median(digest_only), "overhead": d / p - 1,
-                      "syncs": args.syncs, "others_cpu": others.share()}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "refit_digest",
+                "tensors": len(weights),
+                "mib": sum(t.numel() * t.element_size() for t in weights.values()) / 2**20,
+                "sync_s_median": p,
+                "sync_with_digests_s_median": d,
+                "digest_s_median": statistics.median(digest_only),
+                "overhead": d / p - 1,
+                "syncs": args.syncs,
+                "others_cpu": others.share(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

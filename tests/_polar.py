@@ -42,15 +42,34 @@ def write_tokenizer(folder: Path) -> int:
 def polar_config(reward_token_id: int, vocab: int, **kw) -> dict:
     cfg = {
         "architectures": ["InternLM2ForRewardModel"],
-        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                     "AutoModel": "modeling_internlm2.InternLM2ForRewardModel"},
-        "attn_implementation": "eager", "bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-        "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
-        "max_position_embeddings": 4096, "model_type": "internlm2", "num_attention_heads": 4,
-        "num_hidden_layers": 2, "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-        "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1000000, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "transformers_version": "4.41.0", "use_cache": True,
-        "vocab_size": vocab, "reward_token_id": reward_token_id,
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForRewardModel",
+        },
+        "attn_implementation": "eager",
+        "bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": 0.02,
+        "intermediate_size": 96,
+        "max_position_embeddings": 4096,
+        "model_type": "internlm2",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "rope_theta": 1000000,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.41.0",
+        "use_cache": True,
+        "vocab_size": vocab,
+        "reward_token_id": reward_token_id,
     }
     cfg.update(kw)
     return cfg
@@ -65,8 +84,11 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     def r(*shape, scale=0.2):
         return torch.randn(*shape, generator=g) * scale
 
-    w = {"model.tok_embeddings.weight": r(v, h, scale=1.0), "model.norm.weight": 1 + r(h, scale=0.1),
-         "v_head.weight": r(1, h, scale=1.0)}
+    w = {
+        "model.tok_embeddings.weight": r(v, h, scale=1.0),
+        "model.norm.weight": 1 + r(h, scale=0.1),
+        "v_head.weight": r(1, h, scale=1.0),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "attention.wqkv.weight"] = r(qkv_rows, h)
@@ -88,8 +110,10 @@ def write_polar_folder(folder: Path, seed: int = 0, **config_kw) -> tuple[dict, 
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     weights = random_weights(cfg, seed)
     names = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     index = {"metadata": {"total_size": sum(t.numel() * 4 for t in weights.values())}, "weight_map": {}}
     for file, part in shards.items():
         save_file({n: weights[n].contiguous() for n in part}, str(folder / file))
@@ -99,6 +123,7 @@ def write_polar_folder(folder: Path, seed: int = 0, **config_kw) -> tuple[dict, 
 
 
 # --- an independent InternLM2 reward forward in plain torch (fp32), read from the fused weights ---------------
+
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -110,7 +135,7 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None, :]
     cos, sin = ang.cos().float(), ang.sin().float()
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 

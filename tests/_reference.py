@@ -26,14 +26,14 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @torch.no_grad()
 def hf_logprobs(model, prompt: list[int], tokens: list[int], params: SamplingParams) -> torch.Tensor:
     """Log-prob of each of tokens after prompt under the distribution params samples from (temperature,
     top-k, top-p applied); temperature 0 (greedy) gives those of the raw logits."""
-    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
+    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
     if params.temperature > 0:
         logits = filtered(logits / params.temperature, params.top_k, params.top_p)
     return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]

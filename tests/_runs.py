@@ -13,11 +13,23 @@ TINY = ROOT / "examples" / "tiny_cpu.yaml"
 def run_overrides(assets: dict[str, str], out: Path, steps: int) -> list[str]:
     """A few cheap steps of the tiny default; ppo_epochs=2 makes the trainer compute its own log-probs of
     the rollouts before updating, so metrics.jsonl carries rollout/logprob_diff_max (engine vs student)."""
-    return [f"model.hf_path={assets['student']}", f"discriminator.path={assets['discriminator']}",
-            f"data.demo_paths=[{assets['data']}]", f"data.prompt_paths=[{assets['data']}]", "data.eval_prompt_paths=[]",
-            "data.prompts_per_step=2", "data.demos_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=6",
-            "train.ppo_epochs=2", f"train.steps={steps}", f"train.save_every={steps}", f"train.output_dir={out}",
-            "train.tensorboard=false", "train.plot=false"]
+    return [
+        f"model.hf_path={assets['student']}",
+        f"discriminator.path={assets['discriminator']}",
+        f"data.demo_paths=[{assets['data']}]",
+        f"data.prompt_paths=[{assets['data']}]",
+        "data.eval_prompt_paths=[]",
+        "data.prompts_per_step=2",
+        "data.demos_per_step=2",
+        "sampling.group_size=2",
+        "sampling.max_new_tokens=6",
+        "train.ppo_epochs=2",
+        f"train.steps={steps}",
+        f"train.save_every={steps}",
+        f"train.output_dir={out}",
+        "train.tensorboard=false",
+        "train.plot=false",
+    ]
 
 
 def cli(*args: str) -> list[str]:

@@ -20,7 +20,10 @@ from _train_step import max_diff, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
-LAUNCH = "import sys; from uniapl_megatron.launch import run_ranks; sys.exit(run_ranks([sys.executable, *sys.argv[2:]], int(sys.argv[1])))"
+LAUNCH = (
+    "import sys; from uniapl_megatron.launch import run_ranks; "
+    "sys.exit(run_ranks([sys.executable, *sys.argv[2:]], int(sys.argv[1])))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,17 @@ def test_optimizer_state_resumes_on_another_layout(model, tmp_path):
         runs[name] = (ck, *train_step(model, tmp_path / name, world, *args, *ADAM, "--steps", "4", "--save", str(ck)))
     for saved, resumed in (("tp2pp2", "tp1dp2"), ("tp1dp2", "tp2pp2")):
         world, args = {"tp2pp2": TP2PP2, "tp1dp2": TP1DP2}[resumed]
-        got, m = train_step(model, tmp_path / f"{saved}_to_{resumed}", world, *args, *ADAM, "--steps", "3",
-                            "--resume", str(runs[saved][0]))
+        got, m = train_step(
+            model,
+            tmp_path / f"{saved}_to_{resumed}",
+            world,
+            *args,
+            *ADAM,
+            "--steps",
+            "3",
+            "--resume",
+            str(runs[saved][0]),
+        )
         _, ref, ref_m = runs[resumed]
         diff = max_diff(got, ref)
         assert diff <= 1e-5, f"{saved} -> {resumed}: weights after 3 resumed steps differ by {diff}"
@@ -86,8 +98,19 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     rng = random.Random(18)
-    cmd = [sys.executable, "-c", LAUNCH, "2", str(WORKERS / "ckpt_kill.py"), "--hf", str(model), "--out", str(out),
-           "--steps", "100000"]
+    cmd = [
+        sys.executable,
+        "-c",
+        LAUNCH,
+        "2",
+        str(WORKERS / "ckpt_kill.py"),
+        "--hf",
+        str(model),
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+    ]
     log = open(tmp_path / "log.txt", "ab")  # noqa: SIM115
     landed, cpu = [], 0.0
     for trial in range(10):
@@ -115,10 +138,17 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
         assert (path / "trainer_state.json").is_file() and (path / "model" / "metadata.json").is_file()
         partial = sorted(p.name for p in (out / "checkpoints").glob(".step_*"))
         where = {"save": "blocking part (or finalizing the one before)", "writing": "background write"}.get(
-            ev[-1][1], ev[-1][1])
+            ev[-1][1], ev[-1][1]
+        )
         landed.append((last_save, where, path.name, partial))
-    done = subprocess.run([*cmd[:-2], "--steps", "0", "--verify-only"], stdout=log, stderr=log, timeout=600,
-                          start_new_session=True, check=False)
+    done = subprocess.run(
+        [*cmd[:-2], "--steps", "0", "--verify-only"],
+        stdout=log,
+        stderr=log,
+        timeout=600,
+        start_new_session=True,
+        check=False,
+    )
     assert done.returncode == 0, f"the last latest did not load as saved: see {log.name}"
     print("kills (last save started, where its save was, latest, partial folders):", *landed, sep="\n  ")
     print(f"CPU time of the 10 killed runs: {cpu:.0f} s")
@@ -153,14 +183,35 @@ def test_trainer_saves_and_stops_when_the_job_end_is_near(tmp_path):
     a = prepare(tmp_path / "assets", train_rows=50)
     out = tmp_path / "run"
     end = time.time() + 3600  # with a 3600 s margin: due after the first step
-    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml"),
-                        f"model.hf_path={a['student']}", "rollout=null", "discriminator=null",
-                        "objective.algorithm=sft", f"data.demo_paths=[{a['data']}]", "data.prompt_paths=[]",
-                        "data.eval_prompt_paths=[]",
-                        "data.prompts_per_step=0", "data.demos_per_step=2", "train.steps=50", "train.save_every=1000",
-                        f"train.job_end_time={end:.0f}", "train.save_margin_s=3600", f"train.output_dir={out}",
-                        "train.tensorboard=false", "train.plot=false"],
-                       capture_output=True, text=True, timeout=900, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uniapl_megatron.cli",
+            "train",
+            str(ROOT / "examples" / "tiny_cpu.yaml"),
+            f"model.hf_path={a['student']}",
+            "rollout=null",
+            "discriminator=null",
+            "objective.algorithm=sft",
+            f"data.demo_paths=[{a['data']}]",
+            "data.prompt_paths=[]",
+            "data.eval_prompt_paths=[]",
+            "data.prompts_per_step=0",
+            "data.demos_per_step=2",
+            "train.steps=50",
+            "train.save_every=1000",
+            f"train.job_end_time={end:.0f}",
+            "train.save_margin_s=3600",
+            f"train.output_dir={out}",
+            "train.tensorboard=false",
+            "train.plot=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "job end near: saved step 1, exiting" in r.stdout, r.stdout[-2000:]
     assert json.loads((out / "health" / "exit.json").read_text())["reason"] == "deadline"
@@ -178,19 +229,36 @@ def test_bad_settings_are_refused_with_the_field(tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {hf_path: x}\n")
-    for override, message in [("train.hang_timeout_s=1800", "train.hang_timeout_s=1800.0: expected 0 .* below 1800"),
-                              ("train.ckpt_optim_format=flat", "train.ckpt_optim_format: expected one of .*got 'flat'"),
-                              ("train.job_end_time=tomorrow", "train.job_end_time='tomorrow': expected auto, none"),
-                              ("train.save_margin_s=-1", "train.save_margin_s: expected a number >= 0.*got -1")]:
+    for override, message in [
+        ("train.hang_timeout_s=1800", "train.hang_timeout_s=1800.0: expected 0 .* below 1800"),
+        ("train.ckpt_optim_format=flat", "train.ckpt_optim_format: expected one of .*got 'flat'"),
+        ("train.job_end_time=tomorrow", "train.job_end_time='tomorrow': expected auto, none"),
+        ("train.save_margin_s=-1", "train.save_margin_s: expected a number >= 0.*got -1"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config(cfg, [override])
     # dp_reshardable optimizer state saved at TP2 x PP2 is refused at TP1, naming what changed.
     ck = tmp_path / "step_000003"
     ck.mkdir()
-    (ck / "trainer_state.json").write_text(json.dumps({"step": 3, "optimizer_format": "dp_reshardable", "layout": {
-        "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": None,
-        "expert_model_parallel_size": 1, "context_parallel_size": 1}}))
+    (ck / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "step": 3,
+                "optimizer_format": "dp_reshardable",
+                "layout": {
+                    "tensor_model_parallel_size": 2,
+                    "pipeline_model_parallel_size": 2,
+                    "virtual_pipeline_model_parallel_size": None,
+                    "expert_model_parallel_size": 1,
+                    "context_parallel_size": 1,
+                },
+            }
+        )
+    )
     student = SimpleNamespace(parallel=ParallelConfig())  # only its layout is read before refusing
-    with pytest.raises(ConfigError, match=r"dp_reshardable.*tensor_model_parallel_size 2 -> 1, "
-                                          r"pipeline_model_parallel_size 2 -> 1.*fully_reshardable"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dp_reshardable.*tensor_model_parallel_size 2 -> 1, "
+        r"pipeline_model_parallel_size 2 -> 1.*fully_reshardable",
+    ):
         Checkpointer(tmp_path).load(ck, student)

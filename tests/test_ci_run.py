@@ -28,29 +28,41 @@ def _sandbox(tmp_path: Path, slurm_up_ok: bool, skip_one: bool) -> tuple[Path, d
     repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy2(ROOT / ".ci" / "run", repo / ".ci" / "run")
-    _exe(repo / ".ci" / "slurm_up.sh", "#!/usr/bin/env bash\n" + (
-        f"echo 'export SLURM_CONF={tmp_path}/slurm.conf'\n" if slurm_up_ok
-        else "echo '[slurm_up] error: munged did not start' >&2\nexit 1\n"))
+    _exe(
+        repo / ".ci" / "slurm_up.sh",
+        "#!/usr/bin/env bash\n"
+        + (
+            f"echo 'export SLURM_CONF={tmp_path}/slurm.conf'\n"
+            if slurm_up_ok
+            else "echo '[slurm_up] error: munged did not start' >&2\nexit 1\n"
+        ),
+    )
     _exe(repo / ".ci" / "slurm_down.sh", f"#!/usr/bin/env bash\ntouch {tmp_path}/down\n")
     (repo / ".venv" / "bin").mkdir(parents=True)
     (repo / ".venv" / "bin" / "python").symlink_to(sys.executable)
     _exe(bin_dir / "scontrol", "#!/usr/bin/env bash\necho 'Slurmctld(primary) at node is UP'\n")
     # `make test PYTEST_ARGS=...`: pytest with those arguments, as the Makefile runs it.
-    _exe(bin_dir / "make", "#!/usr/bin/env bash\nargs=\nfor a in \"$@\"; do case $a in PYTEST_ARGS=*) "
-                           "args=${a#PYTEST_ARGS=};; esac; done\n"
-                           "exec .venv/bin/python -m pytest -q -p no:cacheprovider $args tests\n")
+    _exe(
+        bin_dir / "make",
+        '#!/usr/bin/env bash\nargs=\nfor a in "$@"; do case $a in PYTEST_ARGS=*) '
+        "args=${a#PYTEST_ARGS=};; esac; done\n"
+        "exec .venv/bin/python -m pytest -q -p no:cacheprovider $args tests\n",
+    )
     (repo / "tests").mkdir()
     (repo / "tests" / "test_two.py").write_text(
         "import pytest\n\ndef test_one():\n    pass\n\n"
-        + ("@pytest.mark.skip(reason='a stand-in skip')\n" if skip_one else "") + "def test_two():\n    pass\n")
+        + ("@pytest.mark.skip(reason='a stand-in skip')\n" if skip_one else "")
+        + "def test_two():\n    pass\n"
+    )
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("SLURM_CONF", None)
     return repo, env
 
 
 def _run(repo: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(repo / ".ci" / "run")], cwd=repo, env=env, check=False, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(repo / ".ci" / "run")], cwd=repo, env=env, check=False, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_stops_when_the_cluster_does_not_start(tmp_path):
@@ -75,6 +87,11 @@ def test_prints_pytest_counts_and_fails_on_a_skip(tmp_path, skip_one):
 
 def test_shellcheck_clean():
     shellcheck = Path(sys.executable).parent / "shellcheck"
-    r = subprocess.run([str(shellcheck if shellcheck.exists() else "shellcheck"), str(ROOT / ".ci" / "run")],
-                       check=False, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(shellcheck if shellcheck.exists() else "shellcheck"), str(ROOT / ".ci" / "run")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -17,22 +17,33 @@ from uniapl_megatron.trainer.config import SECTIONS, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny_cpu.yaml"
-CONFIG_MODULES = ["config_fields.py", "trainer/config.py", "data/config.py", "rollout/config.py", "objective/config.py",
-                  "discriminator/config.py", "generate_config.py", "sweep/spec.py"]
+CONFIG_MODULES = [
+    "config_fields.py",
+    "trainer/config.py",
+    "data/config.py",
+    "rollout/config.py",
+    "objective/config.py",
+    "discriminator/config.py",
+    "generate_config.py",
+    "sweep/spec.py",
+]
 
 
-@pytest.mark.parametrize("override, message", [
-    # a Literal: the field, every choice and the value
-    ("rollout.engine=vlm", "rollout.engine: expected one of 'vllm', 'torch', got 'vlm'"),
-    ("model.recompute=some", "model.recompute: expected one of 'none', 'selective', 'full', got 'some'"),
-    ("stage2.decay_style=step", "stage2.decay_style: expected one of 'constant', 'linear', 'cosine' or null, got"),
-    # a wrong type: a string where an integer (with its bound) is expected, a number where true/false is
-    ("data.max_prompt_tokens=many", "data.max_prompt_tokens: expected an integer >= 1, got 'many'"),
-    ("train.steps=2.5", "train.steps: expected an integer, got 2.5"),
-    ("parallel.sequence_parallel=1", "parallel.sequence_parallel: expected true or false, got 1"),
-    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
-    ("data.demo_paths=[3]", "data.demo_paths: expected a list of file paths, got [3]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # a Literal: the field, every choice and the value
+        ("rollout.engine=vlm", "rollout.engine: expected one of 'vllm', 'torch', got 'vlm'"),
+        ("model.recompute=some", "model.recompute: expected one of 'none', 'selective', 'full', got 'some'"),
+        ("stage2.decay_style=step", "stage2.decay_style: expected one of 'constant', 'linear', 'cosine' or null, got"),
+        # a wrong type: a string where an integer (with its bound) is expected, a number where true/false is
+        ("data.max_prompt_tokens=many", "data.max_prompt_tokens: expected an integer >= 1, got 'many'"),
+        ("train.steps=2.5", "train.steps: expected an integer, got 2.5"),
+        ("parallel.sequence_parallel=1", "parallel.sequence_parallel: expected true or false, got 1"),
+        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+        ("data.demo_paths=[3]", "data.demo_paths: expected a list of file paths, got [3]"),
+    ],
+)
 def test_a_bad_value_is_refused_naming_the_field_and_what_it_expects(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override])
@@ -52,8 +63,11 @@ def _undocumented(cls_node: ast.ClassDef) -> list[str]:
     for i, node in enumerate(body):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             after = body[i + 1] if i + 1 < len(body) else None
-            if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if not (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 missing.append(f"{cls_node.name}.{node.target.id}")
     return missing
 

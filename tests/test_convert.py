@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _models import load_safetensors_folder, tiny_qwen3, tiny_qwen3_moe
+
 from uniapl_megatron.launch import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +91,9 @@ def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-@pytest.mark.parametrize("name,layout", [
-    ("tied", ["--tp", "2", "--pp", "2", "--sp"]),
-    ("moe", ["--tp", "2", "--ep", "2", "--sp"]),
-])
+@pytest.mark.parametrize(
+    "name,layout", [("tied", ["--tp", "2", "--pp", "2", "--sp"]), ("moe", ["--tp", "2", "--ep", "2", "--sp"])]
+)
 def test_logits_match_transformers(models, tmp_path, name, layout):
     mc = tmp_path / "mcore"
     convert("import", "--hf", str(models[name]), "--out", str(mc), "--dtype", "fp32")
@@ -102,9 +101,21 @@ def test_logits_match_transformers(models, tmp_path, name, layout):
     tokens = torch.randint(0, 300, (2, 16))
     torch.save(tokens, tmp_path / "tokens.pt")
     world = 4
-    code = run_ranks([sys.executable, str(ROOT / "tests" / "workers" / "megatron_logits.py"), "--mcore", str(mc),
-                      "--tokens", str(tmp_path / "tokens.pt"), "--out", str(tmp_path / "logits.pt"), *layout],
-                     world, timeout=600)
+    code = run_ranks(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "workers" / "megatron_logits.py"),
+            "--mcore",
+            str(mc),
+            "--tokens",
+            str(tmp_path / "tokens.pt"),
+            "--out",
+            str(tmp_path / "logits.pt"),
+            *layout,
+        ],
+        world,
+        timeout=600,
+    )
     assert code == 0
     ours = torch.load(tmp_path / "logits.pt", weights_only=True)
     ref = _hf_logits(models[name], tokens)
@@ -113,6 +124,7 @@ def test_logits_match_transformers(models, tmp_path, name, layout):
 
 
 # ---- bad input: each gets its own message, and nothing half-written -----------------------------------
+
 
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -180,8 +192,12 @@ def test_not_a_checkpoint_and_bad_layout(models, tmp_path):
 
 def test_interrupted_import_leaves_no_output(models, tmp_path):
     out = tmp_path / "o"
-    proc = subprocess.Popen([*CLI, "import", "--hf", str(models["tied"]), "--out", str(out), "--tp", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*CLI, "import", "--hf", str(models["tied"]), "--out", str(out), "--tp", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     partial = tmp_path / ".o.partial"
     deadline = time.monotonic() + 120
     while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:

@@ -7,8 +7,7 @@ import random
 import pytest
 import torch
 
-from uniapl_megatron.data import (DataError, pack_rank, pack_sequences, plan_micro_batches,
-                                  required_pad_multiple)
+from uniapl_megatron.data import DataError, pack_rank, pack_sequences, plan_micro_batches, required_pad_multiple
 
 
 def random_seqs(n: int, seed: int, max_len: int = 60) -> tuple[list[list[int]], list[int]]:
@@ -71,7 +70,6 @@ def test_packed_seq_params_and_pad_multiple():
     assert required_pad_multiple(tp_size=4, cp_size=2) == 4
 
 
-
 def test_row_padding_pads_the_row_not_each_sequence():
     """row_multiple (FP8's per-row token multiple) pads the row once, in its last sequence: every real token,
     label, loss position and response slot is where per-sequence padding alone puts it."""
@@ -98,6 +96,7 @@ def test_row_padding_pads_the_row_not_each_sequence():
             assert mb.is_filler or mb.num_tokens == t <= 1000 and t % 32 == 0
     with pytest.raises(DataError, match=r"995 tokens \(996 aligned to 2; 1024 in a row padded to a multiple of 32\)"):
         plan_micro_batches([995], max_tokens=1000, pad_multiple=2, row_multiple=32)
+
 
 def test_filler_and_bad_inputs():
     f = pack_sequences([], [], pad_multiple=4, pad_id=7)

@@ -10,8 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from uniapl_megatron.data import (ChatFormatter, DataConfig, DataError, load_tokenizer, pack_sequences,
-                                  qwen3_tokenizer_dir, read_demos, read_prompts)
+from uniapl_megatron.data import (
+    ChatFormatter,
+    DataConfig,
+    DataError,
+    load_tokenizer,
+    pack_sequences,
+    qwen3_tokenizer_dir,
+    read_demos,
+    read_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,12 @@ def write(tmp_path, name: str, lines: list) -> str:
 
 
 GOOD_DEMO = {"prompt": "Name a colour.", "teacher_response": "Blue."}
-GOOD_RL = {"prompt": "Write two words.", "instruction_id_list": ["length_constraints:number_words"],
-           "kwargs": [{"relation": "at most", "num_words": 2}], "key": 7}
+GOOD_RL = {
+    "prompt": "Write two words.",
+    "instruction_id_list": ["length_constraints:number_words"],
+    "kwargs": [{"relation": "at most", "num_words": 2}],
+    "key": 7,
+}
 
 # (bad line, reason key, a piece of the expected message)
 DEMO_CASES = {
@@ -43,39 +55,71 @@ DEMO_CASES = {
     "no_response": ({"prompt": "x"}, "missing_field", "missing field 'teacher_response'"),
     "response_alias": ({"prompt": "x", "response": "a"}, "missing_field", "found 'response'"),
     "prompt_type": ({"prompt": 3, "teacher_response": "a"}, "wrong_type", "'prompt' must be a string, got int"),
-    "response_type": ({"prompt": "x", "teacher_response": None}, "wrong_type",
-                      "'teacher_response' must be a string, got null"),
+    "response_type": (
+        {"prompt": "x", "teacher_response": None},
+        "wrong_type",
+        "'teacher_response' must be a string, got null",
+    ),
     "empty_prompt": ({"prompt": "  ", "teacher_response": "a"}, "empty", "field 'prompt' is empty"),
     "empty_response": ({"prompt": "x", "teacher_response": ""}, "empty", "field 'teacher_response' is empty"),
-    "both": ({"prompt": "x", "messages": [{"role": "user", "content": "x"}], "teacher_response": "a"},
-             "invalid", "exactly one of 'prompt' and 'messages'"),
+    "both": (
+        {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "teacher_response": "a"},
+        "invalid",
+        "exactly one of 'prompt' and 'messages'",
+    ),
     "messages_type": ({"messages": "hi", "teacher_response": "a"}, "wrong_type", "'messages' must be a list"),
     "messages_empty": ({"messages": [], "teacher_response": "a"}, "empty", "'messages' is an empty list"),
-    "message_no_role": ({"messages": [{"content": "x"}], "teacher_response": "a"}, "missing_field",
-                        "messages[0] has no 'role'"),
-    "bad_role": ({"messages": [{"role": "tool", "content": "x"}], "teacher_response": "a"}, "invalid",
-                 "messages[0].role is 'tool'"),
-    "last_not_user": ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                       "teacher_response": "a"}, "invalid", "last message must be the user's"),
-    "empty_user": ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": ""}],
-                    "teacher_response": "a"}, "empty", "messages[1].content (the user's prompt) is empty"),
-    "too_long_prompt": ({"prompt": "word " * 300, "teacher_response": "a"}, "too_long",
-                        "data.max_prompt_tokens=64"),
+    "message_no_role": (
+        {"messages": [{"content": "x"}], "teacher_response": "a"},
+        "missing_field",
+        "messages[0] has no 'role'",
+    ),
+    "bad_role": (
+        {"messages": [{"role": "tool", "content": "x"}], "teacher_response": "a"},
+        "invalid",
+        "messages[0].role is 'tool'",
+    ),
+    "last_not_user": (
+        {
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            "teacher_response": "a",
+        },
+        "invalid",
+        "last message must be the user's",
+    ),
+    "empty_user": (
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": ""}], "teacher_response": "a"},
+        "empty",
+        "messages[1].content (the user's prompt) is empty",
+    ),
+    "too_long_prompt": ({"prompt": "word " * 300, "teacher_response": "a"}, "too_long", "data.max_prompt_tokens=64"),
     "too_long_demo": ({"prompt": "x", "teacher_response": "word " * 300}, "too_long", "data.max_demo_tokens=128"),
 }
 
 RL_CASES = {
     "no_ids": ({"prompt": "x", "kwargs": [{}]}, "missing_field", "missing field 'instruction_id_list'"),
     "no_kwargs": ({"prompt": "x", "instruction_id_list": ["a:b"]}, "missing_field", "missing field 'kwargs'"),
-    "ids_type": ({"prompt": "x", "instruction_id_list": "a:b", "kwargs": [{}]}, "wrong_type",
-                 "'instruction_id_list' must be a list of strings, got str"),
+    "ids_type": (
+        {"prompt": "x", "instruction_id_list": "a:b", "kwargs": [{}]},
+        "wrong_type",
+        "'instruction_id_list' must be a list of strings, got str",
+    ),
     "ids_empty": ({"prompt": "x", "instruction_id_list": [], "kwargs": []}, "empty", "nothing to verify"),
-    "kwargs_item": ({"prompt": "x", "instruction_id_list": ["a:b"], "kwargs": [3]}, "wrong_type",
-                    "'kwargs' must hold objects, found a int"),
-    "kwargs_len": ({"prompt": "x", "instruction_id_list": ["a:b", "c:d"], "kwargs": [{}]}, "invalid",
-                   "'kwargs' has 1 entries but 'instruction_id_list' has 2"),
-    "unknown_id": ({"prompt": "x", "instruction_id_list": ["no:such"], "kwargs": [{}]}, "invalid",
-                   "unknown instruction id(s) 'no:such'"),
+    "kwargs_item": (
+        {"prompt": "x", "instruction_id_list": ["a:b"], "kwargs": [3]},
+        "wrong_type",
+        "'kwargs' must hold objects, found a int",
+    ),
+    "kwargs_len": (
+        {"prompt": "x", "instruction_id_list": ["a:b", "c:d"], "kwargs": [{}]},
+        "invalid",
+        "'kwargs' has 1 entries but 'instruction_id_list' has 2",
+    ),
+    "unknown_id": (
+        {"prompt": "x", "instruction_id_list": ["no:such"], "kwargs": [{}]},
+        "invalid",
+        "unknown instruction id(s) 'no:such'",
+    ),
     "teacher_type": ({**GOOD_RL, "teacher_response": 5}, "wrong_type", "'teacher_response' must be a string"),
     "key_type": ({**GOOD_RL, "key": [1]}, "wrong_type", "'key' must be an integer or a string, got list"),
     "empty_prompt": ({**GOOD_RL, "prompt": ""}, "empty", "field 'prompt' is empty"),
@@ -154,10 +198,16 @@ def test_zero_usable_rows_stop_naming_the_file(tmp_path, fmt):
 
 
 def test_rl_prompts_fields_and_teacher_requirement(tmp_path, fmt):
-    rows = [GOOD_RL,
-            {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Say hi."}],
-             "instruction_id_list": ["a:b", "c:d"], "kwargs": [None, {"n": 2}], "teacher_response": "hi",
-             "extra_field": "ignored"}]
+    rows = [
+        GOOD_RL,
+        {
+            "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Say hi."}],
+            "instruction_id_list": ["a:b", "c:d"],
+            "kwargs": [None, {"n": 2}],
+            "teacher_response": "hi",
+            "extra_field": "ignored",
+        },
+    ]
     path = write(tmp_path, "rl.jsonl", rows)
     ds = read_prompts([path], fmt, cfg(), known_instruction_ids=KNOWN_IDS)
     a, b = ds.rows
@@ -171,8 +221,7 @@ def test_rl_prompts_fields_and_teacher_requirement(tmp_path, fmt):
 
 
 def test_chunked_reading_gives_the_same_rows(tmp_path, fmt):
-    lines = [{"prompt": f"Question {i}?" * (i + 1), "teacher_response": f"Answer {i}." * (i % 3 + 1)}
-             for i in range(7)]
+    lines = [{"prompt": f"Question {i}?" * (i + 1), "teacher_response": f"Answer {i}." * (i % 3 + 1)} for i in range(7)]
     path = write(tmp_path, "demos.jsonl", lines)
     one = read_demos([path], fmt, cfg(read_chunk_lines=1))
     big = read_demos([path, path], fmt, cfg(read_chunk_lines=512))
@@ -182,20 +231,24 @@ def test_chunked_reading_gives_the_same_rows(tmp_path, fmt):
 
 
 def test_demo_tokens_match_the_template_and_mask_covers_response_plus_eot(tmp_path, fmt):
-    messages = [{"role": "system", "content": "You answer in French."},
-                {"role": "user", "content": "Say good morning."},
-                {"role": "assistant", "content": "Bonjour."},
-                {"role": "user", "content": "And good night?"}]
+    messages = [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "Say good morning."},
+        {"role": "assistant", "content": "Bonjour."},
+        {"role": "user", "content": "And good night?"},
+    ]
     response = "Bonne nuit !\nDors bien."
     path = write(tmp_path, "demos.jsonl", [{"messages": messages, "teacher_response": response}])
-    (demo,) = read_demos([path], fmt, cfg(max_prompt_tokens=512, max_demo_tokens=512,
-                                          max_tokens_per_micro_batch=512)).rows
+    (demo,) = read_demos(
+        [path], fmt, cfg(max_prompt_tokens=512, max_demo_tokens=512, max_tokens_per_micro_batch=512)
+    ).rows
     tok = fmt.tokenizer
     assert fmt.eot_token == "<|im_end|>"
     assert demo.response_ids[-1] == fmt.eot_id == tok.convert_tokens_to_ids("<|im_end|>")
     # The template rendered over the whole conversation is exactly prompt + response + eot (+ its newline).
-    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
-                                   enable_thinking=False)
+    full = tok.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], tokenize=False, enable_thinking=False
+    )
     assert full.endswith("<|im_end|>\n")
     assert tok(full[:-1], add_special_tokens=False)["input_ids"] == demo.token_ids.tolist()
     batch = pack_sequences([demo.token_ids], [demo.prompt_len])
@@ -205,7 +258,7 @@ def test_demo_tokens_match_the_template_and_mask_covers_response_plus_eot(tmp_pa
     assert fmt.decode(batch.labels[0][mask]) == response + "<|im_end|>"
     # Nothing of the prompt (nor the generation prompt's think block) is a target.
     first = int(mask.nonzero()[0])
-    assert first == demo.prompt_len - 1 and not mask[:first].any() and not mask[first + int(mask.sum()):].any()
+    assert first == demo.prompt_len - 1 and not mask[:first].any() and not mask[first + int(mask.sum()) :].any()
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -217,27 +270,38 @@ def test_demo_tokens_line_up_with_the_think_block(tmp_path, fmt, thinking):
     tok = fmt.tokenizer
     conversations = [
         [{"role": "user", "content": "2+2?"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name a colour."},
+        ],
     ]
     answers = ["4.", "Blue.\nOr green.", "<think>\nThe user wants a colour.\n</think>\n\nRed."]
     rows = [{"messages": m, "teacher_response": a} for m in conversations for a in answers]
     path = write(tmp_path, "demos.jsonl", rows)
-    demos = read_demos([path], thinker, cfg(on_bad_line="skip", max_prompt_tokens=512, max_demo_tokens=512,
-                                            max_tokens_per_micro_batch=512))
+    demos = read_demos(
+        [path],
+        thinker,
+        cfg(on_bad_line="skip", max_prompt_tokens=512, max_demo_tokens=512, max_tokens_per_micro_batch=512),
+    )
     # With thinking off the generation prompt already closes an empty think block: an answer with its own
     # reasoning cannot follow it, and is a bad line rather than a sequence with two think blocks.
     kept = [r for r in rows if thinking or "<think>" not in r["teacher_response"]]
     assert len(demos) == len(kept) and demos.reports[0].num_bad == len(rows) - len(kept)
     for row, demo in zip(kept, demos.rows):
-        ref = tok.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["teacher_response"]}],
-                                      tokenize=True, enable_thinking=thinking)
+        ref = tok.apply_chat_template(
+            row["messages"] + [{"role": "assistant", "content": row["teacher_response"]}],
+            tokenize=True,
+            enable_thinking=thinking,
+        )
         ref = list(ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref)
         newline = tok("\n", add_special_tokens=False)["input_ids"]
-        assert ref[-len(newline):] == newline  # the template ends the turn with <|im_end|> and a newline
-        assert demo.token_ids.tolist() == ref[:-len(newline)]
-        gen = tok.apply_chat_template(row["messages"], tokenize=True, add_generation_prompt=True,
-                                      enable_thinking=thinking)
+        assert ref[-len(newline) :] == newline  # the template ends the turn with <|im_end|> and a newline
+        assert demo.token_ids.tolist() == ref[: -len(newline)]
+        gen = tok.apply_chat_template(
+            row["messages"], tokenize=True, add_generation_prompt=True, enable_thinking=thinking
+        )
         gen = list(gen["input_ids"] if isinstance(gen, dict) or hasattr(gen, "keys") else gen)
         assert demo.prompt_ids.tolist() == gen
         batch = pack_sequences([demo.token_ids], [demo.prompt_len])

@@ -79,15 +79,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(out["lm"], out["lm_head"])
     g = torch.Generator().manual_seed(1)
     save_file(
-        {"weight": torch.randn(1, 32, generator=g), "bias": torch.tensor([0.25])},
-        out["lm_head"] / VALUE_HEAD_FILE,
+        {"weight": torch.randn(1, 32, generator=g), "bias": torch.tensor([0.25])}, out["lm_head"] / VALUE_HEAD_FILE
     )
 
     out["pickle"] = root / "pickle"
     out["pickle"].mkdir()
-    (out["pickle"] / "config.json").write_text(
-        json.dumps({"architectures": ["Qwen3ForSequenceClassification"]})
-    )
+    (out["pickle"] / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForSequenceClassification"]}))
     torch.save({"x": torch.zeros(1)}, out["pickle"] / "pytorch_model.bin")
     return out
 
@@ -285,9 +282,7 @@ def test_online_score_transforms(models):
     logit = d.score(p, r, c)
     assert max(logit) - min(logit) > 1e-4
     prob = OnlineDiscriminator(d.scorer, dataclasses.replace(d.cfg, score_transform="prob")).score(p, r, c)
-    logp = OnlineDiscriminator(d.scorer, dataclasses.replace(d.cfg, score_transform="log_prob")).score(
-        p, r, c
-    )
+    logp = OnlineDiscriminator(d.scorer, dataclasses.replace(d.cfg, score_transform="log_prob")).score(p, r, c)
 
     assert prob == pytest.approx([1 / (1 + math.exp(-z)) for z in logit], abs=1e-6)
     assert logp == pytest.approx([-math.log1p(math.exp(-z)) for z in logit], abs=1e-6)

@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from _polar import reference_score, write_polar_folder
 from _tools import load_tool
+from safetensors.torch import load_file, save_file
+
 from uniapl_megatron.discriminator import (
     Discriminator,
     DiscriminatorConfig,
@@ -31,8 +31,10 @@ README_CHINA = {
     "outputs": [[{"role": "assistant", "content": "Beijing."}], [{"role": "assistant", "content": "Shanghai."}]],
 }
 STRAWBERRY_P = "How many 'r's are there in the word 'strawberry'?"
-STRAWBERRY_R = ("There are 3 'r's in the word 'strawberry'. Here's how we can count them: 's', 't', 'r', 'a', 'w', "
-                "'b', 'e', 'r', 'r', 'y'. So, the answer is 3.")
+STRAWBERRY_R = (
+    "There are 3 'r's in the word 'strawberry'. Here's how we can count them: 's', 't', 'r', 'a', 'w', "
+    "'b', 'e', 'r', 'r', 'y'. So, the answer is 3."
+)
 _COUNT = "Let's count the 'r's in 'strawberry': 's', 't', 'r', 'a', 'w', 'b', 'e', 'r', 'r', 'y'. "
 STRAWBERRY_OUT = [
     STRAWBERRY_R,
@@ -58,8 +60,10 @@ DUNE_OUT = [
 
 
 def _readme_triples() -> list[tuple[str, str, str]]:
-    out = [(as_text(README_CHINA["prompt"]), as_text(README_CHINA["reference"]), as_text(o))
-           for o in README_CHINA["outputs"]]
+    out = [
+        (as_text(README_CHINA["prompt"]), as_text(README_CHINA["reference"]), as_text(o))
+        for o in README_CHINA["outputs"]
+    ]
     out += [(STRAWBERRY_P, STRAWBERRY_R, o) for o in STRAWBERRY_OUT]
     out += [(DUNE_P, DUNE_R, o) for o in DUNE_OUT]
     return out
@@ -69,8 +73,17 @@ def _readme_triples() -> list[tuple[str, str, str]]:
 def polar(tmp_path_factory):
     folder = tmp_path_factory.mktemp("polar") / "POLAR-tiny"
     cfg, weights = write_polar_folder(folder)
-    disc = build_discriminator(DiscriminatorConfig(kind="polar", path=str(folder), device="cpu", dtype="float32",
-                                                   max_length=4096, max_tokens_per_batch=300, batch_size=4))
+    disc = build_discriminator(
+        DiscriminatorConfig(
+            kind="polar",
+            path=str(folder),
+            device="cpu",
+            dtype="float32",
+            max_length=4096,
+            max_tokens_per_batch=300,
+            batch_size=4,
+        )
+    )
     return folder, cfg, weights, disc
 
 
@@ -109,8 +122,9 @@ def test_scores_equal_an_independent_internlm2_forward(polar):
 
 def test_bfloat16_scores_track_float32(polar):
     folder, _, _, disc32 = polar
-    disc16 = build_discriminator(DiscriminatorConfig(kind="polar", path=str(folder), device="cpu", dtype="bfloat16",
-                                                     max_length=4096))
+    disc16 = build_discriminator(
+        DiscriminatorConfig(kind="polar", path=str(folder), device="cpu", dtype="bfloat16", max_length=4096)
+    )
     assert disc16.model.v_head.weight.dtype == torch.bfloat16
     assert disc16.model.model.rotary_emb.inv_freq.dtype == torch.float32
     p, r, c = (list(x) for x in zip(*_readme_triples()[:6]))
@@ -120,8 +134,16 @@ def test_bfloat16_scores_track_float32(polar):
 
 def test_truncation_follows_polars_client(polar):
     folder, _, _, _ = polar
-    disc = build_discriminator(DiscriminatorConfig(kind="polar", path=str(folder), device="cpu", max_length=64,
-                                                   max_candidate_tokens=10, max_reference_tokens=10))
+    disc = build_discriminator(
+        DiscriminatorConfig(
+            kind="polar",
+            path=str(folder),
+            device="cpu",
+            max_length=64,
+            max_candidate_tokens=10,
+            max_reference_tokens=10,
+        )
+    )
     enc = disc.encoder
     tok = enc.tokenizer
     prompt = " ".join(f"word{i}" for i in range(80))
@@ -163,14 +185,17 @@ def _break(folder: Path, tmp: Path, how: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("how, message", [
-    ("missing_tensor", "missing"),
-    ("extra_tensor", "does not use"),
-    ("pickle_only", "pickle files are never loaded"),
-    ("wrong_reward_id", "must agree"),
-    ("wrong_arch", "InternLM2ForRewardModel"),
-    ("wrong_shape", "has shape"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing_tensor", "missing"),
+        ("extra_tensor", "does not use"),
+        ("pickle_only", "pickle files are never loaded"),
+        ("wrong_reward_id", "must agree"),
+        ("wrong_arch", "InternLM2ForRewardModel"),
+        ("wrong_shape", "has shape"),
+    ],
+)
 def test_bad_polar_folders_are_refused_with_a_reason(polar, tmp_path, how, message):
     folder = _break(polar[0], tmp_path, how)
     with pytest.raises(DiscriminatorError, match=message):
@@ -220,6 +245,7 @@ def test_score_discriminator_tool(polar, tmp_path, capsys):
 
 def test_recipes_name_polar_and_ifbench_capable_data_and_pass_the_planner():
     from _tools import REPO
+
     from uniapl_megatron.trainer.config import load_config
 
     planner = load_tool("plan_memory")
@@ -229,7 +255,8 @@ def test_recipes_name_polar_and_ifbench_capable_data_and_pass_the_planner():
         assert c.discriminator.kind == "polar" and c.discriminator.path.endswith("POLAR-1_8B")
         assert c.reward.name == "ifeval" and "ifbench" in c.reward.options["families"]
         assert c.data.prompt_paths and c.data.require_teacher_response
-        plan, notes = planner.plan_recipe(planner.load_recipe(str(path)), str(path), nodes=32, gpus_per_node=8,
-                                          gpu_bytes=79.6 * 2**30)
+        plan, notes = planner.plan_recipe(
+            planner.load_recipe(str(path)), str(path), nodes=32, gpus_per_node=8, gpu_bytes=79.6 * 2**30
+        )
         assert plan is not None and plan.fits, (name, notes)
         assert any("discriminator (polar" in k for k in plan.worst.parts), plan.worst.parts

@@ -13,8 +13,8 @@ import random
 from collections import defaultdict
 
 import pytest
-
 from _tools import load_tool
+
 from uniapl_megatron.eval.constructed_ifbench import ifbench_responses, sample_answers
 from uniapl_megatron.rewards import build_reward, ifbench
 from uniapl_megatron.rewards.base import PromptRowError
@@ -47,8 +47,15 @@ def _upstream(rows: list[dict], responses: dict[str, str]) -> dict:
 
     out = {}
     # as upstream's run_eval: strict first, then loose on the same inputs (strict drops the None kwargs in place)
-    inputs = [ev.InputExample(key=r["key"], instruction_id_list=r["instruction_id_list"], prompt=r["prompt"],
-                              kwargs=json.loads(json.dumps(r["kwargs"]))) for r in rows]
+    inputs = [
+        ev.InputExample(
+            key=r["key"],
+            instruction_id_list=r["instruction_id_list"],
+            prompt=r["prompt"],
+            kwargs=json.loads(json.dumps(r["kwargs"])),
+        )
+        for r in rows
+    ]
     results = []
 
     def seeded(fn, inp):
@@ -78,8 +85,10 @@ def test_eval_tool_equals_upstream_ifbench_on_all_294_prompts(nltk_standins, tmp
     for k in range(4):
         # 0: the constructed follow attempts; 1: the wheel's sample answers; 2: filler text; 3: a rotation
         # through the variants (case, markdown lines for the loose mode, empty, ...)
-        picks = [c[0] if k == 0 else c[-6] if k == 1 else c[-2] if k == 2 else c[(i + k) % len(c)]
-                 for i, c in enumerate(candidates)]
+        picks = [
+            c[0] if k == 0 else c[-6] if k == 1 else c[-2] if k == 2 else c[(i + k) % len(c)]
+            for i, c in enumerate(candidates)
+        ]
         resp_file = tmp_path / f"responses{k}.jsonl"
         resp_file.write_text("".join(json.dumps({"key": r["key"], "response": x}) + "\n" for r, x in zip(rows, picks)))
         out = tmp_path / f"out{k}"
@@ -87,8 +96,11 @@ def test_eval_tool_equals_upstream_ifbench_on_all_294_prompts(nltk_standins, tmp
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         ours = json.loads((out / "ifbench.json").read_text())
         ref = _upstream(rows, {r["prompt"]: x for r, x in zip(rows, picks)})
-        differ = [(r["key"], r["instruction_id_list"], p["strict"], u) for r, p, u in
-                  zip(rows, ours["per_prompt"], ref["per_prompt_strict"]) if p["strict"] != u]
+        differ = [
+            (r["key"], r["instruction_id_list"], p["strict"], u)
+            for r, p, u in zip(rows, ours["per_prompt"], ref["per_prompt_strict"])
+            if p["strict"] != u
+        ]
         assert not differ, (k, differ)
         for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
             assert line[key] == ref[key], (k, key, line[key], ref[key])
@@ -115,8 +127,10 @@ def test_missing_nltk_data_is_refused_up_front(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ifbench, "_has", lambda res: res.startswith("tokenizers/"))
     resp = tmp_path / "r.jsonl"
     resp.write_text(json.dumps({"key": rows[0]["key"], "response": "x"}) + "\n")
-    assert tool.main(["--benchmark", "ifbench", "--responses", str(resp), "--allow-partial",
-                      "--out", str(tmp_path / "o")]) == 2
+    assert (
+        tool.main(["--benchmark", "ifbench", "--responses", str(resp), "--allow-partial", "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "corpora/stopwords (for ratio:stop_words" in err and "nltk.downloader" in err
     assert not (tmp_path / "o").exists()

@@ -15,13 +15,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _tools import PNG_MAGIC, REPO  # noqa: E402
+from _tools import load_tool as _tool  # noqa: E402
+
 from uniapl_megatron.eval.constructed import constructed_responses  # noqa: E402
 from uniapl_megatron.eval.ifeval_data import IFEVAL_NUM_PROMPTS, load_ifeval_prompts  # noqa: E402
 from uniapl_megatron.eval.ifeval_score import score_rows, summarize  # noqa: E402
 from uniapl_megatron.rewards import build_reward  # noqa: E402
-
-from _tools import PNG_MAGIC, REPO  # noqa: E402
-from _tools import load_tool as _tool  # noqa: E402
 
 
 def _reference(row: dict, response: str) -> tuple[list[bool], list[bool]]:
@@ -30,8 +30,9 @@ def _reference(row: dict, response: str) -> tuple[list[bool], list[bool]]:
     from lm_eval.tasks.ifeval import utils as U
 
     langdetect.DetectorFactory.seed = 0
-    inp = U.InputExample(key=row["key"], instruction_id_list=row["instruction_id_list"], prompt=row["prompt"],
-                         kwargs=row["kwargs"])
+    inp = U.InputExample(
+        key=row["key"], instruction_id_list=row["instruction_id_list"], prompt=row["prompt"], kwargs=row["kwargs"]
+    )
     random.seed(0)
     strict = U.test_instruction_following_strict(inp, response).follow_instruction_list
     random.seed(0)
@@ -65,8 +66,14 @@ def test_scores_agree_exactly_with_lm_eval_on_all_541_prompts(ifeval_rows: list[
             seen[iid].add(v)
         # lm-eval's process_results shape; built from the seeded reference, since process_results
         # itself draws keys 1122/1129's random letter twice from one random stream
-        ref_metrics.append({"prompt_level_strict_acc": all(strict), "inst_level_strict_acc": strict,
-                            "prompt_level_loose_acc": all(loose), "inst_level_loose_acc": loose})
+        ref_metrics.append(
+            {
+                "prompt_level_strict_acc": all(strict),
+                "inst_level_strict_acc": strict,
+                "prompt_level_loose_acc": all(loose),
+                "inst_level_loose_acc": loose,
+            }
+        )
     # every instruction type was seen both followed and not followed: the comparison has teeth
     assert len(seen) == 25 and all(v == {True, False} for v in seen.values())
     # the aggregate metrics equal lm-eval's aggregation of its own per-prompt results
@@ -100,9 +107,24 @@ def test_cli_responses_mode_matches_reference(tmp_path: Path, ifeval_rows: list[
     resp_file = tmp_path / "responses.jsonl"
     responses = _write_responses(resp_file, ifeval_rows)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(REPO / "tools/eval_ifeval.py"), "--responses", str(resp_file),
-                        "--out", str(out), "--algorithm", "grpo", "--student", "qwen3-0.6b"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/eval_ifeval.py"),
+            "--responses",
+            str(resp_file),
+            "--out",
+            str(out),
+            "--algorithm",
+            "grpo",
+            "--student",
+            "qwen3-0.6b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
     headline = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
@@ -145,8 +167,9 @@ def _bad_cases(rows: list[dict]) -> list[tuple[str, str, list[str]]]:
 
 
 @pytest.mark.parametrize("case", range(11))
-def test_bad_responses_files_get_clear_messages(case: int, tmp_path: Path, eval_tool: ModuleType,
-                                                 ifeval_rows: list[dict], capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_responses_files_get_clear_messages(
+    case: int, tmp_path: Path, eval_tool: ModuleType, ifeval_rows: list[dict], capsys: pytest.CaptureFixture[str]
+) -> None:
     name, text, expected = _bad_cases(ifeval_rows)[case]
     path = tmp_path / f"{name}.jsonl"
     path.write_text(text)
@@ -158,24 +181,33 @@ def test_bad_responses_files_get_clear_messages(case: int, tmp_path: Path, eval_
     assert not (tmp_path / "o" / "ifeval.json").exists()
 
 
-def test_missing_file_bad_prompt_file_and_no_traceback(tmp_path: Path, eval_tool: ModuleType,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_file_bad_prompt_file_and_no_traceback(
+    tmp_path: Path, eval_tool: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert eval_tool.main(["--responses", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["bogus:id"], "kwargs": [{}]}) + "\n")
+    prompts.write_text(
+        json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["bogus:id"], "kwargs": [{}]}) + "\n"
+    )
     resp = tmp_path / "r.jsonl"
     resp.write_text(json.dumps({"key": 1, "response": "x"}) + "\n")
     assert eval_tool.main(["--responses", str(resp), "--prompts", str(prompts)]) == 2
     assert f"{prompts}:1: unknown instruction id 'bogus:id'" in capsys.readouterr().err
     # a real process: a bad file ends with one message line, not a traceback
-    r = subprocess.run([sys.executable, str(REPO / "tools/eval_ifeval.py"), "--responses", str(resp)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tools/eval_ifeval.py"), "--responses", str(resp)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown key 1" in r.stderr
 
 
-def test_partial_and_custom_prompt_file(tmp_path: Path, eval_tool: ModuleType, ifeval_rows: list[dict],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_partial_and_custom_prompt_file(
+    tmp_path: Path, eval_tool: ModuleType, ifeval_rows: list[dict], capsys: pytest.CaptureFixture[str]
+) -> None:
     resp = tmp_path / "r.jsonl"
     _write_responses(resp, ifeval_rows[:10], pick=0)
     assert eval_tool.main(["--responses", str(resp), "--allow-partial", "--out", str(tmp_path / "a")]) == 0
@@ -201,8 +233,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from uniapl_megatron.data.chat import qwen3_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir(), local_files_only=True)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512)
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model_dir = tmp_path_factory.mktemp("tiny") / "model"
     Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
@@ -211,16 +251,30 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("engine", ["torch", pytest.param("vllm", marks=pytest.mark.slow)])
-def test_model_mode_through_rollout_engine(engine: str, tiny_model: Path, tmp_path: Path, eval_tool: ModuleType,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_mode_through_rollout_engine(
+    engine: str, tiny_model: Path, tmp_path: Path, eval_tool: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     from uniapl_megatron.rewards.synthetic import SyntheticConfig, generate_synthetic
 
     rows = generate_synthetic(SyntheticConfig(num_rows=5, split="eval"))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
     def args(out: Path) -> list[str]:
-        a = ["--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "12",
-             "--engine", engine, "--batch-size", "3"]
+        a = [
+            "--model",
+            str(tiny_model),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "12",
+            "--engine",
+            engine,
+            "--batch-size",
+            "3",
+        ]
         if engine == "vllm":
             a += ["--rollout-option", "enforce_eager=true", "--rollout-option", f"work_dir={tmp_path / 'vllm'}"]
         return a
@@ -237,20 +291,32 @@ def test_model_mode_through_rollout_engine(engine: str, tiny_model: Path, tmp_pa
         capsys.readouterr()
         assert [json.loads(x) for x in (tmp_path / "again" / "responses.jsonl").read_text().splitlines()] == written
     # the written responses score the same through --responses mode
-    assert eval_tool.main(["--responses", str(out / "responses.jsonl"), "--prompts", str(prompts),
-                           "--out", str(tmp_path / "scored")]) == 0
+    assert (
+        eval_tool.main(
+            ["--responses", str(out / "responses.jsonl"), "--prompts", str(prompts), "--out", str(tmp_path / "scored")]
+        )
+        == 0
+    )
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["prompt_strict"] == line["prompt_strict"]
 
 
-def test_model_mode_bad_inputs(tmp_path: Path, tiny_model: Path, eval_tool: ModuleType,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_mode_bad_inputs(
+    tmp_path: Path, tiny_model: Path, eval_tool: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert eval_tool.main(["--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
-    for opt, msg in (("nope=1", "expected KEY=VALUE with KEY one of"), ("enforce_eager=maybe", "expected true or false"),
-                     ("max_batch_size=0", "rollout.max_batch_size: expected an integer >= 1")):
-        assert eval_tool.main(["--model", str(tiny_model), "--engine", "torch", "--rollout-option", opt,
-                               "--out", str(tmp_path / "o")]) == 2
+    for opt, msg in (
+        ("nope=1", "expected KEY=VALUE with KEY one of"),
+        ("enforce_eager=maybe", "expected true or false"),
+        ("max_batch_size=0", "rollout.max_batch_size: expected an integer >= 1"),
+    ):
+        assert (
+            eval_tool.main(
+                ["--model", str(tiny_model), "--engine", "torch", "--rollout-option", opt, "--out", str(tmp_path / "o")]
+            )
+            == 2
+        )
         assert msg in capsys.readouterr().err
 
 
@@ -260,7 +326,9 @@ def generate_synthetic_rows(n: int) -> list[dict]:
     return generate_synthetic(SyntheticConfig(num_rows=n, split="eval"))
 
 
-def test_analyze_logprobs_with_a_real_model(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_analyze_logprobs_with_a_real_model(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """tools/analyze.py with --model (here, since it shares this file's tiny model)."""
     import numpy as np
     import torch
@@ -275,8 +343,12 @@ def test_analyze_logprobs_with_a_real_model(tiny_model: Path, tmp_path: Path, ca
     teacher = tmp_path / "teacher.jsonl"
     student = tmp_path / "student.jsonl"
     teacher.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    student.write_text("".join(json.dumps({"key": r["key"], "prompt": r["prompt"],
-                                           "response": r["teacher_response"] + " ok then"}) + "\n" for r in rows))
+    student.write_text(
+        "".join(
+            json.dumps({"key": r["key"], "prompt": r["prompt"], "response": r["teacher_response"] + " ok then"}) + "\n"
+            for r in rows
+        )
+    )
 
     # teacher-forced log-probs (batched, padded) equal an unpadded forward of each sequence
     prompts = [r["prompt"] for r in rows[:3]]
@@ -294,8 +366,10 @@ def test_analyze_logprobs_with_a_real_model(tiny_model: Path, tmp_path: Path, ca
 
     tool = _tool("analyze")
     out = tmp_path / "o"
-    assert tool.main(["--student", str(student), "--teacher", str(teacher), "--model", str(model_dir),
-                      "--out", str(out)]) == 0
+    assert (
+        tool.main(["--student", str(student), "--teacher", str(teacher), "--model", str(model_dir), "--out", str(out)])
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["length_unit"] == "tokens" and line["pairs"] == 6
     assert line["student_seq_logprob_mean"] < 0 and line["teacher_seq_logprob_mean"] < 0

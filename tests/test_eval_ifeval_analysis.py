@@ -13,12 +13,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from uniapl_megatron.eval.distributions import compare, ks_statistic, plot_comparison, summary, wasserstein_1  # noqa: E402
-from uniapl_megatron.eval.tables import ALGORITHM_LABELS, canonical_algorithm  # noqa: E402
-
 from _tools import PNG_MAGIC  # noqa: E402
 from _tools import load_tool as _tool  # noqa: E402
 
+from uniapl_megatron.eval.distributions import compare, ks_statistic, plot_comparison, summary, wasserstein_1  # noqa: E402
+from uniapl_megatron.eval.tables import ALGORITHM_LABELS, canonical_algorithm  # noqa: E402
 
 # ---------------------------------------------------------------- distributions
 
@@ -41,7 +40,15 @@ def test_distances_known_values_and_scipy() -> None:
 
 def test_summary_and_compare() -> None:
     s = summary(list(range(101)))
-    assert (s["n"], s["mean"], s["p10"], s["p50"], s["p90"], s["min"], s["max"]) == (101, 50.0, 10.0, 50.0, 90.0, 0.0, 100.0)
+    assert (s["n"], s["mean"], s["p10"], s["p50"], s["p90"], s["min"], s["max"]) == (
+        101,
+        50.0,
+        10.0,
+        50.0,
+        90.0,
+        0.0,
+        100.0,
+    )
     c = compare([1, 2, 3], [3, 4, 5])
     assert c["mean_diff"] == -2.0 and c["wasserstein"] == pytest.approx(2.0) and c["ks"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="student: no values"):
@@ -67,8 +74,12 @@ def _pairs_files(tmp_path: Path, n: int = 12) -> tuple[Path, Path, list[dict]]:
     student = tmp_path / "student.jsonl"
     teacher.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # the student adds exactly two words to every answer, in reverse order of the file
-    student.write_text("".join(json.dumps({"key": r["key"], "prompt": r["prompt"],
-                                           "response": r["teacher_response"] + " ok then"}) + "\n" for r in rows[::-1]))
+    student.write_text(
+        "".join(
+            json.dumps({"key": r["key"], "prompt": r["prompt"], "response": r["teacher_response"] + " ok then"}) + "\n"
+            for r in rows[::-1]
+        )
+    )
     return student, teacher, rows
 
 
@@ -162,24 +173,38 @@ def test_reproduce_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # --metric reads metrics[...] where a record has it
     assert tool.main([str(tmp_path / "results"), "--out", str(tmp_path / "t2"), "--metric", "prompt_loose"]) == 0
     capsys.readouterr()
-    t2 = {(r["student"], r["algorithm"]): r for r in csv.DictReader(io.StringIO((tmp_path / "t2" / "table.csv").read_text()))}
+    t2 = {
+        (r["student"], r["algorithm"]): r
+        for r in csv.DictReader(io.StringIO((tmp_path / "t2" / "table.csv").read_text()))
+    }
     assert t2[("Qwen3-4B", "sft")]["IFEval"] == "50.00"  # the record with metrics
-    assert float(t2[("Qwen3-4B", "grpo")]["IFEval"]) == pytest.approx(100 * expected[("Qwen3-4B", "grpo", "IFEval")], abs=0.006)
+    assert float(t2[("Qwen3-4B", "grpo")]["IFEval"]) == pytest.approx(
+        100 * expected[("Qwen3-4B", "grpo", "IFEval")], abs=0.006
+    )
 
 
 def test_reproduce_tables_missing_cell_and_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tool = _tool("reproduce_tables")
     f = tmp_path / "r.jsonl"
     rec = {"algorithm": "grpo", "student": "s-1b", "benchmark": "A", "score": 0.5}
-    f.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "benchmark": "B", "score": 0.7}) + "\n"
-                 + json.dumps({**rec, "algorithm": "uniapl"}) + "\n")
+    f.write_text(
+        json.dumps(rec)
+        + "\n"
+        + json.dumps({**rec, "benchmark": "B", "score": 0.7})
+        + "\n"
+        + json.dumps({**rec, "algorithm": "uniapl"})
+        + "\n"
+    )
     assert tool.main([str(f), "--out", str(tmp_path / "o")]) == 0
     capsys.readouterr()
     rows = list(csv.DictReader(io.StringIO((tmp_path / "o" / "table.csv").read_text())))
     assert rows[0]["average"] == "60.00" and rows[1]["B"] == "" and rows[1]["average"] == ""
     cases = [
         (json.dumps({**rec, "score": 57.0}), ":1: score must be a fraction in [0, 1], got 57.0"),
-        (json.dumps({k: v for k, v in rec.items() if k != "student"}), ":1: field 'student' must be a non-empty string"),
+        (
+            json.dumps({k: v for k, v in rec.items() if k != "student"}),
+            ":1: field 'student' must be a non-empty string",
+        ),
         (json.dumps({k: v for k, v in rec.items() if k != "score"}), ":1: missing field 'score'"),
         (json.dumps(rec) + "\n" + json.dumps(rec), "two results for s-1b / grpo / A"),
         ("{oops", ":1: not JSON"),

@@ -31,21 +31,45 @@ def setup(tmp_path_factory):
     model = tiny_model(root / "teacher")
     rows = []
     for i, r in enumerate(generate_synthetic(SyntheticConfig(num_rows=10, seed=3))):
-        rows.append({"key": f"c{i}", "prompt": r["prompt"], "instruction_id_list": r["instruction_id_list"],
-                     "kwargs": r["kwargs"]})
-    rows += [{"key": f"p{i}", "messages": [{"role": "user", "content": f"Tell me about number {i}."}]}
-             for i in range(11)]
+        rows.append(
+            {
+                "key": f"c{i}",
+                "prompt": r["prompt"],
+                "instruction_id_list": r["instruction_id_list"],
+                "kwargs": r["kwargs"],
+            }
+        )
+    rows += [
+        {"key": f"p{i}", "messages": [{"role": "user", "content": f"Tell me about number {i}."}]} for i in range(11)
+    ]
     rows.insert(7, {"key": "leak", "prompt": load_ifeval_prompts()[3]["prompt"]})  # an IFEval test prompt
     src = root / "prompts.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(rows) == 22  # 6 chunks of 4, the last one short
 
     def config(name: str, **gen) -> Path:
-        cfg = {"teacher": {"engine": "vllm", "model_path": str(model), "dtype": "float32", "max_model_len": 192,
-                           "enforce_eager": True, "kv_cache_bytes": 64 << 20},
-               "generate": {"input_paths": [str(src)], "output_path": str(root / name / "teacher.jsonl"),
-                            "teacher_name": "tiny-teacher", "chunk_size": 4, "max_new_tokens": 12,
-                            "temperature": 1.0, "top_p": 1.0, "top_k": 0, "drop_truncated": False, **gen}}
+        cfg = {
+            "teacher": {
+                "engine": "vllm",
+                "model_path": str(model),
+                "dtype": "float32",
+                "max_model_len": 192,
+                "enforce_eager": True,
+                "kv_cache_bytes": 64 << 20,
+            },
+            "generate": {
+                "input_paths": [str(src)],
+                "output_path": str(root / name / "teacher.jsonl"),
+                "teacher_name": "tiny-teacher",
+                "chunk_size": 4,
+                "max_new_tokens": 12,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "drop_truncated": False,
+                **gen,
+            },
+        }
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
@@ -55,8 +79,14 @@ def setup(tmp_path_factory):
 
 def _run(cfg: Path, *overrides: str, env_tmp: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "TMPDIR": str(env_tmp), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg), *overrides],
-                          env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
@@ -67,8 +97,14 @@ def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the ranks' logging
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg)], env=env,
-                                cwd=REPO, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uniapl_megatron.cli", "generate", str(cfg)],
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 900
     try:
         while len(list(parts.glob("chunk-*.jsonl"))) < N_CHUNKS // 2:
@@ -134,15 +170,23 @@ def test_sbatch_script_shares_the_launcher_and_checks_the_layout():
     recipe = REPO / "examples" / "generate_teacher.yaml"
     assert 'source "$UNIAPL_ROOT/slurm/_launch.sh"' in script.read_text()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UNIAPL_"))}
-    env.update(UNIAPL_DRY_RUN="1", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="g[1-4]", SLURM_NNODES="4",
-               SLURM_NTASKS_PER_NODE="8", UNIAPL_PYTHON=sys.executable)
-    r = subprocess.run(["bash", str(script), str(recipe)], env=env, capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
+    env.update(
+        UNIAPL_DRY_RUN="1",
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="g[1-4]",
+        SLURM_NNODES="4",
+        SLURM_NTASKS_PER_NODE="8",
+        UNIAPL_PYTHON=sys.executable,
+    )
+    r = subprocess.run(
+        ["bash", str(script), str(recipe)], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     tasks = [ln for ln in r.stdout.splitlines() if ln.startswith("task ")]
     assert len(tasks) == 32 and all("uniapl_megatron.cli generate" in t for t in tasks)
     assert "rank=31 " in tasks[-1] and "world_size=32" in tasks[-1]
     env.update(SLURM_JOB_NODELIST="g[1-2]", SLURM_NNODES="2")  # 16 GPUs for DP 4 x TP 8: refused
-    r = subprocess.run(["bash", str(script), str(recipe)], env=env, capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
+    r = subprocess.run(
+        ["bash", str(script), str(recipe)], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert r.returncode != 0 and "set data_parallel_size=2" in r.stderr and "task " not in r.stdout

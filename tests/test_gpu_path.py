@@ -35,6 +35,7 @@ TE_MISSING = "No module named 'transformer_engine'"
 
 # ---- FP8 padding -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("recipe", ["none", *RECIPES])
 @pytest.mark.parametrize("tp,cp,sp", [(1, 1, False), (4, 1, False), (4, 1, True), (2, 2, True), (1, 4, False)])
 def test_fp8_padding_per_recipe_and_layout(recipe, tp, cp, sp):
@@ -60,8 +61,8 @@ def test_fp8_padding_refuses_an_unknown_recipe():
 
 
 def test_run_config_pads_for_the_recipe(tmp_path):
+    from uniapl_megatron.trainer.batch import Seq, pack_for_rank
     from uniapl_megatron.trainer.config import load_config
-    from uniapl_megatron.trainer.loop import Seq, pack_for_rank
 
     recipe = ROOT / "examples" / "qwen3_8b_32x8.yaml"  # TP 4 with sequence parallelism
     assert load_config(recipe).data.pad_multiple == 4
@@ -71,8 +72,16 @@ def test_run_config_pads_for_the_recipe(tmp_path):
     assert load_config(recipe, ["model.fp8=mxfp8", "data.pad_multiple=6"]).data.pad_multiple == 12
     cfg = load_config(recipe, ["model.fp8=blockwise"])
     seqs = [Seq(list(range(n)), 1, True) for n in (5, 130, 9, 77)]
-    mbs = pack_for_rank(seqs, cfg.data.max_tokens_per_micro_batch, cfg.parallel, cfg.data.pad_multiple, 0, 1, 0,
-                        fp8_recipe=cfg.model.fp8)
+    mbs = pack_for_rank(
+        seqs,
+        cfg.data.max_tokens_per_micro_batch,
+        cfg.parallel,
+        cfg.data.pad_multiple,
+        0,
+        1,
+        0,
+        fp8_recipe=cfg.model.fp8,
+    )
     for mb in mbs:  # each TP rank's share of the row: a multiple of 128 (blockwise) by padding the row to 512
         padded, lens = mb.packed.cu_seqlens_padded.diff().tolist(), mb.packed.seq_lens
         assert mb.packed.num_tokens % 512 == 0 and padded[:-1] == [aligned_length(n, 4) for n in lens[:-1]]
@@ -80,6 +89,7 @@ def test_run_config_pads_for_the_recipe(tmp_path):
 
 
 # ---- refusals: Transformer Engine missing or broken ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_fp8_recipe_fails_loudly_without_transformer_engine(recipe):
@@ -104,7 +114,8 @@ def broken_te(tmp_path, monkeypatch):
     (pkg / "pytorch").mkdir(parents=True)
     (pkg / "__init__.py").write_text("__version__ = '2.10.0'\n")
     (pkg / "pytorch" / "__init__.py").write_text(
-        "raise OSError('libcudnn_graph.so.9: cannot open shared object file: No such file or directory')\n")
+        "raise OSError('libcudnn_graph.so.9: cannot open shared object file: No such file or directory')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [n for n in sys.modules if n.startswith("transformer_engine")]:
         monkeypatch.delitem(sys.modules, name)
@@ -125,7 +136,9 @@ def test_broken_transformer_engine_is_named_not_swallowed(broken_te, caplog, mon
         assert ModelConfig(spec="auto").use_te() is False
     rec = [r for r in caplog.records if "model.spec=auto" in r.getMessage()]
     assert rec and rec[0].levelno == logging.WARNING
-    assert "torch-native layer spec, because Transformer Engine does not import (OSError: libcudnn" in rec[0].getMessage()
+    assert (
+        "torch-native layer spec, because Transformer Engine does not import (OSError: libcudnn" in rec[0].getMessage()
+    )
 
 
 def test_spec_auto_logs_its_choice_on_cpu(caplog):
@@ -136,6 +149,7 @@ def test_spec_auto_logs_its_choice_on_cpu(caplog):
 
 
 # ---- refusals: the GPU generation ---------------------------------------------------------------------------
+
 
 def _capability(monkeypatch, cap):
     # Stand-in for the one GPU query these checks make (there is no GPU here).
@@ -156,10 +170,18 @@ def test_mxfp8_is_refused_on_hopper_at_start_up(monkeypatch):
     assert "Blackwell" not in str(e.value) and TE_MISSING in str(e.value)
 
 
-@pytest.mark.parametrize("recipe,cap,ok", [
-    ("tensorwise", (8, 0), False), ("delayed", (8, 9), True), ("blockwise", (8, 9), False),
-    ("blockwise", (9, 0), True), ("mxfp8", (9, 0), False), ("mxfp8", (10, 0), True), ("mxfp8", (12, 0), True),
-])
+@pytest.mark.parametrize(
+    "recipe,cap,ok",
+    [
+        ("tensorwise", (8, 0), False),
+        ("delayed", (8, 9), True),
+        ("blockwise", (8, 9), False),
+        ("blockwise", (9, 0), True),
+        ("mxfp8", (9, 0), False),
+        ("mxfp8", (10, 0), True),
+        ("mxfp8", (12, 0), True),
+    ],
+)
 def test_fp8_generation_table(recipe, cap, ok):
     problem = specs.fp8_hardware_problem(recipe, cap)
     assert (problem is None) == ok, problem
@@ -173,11 +195,14 @@ def test_fp8_option_combinations():
     with pytest.raises(ConfigError, match="does not work with model.fp8=delayed"):
         ModelConfig(fp8="delayed", fp8_bf16_first_last_layers=True).use_te()
     with pytest.raises(ConfigError, match="needs parallel.use_distributed_optimizer=true"):
-        check_fp8_training(ModelConfig(fp8="tensorwise", fp8_param=True), ParallelConfig(use_distributed_optimizer=False))
+        check_fp8_training(
+            ModelConfig(fp8="tensorwise", fp8_param=True), ParallelConfig(use_distributed_optimizer=False)
+        )
     check_fp8_training(ModelConfig(fp8="tensorwise", fp8_param=True), ParallelConfig())
 
 
 # ---- fused kernels and overlap: where each applies ----------------------------------------------------------
+
 
 def test_fused_kernels_only_where_they_exist(monkeypatch):
     assert not any(specs.fused_kernels(use_te=False).values())  # CPU / torch-native spec: none
@@ -190,15 +215,18 @@ def test_fused_kernels_only_where_they_exist(monkeypatch):
     assert specs.fused_kernels(use_te=False)["gradient_accumulation_fusion"]
 
 
-@pytest.mark.parametrize("mode,dp,cuda,dist_opt,rep_kv,want", [
-    ("auto", 8, True, True, False, (True, True)),
-    ("auto", 8, True, False, False, (True, False)),  # weight gather overlap is the distributed optimizer's
-    ("auto", 1, True, True, False, (False, False)),
-    ("auto", 8, False, True, False, (False, False)),  # gloo: nothing to overlap
-    ("on", 2, False, True, False, (True, True)),
-    ("off", 8, True, True, False, (False, False)),
-    ("auto", 8, True, True, True, (False, True)),  # replicated KV heads: their grads are summed after backward
-])
+@pytest.mark.parametrize(
+    "mode,dp,cuda,dist_opt,rep_kv,want",
+    [
+        ("auto", 8, True, True, False, (True, True)),
+        ("auto", 8, True, False, False, (True, False)),  # weight gather overlap is the distributed optimizer's
+        ("auto", 1, True, True, False, (False, False)),
+        ("auto", 8, False, True, False, (False, False)),  # gloo: nothing to overlap
+        ("on", 2, False, True, False, (True, True)),
+        ("off", 8, True, True, False, (False, False)),
+        ("auto", 8, True, True, True, (False, True)),  # replicated KV heads: their grads are summed after backward
+    ],
+)
 def test_overlap_decision(mode, dp, cuda, dist_opt, rep_kv, want):
     o = decide_overlap(mode, dp, cuda, dist_opt, rep_kv)
     assert (o.grad_reduce, o.param_gather) == want, o.reason
@@ -210,6 +238,7 @@ def test_overlap_mode_is_checked():
 
 
 # ---- runs on gloo ranks -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
@@ -224,8 +253,11 @@ def test_fp8_weights_are_dequantised_on_export(model, tmp_path):
     from uniapl_megatron.launch import run_ranks
 
     out = tmp_path / "export"
-    code = run_ranks([sys.executable, str(ROOT / "tests" / "workers" / "fp8_export.py"), "--hf", str(model),
-                      "--out", str(out)], 2, timeout=600)
+    code = run_ranks(
+        [sys.executable, str(ROOT / "tests" / "workers" / "fp8_export.py"), "--hf", str(model), "--out", str(out)],
+        2,
+        timeout=600,
+    )
     assert code == 0
     fp8, ref = load_file(f"{out}.fp8.safetensors"), load_file(f"{out}.ref.safetensors")
     original = {k: v.to(torch.bfloat16) for k, v in load_safetensors_folder(model).items()}
@@ -237,8 +269,9 @@ def test_fp8_weights_are_dequantised_on_export(model, tmp_path):
     # The round trip really changed the linear weights (so the comparison above means something) and nothing else.
     assert all(not torch.equal(ref[k], original[k]) for k in quantised)
     assert all(torch.equal(ref[k], original[k]) for k in ref if k not in quantised)
-    worst = max(((ref[k].float() - original[k].float()).abs().max() / original[k].float().abs().max()).item()
-                for k in quantised)
+    worst = max(
+        ((ref[k].float() - original[k].float()).abs().max() / original[k].float().abs().max()).item() for k in quantised
+    )
     assert worst < 0.07  # e4m3 keeps 3 mantissa bits: within 1/16 of the shard's largest value
 
 
@@ -252,8 +285,20 @@ def test_fp32_masters_start_from_the_loaded_values_not_the_fp8_copies(model, tmp
     from uniapl_megatron.launch import run_ranks
 
     out = tmp_path / "masters"
-    code = run_ranks([sys.executable, str(ROOT / "tests" / "workers" / "fp8_export.py"), "--hf", str(model),
-                      "--out", str(out), "--masters", *layout], 2, timeout=600)
+    code = run_ranks(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "workers" / "fp8_export.py"),
+            "--hf",
+            str(model),
+            "--out",
+            str(out),
+            "--masters",
+            *layout,
+        ],
+        2,
+        timeout=600,
+    )
     assert code == 0
     got = load_file(f"{out}.masters.safetensors")
     want = {k: v.to(torch.bfloat16) for k, v in load_safetensors_folder(model).items()}
@@ -264,7 +309,8 @@ def test_fp32_masters_start_from_the_loaded_values_not_the_fp8_copies(model, tmp
 @pytest.mark.slow
 def test_data_parallel_overlap_matches_and_checkpoints_the_gathered_weights(model, tmp_path):
     """DP 2, overlap forced on without a GPU (optim.overlap_comm=on): two Adam steps whose micro-batch counts
-    differ (2 then 3 per rank: Megatron must hold each bucket's reduce back until the last one), the first step's checkpoint taken while the weight gather is still owed. Same
+    differ (2 then 3 per rank: Megatron must hold each bucket's reduce back until the last one), the first step's
+    checkpoint taken while the weight gather is still owed. Same
     weights as without overlap; resuming the checkpoint gives the same second step."""
     args = ("--steps", "2", "--mb-tokens", "128", "--mb-tokens-later", "48", "--adam", "--dtype", "bf16")
     off, m_off = train_step(model, tmp_path / "off", 2, *args)
@@ -273,13 +319,25 @@ def test_data_parallel_overlap_matches_and_checkpoints_the_gathered_weights(mode
     assert (m_on["overlap_grad_reduce"], m_on["overlap_param_gather"]) == (True, True)
     assert m_on["micro_batches"] == 3  # per rank in the second step; the first had 2
     assert max_diff(on, off) == 0.0
-    resumed, _ = train_step(model, tmp_path / "resumed", 2, "--mb-tokens", "48", "--adam", "--dtype", "bf16",
-                            "--ddp-overlap", "--resume", str(tmp_path / "ck"))
+    resumed, _ = train_step(
+        model,
+        tmp_path / "resumed",
+        2,
+        "--mb-tokens",
+        "48",
+        "--adam",
+        "--dtype",
+        "bf16",
+        "--ddp-overlap",
+        "--resume",
+        str(tmp_path / "ck"),
+    )
     assert all(torch.equal(resumed[k], on[k]) for k in on)
     shutil.rmtree(tmp_path / "ck", ignore_errors=True)
 
 
 # ---- CUDA_DEVICE_MAX_CONNECTIONS stays the trainer's ---------------------------------------------------------
+
 
 def _child_env(q) -> None:
     q.put(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"))

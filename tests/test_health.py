@@ -17,13 +17,18 @@ import pytest
 from uniapl_megatron.trainer.health import HANG_EXIT_CODE
 
 WORKER = Path(__file__).resolve().parent / "workers" / "hang.py"
-LAUNCH = "import sys; from uniapl_megatron.launch import run_ranks; sys.exit(run_ranks([sys.executable, *sys.argv[2:]], int(sys.argv[1])))"
+LAUNCH = (
+    "import sys; from uniapl_megatron.launch import run_ranks; "
+    "sys.exit(run_ranks([sys.executable, *sys.argv[2:]], int(sys.argv[1])))"
+)
 TIMEOUT = 6.0
 
 
 def _start(out: Path, world: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(world), str(WORKER), "--out", str(out),
-                             "--timeout", str(TIMEOUT), *args], start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, str(world), str(WORKER), "--out", str(out), "--timeout", str(TIMEOUT), *args],
+        start_new_session=True,
+    )
 
 
 def _beat(out: Path, rank: int) -> dict | None:
@@ -72,19 +77,39 @@ def test_sigstop_one_rank_of_a_training_run(assets, tmp_path):
     out = tmp_path / "run"
     a = assets
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uniapl_megatron.cli", "train", str(ROOT / "examples" / "tiny_cpu.yaml"),
-         f"model.hf_path={a['student']}", f"discriminator.path={a['discriminator']}",
-         f"data.demo_paths=[{a['data']}]", f"data.prompt_paths=[{a['data']}]", "data.eval_prompt_paths=[]",
-         "data.prompts_per_step=2",
-         "data.demos_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=6", "rollout.engine=torch",
-         "parallel.tensor_model_parallel_size=2", "train.steps=1000", "train.save_every=1000",
-         f"train.hang_timeout_s={TRAIN_TIMEOUT}", f"train.output_dir={out}", "train.tensorboard=false",
-         "train.plot=false"], start_new_session=True, stdout=(log := open(tmp_path / "log.txt", "wb")),  # noqa: SIM115
-        stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "uniapl_megatron.cli",
+            "train",
+            str(ROOT / "examples" / "tiny_cpu.yaml"),
+            f"model.hf_path={a['student']}",
+            f"discriminator.path={a['discriminator']}",
+            f"data.demo_paths=[{a['data']}]",
+            f"data.prompt_paths=[{a['data']}]",
+            "data.eval_prompt_paths=[]",
+            "data.prompts_per_step=2",
+            "data.demos_per_step=2",
+            "sampling.group_size=2",
+            "sampling.max_new_tokens=6",
+            "rollout.engine=torch",
+            "parallel.tensor_model_parallel_size=2",
+            "train.steps=1000",
+            "train.save_every=1000",
+            f"train.hang_timeout_s={TRAIN_TIMEOUT}",
+            f"train.output_dir={out}",
+            "train.tensorboard=false",
+            "train.plot=false",
+        ],
+        start_new_session=True,
+        stdout=(log := open(tmp_path / "log.txt", "wb")),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 900
     while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-        assert proc.poll() is None, f"the run ended early ({proc.returncode}): {log.name}:\n" + \
-            (tmp_path / "log.txt").read_text()[-3000:]
+        assert proc.poll() is None, (
+            f"the run ended early ({proc.returncode}): {log.name}:\n" + (tmp_path / "log.txt").read_text()[-3000:]
+        )
         assert time.monotonic() < deadline, "no training step within 900 s"
         time.sleep(0.2)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -104,8 +129,10 @@ def test_sigstop_one_rank_of_a_training_run(assets, tmp_path):
     assert at_stop["phase"] in ("rollout", "score", "logprobs", "train", "sync")
     stack = (out / "health" / "stack_rank0.txt").read_text()
     assert "uniapl_megatron/trainer/loop.py" in stack and report["ranks"][0]["waiting_in"], (report, stack)
-    print(f"rank 1 stopped in {at_stop['phase']} of step {at_stop['step']}; exit {proc.returncode} after "
-          f"{took:.1f} s (hang_timeout_s {TRAIN_TIMEOUT:.0f}); rank 0 waited in {report['ranks'][0]['waiting_in']}")
+    print(
+        f"rank 1 stopped in {at_stop['phase']} of step {at_stop['step']}; exit {proc.returncode} after "
+        f"{took:.1f} s (hang_timeout_s {TRAIN_TIMEOUT:.0f}); rank 0 waited in {report['ranks'][0]['waiting_in']}"
+    )
 
 
 @pytest.mark.parametrize("how", ["sleep", "regex"])

@@ -16,8 +16,14 @@ WORKER = Path(__file__).resolve().parent / "workers" / "logprobs_tp.py"
 N, H, V, TRUE_V = 13, 16, 304, 290  # 14 vocabulary padding rows, all on the last TP2 rank
 
 
-def reference(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor,
-              with_entropy: bool, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float | torch.Tensor,
+    with_entropy: bool,
+    coef: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output, d(output . coef)/dh, .../dw) through the full logits of the true vocabulary, in float64."""
     hd = h.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_()
@@ -34,10 +40,15 @@ def inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, TRUE_V, (N,), generator=g)
     labels[:2] = torch.tensor([3, TRUE_V - 1])  # one on each TP2 rank's slice at least
-    return {"hidden": torch.randn(N, H, generator=g), "weight": torch.randn(V, H, generator=g) * 0.5,
-            "labels": labels, "temperature": torch.rand(N, generator=g) + 0.4,
-            "coef_float": torch.randn(N, generator=g), "coef_per_token": torch.randn(N, 2, generator=g),
-            "true_vocab": torch.tensor(TRUE_V)}
+    return {
+        "hidden": torch.randn(N, H, generator=g),
+        "weight": torch.randn(V, H, generator=g) * 0.5,
+        "labels": labels,
+        "temperature": torch.rand(N, generator=g) + 0.4,
+        "coef_float": torch.randn(N, generator=g),
+        "coef_per_token": torch.randn(N, 2, generator=g),
+        "true_vocab": torch.tensor(TRUE_V),
+    }
 
 
 def assert_matches(got: tuple, want: tuple, what: str, tol: float = 2e-5) -> None:
@@ -52,12 +63,14 @@ def test_tp1_matches_full_logits(with_entropy: bool, monkeypatch: pytest.MonkeyP
     coef = x["coef_per_token"] if with_entropy else x["coef_float"]
     for temperature in (1.0, 0.7, x["temperature"]):
         h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
-        out = logprobs.vocab_parallel_logprobs(h, w, x["labels"], true_vocab=TRUE_V, temperature=temperature,
-                                               with_entropy=with_entropy, chunk_tokens=5)
+        out = logprobs.vocab_parallel_logprobs(
+            h, w, x["labels"], true_vocab=TRUE_V, temperature=temperature, with_entropy=with_entropy, chunk_tokens=5
+        )
         (out * coef).sum().backward()
         what = f"temperature {'per token' if isinstance(temperature, torch.Tensor) else temperature}"
-        assert_matches((out.detach(), h.grad, w.grad), reference(h, w, x["labels"], temperature, with_entropy, coef),
-                       what)
+        assert_matches(
+            (out.detach(), h.grad, w.grad), reference(h, w, x["labels"], temperature, with_entropy, coef), what
+        )
         assert w.grad[TRUE_V:].abs().max() == 0, "vocabulary padding rows got a gradient"
 
 
@@ -80,8 +93,9 @@ def test_no_tensor_spans_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None
     x = inputs()
     h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     with Widths():
-        out = logprobs.vocab_parallel_logprobs(h, w, x["labels"], true_vocab=TRUE_V, temperature=x["temperature"],
-                                               with_entropy=True, chunk_tokens=5)
+        out = logprobs.vocab_parallel_logprobs(
+            h, w, x["labels"], true_vocab=TRUE_V, temperature=x["temperature"], with_entropy=True, chunk_tokens=5
+        )
         (out * x["coef_per_token"]).sum().backward()
     assert widest and max(widest)[0] <= 64, max(widest)
 
@@ -91,8 +105,9 @@ def test_bf16_weights_keep_fp32_statistics(monkeypatch: pytest.MonkeyPatch) -> N
     x = inputs(1)
     h = x["hidden"].bfloat16().requires_grad_()
     w = x["weight"].bfloat16().requires_grad_()
-    out = logprobs.vocab_parallel_logprobs(h, w, x["labels"], true_vocab=TRUE_V, temperature=x["temperature"],
-                                           with_entropy=True, chunk_tokens=5)
+    out = logprobs.vocab_parallel_logprobs(
+        h, w, x["labels"], true_vocab=TRUE_V, temperature=x["temperature"], with_entropy=True, chunk_tokens=5
+    )
     (out * x["coef_per_token"]).sum().backward()
     assert out.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
     want = reference(h.float(), w.float(), x["labels"], x["temperature"], True, x["coef_per_token"])
@@ -106,14 +121,27 @@ def test_tp2_matches_full_logits(tmp_path: Path) -> None:
 
     x = inputs()
     save_file(x, tmp_path / "in.safetensors")
-    code = run_ranks([sys.executable, str(WORKER), "--inputs", str(tmp_path / "in.safetensors"), "--out",
-                      str(tmp_path / "out.safetensors"), "--tile", "64"], 2, timeout=600)
+    code = run_ranks(
+        [
+            sys.executable,
+            str(WORKER),
+            "--inputs",
+            str(tmp_path / "in.safetensors"),
+            "--out",
+            str(tmp_path / "out.safetensors"),
+            "--tile",
+            "64",
+        ],
+        2,
+        timeout=600,
+    )
     assert code == 0, f"TP2 worker exited with {code}"
     got = load_file(tmp_path / "out.safetensors")
     for case, temperature, with_entropy in (("float", 0.7, False), ("per_token", x["temperature"], True)):
         want = reference(x["hidden"], x["weight"], x["labels"], temperature, with_entropy, x["coef_" + case])
-        assert_matches(tuple(got[f"{case}_{k}"] for k in ("out", "grad_hidden", "grad_weight")), want,
-                       f"TP2, temperature {case}")
+        assert_matches(
+            tuple(got[f"{case}_{k}"] for k in ("out", "grad_hidden", "grad_weight")), want, f"TP2, temperature {case}"
+        )
         assert got[f"{case}_grad_weight"][TRUE_V:].abs().max() == 0
 
 

@@ -33,9 +33,7 @@ def test_leave_one_out_mean_and_std():
     assert adv.tolist() == pytest.approx([2 / 3, 0.0, -2 / 3, 0.0, 0.0, -2 / 3, 2 / 3], abs=1e-6)
     adv = group_advantages(REWARDS, GROUPS, norm="std", leave_one_out=True, eps=0.0 + 1e-6)
     s = math.sqrt(1 / 3) + 1e-6
-    assert adv.tolist() == pytest.approx(
-        [2 / 3 / s, 0.0, -2 / 3 / s, 0.0, 0.0, -2 / 3 / s, 2 / 3 / s], abs=1e-6
-    )
+    assert adv.tolist() == pytest.approx([2 / 3 / s, 0.0, -2 / 3 / s, 0.0, 0.0, -2 / 3 / s, 2 / 3 / s], abs=1e-6)
 
 
 def test_bad_values_are_reported():

@@ -54,10 +54,18 @@ def _filler(weight: torch.Tensor) -> LossInputs:
     """A micro-batch with no sequence (a rank with fewer sequences than micro-batches): two padding tokens."""
     logp_all = torch.log_softmax(torch.zeros(2, D) @ weight, dim=-1)
     logprobs, none = logp_all[:, 0], torch.zeros(0)
-    return LossInputs(logprobs=logprobs, loss_mask=torch.zeros(2, dtype=torch.long), seq_ids=torch.full((2,), -1),
-                      is_demo=torch.zeros(0, dtype=torch.bool), advantages=none, adv_advantages=none,
-                      old_logprobs=logprobs.detach(), ref_logprobs=logprobs.detach(),
-                      engine_logprobs=logprobs.detach(), entropy=-(logp_all.exp() * logp_all).sum(-1))
+    return LossInputs(
+        logprobs=logprobs,
+        loss_mask=torch.zeros(2, dtype=torch.long),
+        seq_ids=torch.full((2,), -1),
+        is_demo=torch.zeros(0, dtype=torch.bool),
+        advantages=none,
+        adv_advantages=none,
+        old_logprobs=logprobs.detach(),
+        ref_logprobs=logprobs.detach(),
+        engine_logprobs=logprobs.detach(),
+        entropy=-(logp_all.exp() * logp_all).sum(-1),
+    )
 
 
 def _pack(seqs: list[dict], weight: torch.Tensor) -> LossInputs:
@@ -168,9 +176,7 @@ def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 if kind == "dp":  # rank 0: micro-batches 0, 2 and the filler; rank 1: 1 and 3
                     loss, grad, metrics = _run(SPLITS[rank::world], mode, group=dist.group.WORLD)
                 else:  # every rank: all micro-batches, its half of every sequence's tokens
-                    loss, grad, metrics = _run(
-                        SPLITS, mode, group=dist.group.WORLD, seq_group=alone, cp=(rank, world)
-                    )
+                    loss, grad, metrics = _run(SPLITS, mode, group=dist.group.WORLD, seq_group=alone, cp=(rank, world))
                 dist.all_reduce(loss, op=dist.ReduceOp.SUM)  # the step's loss = sum over ranks
                 dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gradient reduction: sum, not mean
                 if rank == 0:

@@ -102,11 +102,7 @@ def test_truncated_importance_sampling_weights_the_tokens():
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_estimators_match_hand_values(estimator):
     d = [0.1, -0.2, 0.3, 0.4, -0.5]  # log(pi / ref) of the five trained tokens
-    by_hand = {
-        "k1": d,
-        "k2": [0.5 * x * x for x in d],
-        "k3": [math.exp(-x) - 1 + x for x in d],
-    }[estimator]
+    by_hand = {"k1": d, "k2": [0.5 * x * x for x in d], "k3": [math.exp(-x) - 1 + x for x in d]}[estimator]
     cfg = ObjectiveConfig(algorithm="grpo", kl_coef=0.25, kl_estimator=estimator)
     w = StepWeights("grpo", 0.0, 1.0, 0.0, 0.0, True)
     inp = _rollout_batch(ratios=[1.0] * 7, adv=(0.0, 0.0))  # policy-gradient part is exactly 0
@@ -232,10 +228,7 @@ def test_seq_ids_from_cu_seqlens():
     "change, message",
     [
         (dict(old_logprobs=torch.zeros(6)), "LossInputs.old_logprobs: expected shape [T]=[7]"),
-        (
-            dict(seq_ids=torch.tensor([0, 0, 0, 0, 1, 2, -1])),
-            "LossInputs.seq_ids: values must lie in [-1, 1]",
-        ),
+        (dict(seq_ids=torch.tensor([0, 0, 0, 0, 1, 2, -1])), "LossInputs.seq_ids: values must lie in [-1, 1]"),
         (dict(seq_ids=torch.tensor([0.0] * 7)), "LossInputs.seq_ids: expected an integer tensor"),
         (dict(advantages=torch.zeros(3)), "LossInputs.advantages: expected shape [S]=[2]"),
         (dict(advantages=None), "LossInputs.advantages is needed: stage 'grpo'"),

@@ -63,19 +63,14 @@ def test_staged_presets_switch_at_the_configured_step(algorithm, before, after):
     assert _w(algorithm, 4, stage_switch_step=5) == before
     assert _w(algorithm, 5, stage_switch_step=5) == after
     assert (
-        resolve_weights(ObjectiveConfig(algorithm=algorithm, stage_switch_step=5), 5).stage
-        == algorithm.split("->")[1]
+        resolve_weights(ObjectiveConfig(algorithm=algorithm, stage_switch_step=5), 5).stage == algorithm.split("->")[1]
     )
 
 
 def test_chord_mu_schedules():
-    lin = ObjectiveConfig(
-        algorithm="chord", mu_start=0.9, mu_end=0.1, mu_schedule="linear", mu_decay_steps=10
-    )
+    lin = ObjectiveConfig(algorithm="chord", mu_start=0.9, mu_end=0.1, mu_schedule="linear", mu_decay_steps=10)
     assert [round(mu_at(lin, s), 6) for s in (0, 5, 10, 50)] == [0.9, 0.5, 0.1, 0.1]
-    cos = ObjectiveConfig(
-        algorithm="chord", mu_start=0.9, mu_end=0.1, mu_schedule="cosine", mu_decay_steps=10
-    )
+    cos = ObjectiveConfig(algorithm="chord", mu_start=0.9, mu_end=0.1, mu_schedule="cosine", mu_decay_steps=10)
     assert mu_at(cos, 0) == pytest.approx(0.9)
     assert mu_at(cos, 5) == pytest.approx(0.5)
     assert mu_at(cos, 2) == pytest.approx(0.1 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.2)))
@@ -136,10 +131,7 @@ def test_a_sft_reward_mode_is_the_same_objective_as_loss_mode():
         (dict(dual_clip_c=1.0), "objective.dual_clip_c: expected a number > 1.0 (finite) or null, got 1.0"),
         (dict(tis_cap=0), "objective.tis_cap"),
         (dict(kl_estimator="k4"), "objective.kl_estimator: expected one of 'k1', 'k2', 'k3'"),
-        (
-            dict(loss_agg_mode="seq-mean-token-sum-norm"),
-            "objective.agg_norm_length: expected an integer >= 1",
-        ),
+        (dict(loss_agg_mode="seq-mean-token-sum-norm"), "objective.agg_norm_length: expected an integer >= 1"),
         (dict(loss_agg_mode="sum"), "objective.loss_agg_mode"),
         (dict(adv_norm="none"), "objective.adv_norm"),
         (dict(algorithm="sft->grpo"), "objective.stage_switch_step: expected an integer >= 1 for the staged"),

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _models import tiny_qwen3
 from _train_step import train_step
+
 from uniapl_megatron.models.arch import ConfigError
 from uniapl_megatron.models.qwen3 import ModelConfig
 from uniapl_megatron.parallel import ParallelConfig
@@ -39,7 +39,11 @@ def test_offload_gives_the_same_update(model, tmp_path, world):
     ref, ref_m = train_step(model, tmp_path / "device", world, *BF16)
     before = {k: v.to(torch.bfloat16) for k, v in __import__("_models").load_safetensors_folder(model).items()}
     assert max((ref[k].float() - before[k].float()).abs().max().item() for k in ref) > 1e-3, "no update"
-    runs = {"all": ["--offload", "1.0"], "half": ["--offload", "0.5"], "all, overlapped": ["--offload", "1.0", "--overlap"]}
+    runs = {
+        "all": ["--offload", "1.0"],
+        "half": ["--offload", "0.5"],
+        "all, overlapped": ["--offload", "1.0", "--overlap"],
+    }
     for name, args in runs.items():
         got, m = train_step(model, tmp_path / name.replace(", ", "_"), world, *BF16, *args)
         if name == "half":  # part on the host, the rest with a device optimizer
@@ -56,8 +60,9 @@ def test_offload_checkpoint_resumes_exactly(model, tmp_path):
     # Plain Adam: from the second step on its moments shape the update, so a lost state would show.
     adam = [*BF16, "--adam"]
     ck_off, ck_dev = tmp_path / "ck_offload", tmp_path / "ck_device"
-    straight, _ = train_step(model, tmp_path / "straight", 2, *adam, "--offload", "1.0", "--steps", "2",
-                             "--save", str(ck_off))
+    straight, _ = train_step(
+        model, tmp_path / "straight", 2, *adam, "--offload", "1.0", "--steps", "2", "--save", str(ck_off)
+    )
     one, _ = train_step(model, tmp_path / "one", 2, *adam, "--offload", "1.0")
     assert not all(torch.equal(straight[k], one[k]) for k in one), "the second step changed nothing"
     resumed, _ = train_step(model, tmp_path / "resumed", 2, *adam, "--offload", "1.0", "--resume", str(ck_off))
@@ -70,14 +75,17 @@ def test_offload_checkpoint_resumes_exactly(model, tmp_path):
     assert_same_bf16(resumed, straight_dev, "device checkpoint resumed offloaded")
 
 
-@pytest.mark.parametrize("optim,parallel,dtype,match", [
-    (dict(cpu_offload=True), dict(use_distributed_optimizer=False), "bf16", "parallel.use_distributed_optimizer"),
-    (dict(cpu_offload=True), {}, "fp32", "model.dtype"),
-    (dict(cpu_offload=True, cpu_offload_fraction=0.0), {}, "bf16", "optim.cpu_offload_fraction"),
-    (dict(cpu_offload=True, cpu_offload_fraction=1.5), {}, "bf16", "optim.cpu_offload_fraction"),
-    (dict(optimizer="sgd"), {}, "bf16", "optim.optimizer=sgd"),
-    (dict(optimizer="lion"), {}, "bf16", "optim.optimizer"),
-])
+@pytest.mark.parametrize(
+    "optim,parallel,dtype,match",
+    [
+        (dict(cpu_offload=True), dict(use_distributed_optimizer=False), "bf16", "parallel.use_distributed_optimizer"),
+        (dict(cpu_offload=True), {}, "fp32", "model.dtype"),
+        (dict(cpu_offload=True, cpu_offload_fraction=0.0), {}, "bf16", "optim.cpu_offload_fraction"),
+        (dict(cpu_offload=True, cpu_offload_fraction=1.5), {}, "bf16", "optim.cpu_offload_fraction"),
+        (dict(optimizer="sgd"), {}, "bf16", "optim.optimizer=sgd"),
+        (dict(optimizer="lion"), {}, "bf16", "optim.optimizer"),
+    ],
+)
 def test_offload_config_errors_name_the_field(optim, parallel, dtype, match):
     with pytest.raises(ConfigError, match=match):
         OptimConfig(**optim).validate(ParallelConfig(**parallel), ModelConfig(dtype=dtype))

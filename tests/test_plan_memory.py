@@ -7,17 +7,25 @@ so a wrong formula in the planner cannot also be the expected value.
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from uniapl_megatron.plan_memory import (
-    GIB, KNOWN_SHAPES, DoesNotFit, Layout, ModelShape, PlanError, RolloutShape, TrainShape, check,
-    known_shape, param_count, plan)
+    GIB,
+    KNOWN_SHAPES,
+    DoesNotFit,
+    Layout,
+    ModelShape,
+    PlanError,
+    RolloutShape,
+    TrainShape,
+    check,
+    known_shape,
+    param_count,
+    plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = 79.6 * GIB
@@ -35,20 +43,51 @@ def _tool():
 tool = _tool()
 
 # Public config.json values (huggingface.co/Qwen/Qwen3-*/config.json).
-QWEN3_0P6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                  tie_word_embeddings=True)
-QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                tie_word_embeddings=True)
-QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                tie_word_embeddings=False)
-QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
-                     num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                     vocab_size=151936, tie_word_embeddings=False, num_experts=128,
-                     num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
-                     mlp_only_layers=[])
+QWEN3_0P6B = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+QWEN3_4B = dict(
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+QWEN3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
+QWEN3_30B_A3B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
 
 NO_ROLLOUT = RolloutShape(mode="disaggregated", num_nodes=1)  # nothing on the training GPUs
 
@@ -102,7 +141,9 @@ def test_weight_bytes_under_tensor_and_pipeline_parallelism():
     # because the head is tied and PP > 1, a copy of the embedding as its output layer.
     layer = 1024 * 2048 + 2 * 1024 * 1024 + 2048 * 1024 + 2 * 128 + 2 * 1024 + 3 * 1024 * 3072
     assert weights(QWEN3_0P6B, world_size=2, pp=2) == [
-        2 * (151936 * 1024 + 14 * layer), 2 * (14 * layer + 1024 + 151936 * 1024)]
+        2 * (151936 * 1024 + 14 * layer),
+        2 * (14 * layer + 1024 + 151936 * 1024),
+    ]
 
 
 def test_moe_weights_split_experts_over_ep():
@@ -114,8 +155,7 @@ def test_moe_weights_split_experts_over_ep():
     assert total == 30_532_122_624  # the published 30.5B
     assert weights(QWEN3_30B_A3B, world_size=1) == [2 * total]
     # EP=8: 16 experts per rank; attention, router and norms on every rank.
-    assert weights(QWEN3_30B_A3B, world_size=8, ep=8) == [
-        2 * (2 * emb + 48 * (attn + router + 16 * expert) + 2048)]
+    assert weights(QWEN3_30B_A3B, world_size=8, ep=8) == [2 * (2 * emb + 48 * (attn + router + 16 * expert) + 2048)]
 
 
 def test_gradients_and_optimizer_follow_megatron_bytes_per_parameter():
@@ -124,10 +164,16 @@ def test_gradients_and_optimizer_follow_megatron_bytes_per_parameter():
     n = p.params
     per_param = {k.split(" ")[0]: v / n for k, v in p.parts.items()}
     # bf16 weights 2 + fp32 main_grad 4 + fp32 master, Adam m, v 12 = 18 bytes per parameter.
-    assert per_param == pytest.approx({"weights": 2, "gradients": 4, "optimizer": 12,
-                                       "activations": per_param["activations"],
-                                       "logits": per_param["logits"],
-                                       "runtime": per_param["runtime"]})
+    assert per_param == pytest.approx(
+        {
+            "weights": 2,
+            "gradients": 4,
+            "optimizer": 12,
+            "activations": per_param["activations"],
+            "logits": per_param["logits"],
+            "runtime": per_param["runtime"],
+        }
+    )
     # Distributed optimizer: 6 + 12/d with d = 32 data-parallel ranks.
     p = plan(s, Layout(world_size=64, tp=2), TrainShape(), NO_ROLLOUT, H100).stages[0]
     opt = next(v for k, v in p.parts.items() if k.startswith("optimizer"))
@@ -162,8 +208,7 @@ def test_activation_bytes_by_hand_and_their_parallel_behaviour():
     assert act(world_size=2, pp=2, vpp=2) == pytest.approx(acts * 5 * 7 / 28)
     tp2, tp2_sp = act(world_size=2, tp=2), act(world_size=2, tp=2, sp=True)
     assert tp2_sp < tp2 < acts and tp2_sp == pytest.approx(acts / 2)
-    full = plan(s, Layout(world_size=1), TrainShape(seq_length=4096, recompute="full"),
-                NO_ROLLOUT, H100).stages[0]
+    full = plan(s, Layout(world_size=1), TrainShape(seq_length=4096, recompute="full"), NO_ROLLOUT, H100).stages[0]
     kept = next(v for k, v in full.parts.items() if k.startswith("activations"))
     assert kept == 2 * 1024 * 4096 * 28 + (attn + mlp) * 4096  # layer inputs + one layer re-run
     assert act(world_size=2, cp=2) == pytest.approx(acts / 2)
@@ -194,67 +239,121 @@ def test_colocated_engine_shard_weight_sync_and_fallback_kv_cache():
         plan(s, lay, train, RolloutShape(gpu_memory_utilization=0.35), H100)
     # torch fallback at TP=1: full bf16 weights + KV cache of 32 seqs x 4096 tokens:
     # 36 layers x (K and V) x 8 kv heads x 128 x 2 bytes per token.
-    fb = plan(s, lay, train, RolloutShape(engine="torch", max_num_seqs=32, max_model_len=4096,
-                                         sleeps=False), H100).stages[0]
+    fb = plan(
+        s, lay, train, RolloutShape(engine="torch", max_num_seqs=32, max_model_len=4096, sleeps=False), H100
+    ).stages[0]
     assert fb.parts["rollout KV cache (torch engine, 32 seqs x 4096 tokens)"] == 32 * 4096 * 36 * 2 * 8 * 128 * 2
     assert fb.parts["rollout engine weights"] == engine_weights
 
 
 def test_engines_are_counted_and_unplaceable_layouts_refused(tmp_path):
     f = tmp_path / "r.yaml"
-    f.write_text("model: {hf_path: Qwen/Qwen3-8B}\nparallel: {tensor_model_parallel_size: 4}\n"
-                 "rollout: {tensor_parallel_size: 2, kv_cache_bytes: 1073741824}\n")
+    f.write_text(
+        "model: {hf_path: Qwen/Qwen3-8B}\nparallel: {tensor_model_parallel_size: 4}\n"
+        "rollout: {tensor_parallel_size: 2, kv_cache_bytes: 1073741824}\n"
+    )
     cfg = tool.load_recipe(str(f))
     _, notes = tool.plan_recipe(cfg, str(f), 4, 8, H100)
     assert "rollout: 16 colocated engine(s) of TP=2" in notes  # 32 GPUs / 2
     cfg = tool.load_recipe(str(f), ["rollout.mode=disaggregated", "rollout.num_nodes=2"])
     _, notes = tool.plan_recipe(cfg, str(f), 4, 8, H100)
     assert "rollout: 8 disaggregated engine(s) of TP=2" in notes  # every GPU of the 2 rollout nodes
-    for bad, msg in (("rollout.tensor_parallel_size=16", "would span two nodes"),
-                     ("rollout.tensor_parallel_size=3", "does not divide the 32 training ranks")):
+    for bad, msg in (
+        ("rollout.tensor_parallel_size=16", "would span two nodes"),
+        ("rollout.tensor_parallel_size=3", "does not divide the 32 training ranks"),
+    ):
         with pytest.raises(PlanError, match=msg):
             tool.plan_recipe(tool.load_recipe(str(f), [bad]), str(f), 4, 8, H100)
 
 
 def test_a_layout_that_cannot_fit_is_refused_with_every_part_listed():
     # 8B without tensor parallelism: 15 GiB weights + 31 GiB fp32 grads + ~38 GiB activations.
-    p = plan(shape(QWEN3_8B), Layout(world_size=256), TrainShape(seq_length=8192),
-             RolloutShape(gpu_memory_utilization=0.35, kv_cache_bytes=8 * GIB), H100)
+    p = plan(
+        shape(QWEN3_8B),
+        Layout(world_size=256),
+        TrainShape(seq_length=8192),
+        RolloutShape(gpu_memory_utilization=0.35, kv_cache_bytes=8 * GIB),
+        H100,
+    )
     assert not p.fits
     with pytest.raises(DoesNotFit) as e:
         check(p)
     msg = str(e.value)
-    for part in ("weights (bf16)", "gradients (fp32 main_grad)", "optimizer", "activations",
-                 "logits", "rollout engine", "runtime reserve", "total", "short by"):
+    for part in (
+        "weights (bf16)",
+        "gradients (fp32 main_grad)",
+        "optimizer",
+        "activations",
+        "logits",
+        "rollout engine",
+        "runtime reserve",
+        "total",
+        "short by",
+    ):
         assert part in msg, part
     assert "79.60 GiB" in msg
     # The same model at TP=4 with SP fits.
-    check(plan(shape(QWEN3_8B), Layout(world_size=256, tp=4, sp=True), TrainShape(seq_length=8192),
-               RolloutShape(gpu_memory_utilization=0.35, kv_cache_bytes=8 * GIB, tensor_parallel_size=2), H100))
+    check(
+        plan(
+            shape(QWEN3_8B),
+            Layout(world_size=256, tp=4, sp=True),
+            TrainShape(seq_length=8192),
+            RolloutShape(gpu_memory_utilization=0.35, kv_cache_bytes=8 * GIB, tensor_parallel_size=2),
+            H100,
+        )
+    )
 
 
 def test_rollout_that_cannot_hold_its_weights_is_refused():
-    p = plan(shape(QWEN3_8B), Layout(world_size=8, tp=4), TrainShape(),
-             RolloutShape(gpu_memory_utilization=0.15, mode="disaggregated", num_nodes=1), H100)
+    p = plan(
+        shape(QWEN3_8B),
+        Layout(world_size=8, tp=4),
+        TrainShape(),
+        RolloutShape(gpu_memory_utilization=0.15, mode="disaggregated", num_nodes=1),
+        H100,
+    )
     assert p.worst.total < H100 and not p.fits
     with pytest.raises(DoesNotFit, match=r"vLLM's share .* cannot hold its weights \(15\.26 GiB"):
         check(p)
-    disagg = plan(shape(QWEN3_8B), Layout(world_size=8, tp=4), TrainShape(),
-                  RolloutShape(engine="torch", mode="disaggregated", num_nodes=1,
-                               max_num_seqs=512, max_model_len=8192), H100)
+    disagg = plan(
+        shape(QWEN3_8B),
+        Layout(world_size=8, tp=4),
+        TrainShape(),
+        RolloutShape(engine="torch", mode="disaggregated", num_nodes=1, max_num_seqs=512, max_model_len=8192),
+        H100,
+    )
     assert not disagg.fits  # 512 x 8192 tokens of KV cache is 576 GiB
     with pytest.raises(DoesNotFit, match="rollout node GPU"):
         check(disagg)
 
 
-@pytest.mark.parametrize("cfg, lay, msg", [
-    (QWEN3_0P6B, dict(world_size=3, tp=3), "num_attention_heads=16 is not divisible by tensor_model_parallel_size=3"),
-    (QWEN3_0P6B, dict(world_size=3, pp=3), "num_hidden_layers=28 is not divisible by pipeline x virtual pipeline stages = 3 x 1"),
-    (QWEN3_0P6B, dict(world_size=6, tp=4), "6 training GPUs are not divisible by tensor x pipeline x context parallel = 4 x 1 x 1"),
-    (QWEN3_0P6B, dict(world_size=2, ep=2), "expert_model_parallel_size=2 needs a MoE model"),
-    (QWEN3_30B_A3B, dict(world_size=24, ep=24), "num_experts=128 is not divisible by expert_model_parallel_size=24"),
-    (QWEN3_0P6B, dict(world_size=2, vpp=2), "virtual pipeline stages need pipeline_model_parallel_size > 1"),
-])
+@pytest.mark.parametrize(
+    "cfg, lay, msg",
+    [
+        (
+            QWEN3_0P6B,
+            dict(world_size=3, tp=3),
+            "num_attention_heads=16 is not divisible by tensor_model_parallel_size=3",
+        ),
+        (
+            QWEN3_0P6B,
+            dict(world_size=3, pp=3),
+            "num_hidden_layers=28 is not divisible by pipeline x virtual pipeline stages = 3 x 1",
+        ),
+        (
+            QWEN3_0P6B,
+            dict(world_size=6, tp=4),
+            "6 training GPUs are not divisible by tensor x pipeline x context parallel = 4 x 1 x 1",
+        ),
+        (QWEN3_0P6B, dict(world_size=2, ep=2), "expert_model_parallel_size=2 needs a MoE model"),
+        (
+            QWEN3_30B_A3B,
+            dict(world_size=24, ep=24),
+            "num_experts=128 is not divisible by expert_model_parallel_size=24",
+        ),
+        (QWEN3_0P6B, dict(world_size=2, vpp=2), "virtual pipeline stages need pipeline_model_parallel_size > 1"),
+    ],
+)
 def test_inconsistent_layouts_name_the_numbers(cfg, lay, msg):
     with pytest.raises(PlanError, match=msg.replace("(", r"\(")):
         plan(shape(cfg), Layout(**lay), TrainShape(), NO_ROLLOUT, H100)
@@ -272,8 +371,14 @@ def test_bad_model_config_names_the_field():
 def test_fp32_training_reference_model_and_resident_parts():
     s = shape(QWEN3_0P6B)
     n = 596_049_920
-    p = plan(s, Layout(world_size=4), TrainShape(dtype="fp32", reference_model=True), None, H100,
-             resident={"discriminator (frozen)": 3 * GIB}).stages[0]
+    p = plan(
+        s,
+        Layout(world_size=4),
+        TrainShape(dtype="fp32", reference_model=True),
+        None,
+        H100,
+        resident={"discriminator (frozen)": 3 * GIB},
+    ).stages[0]
     assert p.parts["weights (fp32)"] == 4 * n
     assert p.parts["gradients (fp32 main_grad)"] == 4 * n
     assert p.parts["optimizer (Adam m, v; sharded over DP=4)"] == 8 * n / 4  # no master copy in fp32
@@ -287,96 +392,3 @@ def test_known_shape_by_hub_id_or_folder_name():
     assert known_shape("/cluster/models/qwen3-4b/")[0] == "Qwen/Qwen3-4B"
     assert known_shape("/cluster/models/llama") is None
     assert param_count(shape(QWEN3_8B)) == 8_190_735_360
-
-
-@pytest.mark.parametrize("name", RECIPES)
-def test_recipes_fit_32_nodes_of_h100_even_without_engine_sleep(name):
-    path = str(ROOT / "examples" / f"{name}.yaml")
-    cfg = tool.load_recipe(path)
-    p, notes = tool.plan_recipe(cfg, path, nodes=32, gpus_per_node=8, gpu_bytes=H100)
-    assert p is not None, notes
-    check(p)
-    assert p.worst.total < 0.85 * H100  # margin for what an estimate misses
-    # The recipes are chosen to fit even if the colocated engine never sleeps.
-    s, _ = tool.model_shape(cfg["model"]["hf_path"], "model")
-    awake = replace(tool.rollout_shape(cfg, path), sleeps=False)
-    check(plan(s, tool.layout(cfg, 256, path), tool.train_shape(cfg, path), awake, H100))
-
-
-@pytest.mark.slow  # imports torch and megatron-core (~5-15 s on 2 cores)
-def test_recipes_load_with_the_trainers_config_loader():
-    from uniapl_megatron.trainer.config import load_config
-    for name in RECIPES:
-        c = load_config(ROOT / "examples" / f"{name}.yaml")
-        cfg = tool.load_recipe(str(ROOT / "examples" / f"{name}.yaml"))
-        # The planner reads the same values, with paths resolved the same way.
-        assert c.model.hf_path == cfg["model"]["hf_path"] and c.train.output_dir == cfg["train"]["output_dir"]
-        assert tool.layout(cfg, 256, name).tp == c.parallel.tensor_model_parallel_size
-        assert tool.train_shape(cfg, name).seq_length == c.data.max_tokens_per_micro_batch
-        assert tool.rollout_shape(cfg, name).gpu_memory_utilization == c.rollout.gpu_memory_utilization
-
-
-def test_discriminator_is_counted_from_its_config(tmp_path):
-    (tmp_path / "disc").mkdir()
-    (tmp_path / "disc" / "config.json").write_text(json.dumps(QWEN3_0P6B))
-    f = tmp_path / "r.yaml"
-    f.write_text("model: {hf_path: Qwen/Qwen3-8B}\nparallel: {tensor_model_parallel_size: 4}\n"
-                 "discriminator: {kind: online, path: disc, dtype: bfloat16}\n")
-    p, notes = tool.plan_recipe(tool.load_recipe(str(f)), str(f), 1, 8, H100)
-    assert p.worst.parts["discriminator (online, bfloat16, + grads + AdamW; a copy per GPU)"] == 4 * 2 * 596_049_920
-    assert any("public config of Qwen/Qwen3-8B" in n for n in notes)
-
-
-def test_load_recipe_overrides_paths_and_errors(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text("parallel:\n  tensor_model_parallel_size: 2\nrollout: {mode: colocated}\n"
-                 "train: {output_dir: out}\n")
-    cfg = tool.load_recipe(str(f), ["parallel.tensor_model_parallel_size=4", "data.max_tokens_per_micro_batch=2048",
-                                    "rollout.mode=disaggregated", "model.hf_path=m y"])
-    assert cfg == {"parallel": {"tensor_model_parallel_size": 4}, "data": {"max_tokens_per_micro_batch": 2048},
-                   "rollout": {"mode": "disaggregated"}, "model": {"hf_path": str(tmp_path / "m y")},
-                   "train": {"output_dir": str(tmp_path / "out")}}  # relative to the file, as the trainer
-    with pytest.raises(PlanError, match="expected section.key=value"):
-        tool.load_recipe(str(f), ["parallel.tensor_model_parallel_size"])
-    with pytest.raises(PlanError, match="'tensor_model_parallel_size' is a int, not a section"):
-        tool.load_recipe(str(f), ["parallel.tensor_model_parallel_size.x=1"])
-    f.write_text("parallel:\n  tp: [1, 2\n")
-    with pytest.raises(PlanError, match=rf"{f}:\d+: not valid YAML"):
-        tool.load_recipe(str(f))
-    with pytest.raises(PlanError, match="cannot read the config"):
-        tool.load_recipe(str(tmp_path / "missing.yaml"))
-    f.write_text("parallel: {tensor_model_parallel_size: two}\nmodel: {hf_path: Qwen/Qwen3-8B}\n")
-    with pytest.raises(PlanError, match="'parallel.tensor_model_parallel_size' must be int, got 'two'"):
-        tool.plan_recipe(tool.load_recipe(str(f)), str(f), 1, 8, H100)
-    f.write_text("rollout: {mode: disaggregated, num_nodes: 4}\n")
-    with pytest.raises(PlanError, match="rollout.num_nodes=4 leaves no training node out of 4"):
-        tool.plan_recipe(tool.load_recipe(str(f)), str(f), 4, 8, H100)
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "plan_memory.py"), *args],
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_cli_exit_codes_and_shell_output(tmp_path):
-    recipe = str(ROOT / "examples" / "qwen3_8b_32x8.yaml")
-    ok = _cli(recipe, "--nodes", "32")
-    assert ok.returncode == 0, ok.stderr
-    assert "total" in ok.stdout and "of 79.60 GiB" in ok.stdout
-    refused = _cli(recipe, "parallel.tensor_model_parallel_size=1", "--nodes", "32")
-    assert refused.returncode == 2
-    assert "layout does not fit the GPU" in refused.stderr and "gradients" in refused.stderr
-    bad = _cli(recipe, "parallel.tensor_model_parallel_size=3", "--nodes", "32")
-    assert bad.returncode == 1 and "not divisible" in bad.stderr
-    sh = _cli(recipe, "rollout.mode=disaggregated", "rollout.num_nodes=8", "--nodes", "32",
-              "--gpu-mem-gib", "0", "--shell")
-    assert sh.returncode == 0, sh.stderr
-    assert sh.stdout.splitlines() == [f"UNIAPL_OUTPUT_DIR={ROOT}/runs/qwen3_8b_32x8", "UNIAPL_RESUME=auto",
-                                      "UNIAPL_ROLLOUT_MODE=disaggregated", "UNIAPL_ROLLOUT_NODES=8",
-                                      "UNIAPL_ROLLOUT_TASKS_PER_NODE=4"]  # 8 GPUs / rollout TP 2
-    f = tmp_path / "local.yaml"
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text('{"hidden_size": 64,')
-    f.write_text("model: {hf_path: m}\n")
-    broken = _cli(str(f))
-    assert broken.returncode == 1 and "config.json:1: not valid JSON" in broken.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from _models import tiny_qwen3
 from _train_step import max_diff, train_step
 
@@ -22,11 +21,15 @@ def model(tmp_path_factory) -> Path:
     return tiny_qwen3(tmp_path_factory.mktemp("hf") / "m", tie=False, vocab=256)
 
 
-@pytest.mark.parametrize("world,layout", [
-    (1, ["--chunk-tokens", "16"]),  # several log-prob chunks: the head's own recomputation runs inside
-    (2, ["--tp", "2", "--sp"]),
-    (2, ["--pp", "2", "--mb-tokens", "48"]),  # 4 micro-batches through the pipeline schedule
-], ids=["tp1-chunked-head", "tp2-sp", "pp2-4mb"])
+@pytest.mark.parametrize(
+    "world,layout",
+    [
+        (1, ["--chunk-tokens", "16"]),  # several log-prob chunks: the head's own recomputation runs inside
+        (2, ["--tp", "2", "--sp"]),
+        (2, ["--pp", "2", "--mb-tokens", "48"]),  # 4 micro-batches through the pipeline schedule
+    ],
+    ids=["tp1-chunked-head", "tp2-sp", "pp2-4mb"],
+)
 def test_recompute_gives_the_same_step(model, tmp_path, world, layout):
     ref, ref_m = train_step(model, tmp_path / "none", world, *layout)
     assert ref_m["layer_forwards"] == 1 and ref_m["core_attn_forwards"] == 1

@@ -35,13 +35,19 @@ def test_an_unknown_name_is_refused_naming_the_choices() -> None:
         RolloutConfig(engine="sglang", model_path="m")  # the config refuses it first
     cfg = RolloutConfig(model_path="m")
     cfg.engine = "sglang"  # past the config's check, the registry refuses it too
-    with pytest.raises(RolloutConfigError, match=r"rollout\.engine: unknown rollout engine 'sglang'; available: "
-                                                 r"torch, vllm"):
+    with pytest.raises(
+        RolloutConfigError,
+        match=r"rollout\.engine: unknown rollout engine 'sglang'; available: "
+        r"torch, vllm",
+    ):
         start_engine(cfg)
     disc = DiscriminatorConfig(path="d")
     disc.kind = "gail"
-    with pytest.raises(DiscriminatorError, match=r"discriminator\.kind: unknown discriminator kind 'gail'; "
-                                                 r"available: frozen, online, polar"):
+    with pytest.raises(
+        DiscriminatorError,
+        match=r"discriminator\.kind: unknown discriminator kind 'gail'; "
+        r"available: frozen, online, polar",
+    ):
         build_discriminator(disc)
     with pytest.raises(RewardConfigError, match="unknown reward 'nope'; available: .*ifeval"):
         build_reward("nope")
@@ -57,7 +63,8 @@ def test_a_name_registers_once() -> None:
 
 def test_capabilities_are_in_the_protocols() -> None:
     engine_members = {n for n in vars(RolloutEngine) if not n.startswith("_")} | set(
-        typing.get_type_hints(RolloutEngine))
+        typing.get_type_hints(RolloutEngine)
+    )
     for name in ENGINES.names():
         cls = ENGINES.get(name)
         assert issubclass(cls, EngineBase)

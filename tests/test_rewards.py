@@ -16,13 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from uniapl_megatron.assets import PUNKT_TAB_LANGUAGES, ensure_nltk_punkt, write_punkt_tab  # noqa: E402
 from uniapl_megatron.eval.ifeval_data import IFEVAL_NUM_PROMPTS, load_ifeval_prompts  # noqa: E402
-from uniapl_megatron.rewards import (  # noqa: E402
-    PromptRowError,
-    Reward,
-    RewardConfigError,
-    available_rewards,
-    build_reward,
-)
+from uniapl_megatron.rewards import PromptRowError, Reward, RewardConfigError, available_rewards, build_reward  # noqa: E402
 from uniapl_megatron.rewards.ifeval import INSTRUCTION_IDS  # noqa: E402
 from uniapl_megatron.rewards.prompts import (  # noqa: E402
     CONFLICTS,
@@ -34,7 +28,6 @@ from uniapl_megatron.rewards.prompts import (  # noqa: E402
 )
 from uniapl_megatron.rewards.seed_tasks import SEED_TASKS  # noqa: E402
 from uniapl_megatron.rewards.synthetic import SyntheticConfig, generate_synthetic, vocabulary  # noqa: E402
-
 
 # ---------------------------------------------------------------- assets
 
@@ -65,8 +58,12 @@ def test_punkt_tab_written_idempotent_and_loadable(tmp_path: Path, monkeypatch: 
 
 
 def test_assets_cli_and_default_location(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.assets", "--root", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "uniapl_megatron.assets", "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tokenizers/punkt_tab/english/ortho_context.tab").is_file()
     # the project's own set-up location is found by nltk with no NLTK_DATA
@@ -90,7 +87,9 @@ def test_registry_builds_by_name_and_rejects_bad_config() -> None:
     assert isinstance(reward, Reward) and reward.name == "ifeval"
     with pytest.raises(RewardConfigError, match="unknown reward 'nope'; available: .*ifeval"):
         build_reward("nope")
-    with pytest.raises(RewardConfigError, match="unknown option.*'?modde'?.*expected some of: aggregate, families, mode, seed"):
+    with pytest.raises(
+        RewardConfigError, match="unknown option.*'?modde'?.*expected some of: aggregate, families, mode, seed"
+    ):
         build_reward("ifeval", {"modde": "strict"})
     with pytest.raises(RewardConfigError, match="mode must be one of"):
         build_reward("ifeval", {"mode": "lenient"})
@@ -160,11 +159,15 @@ def test_same_scores_across_processes() -> None:
         (_row(["punctuation:no_comma"], [{}, {}]), "'kwargs' has 2 entries but 'instruction_id_list' has 1"),
         (_row(["punctuation:no_commas"], [{}]), "unknown instruction id 'punctuation:no_commas'; known: "),
         (_row(["keywords:existence"], [{"keyword": ["a"]}]), "unknown argument 'keyword'; expected some of: keywords"),
-        (_row(["length_constraints:number_words"], [{"num_words": "ten", "relation": "at least"}]),
-         "argument 'num_words' must be an integer"),
+        (
+            _row(["length_constraints:number_words"], [{"num_words": "ten", "relation": "at least"}]),
+            "argument 'num_words' must be an integer",
+        ),
         (_row(["keywords:existence"], [{"keywords": "apple"}]), "argument 'keywords' must be a list of strings"),
-        (_row(["length_constraints:number_words"], [{"num_words": 10, "relation": "more than"}]),
-         "length_constraints:number_words: bad arguments"),
+        (
+            _row(["length_constraints:number_words"], [{"num_words": 10, "relation": "more than"}]),
+            "length_constraints:number_words: bad arguments",
+        ),
         ({**_row(["punctuation:no_comma"], [{}]), "prompt": 5}, "'prompt' must be a string"),
     ],
 )
@@ -251,16 +254,34 @@ def test_decontamination_catches_eval_text() -> None:
     assert not any(r["seed_task"] == first_words for r in rows)
     with pytest.raises(ValueError, match="every seed task matches an evaluation prompt"):
         generate_training_prompts(PromptGenConfig(num_prompts=5, seed_tasks=[first_words]), deco)
-    assert Decontaminator(["alpha beta gamma delta epsilon zeta eta theta"]).reason(
-        "x alpha beta gamma delta epsilon zeta eta theta y") is not None
+    assert (
+        Decontaminator(["alpha beta gamma delta epsilon zeta eta theta"]).reason(
+            "x alpha beta gamma delta epsilon zeta eta theta y"
+        )
+        is not None
+    )
 
 
 def test_prompt_generator_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from uniapl_megatron.rewards import prompts
 
     out = tmp_path / "p.jsonl"
-    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.rewards.prompts", "--num", "30", "--out", str(out),
-                        "--exclude", "language:response_language"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uniapl_megatron.rewards.prompts",
+            "--num",
+            "30",
+            "--out",
+            str(out),
+            "--exclude",
+            "language:response_language",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 30 and json.loads(r.stdout.splitlines()[-1])["rows"] == 30
@@ -292,6 +313,8 @@ def test_synthetic_reward_discriminates_and_splits_are_disjoint() -> None:
     rng.shuffle(shuffled)  # answers to other prompts mostly break this prompt's constraints
     mean = sum(build_reward("ifeval").score(train, shuffled)) / len(train)
     assert mean < 0.6
-    assert generate_synthetic(SyntheticConfig(num_rows=50, seed=1)) == generate_synthetic(SyntheticConfig(num_rows=50, seed=1))
+    assert generate_synthetic(SyntheticConfig(num_rows=50, seed=1)) == generate_synthetic(
+        SyntheticConfig(num_rows=50, seed=1)
+    )
     with pytest.raises(ValueError, match="split must be 'train' or 'eval'"):
         SyntheticConfig(split="test")

@@ -12,8 +12,8 @@ import subprocess
 import time
 
 import pytest
-
 from _runs import TINY, alive, cli, descendants, metrics, run_overrides
+
 from uniapl_megatron.launch import free_port
 
 
@@ -33,14 +33,24 @@ def _stop(*procs: subprocess.Popen) -> None:
 
 def test_trainer_and_rollout_server(assets, tmp_path):
     out, steps = tmp_path / "run", 3
-    args = [*run_overrides(assets, out, steps), "rollout.mode=disaggregated", "rollout.num_nodes=1",
-            "rollout.connect_timeout_s=600"]
+    args = [
+        *run_overrides(assets, out, steps),
+        "rollout.mode=disaggregated",
+        "rollout.num_nodes=1",
+        "rollout.connect_timeout_s=600",
+    ]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("rollout", "train")}
-    server = subprocess.Popen(cli("rollout", str(TINY), *args), env={**env, "RANK": "0", "WORLD_SIZE": "1"},
-                              stdout=logs["rollout"], stderr=subprocess.STDOUT, start_new_session=True)
-    trainer = subprocess.Popen(cli("train", str(TINY), *args), env=env, stdout=logs["train"],
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        cli("rollout", str(TINY), *args),
+        env={**env, "RANK": "0", "WORLD_SIZE": "1"},
+        stdout=logs["rollout"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    trainer = subprocess.Popen(
+        cli("train", str(TINY), *args), env=env, stdout=logs["train"], stderr=subprocess.STDOUT, start_new_session=True
+    )
     seen: set[int] = set()
     try:
         deadline = time.monotonic() + 900
@@ -67,10 +77,21 @@ def test_trainer_and_rollout_server(assets, tmp_path):
 def test_unreachable_trainer_is_named(assets, tmp_path):
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
-    p = subprocess.run(cli("rollout", str(TINY), *run_overrides(assets, tmp_path / "o", 1),
-                           "rollout.mode=disaggregated", "rollout.num_nodes=1", "rollout.control_host=127.0.0.1",
-                           f"rollout.control_port={port}", "rollout.connect_timeout_s=2"),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        cli(
+            "rollout",
+            str(TINY),
+            *run_overrides(assets, tmp_path / "o", 1),
+            "rollout.mode=disaggregated",
+            "rollout.num_nodes=1",
+            "rollout.control_host=127.0.0.1",
+            f"rollout.control_port={port}",
+            "rollout.connect_timeout_s=2",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1, p.stderr[-2000:]
     assert f"cannot reach the trainer at 127.0.0.1:{port} within 2 s" in p.stderr
     assert time.monotonic() - t0 < 120  # it gives up before starting an engine
@@ -81,10 +102,19 @@ def test_missing_rollout_server_is_named(tmp_path):
 
     (tmp_path / "config.json").write_text('{"vocab_size": 8}')
     port = free_port()
-    cfg = RolloutConfig(model_path=str(tmp_path), mode="disaggregated", num_nodes=1, control_host="127.0.0.1",
-                        control_port=port, connect_timeout_s=1)
-    with pytest.raises(TimeoutError, match=rf"0 of 1 rollout servers \(rollout.num_nodes=1\) connected to the "
-                                           rf"trainer at 127.0.0.1:{port} within 1 s"):
+    cfg = RolloutConfig(
+        model_path=str(tmp_path),
+        mode="disaggregated",
+        num_nodes=1,
+        control_host="127.0.0.1",
+        control_port=port,
+        connect_timeout_s=1,
+    )
+    with pytest.raises(
+        TimeoutError,
+        match=rf"0 of 1 rollout servers \(rollout.num_nodes=1\) connected to the "
+        rf"trainer at 127.0.0.1:{port} within 1 s",
+    ):
         build_engine(cfg)
 
 
@@ -122,26 +152,41 @@ def test_two_servers_sample_what_one_engine_samples(tmp_path):
     import sys
 
     import torch
+    from _models import tiny_qwen3
     from transformers import AutoModelForCausalLM
 
-    from _models import tiny_qwen3
     from uniapl_megatron.rollout import RolloutConfig, SamplingParams, build_engine
     from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
 
     folder = tiny_qwen3(tmp_path / "m", tie=False, vocab=300, layers=2, hidden=64)
     port = free_port()
-    servers = [subprocess.Popen([sys.executable, "-c", _SERVE, str(folder), str(port), str(rank)],
-                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for rank in (0, 1)]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVE, str(folder), str(port), str(rank)],
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     g = torch.Generator().manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.state_dict().items()}
     prompts = [[5, 6, 7], [12, 13], [250, 1, 2, 3], [40], [7, 7, 9], [100, 3]]
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=21)
     try:
-        remote = build_engine(RolloutConfig(engine="torch", model_path=str(folder), mode="disaggregated",
-                                            num_nodes=1, control_host="127.0.0.1", control_port=port,
-                                            connect_timeout_s=120))
+        remote = build_engine(
+            RolloutConfig(
+                engine="torch",
+                model_path=str(folder),
+                mode="disaggregated",
+                num_nodes=1,
+                control_host="127.0.0.1",
+                control_port=port,
+                connect_timeout_s=120,
+            )
+        )
         try:
             assert remote.num_engines == 2
             remote.update_weights(iter(moved.items()))

@@ -32,6 +32,7 @@ TEMPERATURE = 0.8
 
 # ---- the Megatron ranks -------------------------------------------------------------------------------
 
+
 def _greedy(student, prompts: list[list[int]], steps: int) -> list[list[int]]:
     """Greedy continuation with the student itself (full forward each step, no KV cache); all ranks."""
     import torch.distributed as dist
@@ -66,9 +67,15 @@ def _greedy(student, prompts: list[list[int]], steps: int) -> list[list[int]]:
             return out, loss_fn
 
         with torch.no_grad():
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
-                                        model=student.chunks, num_microbatches=1, seq_length=s, micro_batch_size=b,
-                                        forward_only=True)
+            get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter([None]),
+                model=student.chunks,
+                num_microbatches=1,
+                seq_length=s,
+                micro_batch_size=b,
+                forward_only=True,
+            )
         nxt = torch.zeros(b, dtype=torch.int64)
         if ps.is_pipeline_last_stage():
             logits = captured["logits"][:, -1]
@@ -79,7 +86,7 @@ def _greedy(student, prompts: list[list[int]], steps: int) -> list[list[int]]:
         dist.broadcast(nxt, src=last, group=ps.get_pipeline_model_parallel_group())
         for row, t in zip(seqs, nxt.tolist()):
             row.append(t)
-    return [row[len(p):] for row, p in zip(seqs, prompts)]
+    return [row[len(p) :] for row, p in zip(seqs, prompts)]
 
 
 def _student(hf: str, tp: int, pp: int):
@@ -92,8 +99,12 @@ def _student(hf: str, tp: int, pp: int):
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_distributed(par, seed=7)
     # Adam with a huge eps is SGD with lr/eps: a large, deterministic step.
-    student = Student(Qwen3Arch.from_pretrained(hf), par, ModelConfig(dtype="fp32", spec="torch"),
-                      OptimConfig(lr=300.0, adam_eps=1000.0, clip_grad=0.0))
+    student = Student(
+        Qwen3Arch.from_pretrained(hf),
+        par,
+        ModelConfig(dtype="fp32", spec="torch"),
+        OptimConfig(lr=300.0, adam_eps=1000.0, clip_grad=0.0),
+    )
     student.load_hf(hf)
     return student
 
@@ -103,16 +114,19 @@ def _sft_step(student) -> None:
     from megatron.core import parallel_state as ps
 
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
-    from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank
+    from uniapl_megatron.trainer.batch import Seq, global_counts, make_loss_fn, pack_for_rank
 
     g = torch.Generator().manual_seed(0)
-    demos = [Seq(torch.randint(0, student.arch.vocab_size, (24,), generator=g).tolist(), 6, True, 0.0, 0.0)
-             for _ in range(4)]
+    demos = [
+        Seq(torch.randint(0, student.arch.vocab_size, (24,), generator=g).tolist(), 6, True, 0.0, 0.0) for _ in range(4)
+    ]
     cfg = ObjectiveConfig(algorithm="sft")
-    mbs = pack_for_rank(demos, 4096, student.parallel, 1, ps.get_data_parallel_rank(),
-                        ps.get_data_parallel_world_size(), 0)
-    student.train_step(mbs, make_loss_fn(resolve_weights(cfg, 0), global_counts(mbs, ps.get_data_parallel_group()),
-                                         cfg))
+    mbs = pack_for_rank(
+        demos, 4096, student.parallel, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0
+    )
+    student.train_step(
+        mbs, make_loss_fn(resolve_weights(cfg, 0), global_counts(mbs, ps.get_data_parallel_group()), cfg)
+    )
 
 
 def _student_logprobs(student, samples: list[dict], temperature: float) -> list[list[float]] | None:
@@ -196,16 +210,26 @@ def colocated_worker(a: argparse.Namespace) -> None:
         student = _student(a.hf, tp=tp, pp=pp)
         _sft_step(student)
         if engine is None:
-            engine = VLLMRolloutEngine(RolloutConfig(model_path=a.hf, load_format="dummy", tensor_parallel_size=2,
-                                                     work_dir=a.work, max_model_len=128, kv_cache_bytes=32 << 20,
-                                                     enforce_eager=True))
+            engine = VLLMRolloutEngine(
+                RolloutConfig(
+                    model_path=a.hf,
+                    load_format="dummy",
+                    tensor_parallel_size=2,
+                    work_dir=a.work,
+                    max_model_len=128,
+                    kv_cache_bytes=32 << 20,
+                    enforce_eager=True,
+                )
+            )
         held = refit(engine, student, inp["bucket_bytes"])
         engine.sleep()  # CPU: no-ops; the trainer's colocated step calls them around training
         engine.wake()
         key = f"tp{tp}pp{pp}"
         out[f"{key}_greedy_student_r{a.rank}"] = _greedy(student, prompts, GREEDY_TOKENS)
-        out[f"{key}_greedy_engine_r{a.rank}"] = [s.token_ids for s in engine.generate(
-            prompts, SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)).samples]
+        out[f"{key}_greedy_engine_r{a.rank}"] = [
+            s.token_ids
+            for s in engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)).samples
+        ]
         out[f"{key}_held_r{a.rank}"] = held
         out["model_bytes"], out["unit_bytes"] = _hf_bytes(student)
     engine.shutdown()
@@ -227,8 +251,10 @@ def worker() -> None:
 
 # ---- the test -----------------------------------------------------------------------------------------
 
+
 def test_engine_follows_the_megatron_student(tmp_path):
     from _models import tiny_qwen3
+
     from uniapl_megatron.launch import run_ranks
     from uniapl_megatron.rollout import RolloutConfig, SamplingParams
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
@@ -237,20 +263,38 @@ def test_engine_follows_the_megatron_student(tmp_path):
     # Tied embeddings, as Qwen3-0.6B: the sync must also refresh vLLM's own LM-head copy.
     model = tiny_qwen3(tmp_path / "hf", tie=True, vocab=512, layers=4, hidden=64)
     work = tmp_path / "vllm_work"
-    engine = VLLMRolloutEngine(RolloutConfig(model_path=str(model), work_dir=str(work), max_model_len=128,
-                                             kv_cache_bytes=32 << 20, enforce_eager=True))
+    engine = VLLMRolloutEngine(
+        RolloutConfig(
+            model_path=str(model), work_dir=str(work), max_model_len=128, kv_cache_bytes=32 << 20, enforce_eager=True
+        )
+    )
     try:
         prompts = [[11, 12, 13, 14, 15], [200, 7, 9, 300, 41], [5, 5, 5, 5, 5]]
         params = SamplingParams(n=2, temperature=TEMPERATURE, max_new_tokens=10, seed=4)
         batch = engine.generate(prompts, params)
         greedy = SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
         before = [s.token_ids for s in engine.generate(prompts, greedy).samples]
-        inp = {"temperature": TEMPERATURE, "greedy_prompts": prompts,
-               "samples": [{"prompt": prompts[s.prompt_index], "tokens": s.token_ids} for s in batch.samples]}
+        inp = {
+            "temperature": TEMPERATURE,
+            "greedy_prompts": prompts,
+            "samples": [{"prompt": prompts[s.prompt_index], "tokens": s.token_ids} for s in batch.samples],
+        }
         (tmp_path / "in.json").write_text(json.dumps(inp))
         port, result = free_port(), {}
-        argv = [sys.executable, __file__, "--mode", "disaggregated", "--hf", str(model), "--inp",
-                str(tmp_path / "in.json"), "--out", str(tmp_path / "out.json"), "--port", str(port)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--mode",
+            "disaggregated",
+            "--hf",
+            str(model),
+            "--inp",
+            str(tmp_path / "in.json"),
+            "--out",
+            str(tmp_path / "out.json"),
+            "--port",
+            str(port),
+        ]
         env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
         ranks = threading.Thread(target=lambda: result.setdefault("code", run_ranks(argv, 4, env=env, timeout=500)))
         ranks.start()
@@ -266,8 +310,10 @@ def test_engine_follows_the_megatron_student(tmp_path):
         engine.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
-    worst = max(float((torch.tensor(s.logprobs) - torch.tensor(ref)).abs().max())
-                for s, ref in zip(batch.samples, out["logprobs"]))
+    worst = max(
+        float((torch.tensor(s.logprobs) - torch.tensor(ref)).abs().max())
+        for s, ref in zip(batch.samples, out["logprobs"])
+    )
     assert worst <= 1e-4, worst
     assert out["sent_tensors"] == engine.last_sync.tensors > 0
     assert after == out["greedy_after_step"]  # synced: the engine continues as the student does
@@ -281,6 +327,7 @@ if __name__ == "__main__":
 @pytest.mark.slow
 def test_refit_from_local_shards_holds_a_bucket_not_the_model(tmp_path):
     from _models import tiny_qwen3
+
     from uniapl_megatron.launch import run_ranks
 
     # Ten layers that outweigh the embedding: the whole model is ~2.2 MB, one layer ~0.2 MB.
@@ -289,8 +336,20 @@ def test_refit_from_local_shards_holds_a_bucket_not_the_model(tmp_path):
     prompts = [[11, 12, 13, 14, 15], [200, 7, 9, 300, 41]]
     (tmp_path / "in.json").write_text(json.dumps({"greedy_prompts": prompts, "bucket_bytes": bucket}))
     work = tmp_path / "vllm_work"
-    argv = [sys.executable, __file__, "--mode", "colocated", "--hf", str(model), "--inp", str(tmp_path / "in.json"),
-            "--out", str(tmp_path / "out.json"), "--work", str(work)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--mode",
+        "colocated",
+        "--hf",
+        str(model),
+        "--inp",
+        str(tmp_path / "in.json"),
+        "--out",
+        str(tmp_path / "out.json"),
+        "--work",
+        str(work),
+    ]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     assert run_ranks(argv, 2, env=env, timeout=600) == 0
     out = json.loads((tmp_path / "out.json").read_text())

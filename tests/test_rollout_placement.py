@@ -51,13 +51,16 @@ def test_cpu_machine_and_gpus_bound_one_per_task():
     assert visible_devices({}, 2) == ["0", "1"] and visible_devices({}, 0) == []
 
 
-@pytest.mark.parametrize("args, msg", [
-    ((0, 8, 0, 8, NODE, 1, 3), "does not divide the 8 training ranks"),
-    ((0, 16, 0, 4, NODE[:4], 1, 8), "would span two nodes"),
-    ((0, 8, 0, 8, NODE[:4], 1, 1), "8 ranks on this node but 4 visible GPUs"),
-    ((0, 8, 0, 8, ["0", "0", "1", "2", "3", "4", "5", "6"], 1, 1), "names a GPU twice"),
-    ((0, 8, 0, 8, NODE, 1, 0), "rollout.tensor_parallel_size: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        ((0, 8, 0, 8, NODE, 1, 3), "does not divide the 8 training ranks"),
+        ((0, 16, 0, 4, NODE[:4], 1, 8), "would span two nodes"),
+        ((0, 8, 0, 8, NODE[:4], 1, 1), "8 ranks on this node but 4 visible GPUs"),
+        ((0, 8, 0, 8, ["0", "0", "1", "2", "3", "4", "5", "6"], 1, 1), "names a GPU twice"),
+        ((0, 8, 0, 8, NODE, 1, 0), "rollout.tensor_parallel_size: expected an integer >= 1"),
+    ],
+)
 def test_layouts_that_cannot_be_placed_are_refused_with_the_numbers(args, msg):
     with pytest.raises(PlacementError, match=msg):
         place_colocated(*args)
@@ -99,9 +102,11 @@ def test_the_trainer_refuses_engines_it_cannot_place_or_run(tmp_path, monkeypatc
     p = place_engines(cfg(), 1, 2)
     assert (p.engine, p.num_engines, p.device) == (1, 2, "cpu")
     assert place_engines(cfg(mode="disaggregated", num_nodes=1), 1, 2) is None
-    for kw, msg in ((dict(engine="torch", tensor_parallel_size=2), "the torch engine has no tensor parallelism"),
-                    (dict(kv_cache_bytes=0), "rollout.kv_cache_bytes: 0 lets each colocated vLLM engine"),
-                    (dict(tensor_parallel_size=4), "does not divide the 2 training ranks")):
+    for kw, msg in (
+        (dict(engine="torch", tensor_parallel_size=2), "the torch engine has no tensor parallelism"),
+        (dict(kv_cache_bytes=0), "rollout.kv_cache_bytes: 0 lets each colocated vLLM engine"),
+        (dict(tensor_parallel_size=4), "does not divide the 2 training ranks"),
+    ):
         with pytest.raises(PlacementError, match=msg):
             place_engines(cfg(**kw), 1, 2)
 
@@ -114,8 +119,21 @@ def test_uniapl_train_refuses_before_building_anything(tmp_path):
     from _runs import TINY
 
     model = tiny_qwen3(tmp_path / "m", layers=1)
-    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "train", str(TINY), f"model.hf_path={model}",
-                        "rollout.engine=torch", "rollout.tensor_parallel_size=2",
-                        f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uniapl_megatron.cli",
+            "train",
+            str(TINY),
+            f"model.hf_path={model}",
+            "rollout.engine=torch",
+            "rollout.tensor_parallel_size=2",
+            f"train.output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "error: rollout.tensor_parallel_size=2: the torch engine has no tensor parallelism" in r.stderr

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+
 import pytest
 import torch
 
-from uniapl_megatron.rollout.weight_sync import (WeightChannel, WeightSyncError, bucketize, free_port, nbytes,
-                                                 receive_weights, send_weights)
+from uniapl_megatron.rollout.weight_sync import (
+    WeightChannel,
+    WeightSyncError,
+    bucketize,
+    free_port,
+    nbytes,
+    receive_weights,
+    send_weights,
+)
 
 BUCKET = 4096
 

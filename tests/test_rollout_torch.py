@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-
 from _models import tiny_qwen3
 from _reference import filtered, hf_greedy, hf_logprobs
+
 from uniapl_megatron.rollout import RolloutConfig, RolloutConfigError, SamplingParams, build_engine
 from uniapl_megatron.rollout.sampling import sample_next, seed_tensor
 from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
@@ -72,8 +72,9 @@ def test_same_seed_same_samples_whatever_the_batch(engine, model_dir):
     b = engine.generate(PROMPTS, params)
     assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
     # A sample depends on (seed, prompt index, sample index) only: not on the batch size or split.
-    wide = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128,
-                                            max_batch_size=64))
+    wide = TorchRolloutEngine(
+        RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128, max_batch_size=64)
+    )
     c = wide.generate(PROMPTS, params)
     wide.shutdown()
     assert [s.token_ids for s in a.samples] == [s.token_ids for s in c.samples]
@@ -82,8 +83,9 @@ def test_same_seed_same_samples_whatever_the_batch(engine, model_dir):
     # The two samples of a prompt differ (their own seeds).
     assert a.samples[0].token_ids != a.samples[1].token_ids
     # A request for the last prompts, told where they start, draws what the whole request drew for them.
-    tail = engine.generate(PROMPTS[2:], SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5,
-                                                       prompt_index_offset=2))
+    tail = engine.generate(
+        PROMPTS[2:], SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5, prompt_index_offset=2)
+    )
     assert [s.token_ids for s in tail.samples] == [s.token_ids for s in a.samples[4:]]
 
 
@@ -102,8 +104,9 @@ def test_stop_token_ends_a_sample(engine, hf):
 
 
 def test_update_weights_in_place_and_back(model_dir, hf):
-    eng = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128,
-                                           load_format="dummy"))
+    eng = TorchRolloutEngine(
+        RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128, load_format="dummy")
+    )
     original = {k: v.clone() for k, v in hf.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in original.items()}
@@ -153,11 +156,19 @@ def test_sampler_follows_the_filtered_distribution():
     assert torch.equal(a, c) and not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(n=0), r"\.n"), (dict(stop_token_ids=(300,)), "stop_token_ids"),
-    (dict(seed=-3), "seed"), (dict(prompt_index_offset=-1), "prompt_index_offset"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(n=0), r"\.n"),
+        (dict(stop_token_ids=(300,)), "stop_token_ids"),
+        (dict(seed=-3), "seed"),
+        (dict(prompt_index_offset=-1), "prompt_index_offset"),
+    ],
+)
 def test_bad_sampling_params_are_named(engine, kwargs, match):
     with pytest.raises(ValueError, match=match):
         engine.generate(PROMPTS, SamplingParams(**kwargs))
@@ -173,10 +184,15 @@ def test_bad_prompts_are_named(engine):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    for kwargs, field in [(dict(engine="sglang"), "rollout.engine"), (dict(model_path=""), "rollout.model_path"),
-                          (dict(bucket_bytes=0), "rollout.bucket_bytes"), (dict(mode="remote"), "rollout.mode"),
-                          (dict(device="tpu"), "rollout.device"), (dict(dtype="fp8"), "rollout.dtype"),
-                          (dict(gpu_memory_utilization=1.5), "rollout.gpu_memory_utilization")]:
+    for kwargs, field in [
+        (dict(engine="sglang"), "rollout.engine"),
+        (dict(model_path=""), "rollout.model_path"),
+        (dict(bucket_bytes=0), "rollout.bucket_bytes"),
+        (dict(mode="remote"), "rollout.mode"),
+        (dict(device="tpu"), "rollout.device"),
+        (dict(dtype="fp8"), "rollout.dtype"),
+        (dict(gpu_memory_utilization=1.5), "rollout.gpu_memory_utilization"),
+    ]:
         with pytest.raises(RolloutConfigError, match=field):
             RolloutConfig(**{"model_path": str(tmp_path), **kwargs})
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -209,8 +225,11 @@ def test_compiled_decode_step_gives_the_eager_samples(engine, model_dir, hf):
     # The whole step (forward + sampling) compiles as one graph (fullgraph=True: a graph break fails here);
     # on GPU the same graph is what CUDA graphs replay.
     params = SamplingParams(n=2, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=9, seed=3)
-    compiled = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(model_dir), max_model_len=128,
-                                                max_batch_size=3, compile_decode=True))
+    compiled = TorchRolloutEngine(
+        RolloutConfig(
+            engine="torch", model_path=str(model_dir), max_model_len=128, max_batch_size=3, compile_decode=True
+        )
+    )
     try:
         got, want = compiled.generate(PROMPTS, params), engine.generate(PROMPTS, params)
     finally:

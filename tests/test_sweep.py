@@ -44,22 +44,31 @@ def _write(tmp_path: Path, doc: dict, name: str = "sweep.yaml") -> Path:
 
 
 def _minimal(tmp_path: Path, **kw) -> dict:
-    return {"name": "t", "base": str(TINY), "output_dir": str(tmp_path / "out"), "presets": ["grpo"],
-            "students": {"tiny": {}}, **kw}
+    return {
+        "name": "t",
+        "base": str(TINY),
+        "output_dir": str(tmp_path / "out"),
+        "presets": ["grpo"],
+        "students": {"tiny": {}},
+        **kw,
+    }
 
 
 # ---------------------------------------------------------------- the sweep file
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"presets": ["grpo", "ppo"]}, "unknown preset 'ppo'"),
-    ({"sedes": [1]}, "unknown key(s) sedes"),
-    ({"overrides": ["train.output_dir=/x"]}, "train.output_dir is set by the sweep"),
-    ({"overrides": ["train.steps"]}, "'train.steps' is not section.key=value"),
-    ({"seeds": [1, 1]}, "seeds: expected a list of distinct integers"),
-    ({"evaluators": {"mmlu": {}}}, "unknown evaluator 'mmlu'"),
-    ({"students": {"tiny": {"warmup": "sft"}}}, "students.tiny.warmup: expected a list"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"presets": ["grpo", "ppo"]}, "unknown preset 'ppo'"),
+        ({"sedes": [1]}, "unknown key(s) sedes"),
+        ({"overrides": ["train.output_dir=/x"]}, "train.output_dir is set by the sweep"),
+        ({"overrides": ["train.steps"]}, "'train.steps' is not section.key=value"),
+        ({"seeds": [1, 1]}, "seeds: expected a list of distinct integers"),
+        ({"evaluators": {"mmlu": {}}}, "unknown evaluator 'mmlu'"),
+        ({"students": {"tiny": {"warmup": "sft"}}}, "students.tiny.warmup: expected a list"),
+    ],
+)
 def test_bad_sweep_files_name_the_field(tmp_path, change, message):
     path = _write(tmp_path, _minimal(tmp_path, **change))
     with pytest.raises(SweepError) as e:
@@ -69,14 +78,23 @@ def test_bad_sweep_files_name_the_field(tmp_path, change, message):
 
 def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path, assets):
     # The inputs exist (the fixture's), so what is refused below is the bad override, then the missing model.
-    doc = _minimal(tmp_path, presets={"grpo": ["optim.lr=0.5"], "sft->grpo": []}, seeds=[3, 4],
-                   overrides=_tiny_overrides(assets),
-                   students={"tiny": {"overrides": ["train.steps=7"], "warmup": ["objective.algorithm=sft"]}},
-                   cells={"tiny/grpo/4": ["optim.lr=0.25"]})
+    doc = _minimal(
+        tmp_path,
+        presets={"grpo": ["optim.lr=0.5"], "sft->grpo": []},
+        seeds=[3, 4],
+        overrides=_tiny_overrides(assets),
+        students={"tiny": {"overrides": ["train.steps=7"], "warmup": ["objective.algorithm=sft"]}},
+        cells={"tiny/grpo/4": ["optim.lr=0.25"]},
+    )
     spec = load_spec(_write(tmp_path, doc))
     cells = expand(spec, output_path(spec))
-    assert [c.id for c in cells] == ["tiny__warmup", "tiny__grpo__s3", "tiny__grpo__s4", "tiny__sft-to-grpo__s3",
-                                     "tiny__sft-to-grpo__s4"]
+    assert [c.id for c in cells] == [
+        "tiny__warmup",
+        "tiny__grpo__s3",
+        "tiny__grpo__s4",
+        "tiny__sft-to-grpo__s3",
+        "tiny__sft-to-grpo__s4",
+    ]
     last = cells[2].overrides
     assert last.index("optim.lr=0.5") < last.index("train.seed=4") < last.index("optim.lr=0.25")
     assert f"model.hf_path={output_path(spec) / 'cells' / 'tiny__warmup' / 'hf'}" in last
@@ -84,9 +102,13 @@ def test_cells_expand_in_order_with_overrides_and_are_checked(tmp_path, assets):
     bad = _write(tmp_path, {**doc, "cells": {"tiny/grpo/4": ["optim.lr=fast"]}}, "bad.yaml")
     with pytest.raises(SweepError, match=r"cell tiny/grpo/seed4: .*optim.lr"):
         plan(load_spec(bad))
-    missing = _write(tmp_path, _minimal(tmp_path, overrides=_tiny_overrides(assets),
-                                        students={"tiny": {"overrides": ["model.hf_path=/nowhere"]}}),
-                     "missing.yaml")
+    missing = _write(
+        tmp_path,
+        _minimal(
+            tmp_path, overrides=_tiny_overrides(assets), students={"tiny": {"overrides": ["model.hf_path=/nowhere"]}}
+        ),
+        "missing.yaml",
+    )
     with pytest.raises(SweepError, match="missing input.*model.hf_path=/nowhere"):
         plan(load_spec(missing))
 
@@ -99,7 +121,10 @@ def test_shipped_sweep_files_expand():
     paper = load_spec(ROOT / "examples" / "paper_tables.yaml")
     cells = expand(paper, output_path(paper))
     assert len(cells) == 3 * 10 * 3 and {c.base.name for c in cells} == {
-        "qwen3_0p6b_32x8.yaml", "qwen3_4b_32x8.yaml", "qwen3_8b_32x8.yaml"}
+        "qwen3_0p6b_32x8.yaml",
+        "qwen3_4b_32x8.yaml",
+        "qwen3_8b_32x8.yaml",
+    }
     assert next(c.base.name for c in cells if c.student == "Qwen3-8B") == "qwen3_8b_32x8.yaml"
     assert list(paper.evaluators) == ["ifeval", "ifbench"]
 
@@ -108,8 +133,12 @@ def test_shipped_sweep_files_expand():
 
 
 def test_table_mean_sd_and_delta_to_grpo_over_seeds():
-    scores = {("grpo", "A"): [0.40, 0.50, 0.45], ("grpo", "B"): [0.20, 0.30, 0.10],
-              ("uniapl", "A"): [0.60, 0.55, 0.50], ("uniapl", "B"): [0.30, 0.20, 0.40]}
+    scores = {
+        ("grpo", "A"): [0.40, 0.50, 0.45],
+        ("grpo", "B"): [0.20, 0.30, 0.10],
+        ("uniapl", "A"): [0.60, 0.55, 0.50],
+        ("uniapl", "B"): [0.30, 0.20, 0.40],
+    }
     results = [Result(a, "tiny", b, v, f"f{i}", seed=i) for (a, b), vs in scores.items() for i, v in enumerate(vs)]
     table = build_table(results, ["A", "B"])
     rows = {r["algorithm"]: r for r in table.rows}
@@ -125,8 +154,10 @@ def test_table_mean_sd_and_delta_to_grpo_over_seeds():
     assert rows["uniapl"]["delta_grpo_se"] == pytest.approx(se)
     md = to_markdown(table)
     assert md.splitlines()[0] == "| Student | Method | A | B | Avg. | Δ GRPO (± s.e.) | Seeds |"
-    assert f"| tiny | UniAPL | 55.00 ± 5.00 | 30.00 ± 10.00 | 42.50 ± {statistics.stdev(avg['uniapl']):.2f} | " \
-           f"+10.00 ± {se:.2f} | 3 |" in md
+    assert (
+        f"| tiny | UniAPL | 55.00 ± 5.00 | 30.00 ± 10.00 | 42.50 ± {statistics.stdev(avg['uniapl']):.2f} | "
+        f"+10.00 ± {se:.2f} | 3 |" in md
+    )
     with pytest.raises(ValueError, match=r"two results for tiny / grpo / A \(seed 1\)"):
         build_table(results + [Result("grpo", "tiny", "A", 0.1, "dup", seed=1)])
 
@@ -145,22 +176,50 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
 
 def _tiny_overrides(assets: dict[str, str]) -> list[str]:
-    return [f"model.hf_path={assets['student']}", f"discriminator.path={assets['discriminator']}",
-            f"data.demo_paths=[{assets['data']}]", f"data.prompt_paths=[{assets['data']}]",
-            f"data.eval_prompt_paths=[{assets['eval_data']}]", "data.prompts_per_step=2", "data.demos_per_step=2",
-            "sampling.group_size=2", "sampling.max_new_tokens=6", "train.steps=2", "train.save_every=2",
-            "train.eval_samples=2", "train.tensorboard=false", "train.plot=false", "train.log_samples=0"]
+    return [
+        f"model.hf_path={assets['student']}",
+        f"discriminator.path={assets['discriminator']}",
+        f"data.demo_paths=[{assets['data']}]",
+        f"data.prompt_paths=[{assets['data']}]",
+        f"data.eval_prompt_paths=[{assets['eval_data']}]",
+        "data.prompts_per_step=2",
+        "data.demos_per_step=2",
+        "sampling.group_size=2",
+        "sampling.max_new_tokens=6",
+        "train.steps=2",
+        "train.save_every=2",
+        "train.eval_samples=2",
+        "train.tensorboard=false",
+        "train.plot=false",
+        "train.log_samples=0",
+    ]
 
 
 def _sweep(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "uniapl_megatron.cli", "sweep", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "uniapl_megatron.cli", "sweep", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_local_sweep_killed_in_its_second_cell_resumes(assets, tmp_path):
     out = tmp_path / "out"
-    path = _write(tmp_path, {"name": "ci", "base": str(TINY), "output_dir": str(out), "presets": ["grpo", "uniapl"],
-                             "students": {"tiny": {}}, "seeds": [5], "overrides": _tiny_overrides(assets)})
+    path = _write(
+        tmp_path,
+        {
+            "name": "ci",
+            "base": str(TINY),
+            "output_dir": str(out),
+            "presets": ["grpo", "uniapl"],
+            "students": {"tiny": {}},
+            "seeds": [5],
+            "overrides": _tiny_overrides(assets),
+        },
+    )
     first, second = out / "cells" / "tiny__grpo__s5", out / "cells" / "tiny__uniapl__s5"
     proc = _sweep(str(path), start_new_session=True)
     deadline = time.monotonic() + 900
@@ -234,9 +293,22 @@ def test_tool_evaluator_scores_through_the_tool(assets, tmp_path, name, label):
 
 
 def test_heldout_prompts_that_are_trained_on_are_refused(assets, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "train", str(TINY), *_tiny_overrides(assets),
-                        f"data.eval_prompt_paths=[{assets['data']}]", f"train.output_dir={tmp_path / 'run'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uniapl_megatron.cli",
+            "train",
+            str(TINY),
+            *_tiny_overrides(assets),
+            f"data.eval_prompt_paths=[{assets['data']}]",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2 and "held-out prompts are also training prompts" in r.stderr, r.stderr[-2000:]
 
 
@@ -256,24 +328,49 @@ def test_slurm_runner_chains_evaluation_after_training(assets, tmp_path):
     env = _slurm_env()
     out = tmp_path / "out"
     cpus = str(os.cpu_count() or 1)
-    path = _write(tmp_path, {
-        "name": "ci-slurm", "base": str(TINY), "output_dir": str(out), "presets": ["grpo"], "seeds": [2],
-        "students": {"tiny": {}}, "overrides": _tiny_overrides(assets), "runner": "slurm",
-        "slurm": {"train_args": ["--gpus-per-node=0", "--ntasks-per-node=1", f"--cpus-per-task={cpus}", "--time=20"],
-                  "eval_args": [f"--cpus-per-task={cpus}", "--time=20"]}})
+    path = _write(
+        tmp_path,
+        {
+            "name": "ci-slurm",
+            "base": str(TINY),
+            "output_dir": str(out),
+            "presets": ["grpo"],
+            "seeds": [2],
+            "students": {"tiny": {}},
+            "overrides": _tiny_overrides(assets),
+            "runner": "slurm",
+            "slurm": {
+                "train_args": ["--gpus-per-node=0", "--ntasks-per-node=1", f"--cpus-per-task={cpus}", "--time=20"],
+                "eval_args": [f"--cpus-per-task={cpus}", "--time=20"],
+            },
+        },
+    )
     jobs: list[str] = []
     try:
-        r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "sweep", str(path)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "uniapl_megatron.cli", "sweep", str(path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         ids = json.loads((out / "cells" / "tiny__grpo__s2" / "slurm.json").read_text())
         jobs = [ids["train"], ids["finish"]]
-        info = subprocess.run(["scontrol", "show", "job", "-o", ids["finish"]], env=env, capture_output=True,
-                              text=True, check=True).stdout
+        info = subprocess.run(
+            ["scontrol", "show", "job", "-o", ids["finish"]], env=env, capture_output=True, text=True, check=True
+        ).stdout
         assert f"Dependency=afterok:{ids['train']}" in info, info
         # the same command again: the cell's jobs are queued, so nothing is resubmitted; --wait then collects
-        r = subprocess.run([sys.executable, "-m", "uniapl_megatron.cli", "sweep", str(path), "--wait"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=1200)
+        r = subprocess.run(
+            [sys.executable, "-m", "uniapl_megatron.cli", "sweep", str(path), "--wait"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert r.returncode == 0 and "not resubmitted" in r.stdout, r.stdout + r.stderr
         record = json.loads((out / "results" / "tiny__grpo__s2.json").read_text())[0]
         assert record["algorithm"] == "grpo" and 0.0 <= record["score"] <= 1.0

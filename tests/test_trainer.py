@@ -9,11 +9,10 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _models import tiny_qwen3, tiny_qwen3_moe
 from _train_step import max_diff
 from _train_step import train_step as _step
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +71,16 @@ def test_layout_trains_like_one_rank(single_rank, model, moe_model, tmp_path, la
     if "4mb" in layout or "vpp" in layout:
         assert m["micro_batches"] >= 4, m
     if layout == "fp8-row-padding":  # the row takes the padding, in its last sequence; the others keep their length
-        assert all(sum(r["padded"]) % 128 == 0 and r["padded"][:-1] == r["seq_lens"][:-1]
-                   and r["padded"][-1] > r["seq_lens"][-1] for r in m["rows"]), m["rows"]
-    steps = [(s["grad_norm"], r["grad_norm"], s["loss/total"], r["loss/total"])
-             for s, r in zip(m["steps"], ref_m["steps"], strict=True)]
+        assert all(
+            sum(r["padded"]) % 128 == 0
+            and r["padded"][:-1] == r["seq_lens"][:-1]
+            and r["padded"][-1] > r["seq_lens"][-1]
+            for r in m["rows"]
+        ), m["rows"]
+    steps = [
+        (s["grad_norm"], r["grad_norm"], s["loss/total"], r["loss/total"])
+        for s, r in zip(m["steps"], ref_m["steps"], strict=True)
+    ]
     for i, (norm, ref_norm, loss, ref_loss) in enumerate(steps, 1):
         assert abs(norm - ref_norm) <= 1e-5, f"{layout} step {i}: grad_norm {norm} vs {ref_norm} at one rank"
         assert abs(loss - ref_loss) <= 1e-5, f"{layout} step {i}: loss {loss} vs {ref_loss} at one rank"
@@ -96,16 +101,23 @@ def test_moe_student_trains_end_to_end_at_ep2_like_ep1(tmp_path):
     moe = tiny_qwen3_moe(tmp_path / "moe", tokenizer=True)
     data = prepare(tmp_path / "assets", train_rows=20)["data"]
     cfg = tmp_path / "moe.yaml"
-    cfg.write_text(f"model: {{hf_path: {moe}, dtype: fp32, spec: torch}}\n"
-                   f"data: {{demo_paths: [{data}], demos_per_step: 4, prompts_per_step: 0}}\n"
-                   "objective: {algorithm: sft}\noptim: {lr: 1.0e-3, clip_grad: 1.0}\n"
-                   "train: {steps: 3, save_every: 3, tensorboard: false, plot: false}\n")
+    cfg.write_text(
+        f"model: {{hf_path: {moe}, dtype: fp32, spec: torch}}\n"
+        f"data: {{demo_paths: [{data}], demos_per_step: 4, prompts_per_step: 0}}\n"
+        "objective: {algorithm: sft}\noptim: {lr: 1.0e-3, clip_grad: 1.0}\n"
+        "train: {steps: 3, save_every: 3, tensorboard: false, plot: false}\n"
+    )
     cmd = [sys.executable, "-m", "uniapl_megatron.cli", "train", str(cfg)]
     subprocess.run([*cmd, f"train.output_dir={tmp_path / 'ep1'}"], check=True, timeout=900, capture_output=True)
-    assert run_ranks([*cmd, f"train.output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"], 2,
-                     timeout=900) == 0
-    ep1, ep2 = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-                for d in ("ep1", "ep2"))
+    assert (
+        run_ranks(
+            [*cmd, f"train.output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"], 2, timeout=900
+        )
+        == 0
+    )
+    ep1, ep2 = (
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ep1", "ep2")
+    )
     assert [m["step"] for m in ep2] == [1, 2, 3] and all(m["grad_norm"] > 1.0 for m in ep1)
     for a, b in zip(ep1, ep2, strict=True):
         for key in ("loss/total", "grad_norm"):

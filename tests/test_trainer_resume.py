@@ -25,12 +25,27 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
 
 def _cmd(assets: dict[str, str], out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "uniapl_megatron.cli", "train", str(TINY),
-            f"model.hf_path={assets['student']}", f"discriminator.path={assets['discriminator']}",
-            f"data.demo_paths=[{assets['data']}]", f"data.prompt_paths=[{assets['data']}]", "data.eval_prompt_paths=[]",
-            "data.prompts_per_step=2", "data.demos_per_step=2", "sampling.group_size=2", "sampling.max_new_tokens=6",
-            f"train.steps={steps}", "train.save_every=2", f"train.output_dir={out}", "train.tensorboard=false",
-            "train.plot=false"]
+    return [
+        sys.executable,
+        "-m",
+        "uniapl_megatron.cli",
+        "train",
+        str(TINY),
+        f"model.hf_path={assets['student']}",
+        f"discriminator.path={assets['discriminator']}",
+        f"data.demo_paths=[{assets['data']}]",
+        f"data.prompt_paths=[{assets['data']}]",
+        "data.eval_prompt_paths=[]",
+        "data.prompts_per_step=2",
+        "data.demos_per_step=2",
+        "sampling.group_size=2",
+        "sampling.max_new_tokens=6",
+        f"train.steps={steps}",
+        "train.save_every=2",
+        f"train.output_dir={out}",
+        "train.tensorboard=false",
+        "train.plot=false",
+    ]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -44,13 +59,17 @@ def test_sigkill_then_resume_matches_uninterrupted(assets, tmp_path):
     ref = _metrics(ref_out)
     assert [m["step"] for m in ref] == [1, 2, 3, 4, 5]
 
-    proc = subprocess.Popen(_cmd(assets, out, 5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(assets, out, 5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 900
     latest = out / "checkpoints" / "latest"
     # After step 3, once the (asynchronous) checkpoint of step 2 is complete: it is the latest.
-    while time.monotonic() < deadline and proc.poll() is None and not (
-            len(_metrics(out)) >= 3 and latest.is_file() and latest.read_text().strip() == "step_000002"):
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and not (len(_metrics(out)) >= 3 and latest.is_file() and latest.read_text().strip() == "step_000002")
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -71,8 +90,9 @@ def test_sigkill_then_resume_matches_uninterrupted(assets, tmp_path):
 def test_train_bad_inputs(assets, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "teacher_response": "x", "instruction_id_list": [], "kwargs": []}\nnot json\n')
-    p = subprocess.run([*_cmd(assets, tmp_path / "o", 1), f"data.demo_paths=[{bad}]"], capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [*_cmd(assets, tmp_path / "o", 1), f"data.demo_paths=[{bad}]"], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 2 and f"{bad}:2" in p.stderr, p.stderr[-2000:]
     p = subprocess.run([*_cmd(assets, tmp_path / "o", 1), "train.stepz=1"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "train.stepz" in p.stderr

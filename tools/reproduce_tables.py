@@ -27,13 +27,19 @@ from uniapl_megatron.eval.tables import load_results, write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("results", nargs="+", help="result files or folders")
     ap.add_argument("--out", default="outputs/tables", help="folder for table.md, table.csv and curves/")
     ap.add_argument("--benchmarks", nargs="*", default=None, help="column order (default: as found)")
-    ap.add_argument("--metric", default=None,
-                    help="use metrics[METRIC] where a record has it (e.g. prompt_loose) instead of 'score'")
+    ap.add_argument(
+        "--metric",
+        default=None,
+        help="use metrics[METRIC] where a record has it (e.g. prompt_loose) instead of 'score'",
+    )
     args = ap.parse_args(argv)
     try:
         report = write_report(load_results(args.results, metric=args.metric), Path(args.out), args.benchmarks)

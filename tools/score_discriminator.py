@@ -57,8 +57,14 @@ def summary(scores: Sequence[float]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts, refs, responses = read_triples(args.input)
     kind = args.kind or detect_kind(args.disc)
-    options: dict[str, Any] = {"kind": kind, "path": args.disc, "dtype": args.dtype, "device": args.device,
-                               "tokenizer_path": args.tokenizer, "trust_remote_code": args.trust_remote_code}
+    options: dict[str, Any] = {
+        "kind": kind,
+        "path": args.disc,
+        "dtype": args.dtype,
+        "device": args.device,
+        "tokenizer_path": args.tokenizer,
+        "trust_remote_code": args.trust_remote_code,
+    }
     if args.max_tokens_per_batch:
         options["max_tokens_per_batch"] = args.max_tokens_per_batch
     disc = build_discriminator(DiscriminatorConfig(**options))
@@ -70,13 +76,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_text(args.out, lines)
     else:
         sys.stdout.write(lines)
-    return {**summary(scores), "seconds": round(seconds, 3), "kind": kind, "disc": args.disc,
-            "input": args.input, **({"out": args.out} if args.out else {})}
+    return {
+        **summary(scores),
+        "seconds": round(seconds, 3),
+        "kind": kind,
+        "disc": args.disc,
+        "input": args.input,
+        **({"out": args.out} if args.out else {}),
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--disc", required=True, help="discriminator checkpoint folder")
     ap.add_argument("--input", required=True, help='JSONL of {"prompt", "reference", "response"}')
     ap.add_argument("--out", default=None, help="write the scores here (one per line) instead of stdout")
@@ -84,8 +99,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder, when not the checkpoint's")
-    ap.add_argument("--trust-remote-code", action="store_true",
-                    help="run the folder's Python code (POLAR: its tokenizer only)")
+    ap.add_argument(
+        "--trust-remote-code", action="store_true", help="run the folder's Python code (POLAR: its tokenizer only)"
+    )
     ap.add_argument("--max-tokens-per-batch", type=int, default=0, help="polar: tokens per forward (0 = default)")
     return ap.parse_args(argv)
 

@@ -119,9 +119,7 @@ def _patch_torch_cuda() -> None:
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
-        new_state
-    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
 
     # The MoE all-to-all dispatcher turns split sizes into numpy only for CUDA tensors; gloo needs lists.
@@ -143,8 +141,13 @@ def _patch_megatron() -> None:
     @functools.wraps(_orig_type)
     def _cuda_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = _orig_type(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") \
-                and not out.startswith("torch.cuda."):
+        if (
+            not args
+            and not kwargs
+            and isinstance(out, str)
+            and out.startswith("torch.")
+            and not out.startswith("torch.cuda.")
+        ):
             return out.replace("torch.", "torch.cuda.", 1)
         return out
 

@@ -22,9 +22,25 @@ from pathlib import Path
 
 # nltk's punkt_tab package holds these languages; english_web is the wheel's own extra.
 PUNKT_TAB_LANGUAGES: tuple[str, ...] = (
-    "czech", "danish", "dutch", "english", "estonian", "finnish", "french", "german", "greek",
-    "italian", "malayalam", "norwegian", "polish", "portuguese", "russian", "slovene",
-    "spanish", "swedish", "turkish",
+    "czech",
+    "danish",
+    "dutch",
+    "english",
+    "estonian",
+    "finnish",
+    "french",
+    "german",
+    "greek",
+    "italian",
+    "malayalam",
+    "norwegian",
+    "polish",
+    "portuguese",
+    "russian",
+    "slovene",
+    "spanish",
+    "swedish",
+    "turkish",
 )
 _STAMP = ".uniapl-punkt-source"  # records which wheel version wrote the tables
 
@@ -46,9 +62,7 @@ def default_nltk_dir() -> Path:
         probe = cand if cand.exists() else cand.parent
         if os.access(probe, os.W_OK):
             return cand
-    raise RuntimeError(
-        "no writable nltk data folder: tried " + ", ".join(str(c) for c in candidates)
-    )
+    raise RuntimeError("no writable nltk data folder: tried " + ", ".join(str(c) for c in candidates))
 
 
 def _tables(language: str) -> dict[str, str]:
@@ -61,17 +75,17 @@ def _tables(language: str) -> dict[str, str]:
         "abbrev_types.txt": "\n".join(sorted(params.abbrev_types)),
         "sent_starters.txt": "\n".join(sorted(params.sent_starters)),
         "collocations.tab": "\n".join("\t".join(pair) for pair in sorted(params.collocations)),
-        "ortho_context.tab": "\n".join(
-            f"{word}\t{flag}" for word, flag in sorted(params.ortho_context.items())
-        ),
+        "ortho_context.tab": "\n".join(f"{word}\t{flag}" for word, flag in sorted(params.ortho_context.items())),
     }
 
 
 def _is_current(root: Path, stamp: str) -> bool:
     punkt_dir = root / "tokenizers" / "punkt_tab"
     stamp_file = punkt_dir / _STAMP
-    return stamp_file.is_file() and stamp_file.read_text() == stamp and all(
-        (punkt_dir / lang / "ortho_context.tab").is_file() for lang in PUNKT_TAB_LANGUAGES
+    return (
+        stamp_file.is_file()
+        and stamp_file.read_text() == stamp
+        and all((punkt_dir / lang / "ortho_context.tab").is_file() for lang in PUNKT_TAB_LANGUAGES)
     )
 
 

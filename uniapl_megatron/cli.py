@@ -1,12 +1,12 @@
 """`uniapl`: train, rollout, demo, convert.
 
-    uniapl train CONFIG.yaml [section.key=value ...]   the UniAPL trainer (torchrun / srun / one process)
-    uniapl rollout CONFIG.yaml [section.key=value ...] a rollout server for rollout.mode=disaggregated: same
-                                                        config and overrides as the trainer; RANK = server index
-    uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
-    uniapl generate CONFIG.yaml [section.key=value ...] the teacher's answers, offline, resumable (generate.py)
-    uniapl convert import|export ...                    same as tools/convert_hf.py
-    uniapl sweep SWEEP.yaml [--runner local|slurm] ...  presets x students x seeds -> the paper-shaped table
+uniapl train CONFIG.yaml [section.key=value ...]   the UniAPL trainer (torchrun / srun / one process)
+uniapl rollout CONFIG.yaml [section.key=value ...] a rollout server for rollout.mode=disaggregated: same
+                                                    config and overrides as the trainer; RANK = server index
+uniapl demo [section.key=value ...]                 the embedded tiny default (examples/tiny_cpu.yaml)
+uniapl generate CONFIG.yaml [section.key=value ...] the teacher's answers, offline, resumable (generate.py)
+uniapl convert import|export ...                    same as tools/convert_hf.py
+uniapl sweep SWEEP.yaml [--runner local|slurm] ...  presets x students x seeds -> the paper-shaped table
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _train(config: str | None, overrides: list[str], launch: bool = True) -> int
     world = cfg.parallel.model_parallel_size
     if launch and world > 1 and not under_launcher():
         # A multi-rank layout started as one process: start its ranks here (gloo on CPU).
-        return run_ranks([sys.executable, "-m", "uniapl_megatron.cli", "train", *( [config] if config else []), *overrides], world)
+        return run_ranks(
+            [sys.executable, "-m", "uniapl_megatron.cli", "train", *([config] if config else []), *overrides], world
+        )
     from .rollout.digest import RefitMismatchError
     from .trainer.loop import NonFiniteLossError, Trainer
     from .trainer.preflight import PreflightError
@@ -70,8 +72,11 @@ def _rollout(config: str, overrides: list[str]) -> int:
 
     rank, servers = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "0")) or None
     try:
-        gpus = server_devices(int(os.environ.get("LOCAL_RANK", "0")), cfg.rollout.tensor_parallel_size,
-                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+        gpus = server_devices(
+            int(os.environ.get("LOCAL_RANK", "0")),
+            cfg.rollout.tensor_parallel_size,
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
     except PlacementError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +97,9 @@ def _rollout(config: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="uniapl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="uniapl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="run the trainer")
     t.add_argument("config")

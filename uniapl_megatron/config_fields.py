@@ -38,8 +38,20 @@ def _is_device(value: str) -> bool:
 Device = Annotated[str, MinLen(1), Predicate(_is_device), "'auto', 'cpu', 'cuda' or 'cuda:N'"]
 """Where a model runs: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
 
-__all__ = ["FINITE", "Device", "Ge", "Gt", "Interval", "Le", "Lt", "MinLen", "Predicate", "check_fields", "coerce_yaml",
-           "describe"]
+__all__ = [
+    "FINITE",
+    "Device",
+    "Ge",
+    "Gt",
+    "Interval",
+    "Le",
+    "Lt",
+    "MinLen",
+    "Predicate",
+    "check_fields",
+    "coerce_yaml",
+    "describe",
+]
 
 
 @functools.cache
@@ -87,7 +99,6 @@ def _unoptional(hint: Any) -> Any:
 
 def _base(hint: Any) -> Any:
     return typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
-
 
 
 def _fits(hint: Any, value: Any) -> bool:

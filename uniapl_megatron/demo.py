@@ -15,8 +15,17 @@ from .rewards.synthetic import SyntheticConfig, generate_synthetic, split_combin
 QWEN3_VOCAB = 151936  # the released checkpoints' (padded) embedding rows
 
 
-def tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, heads: int = 2, kv_heads: int = 1,
-               head_dim: int = 32, seed: int = 0, classifier: bool = False) -> Path:
+def tiny_model(
+    folder: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    head_dim: int = 32,
+    seed: int = 0,
+    classifier: bool = False,
+) -> Path:
     """A random Qwen3 with the real tokenizer files next to it (head_dim >= 32: vLLM's CPU kernels)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
@@ -24,10 +33,21 @@ def tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, heads: int = 
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=head_dim, tie_word_embeddings=True, max_position_embeddings=1024,
-                      rope_theta=1000000.0, num_labels=1, pad_token_id=151643, eos_token_id=151645)
+    cfg = Qwen3Config(
+        vocab_size=QWEN3_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+        rope_theta=1000000.0,
+        num_labels=1,
+        pad_token_id=151643,
+        eos_token_id=151645,
+    )
     model = (Qwen3ForSequenceClassification if classifier else Qwen3ForCausalLM)(cfg)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -27,9 +27,7 @@ class DistEnv:
 def first_host(nodelist: str) -> str:
     """First host of a Slurm nodelist ("gpu[001-004,007],cpu1" -> "gpu001") without needing scontrol."""
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
@@ -87,9 +85,15 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
             from .rollout.placement import shard_device, visible_devices
 
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
-            torch.cuda.set_device(torch.device(shard_device(
-                denv.local_rank, max(local_world, denv.local_rank + 1),
-                visible_devices(dict(os.environ), torch.cuda.device_count()))))
+            torch.cuda.set_device(
+                torch.device(
+                    shard_device(
+                        denv.local_rank,
+                        max(local_world, denv.local_rank + 1),
+                        visible_devices(dict(os.environ), torch.cuda.device_count()),
+                    )
+                )
+            )
         dist.init_process_group(
             backend="nccl" if has_cuda else "gloo",
             init_method=f"tcp://{denv.master_addr}:{denv.master_port}",

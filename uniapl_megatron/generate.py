@@ -46,6 +46,7 @@ DROP_REASONS = ("contaminated", "too_long", "truncated", "failed_constraints")
 
 # --- atomic files --------------------------------------------------------------------------------------
 
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -71,6 +72,7 @@ def chunk_file(parts: Path, c: int) -> Path:
 
 
 # --- one chunk -----------------------------------------------------------------------------------------
+
 
 def _prompt_text(messages: list[dict[str, str]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
@@ -106,9 +108,16 @@ class ChunkWorker:
         from uniapl_megatron.rollout import SamplingParams
 
         c = self.cfg
-        return SamplingParams(n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                              max_new_tokens=c.max_new_tokens, stop_token_ids=(self.fmt.eot_id,), seed=c.seed,
-                              prompt_index_offset=offset)
+        return SamplingParams(
+            n=1,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            max_new_tokens=c.max_new_tokens,
+            stop_token_ids=(self.fmt.eot_id,),
+            seed=c.seed,
+            prompt_index_offset=offset,
+        )
 
     def _out_row(self, p: dict[str, Any], text: str) -> dict[str, Any]:
         row = p["row"]
@@ -176,8 +185,10 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> str | None:
         old = json.loads(file.read_text())
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if diff:
-            return (f"{parts}: a previous run with other settings ({', '.join(diff)}) left chunks here; resume with "
-                    "the same settings, or delete the folder to start over")
+            return (
+                f"{parts}: a previous run with other settings ({', '.join(diff)}) left chunks here; resume with "
+                "the same settings, or delete the folder to start over"
+            )
     else:
         atomic_write_lines(file, iter([json.dumps(manifest, indent=2) + "\n"]))
     return None
@@ -221,16 +232,21 @@ def _init_world(tp: int, dp: int) -> tuple[int, int]:
 
     denv = read_env()
     if denv.world_size != tp * dp:
-        raise GenerateError(f"world size {denv.world_size} != generate.data_parallel_size {dp} x "
-                            f"teacher.tensor_parallel_size {tp}")
+        raise GenerateError(
+            f"world size {denv.world_size} != generate.data_parallel_size {dp} x teacher.tensor_parallel_size {tp}"
+        )
     if denv.world_size > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(denv.local_rank)
         # long: engines finish their last chunks at different times before the merge
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=denv.rank, world_size=denv.world_size,
-                                init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
-                                timeout=datetime.timedelta(hours=12))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+            timeout=datetime.timedelta(hours=12),
+        )
     return denv.rank, denv.world_size
 
 
@@ -277,8 +293,9 @@ def run_generate(run: GenerateRun) -> dict[str, Any] | None:
     if _total(len(todo), world):  # every rank builds its engine (vLLM's external launcher needs all of them)
         from uniapl_megatron.rollout import start_engine
 
-        fmt = ChatFormatter(load_tokenizer(cfg.tokenizer_path or run.teacher.model_path),
-                            enable_thinking=cfg.enable_thinking)
+        fmt = ChatFormatter(
+            load_tokenizer(cfg.tokenizer_path or run.teacher.model_path), enable_thinking=cfg.enable_thinking
+        )
         engine = start_engine(run.teacher)
         worker = None
         try:
@@ -307,8 +324,13 @@ def run_generate(run: GenerateRun) -> dict[str, Any] | None:
     if missing:
         log.warning("%d of %d chunks still to do; run again to resume", len(missing), n_chunks)
         return {"complete": False, "chunks_missing": len(missing), "chunks": n_chunks}
-    meta = {"complete": True, "chunks": n_chunks, "chunks_this_run": written,
-            "teacher": cfg.teacher_name or Path(run.teacher.model_path).name, "sampling": cfg.sampling_record()}
+    meta = {
+        "complete": True,
+        "chunks": n_chunks,
+        "chunks_this_run": written,
+        "teacher": cfg.teacher_name or Path(run.teacher.model_path).name,
+        "sampling": cfg.sampling_record(),
+    }
     return merge(parts, out, len(prompts), cfg.chunk_size, meta, [p["row"].get("key") for p in prompts])
 
 
@@ -356,14 +378,20 @@ def plan_main(argv: list[str] | None = None) -> int:
         return 2
     tp, dp = run.teacher.tensor_parallel_size, run.generate.data_parallel_size
     if tp * dp != args.world:
-        print(f"error: the allocation has {args.world} ranks but generate.data_parallel_size {dp} x "
-              f"teacher.tensor_parallel_size {tp} = {tp * dp}; set data_parallel_size={args.world // tp}"
-              + ("" if args.world % tp == 0 else f" (and a tensor_parallel_size dividing {args.world})"),
-              file=sys.stderr)
+        print(
+            f"error: the allocation has {args.world} ranks but generate.data_parallel_size {dp} x "
+            f"teacher.tensor_parallel_size {tp} = {tp * dp}; set data_parallel_size={args.world // tp}"
+            + ("" if args.world % tp == 0 else f" (and a tensor_parallel_size dividing {args.world})"),
+            file=sys.stderr,
+        )
         return 2
     out = str(Path(run.generate.output_path).parent)
-    for key, value in (("UNIAPL_OUTPUT_DIR", out), ("UNIAPL_RESUME", "auto"), ("UNIAPL_ROLLOUT_MODE", "colocated"),
-                       ("UNIAPL_ROLLOUT_NODES", "0")):
+    for key, value in (
+        ("UNIAPL_OUTPUT_DIR", out),
+        ("UNIAPL_RESUME", "auto"),
+        ("UNIAPL_ROLLOUT_MODE", "colocated"),
+        ("UNIAPL_ROLLOUT_NODES", "0"),
+    ):
         print(f"{key}={shlex.quote(value)}")
     return 0
 

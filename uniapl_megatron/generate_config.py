@@ -30,7 +30,8 @@ class GenerateConfig:
     """The `generate` section (the `teacher` section is a RolloutConfig)."""
 
     input_paths: Annotated[list[Annotated[str, MinLen(1)]], MinLen(1), "a list of JSONL files"] = field(
-        default_factory=list)
+        default_factory=list
+    )
     """Prompt files (JSONL: "prompt" or "messages"; optional "key", "instruction_id_list", "kwargs")."""
     output_path: Annotated[str, MinLen(1), "a file path"] = ""
     """Where the merged output goes; chunks live in <output_path>.parts/ until the merge."""
@@ -67,8 +68,14 @@ class GenerateConfig:
 
     def sampling_record(self) -> dict[str, Any]:
         """What each output row records of how it was drawn."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "enable_thinking": self.enable_thinking}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "enable_thinking": self.enable_thinking,
+        }
 
 
 @dataclass
@@ -113,8 +120,10 @@ def load_generate_config(path: str, overrides: list[str]) -> GenerateRun:
                 tree[sec][key] = os.path.normpath(base / v)
         gen = tree.get("generate") or {}
         if isinstance(gen.get("input_paths"), list):
-            gen["input_paths"] = [p if not isinstance(p, str) or os.path.isabs(p) else os.path.normpath(base / p)
-                                  for p in gen["input_paths"]]
+            gen["input_paths"] = [
+                p if not isinstance(p, str) or os.path.isabs(p) else os.path.normpath(base / p)
+                for p in gen["input_paths"]
+            ]
         teacher = _build("teacher", RolloutConfig, tree.get("teacher"), path)
         generate = _build("generate", GenerateConfig, gen, path)
     except ConfigError as e:
@@ -125,6 +134,7 @@ def load_generate_config(path: str, overrides: list[str]) -> GenerateRun:
 
 
 # --- input ---------------------------------------------------------------------------------------------
+
 
 def read_prompts(paths: list[str]) -> list[dict[str, Any]]:
     """Every non-blank line of the input files, checked, as {messages, row, where}; in file order."""
@@ -163,7 +173,24 @@ def fingerprint(run: GenerateRun, prompts: list[dict[str, Any]]) -> dict[str, An
     for p in prompts:
         h.update(json.dumps(p["row"], sort_keys=True).encode())
     gen = dataclasses.asdict(run.generate)
-    return {"prompts": len(prompts), "prompts_sha256": h.hexdigest(), "teacher_model": run.teacher.model_path,
-            **{k: gen[k] for k in ("chunk_size", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
-                                   "enable_thinking", "filter_constraints", "drop_truncated", "decontaminate",
-                                   "teacher_name")}}
+    return {
+        "prompts": len(prompts),
+        "prompts_sha256": h.hexdigest(),
+        "teacher_model": run.teacher.model_path,
+        **{
+            k: gen[k]
+            for k in (
+                "chunk_size",
+                "temperature",
+                "top_p",
+                "top_k",
+                "max_new_tokens",
+                "seed",
+                "enable_thinking",
+                "filter_constraints",
+                "drop_truncated",
+                "decontaminate",
+                "teacher_name",
+            )
+        },
+    }

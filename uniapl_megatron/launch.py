@@ -31,9 +31,16 @@ def run_ranks(argv: Sequence[str], nprocs: int, env: dict[str, str] | None = Non
     port = (env or {}).get("MASTER_PORT") or os.environ.get("MASTER_PORT") or str(free_port())
     procs = []
     for rank in range(nprocs):
-        penv = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nprocs),
-                "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))}
+        penv = {
+            **os.environ,
+            **(env or {}),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(nprocs),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs))),
+        }
         procs.append(subprocess.Popen(list(argv), env=penv))
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

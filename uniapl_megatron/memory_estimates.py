@@ -76,18 +76,13 @@ class ModelShape:
         )
         if num_experts and (shape.num_experts_per_tok <= 0 or shape.moe_intermediate_size <= 0):
             raise PlanError(
-                f"{source}: num_experts={num_experts} needs positive 'num_experts_per_tok' and "
-                "'moe_intermediate_size'"
+                f"{source}: num_experts={num_experts} needs positive 'num_experts_per_tok' and 'moe_intermediate_size'"
             )
         return shape
 
     def is_moe_layer(self, i: int) -> bool:
         """Qwen3-MoE's rule for which decoder layers have experts."""
-        return (
-            self.num_experts > 0
-            and i not in self.mlp_only_layers
-            and (i + 1) % self.decoder_sparse_step == 0
-        )
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def q_width(self) -> int:
@@ -172,42 +167,62 @@ def padded_vocab(vocab: int, tp: int, divisible_by: int = 128) -> int:
 
 def validate(shape: ModelShape, lay: Layout, train: TrainShape) -> None:
     """Raise PlanError naming the numbers that disagree."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise PlanError(msg)
 
-    for name, v in (("tensor_model_parallel_size", lay.tp), ("pipeline_model_parallel_size", lay.pp),
-                    ("virtual_pipeline_model_parallel_size", lay.vpp),
-                    ("context_parallel_size", lay.cp), ("expert_model_parallel_size", lay.ep)):
+    for name, v in (
+        ("tensor_model_parallel_size", lay.tp),
+        ("pipeline_model_parallel_size", lay.pp),
+        ("virtual_pipeline_model_parallel_size", lay.vpp),
+        ("context_parallel_size", lay.cp),
+        ("expert_model_parallel_size", lay.ep),
+    ):
         need(isinstance(v, int) and v >= 1, f"parallel.{name} must be an integer >= 1, got {v!r}")
     mp = lay.tp * lay.pp * lay.cp
-    need(lay.world_size % mp == 0,
-         f"{lay.world_size} training GPUs are not divisible by tensor x pipeline x context parallel "
-         f"= {lay.tp} x {lay.pp} x {lay.cp} = {mp}")
-    need(shape.num_attention_heads % lay.tp == 0,
-         f"num_attention_heads={shape.num_attention_heads} is not divisible by "
-         f"tensor_model_parallel_size={lay.tp}")
+    need(
+        lay.world_size % mp == 0,
+        f"{lay.world_size} training GPUs are not divisible by tensor x pipeline x context parallel "
+        f"= {lay.tp} x {lay.pp} x {lay.cp} = {mp}",
+    )
+    need(
+        shape.num_attention_heads % lay.tp == 0,
+        f"num_attention_heads={shape.num_attention_heads} is not divisible by tensor_model_parallel_size={lay.tp}",
+    )
     kv = shape.num_key_value_heads
-    need(kv % lay.tp == 0 or lay.tp % kv == 0,
-         f"num_key_value_heads={kv} and tensor_model_parallel_size={lay.tp}: one must divide the other")
+    need(
+        kv % lay.tp == 0 or lay.tp % kv == 0,
+        f"num_key_value_heads={kv} and tensor_model_parallel_size={lay.tp}: one must divide the other",
+    )
     need(lay.vpp == 1 or lay.pp > 1, "virtual pipeline stages need pipeline_model_parallel_size > 1")
     chunks = lay.pp * lay.vpp
-    need(shape.num_hidden_layers % chunks == 0,
-         f"num_hidden_layers={shape.num_hidden_layers} is not divisible by pipeline x virtual "
-         f"pipeline stages = {lay.pp} x {lay.vpp} = {chunks}")
-    need(train.recompute in ("none", "selective", "full"),
-         f"recompute must be none, selective or full, got {train.recompute!r}")
+    need(
+        shape.num_hidden_layers % chunks == 0,
+        f"num_hidden_layers={shape.num_hidden_layers} is not divisible by pipeline x virtual "
+        f"pipeline stages = {lay.pp} x {lay.vpp} = {chunks}",
+    )
+    need(
+        train.recompute in ("none", "selective", "full"),
+        f"recompute must be none, selective or full, got {train.recompute!r}",
+    )
     need(train.attention in ("sdpa", "te"), f"attention must be sdpa or te, got {train.attention!r}")
     need(train.dtype in ("bf16", "fp16", "fp32"), f"dtype must be bf16, fp16 or fp32, got {train.dtype!r}")
-    need(lay.cp == 1 or train.seq_length % (2 * lay.cp) == 0,
-         f"seq_length={train.seq_length} is not divisible by 2 x context_parallel_size={lay.cp}")
+    need(
+        lay.cp == 1 or train.seq_length % (2 * lay.cp) == 0,
+        f"seq_length={train.seq_length} is not divisible by 2 x context_parallel_size={lay.cp}",
+    )
     if shape.num_experts:
-        need(shape.num_experts % lay.ep == 0,
-             f"num_experts={shape.num_experts} is not divisible by expert_model_parallel_size={lay.ep}")
+        need(
+            shape.num_experts % lay.ep == 0,
+            f"num_experts={shape.num_experts} is not divisible by expert_model_parallel_size={lay.ep}",
+        )
         emp = lay.pp * lay.ep * lay.expert_tp
-        need(lay.world_size % emp == 0,
-             f"{lay.world_size} training GPUs are not divisible by pipeline x expert x expert-tensor "
-             f"parallel = {lay.pp} x {lay.ep} x {lay.expert_tp} = {emp}")
+        need(
+            lay.world_size % emp == 0,
+            f"{lay.world_size} training GPUs are not divisible by pipeline x expert x expert-tensor "
+            f"parallel = {lay.pp} x {lay.ep} x {lay.expert_tp} = {emp}",
+        )
     else:
         need(lay.ep == 1, f"expert_model_parallel_size={lay.ep} needs a MoE model (num_experts > 0)")
 
@@ -273,8 +288,9 @@ def refit_bytes(shape: ModelShape, lay: Layout, r: RolloutShape) -> float:
     return r.bucket_bytes + r.dtype_bytes * max(layer, emb)
 
 
-def rollout_parts(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, reserve: float
-                  ) -> tuple[dict[str, float], dict[str, float] | None, list[str]]:
+def rollout_parts(
+    shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, reserve: float
+) -> tuple[dict[str, float], dict[str, float] | None, list[str]]:
     """(parts on a training GPU, parts on a rollout-node GPU or None, problems). Colocated: every training
     GPU holds its shard of one engine (one per rollout-TP group of ranks); disaggregated: every rollout GPU
     does, and the training GPUs hold none."""
@@ -286,14 +302,17 @@ def rollout_parts(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, r
         raise PlanError(f"rollout.mode must be colocated or disaggregated, got {r.mode!r}")
     tp = r.tensor_parallel_size
     if shape.num_attention_heads % tp:
-        raise PlanError(f"rollout.tensor_parallel_size={tp} does not divide "
-                        f"num_attention_heads={shape.num_attention_heads}")
+        raise PlanError(
+            f"rollout.tensor_parallel_size={tp} does not divide num_attention_heads={shape.num_attention_heads}"
+        )
     weights = r.dtype_bytes * param_count(shape, tp)
     problems = []
     if r.engine == "vllm" and not r.kv_cache_bytes:
         if r.mode == "colocated":
-            raise PlanError("rollout.kv_cache_bytes: a colocated engine shares its GPU with training; set its KV "
-                            "cache in bytes (the trainer refuses 0 too)")
+            raise PlanError(
+                "rollout.kv_cache_bytes: a colocated engine shares its GPU with training; set its KV "
+                "cache in bytes (the trainer refuses 0 too)"
+            )
         if not 0.0 < r.gpu_memory_utilization < 1.0:
             raise PlanError(f"rollout.gpu_memory_utilization must be in (0, 1), got {r.gpu_memory_utilization}")
         share = r.gpu_memory_utilization * gpu_bytes
@@ -301,22 +320,28 @@ def rollout_parts(shape: ModelShape, r: RolloutShape | None, gpu_bytes: float, r
             problems.append(
                 f"rollout: vLLM's share (gpu_memory_utilization={r.gpu_memory_utilization} of "
                 f"{gpu_bytes / GIB:.2f} GiB = {share / GIB:.2f} GiB) cannot hold its weights "
-                f"({weights / GIB:.2f} GiB at tensor_parallel_size={tp}) and a KV cache")
+                f"({weights / GIB:.2f} GiB at tensor_parallel_size={tp}) and a KV cache"
+            )
         parts = {f"rollout engine (vLLM, gpu_memory_utilization={r.gpu_memory_utilization})": share}
     elif r.engine == "vllm":
-        parts = {ENGINE_WEIGHTS: weights,
-                 f"rollout KV cache (vLLM, rollout.kv_cache_bytes, TP={tp})": float(r.kv_cache_bytes)}
+        parts = {
+            ENGINE_WEIGHTS: weights,
+            f"rollout KV cache (vLLM, rollout.kv_cache_bytes, TP={tp})": float(r.kv_cache_bytes),
+        }
         budget = r.gpu_memory_utilization * gpu_bytes
         if weights + r.kv_cache_bytes > budget:  # vLLM refuses a KV cache beyond its own budget at start-up
-            problems.append(f"rollout: weights ({weights / GIB:.2f} GiB) + kv_cache_bytes "
-                            f"({r.kv_cache_bytes / GIB:.2f} GiB) exceed vLLM's start-up budget, "
-                            f"gpu_memory_utilization={r.gpu_memory_utilization} of the GPU ({budget / GIB:.2f} GiB)")
+            problems.append(
+                f"rollout: weights ({weights / GIB:.2f} GiB) + kv_cache_bytes "
+                f"({r.kv_cache_bytes / GIB:.2f} GiB) exceed vLLM's start-up budget, "
+                f"gpu_memory_utilization={r.gpu_memory_utilization} of the GPU ({budget / GIB:.2f} GiB)"
+            )
     else:
         kv_heads = max(shape.num_key_value_heads // tp, 1)
-        kv = (r.max_num_seqs * r.max_model_len * shape.num_hidden_layers * 2 * kv_heads
-              * shape.head_dim * r.dtype_bytes)
-        parts = {ENGINE_WEIGHTS: weights,
-                 f"rollout KV cache (torch engine, {r.max_num_seqs} seqs x {r.max_model_len} tokens)": kv}
+        kv = r.max_num_seqs * r.max_model_len * shape.num_hidden_layers * 2 * kv_heads * shape.head_dim * r.dtype_bytes
+        parts = {
+            ENGINE_WEIGHTS: weights,
+            f"rollout KV cache (torch engine, {r.max_num_seqs} seqs x {r.max_model_len} tokens)": kv,
+        }
     if r.mode == "colocated":
         return parts, None, problems
     node = dict(parts)

@@ -56,9 +56,7 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}_model_parallel_size must be an integer >= 1, got {v!r}")
         problems = []
         if world_size % (tp * pp * cp):
-            problems.append(
-                f"world size {world_size} is not a multiple of TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}"
-            )
+            problems.append(f"world size {world_size} is not a multiple of TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}")
         elif (world_size // (tp * pp * cp) * cp) % ep:
             problems.append(
                 f"expert parallel size {ep} does not divide data-parallel*context-parallel ranks "
@@ -78,8 +76,10 @@ class ParallelConfig:
                 f"num_hidden_layers={arch.num_layers} is not divisible by PP*VPP = {pp}*{vpp or 1} = {chunks}"
             )
         if vpp is not None and (not isinstance(vpp, int) or vpp < 2 or pp < 2):
-            problems.append(f"virtual_pipeline_model_parallel_size={vpp!r}: the interleaved schedule needs an integer "
-                            f">= 2 and PP >= 2 (PP={pp}); leave it null for the plain pipeline schedule")
+            problems.append(
+                f"virtual_pipeline_model_parallel_size={vpp!r}: the interleaved schedule needs an integer "
+                f">= 2 and PP >= 2 (PP={pp}); leave it null for the plain pipeline schedule"
+            )
         if self.sequence_parallel and tp < 2:
             problems.append("sequence_parallel=true needs tensor_model_parallel_size > 1")
         if ep > 1 and not arch.is_moe:
@@ -91,6 +91,7 @@ class ParallelConfig:
                 f"context_parallel_size={cp} is refused: the trainer does not yet give each CP rank its slice of "
                 "the packed sequences nor count tokens over the CP group, so it would train on wrong data; it "
                 "also needs Transformer Engine's attention on >= 2 GPUs, so it cannot be built and tested here"
-                + ("" if has_cuda else " (and this machine has no GPU)"))
+                + ("" if has_cuda else " (and this machine has no GPU)")
+            )
         if problems:
             raise ConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))

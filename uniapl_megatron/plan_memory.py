@@ -75,8 +75,10 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line per part of the fullest stage, in GiB, then the total against the GPU."""
         w = self.worst
-        lines = [f"per-GPU memory, pipeline stage {w.stage} of {len(self.stages)} "
-                 f"({w.params / 1e9:.3f}B parameters on this GPU):"]
+        lines = [
+            f"per-GPU memory, pipeline stage {w.stage} of {len(self.stages)} "
+            f"({w.params / 1e9:.3f}B parameters on this GPU):"
+        ]
         lines += [f"  {name:<66s} {b / GIB:8.2f} GiB" for name, b in w.parts.items()]
         lines.append(f"  {'total':<66s} {w.total / GIB:8.2f} GiB of {self.capacity / GIB:.2f} GiB")
         if self.rollout_node is not None:
@@ -86,9 +88,16 @@ class MemoryPlan:
             lines.append(f"  {'total':<66s} {total / GIB:8.2f} GiB of {self.capacity / GIB:.2f} GiB")
         return "\n".join(lines)
 
-def plan(shape: ModelShape, lay: Layout, train: TrainShape, rollout: RolloutShape | None,
-         gpu_bytes: float, reserve_bytes: float = 4 * GIB,
-         resident: dict[str, float] | None = None) -> MemoryPlan:
+
+def plan(
+    shape: ModelShape,
+    lay: Layout,
+    train: TrainShape,
+    rollout: RolloutShape | None,
+    gpu_bytes: float,
+    reserve_bytes: float = 4 * GIB,
+    resident: dict[str, float] | None = None,
+) -> MemoryPlan:
     """Estimate every pipeline stage's per-GPU memory. Raises PlanError for inconsistent layouts.
 
     `rollout` None: no rollout engine (SFT only). `resident`: other bytes every GPU holds all the
@@ -96,13 +105,20 @@ def plan(shape: ModelShape, lay: Layout, train: TrainShape, rollout: RolloutShap
     """
     validate(shape, lay, train)
     on_train_gpu, rollout_node, problems = rollout_parts(shape, rollout, gpu_bytes, reserve_bytes)
-    stages = [_stage(shape, lay, train, s, rollout, on_train_gpu, resident or {}, reserve_bytes)
-              for s in range(lay.pp)]
+    stages = [_stage(shape, lay, train, s, rollout, on_train_gpu, resident or {}, reserve_bytes) for s in range(lay.pp)]
     return MemoryPlan(stages=stages, capacity=gpu_bytes, rollout_node=rollout_node, problems=problems)
 
 
-def _stage(shape: ModelShape, lay: Layout, train: TrainShape, s: int, rollout: RolloutShape | None,
-           on_train_gpu: dict[str, float], resident: dict[str, float], reserve_bytes: float) -> StagePlan:
+def _stage(
+    shape: ModelShape,
+    lay: Layout,
+    train: TrainShape,
+    s: int,
+    rollout: RolloutShape | None,
+    on_train_gpu: dict[str, float],
+    resident: dict[str, float],
+    reserve_bytes: float,
+) -> StagePlan:
     """Pipeline stage s: its parameters, training state, activations, logits and rollout share, by part."""
     per_chunk = shape.num_hidden_layers // (lay.pp * lay.vpp)
     layers = _stage_layers(lay, per_chunk, s)
@@ -133,8 +149,7 @@ def _stage_layers(lay: Layout, per_chunk: int, s: int) -> list[int]:
     return [c * per_chunk + j for c in range(s, chunks, lay.pp) for j in range(per_chunk)]
 
 
-def _stage_params(shape: ModelShape, lay: Layout, s: int, layers: list[int], vocab_rank: float
-                  ) -> tuple[float, float]:
+def _stage_params(shape: ModelShape, lay: Layout, s: int, layers: list[int], vocab_rank: float) -> tuple[float, float]:
     """(dense, expert) parameters on one GPU of stage s, the embedding and LM head included."""
     h = shape.hidden_size
     dense = expert = 0.0
@@ -163,8 +178,9 @@ def _in_flight_chunks(lay: Layout, train: TrainShape, s: int) -> int:
     return in_flight
 
 
-def _activation_bytes(shape: ModelShape, lay: Layout, train: TrainShape, layers: list[int], per_chunk: int,
-                      in_flight: int, tokens: float) -> float:
+def _activation_bytes(
+    shape: ModelShape, lay: Layout, train: TrainShape, layers: list[int], per_chunk: int, in_flight: int, tokens: float
+) -> float:
     """Activation bytes stage s keeps for backward with `in_flight` chunks' micro-batches outstanding."""
     if train.recompute == "full":
         hs = lay.tp if (lay.sp and lay.tp > 1) else 1
@@ -196,8 +212,14 @@ def _training_state(lay: Layout, train: TrainShape, dense: float, expert: float)
     }
 
 
-def _rollout_on_stage(shape: ModelShape, lay: Layout, rollout: RolloutShape | None, on_train_gpu: dict[str, float],
-                      acts: float, logits: float) -> dict[str, float]:
+def _rollout_on_stage(
+    shape: ModelShape,
+    lay: Layout,
+    rollout: RolloutShape | None,
+    on_train_gpu: dict[str, float],
+    acts: float,
+    logits: float,
+) -> dict[str, float]:
     """The rollout engine's and weight sync's parts on a training GPU that peaks at acts + logits in training."""
     if rollout is not None and rollout.sleeps and on_train_gpu:
         # The engine sleeps while the trainer steps: the peak is the largest of three phases, training
@@ -218,34 +240,87 @@ def check(p: MemoryPlan) -> None:
     if not p.fits:
         w = p.worst
         over = max(w.total - p.capacity, sum((p.rollout_node or {}).values()) - p.capacity)
-        head = (f"layout does not fit the GPU (short by {over / GIB:.2f} GiB):" if over > 0
-                else "layout does not fit the GPU:")
-        raise DoesNotFit("\n".join([head, *p.problems, p.describe()])
-                         + "\nuse more tensor/pipeline parallelism, the distributed optimizer, "
-                           "recompute, a smaller micro-batch, or less rollout memory")
+        head = (
+            f"layout does not fit the GPU (short by {over / GIB:.2f} GiB):"
+            if over > 0
+            else "layout does not fit the GPU:"
+        )
+        raise DoesNotFit(
+            "\n".join([head, *p.problems, p.describe()])
+            + "\nuse more tensor/pipeline parallelism, the distributed optimizer, "
+            "recompute, a smaller micro-batch, or less rollout memory"
+        )
 
 
 # Public config.json values, used when model.hf_path is a hub id that is not on this disk (e.g. a
 # plan made on a login node before the download). A local folder's config.json always wins.
 _QWEN3 = dict(vocab_size=151936, head_dim=128, num_key_value_heads=8)
 KNOWN_SHAPES: dict[str, dict] = {
-    "Qwen/Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                            num_attention_heads=16, tie_word_embeddings=True),
-    "Qwen/Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                            num_attention_heads=16, tie_word_embeddings=True),
-    "Qwen/Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                          num_attention_heads=32, tie_word_embeddings=True),
-    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                          num_attention_heads=32, tie_word_embeddings=False),
-    "Qwen/Qwen3-30B-A3B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
-                               num_attention_heads=32, num_key_value_heads=4,
-                               tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
-                               moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[]),
+    "Qwen/Qwen3-0.6B": dict(
+        _QWEN3,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-1.7B": dict(
+        _QWEN3,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-4B": dict(
+        _QWEN3,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-8B": dict(
+        _QWEN3,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen3-30B-A3B": dict(
+        _QWEN3,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
     # POLAR reward models (InternLM2 backbones; the planner counts an LM head they do not have: a slight over-count)
-    "internlm/POLAR-1_8B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
-                                num_key_value_heads=8, vocab_size=92544, tie_word_embeddings=False),
-    "internlm/POLAR-7B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                              num_key_value_heads=8, vocab_size=92544, tie_word_embeddings=False),
+    "internlm/POLAR-1_8B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=92544,
+        tie_word_embeddings=False,
+    ),
+    "internlm/POLAR-7B": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=92544,
+        tie_word_embeddings=False,
+    ),
 }
 
 

@@ -3,7 +3,8 @@ is one and checks that what it loaded is exactly what the run held at that step 
 weights and optimizer shard, written before that save began); then trains on the fixed batch of
 train_step.py, saving asynchronously after every step, until killed (or for --steps). Rank 0 appends
 events (save: a save begins, finalizing the previous one first; writing: its writer runs in the background
-while the next step trains; finalized) with times to <out>/events.txt. Exit 3: the loaded state differs from the digest."""
+while the next step trains; finalized) with times to <out>/events.txt. Exit 3: the loaded state differs from the
+digest."""
 
 import json
 import os

@@ -42,8 +42,9 @@ def linear_weights(chunks):
     """(module, name) of the GEMM weights TE would keep in FP8 (norms and embeddings stay high precision)."""
     for c in chunks:
         for mod_name, mod in c.named_modules():
-            if mod_name.startswith("decoder.layers.") and mod_name.endswith(("linear_qkv", "linear_proj",
-                                                                              "linear_fc1", "linear_fc2")):
+            if mod_name.startswith("decoder.layers.") and mod_name.endswith(
+                ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+            ):
                 yield mod, "weight"
 
 
@@ -54,8 +55,11 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--vpp", type=int, default=None)
-    ap.add_argument("--masters", action="store_true",
-                    help="instead: check that the fp32 master weights can start from the shards load_from_hf kept")
+    ap.add_argument(
+        "--masters",
+        action="store_true",
+        help="instead: check that the fp32 master weights can start from the shards load_from_hf kept",
+    )
     a = ap.parse_args()
     if a.masters:
         return masters(a)
@@ -107,8 +111,9 @@ def masters(a) -> None:
     from uniapl_megatron.parallel import ParallelConfig
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
-    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                         virtual_pipeline_model_parallel_size=a.vpp)
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp
+    )
     init_distributed(par, seed=3)
     arch = Qwen3Arch.from_pretrained(a.hf)
     student = Student(arch, par, ModelConfig(dtype="bf16", spec="torch"), OptimConfig(lr=0.0, clip_grad=0.0))

@@ -25,24 +25,36 @@ def main() -> None:
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"])))
     logprobs._BLOCK_VALUES = 5 * a.tile  # 5-row chunks
-    group, tp, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), \
-        ps.get_tensor_model_parallel_rank()
+    group, tp, rank = (
+        ps.get_tensor_model_parallel_group(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+    )
     x = load_file(a.inputs)
     true_vocab = int(x["true_vocab"])
     rows = x["weight"].shape[0] // tp
     results = {}
     for case, temperature, with_entropy in (("float", 0.7, False), ("per_token", x["temperature"], True)):
         h = x["hidden"].clone().requires_grad_()
-        w = x["weight"][rank * rows:(rank + 1) * rows].clone().requires_grad_()
-        out = logprobs.vocab_parallel_logprobs(h, w, x["labels"], true_vocab=true_vocab, temperature=temperature,
-                                               with_entropy=with_entropy, chunk_tokens=5, tp_group=group)
+        w = x["weight"][rank * rows : (rank + 1) * rows].clone().requires_grad_()
+        out = logprobs.vocab_parallel_logprobs(
+            h,
+            w,
+            x["labels"],
+            true_vocab=true_vocab,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            chunk_tokens=5,
+            tp_group=group,
+        )
         (out * x["coef_" + case]).sum().backward()
         gh = h.grad.clone()
         dist.all_reduce(gh, group=group)
         parts = [torch.empty_like(w.grad) for _ in range(tp)]
         dist.all_gather(parts, w.grad.contiguous(), group=group)
-        results.update({f"{case}_out": out.detach(), f"{case}_grad_hidden": gh,
-                        f"{case}_grad_weight": torch.cat(parts)})
+        results.update(
+            {f"{case}_out": out.detach(), f"{case}_grad_hidden": gh, f"{case}_grad_weight": torch.cat(parts)}
+        )
     if rank == 0:
         save_file(results, a.out)
     dist.barrier()

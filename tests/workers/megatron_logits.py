@@ -23,8 +23,12 @@ def main() -> None:
     from uniapl_megatron.distributed import init_distributed
     from uniapl_megatron.parallel import ParallelConfig
 
-    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                         expert_model_parallel_size=a.ep, sequence_parallel=a.sp)
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tp,
+        pipeline_model_parallel_size=a.pp,
+        expert_model_parallel_size=a.ep,
+        sequence_parallel=a.sp,
+    )
     init_distributed(par)
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -47,8 +51,13 @@ def main() -> None:
         return out, loss_fn
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
-        seq_length=s, micro_batch_size=b, forward_only=True,
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=chunks,
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
     )
     if ps.is_pipeline_last_stage():
         logits = captured["logits"]

@@ -24,7 +24,7 @@ def main() -> None:
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank, set_token_temperatures
+    from uniapl_megatron.trainer.batch import Seq, global_counts, make_loss_fn, pack_for_rank, set_token_temperatures
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
     inp = json.loads(Path(a.inp).read_text())
@@ -32,8 +32,9 @@ def main() -> None:
     init_distributed(par, seed=7)
     arch = Qwen3Arch.from_pretrained(a.hf)
     # chunk_tokens 8: the per-token temperatures cross the head's chunk boundaries.
-    student = Student(arch, par, ModelConfig(dtype="fp32", spec="torch"),
-                      OptimConfig(lr=1e-3, clip_grad=0.0, chunk_tokens=8))
+    student = Student(
+        arch, par, ModelConfig(dtype="fp32", spec="torch"), OptimConfig(lr=1e-3, clip_grad=0.0, chunk_tokens=8)
+    )
     student.load_hf(a.hf)
     seqs = [Seq(t, p, d, advantage=0.0 if d else 1.0) for t, p, d in zip(inp["seqs"], inp["prompt_lens"], inp["demo"])]
     mbs = pack_for_rank(seqs, 4096, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
@@ -44,8 +45,11 @@ def main() -> None:
     if lps is not None:
         out["logprobs"] = [x.tolist() for x in mbs[0].packed.unpack_response(lps[0])]
     cfg = ObjectiveConfig(algorithm="uniapl", lambda_adv=0.0)
-    m = student.train_step(mbs, make_loss_fn(resolve_weights(cfg, 0), global_counts(mbs, ps.get_data_parallel_group()),
-                                             cfg), inp["temperature"])
+    m = student.train_step(
+        mbs,
+        make_loss_fn(resolve_weights(cfg, 0), global_counts(mbs, ps.get_data_parallel_group()), cfg),
+        inp["temperature"],
+    )
     out["sft/nll"] = m.get("sft/nll")
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, out if ps.get_tensor_model_parallel_rank() == 0 else {})

@@ -30,8 +30,9 @@ def _summed_loss(metrics: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     gathered = [None] * dist.get_world_size()
-    mine = metrics if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-        else {}
+    mine = (
+        metrics if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 else {}
+    )
     dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
     total: dict = {}
     for m in gathered:
@@ -70,15 +71,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--demos", type=int, default=3, help="how many of them are demonstrations (the first ones)")
     ap.add_argument("--mb-tokens", type=int, default=4096)
     ap.add_argument("--no-dist-opt", action="store_true")
-    ap.add_argument("--nan", nargs="?", const="loss", choices=["loss", "grad"],
-                    help="poison the first step, which must be skipped: loss (a NaN loss) or grad (a finite loss, "
-                         "a NaN written into one gradient on rank 0 before the data-parallel reduction)")
+    ap.add_argument(
+        "--nan",
+        nargs="?",
+        const="loss",
+        choices=["loss", "grad"],
+        help="poison the first step, which must be skipped: loss (a NaN loss) or grad (a finite loss, "
+        "a NaN written into one gradient on rank 0 before the data-parallel reduction)",
+    )
     ap.add_argument("--offload", type=float, default=0.0, help="optim.cpu_offload with this fraction (0 = off)")
     ap.add_argument("--overlap", action="store_true", help="optim.cpu_offload_overlap")
     ap.add_argument("--ddp-overlap", action="store_true", help="optim.overlap_comm=on (DDP grad/param overlap)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps, all on the same batch")
-    ap.add_argument("--mb-tokens-later", type=int, default=0,
-                    help="micro-batch budget from the second step on (0 = --mb-tokens): other micro-batch counts")
+    ap.add_argument(
+        "--mb-tokens-later",
+        type=int,
+        default=0,
+        help="micro-batch budget from the second step on (0 = --mb-tokens): other micro-batch counts",
+    )
     ap.add_argument("--adam", action="store_true", help="plain Adam (its moments matter from the second step)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of --adam")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="eps of --adam")
@@ -89,8 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--recompute-layers", type=int, default=1)
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="optim.chunk_tokens of the log-prob head")
-    ap.add_argument("--row-pad", default="none", help="pad each packed row for this FP8 recipe (padding only: the "
-                                                       "model runs without FP8)")
+    ap.add_argument(
+        "--row-pad",
+        default="none",
+        help="pad each packed row for this FP8 recipe (padding only: the model runs without FP8)",
+    )
     return ap.parse_args(argv)
 
 
@@ -103,22 +116,37 @@ def build(a: argparse.Namespace):
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.loop import Seq, global_counts, make_loss_fn, pack_for_rank
+    from uniapl_megatron.trainer.batch import Seq, global_counts, make_loss_fn, pack_for_rank
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
-    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, sequence_parallel=a.sp,
-                         virtual_pipeline_model_parallel_size=a.vpp, expert_model_parallel_size=a.ep,
-                         use_distributed_optimizer=not a.no_dist_opt)
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tp,
+        pipeline_model_parallel_size=a.pp,
+        sequence_parallel=a.sp,
+        virtual_pipeline_model_parallel_size=a.vpp,
+        expert_model_parallel_size=a.ep,
+        use_distributed_optimizer=not a.no_dist_opt,
+    )
     init_distributed(par, seed=7)
     arch = Qwen3Arch.from_pretrained(a.hf)
     par.validate(arch, dist.get_world_size())
     model_cfg = ModelConfig(dtype=a.dtype, spec="torch", recompute=a.recompute, recompute_num_layers=a.recompute_layers)
-    student = Student(arch, par, model_cfg, OptimConfig(
-        # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
-        # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
-        **({"lr": a.lr, "adam_eps": a.adam_eps} if a.adam else {"lr": 500.0, "adam_eps": 1000.0}), clip_grad=a.clip, chunk_tokens=a.chunk_tokens,
-        cpu_offload=a.offload > 0, cpu_offload_fraction=a.offload or 1.0, cpu_offload_overlap=a.overlap,
-        overlap_comm="on" if a.ddp_overlap else "auto"))
+    student = Student(
+        arch,
+        par,
+        model_cfg,
+        OptimConfig(
+            # Adam with a huge eps is SGD with lr/eps: the update is linear in the gradient, so layouts can be
+            # compared at 1e-5 (plain Adam's first step is lr*sign(g), which amplifies rounding noise near 0).
+            **({"lr": a.lr, "adam_eps": a.adam_eps} if a.adam else {"lr": 500.0, "adam_eps": 1000.0}),
+            clip_grad=a.clip,
+            chunk_tokens=a.chunk_tokens,
+            cpu_offload=a.offload > 0,
+            cpu_offload_fraction=a.offload or 1.0,
+            cpu_offload_overlap=a.overlap,
+            overlap_comm="on" if a.ddp_overlap else "auto",
+        ),
+    )
     student.load_hf(a.hf)
     calls = count_forwards(student)
 
@@ -128,12 +156,27 @@ def build(a: argparse.Namespace):
         n, p = 12 + 3 * i, 5 + i % 4
         toks = torch.randint(0, arch.vocab_size, (n,), generator=g).tolist()
         demo = i < a.demos
-        seqs.append(Seq(toks, p, demo, advantage=0.0 if demo else float(torch.randn(1, generator=g)),
-                        adv_advantage=0.0 if demo else float(torch.randn(1, generator=g))))
+        seqs.append(
+            Seq(
+                toks,
+                p,
+                demo,
+                advantage=0.0 if demo else float(torch.randn(1, generator=g)),
+                adv_advantage=0.0 if demo else float(torch.randn(1, generator=g)),
+            )
+        )
     cfg = ObjectiveConfig(algorithm=a.preset, lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
     weights = resolve_weights(cfg, 0)
-    mbs = pack_for_rank(seqs, a.mb_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0,
-                        fp8_recipe=a.row_pad)
+    mbs = pack_for_rank(
+        seqs,
+        a.mb_tokens,
+        par,
+        1,
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+        0,
+        fp8_recipe=a.row_pad,
+    )
     counts = global_counts(mbs, ps.get_data_parallel_group())
     loss_fn = make_loss_fn(weights, counts, cfg)
     if a.nan == "grad":
@@ -181,18 +224,35 @@ def main() -> None:
     ddp = student.chunks[0].ddp_config
     extra |= {"overlap_grad_reduce": ddp.overlap_grad_reduce, "overlap_param_gather": ddp.overlap_param_gather}
     if a.offload:  # what the hybrid optimizer really put on the host (this rank's shard)
-        hybrid = student.optimizer.chained_optimizers[0].optimizer if hasattr(student.optimizer, "chained_optimizers") \
+        hybrid = (
+            student.optimizer.chained_optimizers[0].optimizer
+            if hasattr(student.optimizer, "chained_optimizers")
             else student.optimizer.optimizer
-        extra |= {"host_numel": sum(p.numel() for p in hybrid.cpu_copys_map_gpu_param),
-                   "shard_numel": sum(p.numel() for g in hybrid.param_groups for p in g["params"]),
-                   "cpu_optimizers": len(hybrid.cpu_optimizers), "device_optimizer": hybrid.gpu_optimizer is not None}
+        )
+        extra |= {
+            "host_numel": sum(p.numel() for p in hybrid.cpu_copys_map_gpu_param),
+            "shard_numel": sum(p.numel() for g in hybrid.param_groups for p in g["params"]),
+            "cpu_optimizers": len(hybrid.cpu_optimizers),
+            "device_optimizer": hybrid.gpu_optimizer is not None,
+        }
     tensors = {name: t.clone() for name, t in student.hf_tensors()}
     if dist.get_rank() == 0:
         save_file(tensors, a.out + ".safetensors")
         with open(a.out + ".json", "w") as f:
-            json.dump({**per_step[-1], "steps": per_step, "micro_batches": len(mbs), "skipped": metrics["skipped"],
-                       "rows": [{"seq_lens": mb.packed.seq_lens, "padded": mb.packed.cu_seqlens_padded.diff().tolist()}
-                                for mb in mbs], **extra}, f)
+            json.dump(
+                {
+                    **per_step[-1],
+                    "steps": per_step,
+                    "micro_batches": len(mbs),
+                    "skipped": metrics["skipped"],
+                    "rows": [
+                        {"seq_lens": mb.packed.seq_lens, "padded": mb.packed.cu_seqlens_padded.diff().tolist()}
+                        for mb in mbs
+                    ],
+                    **extra,
+                },
+                f,
+            )
     dist.barrier()
 
 

@@ -36,12 +36,20 @@ from .safetensors_io import INDEX_NAME, SafetensorsFolder, StreamingSafetensorsW
 META_NAME = "uniapl_checkpoint.json"
 FORMAT = "uniapl-mcore-v1"
 HF_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 
 
 # ---- checks that need no process group (the CLI runs them before spawning ranks) ------------------------
+
 
 def check_output(out: str | Path, force: bool) -> None:
     out = Path(out)
@@ -59,8 +67,11 @@ def check_hf_source(hf_dir: str | Path) -> tuple[Qwen3Arch, SafetensorsFolder]:
     extra = sorted(have - set(expected) - ({"lm_head.weight"} if arch.tie_word_embeddings else set()))
     missing = sorted(set(expected) - have)
     if missing or extra:
-        msg = [f"{hf_dir}: the tensors do not match config.json ({arch.model_type}, {arch.num_layers} layers"
-               + (f", {arch.num_experts} experts" if arch.is_moe else "") + ")"]
+        msg = [
+            f"{hf_dir}: the tensors do not match config.json ({arch.model_type}, {arch.num_layers} layers"
+            + (f", {arch.num_experts} experts" if arch.is_moe else "")
+            + ")"
+        ]
         if missing:
             msg.append(f"  missing ({len(missing)}): " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
         if extra:
@@ -68,16 +79,19 @@ def check_hf_source(hf_dir: str | Path) -> tuple[Qwen3Arch, SafetensorsFolder]:
         raise ConversionError("\n".join(msg))
     for name, shape in src.shapes().items():
         if name in expected and shape != expected[name]:
-            raise ConversionError(f"{hf_dir}: tensor {name!r} has shape {shape} but config.json implies "
-                                  f"{expected[name]}")
+            raise ConversionError(
+                f"{hf_dir}: tensor {name!r} has shape {shape} but config.json implies {expected[name]}"
+            )
     return arch, src
 
 
 def read_meta(mcore_dir: str | Path) -> dict[str, Any]:
     path = Path(mcore_dir) / META_NAME
     if not path.is_file():
-        raise ConversionError(f"{mcore_dir}: no {META_NAME} (not a checkpoint written by tools/convert_hf.py import"
-                              " or the trainer, or an interrupted write)")
+        raise ConversionError(
+            f"{mcore_dir}: no {META_NAME} (not a checkpoint written by tools/convert_hf.py import"
+            " or the trainer, or an interrupted write)"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise ConversionError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -85,6 +99,7 @@ def read_meta(mcore_dir: str | Path) -> dict[str, Any]:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -127,6 +142,7 @@ def _progress(total: int, desc: str) -> tqdm:
 
 # ---- import ----------------------------------------------------------------------------------------------
 
+
 def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig, dtype: str, force: bool = False) -> None:
     """HF safetensors folder -> Megatron distributed checkpoint, written by this layout's ranks."""
     out = Path(out)
@@ -136,7 +152,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig, dty
     model_cfg = ModelConfig(dtype=dtype, spec="torch" if not torch.cuda.is_available() else "auto")
     chunks = build_model(arch, parallel, model_cfg, initialize=False)
     groups = parallel.num_query_groups(arch)
-    vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size)
+    vocab = padded_vocab_size(
+        arch.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size
+    )
     bar = _progress(src.total_bytes() // max(1, dist.get_world_size()), "import: load shards")
     load_from_hf(chunks, arch, src.get, groups, vocab, on_param=bar.update)
     bar.close()
@@ -150,12 +168,18 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig, dty
         for name in HF_SIDE_FILES:
             if (Path(hf_dir) / name).is_file():
                 shutil.copy2(Path(hf_dir) / name, hf_side / name)
-        _write_json(tmp / META_NAME, {
-            "format": FORMAT, "dtype": dtype, "num_query_groups": groups,
-            "make_vocab_size_divisible_by": model_cfg.make_vocab_size_divisible_by,
-            "arch": arch.to_dict(), "source": str(Path(hf_dir).resolve()),
-            "written_at_layout": asdict(parallel),
-        })
+        _write_json(
+            tmp / META_NAME,
+            {
+                "format": FORMAT,
+                "dtype": dtype,
+                "num_query_groups": groups,
+                "make_vocab_size_divisible_by": model_cfg.make_vocab_size_divisible_by,
+                "arch": arch.to_dict(),
+                "source": str(Path(hf_dir).resolve()),
+                "written_at_layout": asdict(parallel),
+            },
+        )
     _commit(tmp, out, force)
 
 
@@ -183,14 +207,18 @@ def load_model(chunks: list[torch.nn.Module], folder: Path, piece: dict[str, Any
     with torch.no_grad():
         # Access integrity (every shard of a key read by someone) is Megatron's whole-checkpoint check; a
         # piece is a subset by construction, and together the pieces are the whole model.
-        state = dist_checkpointing.load(model_sharded_state_dict(chunks) if piece is None else piece, str(folder),
-                                        validate_access_integrity=piece is None)
+        state = dist_checkpointing.load(
+            model_sharded_state_dict(chunks) if piece is None else piece,
+            str(folder),
+            validate_access_integrity=piece is None,
+        )
         for i, c in enumerate(chunks):
             unwrap(c).load_state_dict(state if len(chunks) == 1 else state.get(f"model{i}", {}), strict=False)
 
 
-def _model_for(mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
-               ) -> tuple[Qwen3Arch, list[torch.nn.Module], dict[str, Any]]:
+def _model_for(
+    mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
+) -> tuple[Qwen3Arch, list[torch.nn.Module], dict[str, Any]]:
     """The model a checkpoint describes, built for this layout, weights not yet loaded."""
     meta = read_meta(mcore_dir)
     arch = Qwen3Arch(**{**meta["arch"], "moe_layers": tuple(meta["arch"]["moe_layers"])})
@@ -213,8 +241,11 @@ def _load_parts(chunks: list[torch.nn.Module], parts: int) -> tuple[list[dict[st
     parameter storage the piece after which it is complete. Every rank gets the same number of pieces:
     each load is a collective over the whole world."""
     sd = model_sharded_state_dict(chunks)
-    entries = [((outer, k), v) for outer, d in sd.items() for k, v in d.items()] if len(chunks) > 1 \
+    entries = (
+        [((outer, k), v) for outer, d in sd.items() for k, v in d.items()]
+        if len(chunks) > 1
         else [((None, k), v) for k, v in sd.items()]
+    )
     by_key: dict[str, list] = {}
     for path, v in entries:
         by_key.setdefault(getattr(v, "key", path[1]), []).append((path, v))
@@ -244,19 +275,22 @@ def _load_parts(chunks: list[torch.nn.Module], parts: int) -> tuple[list[dict[st
     return pieces, done_after
 
 
-def iter_checkpoint(mcore_dir: str | Path, chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int,
-                    parts: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    mcore_dir: str | Path, chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int, parts: int = 4
+) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`iter_stage` over a model whose weights are still on disk: the checkpoint is read in `parts`
     pieces and each piece's tensors are yielded before the next is read, so a consumer that writes them
     in the background overlaps the reading. Yields by piece, not in model order. Collective."""
     pieces, done_after = _load_parts(chunks, parts)
     for g, piece in enumerate(pieces):
         load_model(chunks, Path(mcore_dir) / "model", piece)
-        yield from iter_stage(chunks, arch, num_query_groups,
-                              only=lambda p, g=g: done_after.get(p.untyped_storage().data_ptr(), -1) == g)
+        yield from iter_stage(
+            chunks, arch, num_query_groups, only=lambda p, g=g: done_after.get(p.untyped_storage().data_ptr(), -1) == g
+        )
 
 
 # ---- export ----------------------------------------------------------------------------------------------
+
 
 def _split_files(plan: list, max_bytes: int) -> list[list]:
     files, cur, size = [], [], 0
@@ -272,8 +306,13 @@ def _split_files(plan: list, max_bytes: int) -> list[list]:
     return files
 
 
-def export_hf(mcore_dir: str | Path, out: str | Path, parallel: ParallelConfig, force: bool = False,
-              max_shard_bytes: int = 2 * 1024**3) -> None:
+def export_hf(
+    mcore_dir: str | Path,
+    out: str | Path,
+    parallel: ParallelConfig,
+    force: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
     """Megatron checkpoint -> HF folder (safetensors shards + index + config + tokenizer files).
 
     Each pipeline stage's writer rank (TP rank 0, DP rank 0) streams its own files; rank 0 writes the index.
@@ -364,5 +403,14 @@ def _total(files: list[list]) -> int:
     return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for f in files for _, s, d in f)
 
 
-__all__ = ["import_hf", "export_hf", "build_from_checkpoint", "save_model", "load_model", "read_meta",
-           "check_hf_source", "check_output", "DTYPES"]
+__all__ = [
+    "import_hf",
+    "export_hf",
+    "build_from_checkpoint",
+    "save_model",
+    "load_model",
+    "read_meta",
+    "check_hf_source",
+    "check_output",
+    "DTYPES",
+]

@@ -27,7 +27,9 @@ def _size(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="convert_hf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("import", "export"):
         s = sub.add_parser(name)
@@ -47,8 +49,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _layout(args: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                          virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep)
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp,
+        expert_model_parallel_size=args.ep,
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -70,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        from . import checkpoint
         from ..models.arch import Qwen3Arch
+        from . import checkpoint
 
         # Cheap checks first, in one process, so bad input gets one clear message.
         checkpoint.check_output(args.out, args.force)

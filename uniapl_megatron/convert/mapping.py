@@ -35,27 +35,41 @@ QWEN3_RULES: tuple[Rule, ...] = (
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED),
     # attention
     Rule("decoder.layers.{L}.input_layernorm.weight", ("model.layers.{L}.input_layernorm.weight",), REPLICATED),
-    Rule("decoder.layers.{L}.self_attention.linear_qkv.layer_norm_weight",
-         ("model.layers.{L}.input_layernorm.weight",), REPLICATED),
-    Rule("decoder.layers.{L}.self_attention.linear_qkv.weight",
-         (_A + "q_proj.weight", _A + "k_proj.weight", _A + "v_proj.weight"), QKV),
+    Rule(
+        "decoder.layers.{L}.self_attention.linear_qkv.layer_norm_weight",
+        ("model.layers.{L}.input_layernorm.weight",),
+        REPLICATED,
+    ),
+    Rule(
+        "decoder.layers.{L}.self_attention.linear_qkv.weight",
+        (_A + "q_proj.weight", _A + "k_proj.weight", _A + "v_proj.weight"),
+        QKV,
+    ),
     Rule("decoder.layers.{L}.self_attention.q_layernorm.weight", (_A + "q_norm.weight",), REPLICATED),
     Rule("decoder.layers.{L}.self_attention.k_layernorm.weight", (_A + "k_norm.weight",), REPLICATED),
     Rule("decoder.layers.{L}.self_attention.linear_proj.weight", (_A + "o_proj.weight",), ROW),
     # dense MLP
-    Rule("decoder.layers.{L}.pre_mlp_layernorm.weight",
-         ("model.layers.{L}.post_attention_layernorm.weight",), REPLICATED),
-    Rule("decoder.layers.{L}.mlp.linear_fc1.layer_norm_weight",
-         ("model.layers.{L}.post_attention_layernorm.weight",), REPLICATED),
+    Rule(
+        "decoder.layers.{L}.pre_mlp_layernorm.weight", ("model.layers.{L}.post_attention_layernorm.weight",), REPLICATED
+    ),
+    Rule(
+        "decoder.layers.{L}.mlp.linear_fc1.layer_norm_weight",
+        ("model.layers.{L}.post_attention_layernorm.weight",),
+        REPLICATED,
+    ),
     Rule("decoder.layers.{L}.mlp.linear_fc1.weight", (_M + "gate_proj.weight", _M + "up_proj.weight"), GATE_UP),
     Rule("decoder.layers.{L}.mlp.linear_fc2.weight", (_M + "down_proj.weight",), ROW),
     # MoE: router, then experts as the torch-native spec (SequentialMLP) and TE (grouped GEMM) name them
     Rule("decoder.layers.{L}.mlp.router.weight", (_M + "gate.weight",), REPLICATED),
-    Rule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight",
-         (_E + "gate_proj.weight", _E + "up_proj.weight"), GATE_UP),
+    Rule(
+        "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight",
+        (_E + "gate_proj.weight", _E + "up_proj.weight"),
+        GATE_UP,
+    ),
     Rule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight", (_E + "down_proj.weight",), ROW),
-    Rule("decoder.layers.{L}.mlp.experts.linear_fc1.weight{E}",
-         (_E + "gate_proj.weight", _E + "up_proj.weight"), GATE_UP),
+    Rule(
+        "decoder.layers.{L}.mlp.experts.linear_fc1.weight{E}", (_E + "gate_proj.weight", _E + "up_proj.weight"), GATE_UP
+    ),
     Rule("decoder.layers.{L}.mlp.experts.linear_fc2.weight{E}", (_E + "down_proj.weight",), ROW),
 )
 
@@ -92,43 +106,48 @@ def resolve(global_megatron_name: str, arch: Qwen3Arch) -> Resolved:
 def expected_hf_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
     """Every tensor a HF checkpoint of this architecture holds, with its shape (the config's promise)."""
     h, d = arch.hidden_size, arch.head_dim
-    out: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (arch.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
         out["lm_head.weight"] = (arch.vocab_size, h)
     for L in range(arch.num_layers):
         a, m = f"model.layers.{L}.self_attn.", f"model.layers.{L}.mlp."
-        out.update({
-            f"model.layers.{L}.input_layernorm.weight": (h,),
-            f"model.layers.{L}.post_attention_layernorm.weight": (h,),
-            a + "q_proj.weight": (arch.num_heads * d, h),
-            a + "k_proj.weight": (arch.num_kv_heads * d, h),
-            a + "v_proj.weight": (arch.num_kv_heads * d, h),
-            a + "o_proj.weight": (h, arch.num_heads * d),
-            a + "q_norm.weight": (d,),
-            a + "k_norm.weight": (d,),
-        })
+        out.update(
+            {
+                f"model.layers.{L}.input_layernorm.weight": (h,),
+                f"model.layers.{L}.post_attention_layernorm.weight": (h,),
+                a + "q_proj.weight": (arch.num_heads * d, h),
+                a + "k_proj.weight": (arch.num_kv_heads * d, h),
+                a + "v_proj.weight": (arch.num_kv_heads * d, h),
+                a + "o_proj.weight": (h, arch.num_heads * d),
+                a + "q_norm.weight": (d,),
+                a + "k_norm.weight": (d,),
+            }
+        )
         if L in arch.moe_layers:
             out[m + "gate.weight"] = (arch.num_experts, h)
             f = arch.moe_intermediate_size
             for E in range(arch.num_experts):
                 e = f"{m}experts.{E}."
-                out.update({e + "gate_proj.weight": (f, h), e + "up_proj.weight": (f, h),
-                            e + "down_proj.weight": (h, f)})
+                out.update(
+                    {e + "gate_proj.weight": (f, h), e + "up_proj.weight": (f, h), e + "down_proj.weight": (h, f)}
+                )
         else:
             f = arch.intermediate_size
-            out.update({m + "gate_proj.weight": (f, h), m + "up_proj.weight": (f, h),
-                        m + "down_proj.weight": (h, f)})
+            out.update({m + "gate_proj.weight": (f, h), m + "up_proj.weight": (f, h), m + "down_proj.weight": (h, f)})
     return out
 
 
 # ---- transforms: full HF tensors <-> this rank's shard ------------------------------------------------
 
+
 def to_shard(
-    kind: str, hf: list[torch.Tensor], tp_rank: int, tp_size: int, arch: Qwen3Arch,
-    num_query_groups: int, padded_vocab: int,
+    kind: str,
+    hf: list[torch.Tensor],
+    tp_rank: int,
+    tp_size: int,
+    arch: Qwen3Arch,
+    num_query_groups: int,
+    padded_vocab: int,
 ) -> torch.Tensor:
     """This TP rank's slice of the Megatron parameter built from full HF tensors."""
     if kind == REPLICATED:
@@ -151,9 +170,7 @@ def to_shard(
     raise ValueError(kind)
 
 
-def from_shards(
-    kind: str, shards: list[torch.Tensor], arch: Qwen3Arch, num_query_groups: int
-) -> list[torch.Tensor]:
+def from_shards(kind: str, shards: list[torch.Tensor], arch: Qwen3Arch, num_query_groups: int) -> list[torch.Tensor]:
     """Full HF tensor(s) from all TP ranks' slices (in rank order)."""
     if kind == REPLICATED:
         return [shards[0]]
@@ -185,9 +202,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: Qwen3Arch,
     return torch.cat([q, k, v], dim=1).reshape(-1, h)
 
 
-def split_qkv(
-    fused: torch.Tensor, arch: Qwen3Arch, groups: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(fused: torch.Tensor, arch: Qwen3Arch, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d, h = arch.head_dim, fused.shape[1]
     per = arch.num_heads // groups
     x = fused.view(groups, per + 2, d, h)

@@ -44,16 +44,26 @@ def _groups(is_expert: bool) -> tuple[int, int, object]:
     from megatron.core import parallel_state as ps
 
     if is_expert:
-        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
-                ps.get_expert_tensor_parallel_group())
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
+        return (
+            ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_group(),
+        )
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def _ep() -> tuple[int, int, object]:
     from megatron.core import parallel_state as ps
 
-    return (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
-            ps.get_expert_model_parallel_group())
+    return (
+        ps.get_expert_model_parallel_rank(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_model_parallel_group(),
+    )
 
 
 def local_params(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[LocalParam]:
@@ -67,7 +77,7 @@ def local_params(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[LocalPa
             m = _LAYER.match(name)
             if m:
                 layer = model.decoder.layers[int(m.group(1))]
-                name = f"decoder.layers.{layer.layer_number - 1}." + name[m.end():]
+                name = f"decoder.layers.{layer.layer_number - 1}." + name[m.end() :]
             local_e = None
             for rx in (_LOCAL_EXPERT, _GROUPED_EXPERT):
                 em = rx.search(name)
@@ -75,7 +85,7 @@ def local_params(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[LocalPa
                     local_e = int(em.group(2))
                     glob = ep_rank * n_local_experts + local_e
                     tail = em.group(3) if rx is _LOCAL_EXPERT else ""
-                    name = name[: em.start()] + em.group(1) + str(glob) + tail + name[em.end():]
+                    name = name[: em.start()] + em.group(1) + str(glob) + tail + name[em.end() :]
             out.append(LocalParam(name, p, resolve(name, arch), local_e))
     return out
 
@@ -86,6 +96,7 @@ def _skip_on_export(lp: LocalParam, arch: Qwen3Arch) -> bool:
 
 
 # ---- import: full HF tensors -> this rank's shards --------------------------------------------------------
+
 
 def load_from_hf(
     chunks: list[torch.nn.Module],
@@ -126,8 +137,9 @@ def load_from_hf(
             on_param(lp.param.numel() * lp.param.element_size())
 
 
-def high_precision_state_dict(chunks: list[torch.nn.Module], kept: dict[torch.nn.Parameter, torch.Tensor]
-                              ) -> dict[str, Any]:
+def high_precision_state_dict(
+    chunks: list[torch.nn.Module], kept: dict[torch.nn.Parameter, torch.Tensor]
+) -> dict[str, Any]:
     """What Megatron's ``optimizer.reload_model_params(state_dict)`` takes to set the fp32 master weights from
     the shards :func:`load_from_hf` kept rather than from the (FP8) parameters: per chunk, by parameter name."""
     per_chunk = [{name: kept[p] for name, p in unwrap(c).named_parameters() if p in kept} for c in chunks]
@@ -135,6 +147,7 @@ def high_precision_state_dict(chunks: list[torch.nn.Module], kept: dict[torch.nn
 
 
 # ---- export / sync: this rank's shards -> full HF tensors -------------------------------------------------
+
 
 def _all_gather(t: torch.Tensor, size: int, group: object) -> list[torch.Tensor]:
     if size == 1:
@@ -208,7 +221,9 @@ def plan_stage(chunks: list[torch.nn.Module], arch: Qwen3Arch) -> list[tuple[str
 
 
 def iter_stage(
-    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int,
+    chunks: list[torch.nn.Module],
+    arch: Qwen3Arch,
+    num_query_groups: int,
     only: Callable[[torch.nn.Parameter], bool] | None = None,
     track: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -246,7 +261,10 @@ def iter_stage(
 
 
 def iter_hf_tensors(
-    chunks: list[torch.nn.Module], arch: Qwen3Arch, num_query_groups: int, bucket_bytes: int = 0,
+    chunks: list[torch.nn.Module],
+    arch: Qwen3Arch,
+    num_query_groups: int,
+    bucket_bytes: int = 0,
     track: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every full HF tensor of the model, on every rank (stages broadcast theirs over the PP group).
@@ -291,6 +309,7 @@ def _plan_buckets(plan: list, bucket_bytes: int) -> Iterator[list]:
     """Consecutive plan entries in buckets of at most bucket_bytes (aligned), made of whole layers (a non-layer
     tensor is a unit of its own): a loader that keeps a layer's tensors until the layer is complete (vLLM
     does) then holds views into one bucket only. A unit larger than the bucket goes alone; 0: one tensor each."""
+
     def layer(name: str) -> str | None:
         m = _HF_LAYER.match(name)
         return m.group(1) if m else None
@@ -314,8 +333,9 @@ def _plan_buckets(plan: list, bucket_bytes: int) -> Iterator[list]:
         yield bucket
 
 
-def _broadcast_bucket(bucket: list, mine: Iterator | None, src: int, group: object,
-                      seen: Callable[[torch.Tensor], None]) -> Iterator[tuple[str, torch.Tensor]]:
+def _broadcast_bucket(
+    bucket: list, mine: Iterator | None, src: int, group: object, seen: Callable[[torch.Tensor], None]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Broadcast one bucket of a stage's tensors from `src` (whose rank iterates `mine`); yield them."""
     if len(bucket) == 1:
         name, shape, dtype = bucket[0]
@@ -339,13 +359,13 @@ def _broadcast_bucket(bucket: list, mine: Iterator | None, src: int, group: obje
         for (name, _, _), off in zip(bucket, offsets):
             got, t = next(mine)
             assert got == name, (got, name)
-            flat[off: off + t.numel() * t.element_size()].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+            flat[off : off + t.numel() * t.element_size()].copy_(t.contiguous().reshape(-1).view(torch.uint8))
             del t  # one TP-gathered copy at a time beside the bucket
     dist.broadcast(flat, src=src, group=group)
     for (name, shape, dtype), off in zip(bucket, offsets):
         # A copy, not a view: a loader that keeps a tensor a while (vLLM keeps some until a later layer's
         # arrive) would otherwise keep the whole bucket alive with it.
-        t = flat[off: off + _nbytes(shape, dtype)].view(dtype).view(shape).clone()
+        t = flat[off : off + _nbytes(shape, dtype)].view(dtype).view(shape).clone()
         seen(t)
         yield name, t
 

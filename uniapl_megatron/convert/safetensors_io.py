@@ -14,8 +14,15 @@ from safetensors import safe_open
 from .params import ConversionError
 
 _DTYPE_CODES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,8 +53,14 @@ class SafetensorsFolder:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 pickled = [p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-                hint = (f" (found {pickled}: pickle-based weights are not loaded; convert them to safetensors "
-                        "with a tool you trust)") if pickled else ""
+                hint = (
+                    (
+                        f" (found {pickled}: pickle-based weights are not loaded; convert them to safetensors "
+                        "with a tool you trust)"
+                    )
+                    if pickled
+                    else ""
+                )
                 raise ConversionError(f"{folder}: no *.safetensors files{hint}")
             self.weight_map = {}
             for f in files:
@@ -90,15 +103,23 @@ class StreamingSafetensorsWriter:
     most one tensor is in memory at a time. The format is the library's own (8-byte little-endian header
     size, JSON header, raw data); the safetensors package has no streaming writer."""
 
-    def __init__(self, path: str | Path, plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
         self.slots: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}
         offset = 0
         for name, shape, dtype in plan:
             nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self.slots[name] = (tuple(shape), dtype, offset)
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -111,8 +132,10 @@ class StreamingSafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.slots.get(name)
         if slot is None or name in self._written or (tuple(tensor.shape), tensor.dtype) != slot[:2]:
-            raise RuntimeError(f"{self.path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{slot[:2] if slot else 'nothing'}{' (already written)' if name in self._written else ''}")
+            raise RuntimeError(
+                f"{self.path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned "
+                f"{slot[:2] if slot else 'nothing'}{' (already written)' if name in self._written else ''}"
+            )
         data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         pos, done = self._data_start + slot[2], 0
         while done < len(data):  # pwrite may write less than asked

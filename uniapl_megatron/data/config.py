@@ -75,10 +75,12 @@ class DataConfig:
                 setattr(self, name, list(value))
         check_fields(self, "data", DataError)
         if self.prompts_per_step == 0 and self.demos_per_step == 0:
-            raise DataError("data.prompts_per_step and data.demos_per_step are both 0: a step would be "
-                                  "empty; set one of them >= 1")
+            raise DataError(
+                "data.prompts_per_step and data.demos_per_step are both 0: a step would be empty; set one of them >= 1"
+            )
         if self.max_demo_tokens > self.max_tokens_per_micro_batch:
             raise DataError(
                 f"data.max_demo_tokens={self.max_demo_tokens}: a demo this long cannot fit "
                 f"data.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}; raise the budget or lower "
-                "max_demo_tokens")
+                "max_demo_tokens"
+            )

@@ -61,9 +61,16 @@ class MicroBatchPlan:
         }
 
 
-def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int = 1, pad_multiple: int = 1,
-                       min_micro_batches: int = 1, micro_batch_multiple: int = 1,
-                       row_multiple: int = 1) -> MicroBatchPlan:
+def plan_micro_batches(
+    lengths: Sequence[int],
+    *,
+    max_tokens: int,
+    dp_size: int = 1,
+    pad_multiple: int = 1,
+    min_micro_batches: int = 1,
+    micro_batch_multiple: int = 1,
+    row_multiple: int = 1,
+) -> MicroBatchPlan:
     """Assign sequences (their token counts) to dp_size ranks x m micro-batches of <= max_tokens each.
 
     row_multiple: each packed row is padded to a multiple of lcm(pad_multiple, row_multiple), so the sequences
@@ -75,17 +82,21 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
     as a filler (pack_sequences of nothing) so that every rank steps the same number of times.
     """
     if min(dp_size, max_tokens, pad_multiple, min_micro_batches, micro_batch_multiple, row_multiple) < 1:
-        raise ValueError(f"plan_micro_batches: dp_size={dp_size}, max_tokens={max_tokens}, "
-                         f"pad_multiple={pad_multiple}, min_micro_batches={min_micro_batches}, "
-                         f"micro_batch_multiple={micro_batch_multiple}, row_multiple={row_multiple} must all be >= 1")
+        raise ValueError(
+            f"plan_micro_batches: dp_size={dp_size}, max_tokens={max_tokens}, "
+            f"pad_multiple={pad_multiple}, min_micro_batches={min_micro_batches}, "
+            f"micro_batch_multiple={micro_batch_multiple}, row_multiple={row_multiple} must all be >= 1"
+        )
     row = math.lcm(pad_multiple, row_multiple)
     budget = max_tokens // row * row
     sizes = [aligned_length(int(n), pad_multiple) for n in lengths]
     for i, s in enumerate(sizes):
         if s > budget:
             in_row = f"; {aligned_length(s, row)} in a row padded to a multiple of {row}" if row > pad_multiple else ""
-            raise DataError(f"sequence {i} has {lengths[i]} tokens ({s} aligned to {pad_multiple}{in_row}), more than "
-                            f"the micro-batch budget data.max_tokens_per_micro_batch={max_tokens}")
+            raise DataError(
+                f"sequence {i} has {lengths[i]} tokens ({s} aligned to {pad_multiple}{in_row}), more than "
+                f"the micro-batch budget data.max_tokens_per_micro_batch={max_tokens}"
+            )
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     need = -(-_first_fit_count(order, sizes, budget) // dp_size)
     per_rank = aligned_length(max(min_micro_batches, need), micro_batch_multiple)
@@ -93,9 +104,13 @@ def plan_micro_batches(lengths: Sequence[int], *, max_tokens: int, dp_size: int 
     rank_bins = _deal_to_ranks(loads, dp_size, per_rank)
     if dp_size > 1:
         _rebalance(rank_bins, members, loads, sizes, budget)
-    return MicroBatchPlan(ranks=[[sorted(members[b]) for b in bins] for bins in rank_bins],
-                          tokens=[[aligned_length(loads[b], row) for b in bins] for bins in rank_bins],
-                          max_tokens=max_tokens, pad_multiple=pad_multiple, row_multiple=row_multiple)
+    return MicroBatchPlan(
+        ranks=[[sorted(members[b]) for b in bins] for bins in rank_bins],
+        tokens=[[aligned_length(loads[b], row) for b in bins] for bins in rank_bins],
+        max_tokens=max_tokens,
+        pad_multiple=pad_multiple,
+        row_multiple=row_multiple,
+    )
 
 
 def _first_fit_count(order: list[int], sizes: list[int], budget: int) -> int:
@@ -111,8 +126,9 @@ def _first_fit_count(order: list[int], sizes: list[int], budget: int) -> int:
     return len(ffd)
 
 
-def _fill_micro_batches(order: list[int], sizes: list[int], budget: int, per_rank: int, dp_size: int,
-                        step: int) -> tuple[list[list[int]], list[int], int]:
+def _fill_micro_batches(
+    order: list[int], sizes: list[int], budget: int, per_rank: int, dp_size: int, step: int
+) -> tuple[list[list[int]], list[int], int]:
     """(members, token loads, micro-batches per rank): longest first into the least-filled micro-batch, which
     balances them; when one stops fitting, try again with `step` more micro-batches per rank."""
     while True:
@@ -142,8 +158,14 @@ def _deal_to_ranks(loads: list[int], dp_size: int, per_rank: int) -> list[list[i
     return rank_bins
 
 
-def _rebalance(rank_bins: list[list[int]], members: list[list[int]], loads: list[int], sizes: list[int],
-               max_tokens: int, max_rounds: int = 64) -> None:
+def _rebalance(
+    rank_bins: list[list[int]],
+    members: list[list[int]],
+    loads: list[int],
+    sizes: list[int],
+    max_tokens: int,
+    max_rounds: int = 64,
+) -> None:
     """Narrow the gap between the heaviest and the lightest rank by moving one sequence, or swapping two,
     between their micro-batches (within the budget, never emptying one). Each move lowers the sum of
     squared rank totals, so this ends; max_rounds bounds the time on very large steps."""
@@ -178,10 +200,20 @@ def _rebalance(rank_bins: list[list[int]], members: list[list[int]], loads: list
             loads[bh] += sizes[j]
 
 
-def pack_rank(plan: MicroBatchPlan, rank: int, token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
-              pad_id: int) -> list[PackedBatch]:
+def pack_rank(
+    plan: MicroBatchPlan, rank: int, token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int
+) -> list[PackedBatch]:
     """Rank `rank`'s packed micro-batches; seq_ids index the step's full lists (token_ids, prompt_lens)."""
     if not 0 <= rank < plan.dp_size:
         raise ValueError(f"pack_rank: rank {rank} outside the plan's {plan.dp_size} ranks")
-    return [pack_sequences([token_ids[i] for i in mb], [prompt_lens[i] for i in mb], pad_multiple=plan.pad_multiple,
-                           pad_id=pad_id, seq_ids=mb, row_multiple=plan.row_multiple) for mb in plan.ranks[rank]]
+    return [
+        pack_sequences(
+            [token_ids[i] for i in mb],
+            [prompt_lens[i] for i in mb],
+            pad_multiple=plan.pad_multiple,
+            pad_id=pad_id,
+            seq_ids=mb,
+            row_multiple=plan.row_multiple,
+        )
+        for mb in plan.ranks[rank]
+    ]

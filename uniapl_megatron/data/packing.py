@@ -2,7 +2,8 @@
 
 Each sequence is prompt + response tokens. Sequences are laid end to end in one row; each may be
 padded to a multiple of `pad_multiple` (context / sequence parallelism need it), and the row as a whole to a
-multiple of `row_multiple` (FP8 GEMMs need it; the last sequence's padding takes the extra tokens). Per token t the batch holds, in Megatron's convention (labels and mask aligned with the
+multiple of `row_multiple` (FP8 GEMMs need it; the last sequence's padding takes the extra tokens). Per token t the
+batch holds, in Megatron's convention (labels and mask aligned with the
 logits at t):
 
     input_ids[t]      the token
@@ -28,7 +29,6 @@ import torch
 
 from uniapl_megatron.data.report import DataError
 
-
 # Per-rank token multiple of Transformer Engine's FP8 GEMMs, per recipe (Megatron's get_fp8_align_size; the
 # blockwise recipe scales 128-row tiles). models.specs reads its recipe list from here.
 FP8_TOKEN_MULTIPLE = {"none": 1, "delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 32}
@@ -43,14 +43,16 @@ def required_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel:
     return multiple
 
 
-def row_pad_multiple(tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False,
-                     fp8_recipe: str = "none") -> int:
+def row_pad_multiple(
+    tp_size: int = 1, cp_size: int = 1, sequence_parallel: bool = False, fp8_recipe: str = "none"
+) -> int:
     """The packed row's length multiple: the per-sequence one times the FP8 GEMMs' token multiple (16; 32 for
     mxfp8, 128 for blockwise), so that every rank's share of the row is a multiple of it. The GEMMs see the
     row's tokens, not its sequences, so only the row needs it (NeMo-RL's rule too)."""
     if fp8_recipe not in FP8_TOKEN_MULTIPLE:
-        raise ValueError(f"row_pad_multiple: unknown FP8 recipe {fp8_recipe!r}; expected one of "
-                         f"{', '.join(FP8_TOKEN_MULTIPLE)}")
+        raise ValueError(
+            f"row_pad_multiple: unknown FP8 recipe {fp8_recipe!r}; expected one of {', '.join(FP8_TOKEN_MULTIPLE)}"
+        )
     return required_pad_multiple(tp_size, cp_size, sequence_parallel) * FP8_TOKEN_MULTIPLE[fp8_recipe]
 
 
@@ -101,16 +103,17 @@ class PackedBatch:
     def unpack(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-token values ([T, ...] or [1, T, ...]) -> one tensor per sequence, padding dropped."""
         x = self._flat(x)
-        return [x[o:o + n] for o, n in zip(self._offsets(), self.seq_lens)]
+        return [x[o : o + n] for o, n in zip(self._offsets(), self.seq_lens)]
 
     def unpack_response(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Values at the label positions of the response tokens -> one tensor per sequence, of length
         len(response) (e.g. the log-probs of the sampled tokens, in sampling order)."""
         x = self._flat(x)
-        return [x[o + p - 1:o + n - 1] for o, n, p in zip(self._offsets(), self.seq_lens, self.prompt_lens)]
+        return [x[o + p - 1 : o + n - 1] for o, n, p in zip(self._offsets(), self.seq_lens, self.prompt_lens)]
 
-    def scatter_response(self, values: Sequence[Any], fill: float = 0.0,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def scatter_response(
+        self, values: Sequence[Any], fill: float = 0.0, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """One value per response token of each sequence -> [1, T] at the label positions (fill elsewhere)."""
         if len(values) != self.num_seqs:
             raise ValueError(f"scatter_response: got values for {len(values)} sequences, the batch has {self.num_seqs}")
@@ -118,9 +121,10 @@ class PackedBatch:
         for i, (o, n, p, v) in enumerate(zip(self._offsets(), self.seq_lens, self.prompt_lens, values)):
             v = torch.as_tensor(v, dtype=dtype, device=out.device)
             if v.shape != (n - p,):
-                raise ValueError(f"scatter_response: sequence {i} has {n - p} response tokens, got values of "
-                                 f"shape {tuple(v.shape)}")
-            out[o + p - 1:o + n - 1] = v
+                raise ValueError(
+                    f"scatter_response: sequence {i} has {n - p} response tokens, got values of shape {tuple(v.shape)}"
+                )
+            out[o + p - 1 : o + n - 1] = v
         return out.unsqueeze(0)
 
     def per_token(self, per_seq: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -143,13 +147,26 @@ class PackedBatch:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         padded = self.cu_seqlens_padded if not torch.equal(self.cu_seqlens, self.cu_seqlens_padded) else None
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=padded,
+            cu_seqlens_kv_padded=padded,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
 
-def pack_sequences(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, pad_multiple: int = 1,
-                   pad_id: int = 0, seq_ids: Sequence[int] | None = None, row_multiple: int = 1) -> PackedBatch:
+def pack_sequences(
+    token_ids: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    *,
+    pad_multiple: int = 1,
+    pad_id: int = 0,
+    seq_ids: Sequence[int] | None = None,
+    row_multiple: int = 1,
+) -> PackedBatch:
     """Lay sequences (prompt + response ids, `prompt_lens[i]` of them the prompt) in one packed row.
 
     Each sequence is padded to a multiple of `pad_multiple`, the row to a multiple of
@@ -160,8 +177,9 @@ def pack_sequences(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int
     if len(token_ids) != len(prompt_lens):
         raise ValueError(f"pack_sequences: {len(token_ids)} sequences but {len(prompt_lens)} prompt lengths")
     if pad_multiple < 1 or row_multiple < 1:
-        raise ValueError(f"pack_sequences: pad_multiple and row_multiple must be >= 1, got {pad_multiple}, "
-                         f"{row_multiple}")
+        raise ValueError(
+            f"pack_sequences: pad_multiple and row_multiple must be >= 1, got {pad_multiple}, {row_multiple}"
+        )
     row_multiple = math.lcm(pad_multiple, row_multiple)
     seqs = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_ids]
     lens = [len(s) for s in seqs]
@@ -174,9 +192,16 @@ def pack_sequences(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int
         return PackedBatch(
             input_ids=torch.full((1, t), pad_id, dtype=torch.int64),
             labels=torch.full((1, t), pad_id, dtype=torch.int64),
-            loss_mask=torch.zeros(1, t), position_ids=torch.arange(t).unsqueeze(0),
-            seq_index=torch.full((t,), -1, dtype=torch.int64), cu_seqlens=cu, cu_seqlens_padded=cu.clone(),
-            seq_lens=[], prompt_lens=[], seq_ids=[], max_seqlen=t)
+            loss_mask=torch.zeros(1, t),
+            position_ids=torch.arange(t).unsqueeze(0),
+            seq_index=torch.full((t,), -1, dtype=torch.int64),
+            cu_seqlens=cu,
+            cu_seqlens_padded=cu.clone(),
+            seq_lens=[],
+            prompt_lens=[],
+            seq_ids=[],
+            max_seqlen=t,
+        )
     padded = [aligned_length(n, pad_multiple) for n in lens]
     padded[-1] += aligned_length(sum(padded), row_multiple) - sum(padded)
     offsets = np.concatenate([[0], np.cumsum(padded)])
@@ -187,18 +212,24 @@ def pack_sequences(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int
     position_ids = np.zeros(total, dtype=np.int64)
     seq_index = np.full(total, -1, dtype=np.int64)
     for i, (s, n, p, o, pl) in enumerate(zip(seqs, lens, prompt_lens, offsets, padded)):
-        input_ids[o:o + n] = s
-        labels[o:o + n - 1] = s[1:]
-        loss_mask[o + p - 1:o + n - 1] = 1.0
-        position_ids[o:o + pl] = np.arange(pl)  # padding keeps counting; it is never a target
-        seq_index[o:o + n] = i
+        input_ids[o : o + n] = s
+        labels[o : o + n - 1] = s[1:]
+        loss_mask[o + p - 1 : o + n - 1] = 1.0
+        position_ids[o : o + pl] = np.arange(pl)  # padding keeps counting; it is never a target
+        seq_index[o : o + n] = i
     ids = list(range(len(seqs))) if seq_ids is None else [int(x) for x in seq_ids]
     if len(ids) != len(seqs):
         raise ValueError(f"pack_sequences: {len(ids)} seq_ids for {len(seqs)} sequences")
     return PackedBatch(
-        input_ids=torch.from_numpy(input_ids).unsqueeze(0), labels=torch.from_numpy(labels).unsqueeze(0),
-        loss_mask=torch.from_numpy(loss_mask).unsqueeze(0), position_ids=torch.from_numpy(position_ids).unsqueeze(0),
+        input_ids=torch.from_numpy(input_ids).unsqueeze(0),
+        labels=torch.from_numpy(labels).unsqueeze(0),
+        loss_mask=torch.from_numpy(loss_mask).unsqueeze(0),
+        position_ids=torch.from_numpy(position_ids).unsqueeze(0),
         seq_index=torch.from_numpy(seq_index),
         cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32),
         cu_seqlens_padded=torch.tensor(offsets, dtype=torch.int32),
-        seq_lens=lens, prompt_lens=[int(p) for p in prompt_lens], seq_ids=ids, max_seqlen=max(padded))
+        seq_lens=lens,
+        prompt_lens=[int(p) for p in prompt_lens],
+        seq_ids=ids,
+        max_seqlen=max(padded),
+    )

@@ -78,10 +78,14 @@ class Dataset(Generic[RowT]):
         return self.rows[i]
 
 
-def _read_file(path: str, kind: str, policy: str, chunk_lines: int,
-               parse: Callable[[dict[str, Any]], Any],
-               finish: Callable[[str, list[tuple[int, Any]], Callable[[BadLine], None]], list],
-               ) -> tuple[list, ReadReport]:
+def _read_file(
+    path: str,
+    kind: str,
+    policy: str,
+    chunk_lines: int,
+    parse: Callable[[dict[str, Any]], Any],
+    finish: Callable[[str, list[tuple[int, Any]], Callable[[BadLine], None]], list],
+) -> tuple[list, ReadReport]:
     """Lines -> parsed records (parse) -> chunks tokenized into rows (finish), bad lines to the sink.
 
     A chunk is finished before any later bad line is reported, so reports come in file order and
@@ -122,8 +126,9 @@ def _read_file(path: str, kind: str, policy: str, chunk_lines: int,
 
 
 def _too_long(path: str, line: int, what: str, n: int, limit: int, field: str) -> BadLine:
-    return BadLine(path, line, TOO_LONG, f"{what} is {n} tokens after the chat template, more than "
-                                         f"data.{field}={limit}")
+    return BadLine(
+        path, line, TOO_LONG, f"{what} is {n} tokens after the chat template, more than data.{field}={limit}"
+    )
 
 
 def read_demos(paths: Iterable[str], formatter: ChatFormatter, cfg: DataConfig) -> Dataset[Demo]:
@@ -148,8 +153,16 @@ def read_demos(paths: Iterable[str], formatter: ChatFormatter, cfg: DataConfig) 
             if len(p) > cfg.max_prompt_tokens:
                 sink(_too_long(path, line, "the prompt", len(p), cfg.max_prompt_tokens, "max_prompt_tokens"))
             elif len(p) + len(r) > cfg.max_demo_tokens:
-                sink(_too_long(path, line, "prompt + response + end-of-turn", len(p) + len(r),
-                               cfg.max_demo_tokens, "max_demo_tokens"))
+                sink(
+                    _too_long(
+                        path,
+                        line,
+                        "prompt + response + end-of-turn",
+                        len(p) + len(r),
+                        cfg.max_demo_tokens,
+                        "max_demo_tokens",
+                    )
+                )
             else:
                 out.append(Demo(prompt_ids=p, response_ids=r, path=path, line=line))
         return out
@@ -165,16 +178,21 @@ def read_demos(paths: Iterable[str], formatter: ChatFormatter, cfg: DataConfig) 
     return Dataset(rows, reports)
 
 
-def read_prompts(paths: Iterable[str], formatter: ChatFormatter, cfg: DataConfig,
-                 known_instruction_ids: Collection[str] | None = None) -> Dataset[RLPrompt]:
+def read_prompts(
+    paths: Iterable[str],
+    formatter: ChatFormatter,
+    cfg: DataConfig,
+    known_instruction_ids: Collection[str] | None = None,
+) -> Dataset[RLPrompt]:
     """All RL prompts of the files, tokenized and checked.
 
     known_instruction_ids: the reward registry's names; an id outside it is a bad line. None: not checked.
     """
 
     def parse(obj: dict[str, Any]) -> ParsedPrompt:
-        return parse_prompt(obj, require_teacher_response=cfg.require_teacher_response,
-                            known_instruction_ids=known_instruction_ids)
+        return parse_prompt(
+            obj, require_teacher_response=cfg.require_teacher_response, known_instruction_ids=known_instruction_ids
+        )
 
     def finish(path: str, chunk: list[tuple[int, ParsedPrompt]], sink: Callable[[BadLine], None]) -> list[RLPrompt]:
         prompts = formatter.encode_prompts([d.messages for _, d in chunk])
@@ -183,9 +201,18 @@ def read_prompts(paths: Iterable[str], formatter: ChatFormatter, cfg: DataConfig
             if len(p) > cfg.max_prompt_tokens:
                 sink(_too_long(path, line, "the prompt", len(p), cfg.max_prompt_tokens, "max_prompt_tokens"))
                 continue
-            out.append(RLPrompt(prompt_ids=p, messages=d.messages, instruction_id_list=d.instruction_id_list,
-                                kwargs=d.kwargs, teacher_response=d.teacher_response, key=d.key,
-                                path=path, line=line))
+            out.append(
+                RLPrompt(
+                    prompt_ids=p,
+                    messages=d.messages,
+                    instruction_id_list=d.instruction_id_list,
+                    kwargs=d.kwargs,
+                    teacher_response=d.teacher_response,
+                    key=d.key,
+                    path=path,
+                    line=line,
+                )
+            )
         return out
 
     rows: list[RLPrompt] = []

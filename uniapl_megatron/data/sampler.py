@@ -39,7 +39,7 @@ class _EpochStream:
         out: list[int] = []
         while len(out) < k:
             order = self._epoch_order()
-            got = order[self.offset:self.offset + k - len(out)]
+            got = order[self.offset : self.offset + k - len(out)]
             out.extend(int(i) for i in got)
             self.offset += len(got)
             if self.offset == self.n:
@@ -55,9 +55,11 @@ class _EpochStream:
 
     def load_state_dict(self, state: dict[str, int], name: str) -> None:
         if state["n"] != self.n:
-            raise ValueError(f"sampler state: the checkpoint was taken with {state['n']} {name}, this run has "
-                             f"{self.n}; resuming would not continue the same data order "
-                             "(same files and filters needed)")
+            raise ValueError(
+                f"sampler state: the checkpoint was taken with {state['n']} {name}, this run has "
+                f"{self.n}; resuming would not continue the same data order "
+                "(same files and filters needed)"
+            )
         if not (0 <= state["offset"] < max(self.n, 1) and state["epoch"] >= 0):
             raise ValueError(f"sampler state for {name} is out of range: {state}")
         self.epoch, self.offset, self._order = int(state["epoch"]), int(state["offset"]), None
@@ -75,10 +77,20 @@ class MixedBatch:
 class MixedBatchSampler:
     """prompts_per_step RL prompts and demos_per_step demonstrations per step, deterministic from seed."""
 
-    def __init__(self, num_prompts: int, num_demos: int, *, prompts_per_step: int, demos_per_step: int,
-                 seed: int, shuffle: bool = True) -> None:
-        for name, n, k in (("RL prompts", num_prompts, prompts_per_step),
-                           ("demonstrations", num_demos, demos_per_step)):
+    def __init__(
+        self,
+        num_prompts: int,
+        num_demos: int,
+        *,
+        prompts_per_step: int,
+        demos_per_step: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        for name, n, k in (
+            ("RL prompts", num_prompts, prompts_per_step),
+            ("demonstrations", num_demos, demos_per_step),
+        ):
             if k < 0 or n < 0:
                 raise ValueError(f"sampler: negative count for {name} (dataset {n}, per step {k})")
             if k > 0 and n == 0:
@@ -98,20 +110,30 @@ class MixedBatchSampler:
         for name, k, stream in (("prompts", n_prompts, self._prompts), ("demos", n_demos, self._demos)):
             if k < 0 or (k > 0 and stream.n == 0):
                 raise ValueError(f"sampler: cannot draw {k} {name} from a dataset of {stream.n}")
-        batch = MixedBatch(step=self.step, prompt_indices=self._prompts.take(n_prompts),
-                           demo_indices=self._demos.take(n_demos), prompt_epochs=self._prompts.epochs_done,
-                           demo_epochs=self._demos.epochs_done)
+        batch = MixedBatch(
+            step=self.step,
+            prompt_indices=self._prompts.take(n_prompts),
+            demo_indices=self._demos.take(n_demos),
+            prompt_epochs=self._prompts.epochs_done,
+            demo_epochs=self._demos.epochs_done,
+        )
         self.step += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step, "prompts": self._prompts.state_dict(),
-                "demos": self._demos.state_dict()}
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "prompts": self._prompts.state_dict(),
+            "demos": self._demos.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"sampler state: the checkpoint used seed {state['seed']}, this run seed {self.seed}; "
-                             "resuming would not continue the same data order")
+            raise ValueError(
+                f"sampler state: the checkpoint used seed {state['seed']}, this run seed {self.seed}; "
+                "resuming would not continue the same data order"
+            )
         # Check both streams before changing either.
         prompts = _EpochStream(self._prompts.n, self.seed, _PROMPTS, self._prompts.shuffle)
         demos = _EpochStream(self._demos.n, self.seed, _DEMOS, self._demos.shuffle)
@@ -121,5 +143,11 @@ class MixedBatchSampler:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, num_prompts: int, num_demos: int) -> "MixedBatchSampler":
-        return cls(num_prompts, num_demos, prompts_per_step=cfg.prompts_per_step, demos_per_step=cfg.demos_per_step,
-                   seed=cfg.seed, shuffle=cfg.shuffle)
+        return cls(
+            num_prompts,
+            num_demos,
+            prompts_per_step=cfg.prompts_per_step,
+            demos_per_step=cfg.demos_per_step,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+        )

@@ -29,8 +29,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Collection
 
-from uniapl_megatron.data.report import (EMPTY, INVALID, MISSING_FIELD, NOT_JSON, NOT_OBJECT, NOT_UTF8,
-                                          WRONG_TYPE)
+from uniapl_megatron.data.report import EMPTY, INVALID, MISSING_FIELD, NOT_JSON, NOT_OBJECT, NOT_UTF8, WRONG_TYPE
 
 ROLES = ("system", "user", "assistant")
 # Fields people commonly use for the answer; named in the message when "teacher_response" is missing.
@@ -117,8 +116,9 @@ def parse_messages(obj: dict[str, Any]) -> list[dict[str, str]]:
             raise LineProblem(INVALID, f"{where}.role is {m['role']!r}; expected one of {', '.join(ROLES)}")
         clean.append({"role": m["role"], "content": m["content"]})
     if clean[-1]["role"] != "user":
-        raise LineProblem(INVALID, f"the last message must be the user's (the prompt to answer), "
-                                   f"got role {clean[-1]['role']!r}")
+        raise LineProblem(
+            INVALID, f"the last message must be the user's (the prompt to answer), got role {clean[-1]['role']!r}"
+        )
     if not clean[-1]["content"].strip():
         raise LineProblem(EMPTY, f"messages[{len(clean) - 1}].content (the user's prompt) is empty")
     return clean
@@ -128,22 +128,29 @@ def parse_demo(obj: dict[str, Any]) -> ParsedDemo:
     messages = parse_messages(obj)
     if "teacher_response" not in obj:
         found = [k for k in _OTHER_ANSWER_FIELDS if k in obj]
-        hint = f" (found {', '.join(repr(k) for k in found)}; the answer is read only from 'teacher_response')" \
-            if found else ""
+        hint = (
+            f" (found {', '.join(repr(k) for k in found)}; the answer is read only from 'teacher_response')"
+            if found
+            else ""
+        )
         raise LineProblem(MISSING_FIELD, f"missing field 'teacher_response' (the teacher's answer){hint}")
     return ParsedDemo(messages=messages, response=_string_field(obj, "teacher_response"))
 
 
-def parse_prompt(obj: dict[str, Any], *, require_teacher_response: bool,
-                 known_instruction_ids: Collection[str] | None = None) -> ParsedPrompt:
+def parse_prompt(
+    obj: dict[str, Any], *, require_teacher_response: bool, known_instruction_ids: Collection[str] | None = None
+) -> ParsedPrompt:
     messages = parse_messages(obj)
     for name in ("instruction_id_list", "kwargs"):
         if name not in obj:
             raise LineProblem(MISSING_FIELD, f"missing field '{name}'")
     ids, kwargs = obj["instruction_id_list"], obj["kwargs"]
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise LineProblem(WRONG_TYPE, f"field 'instruction_id_list' must be a list of strings, got {_type_name(ids)}"
-                          + ("" if not isinstance(ids, list) else " with non-string items"))
+        raise LineProblem(
+            WRONG_TYPE,
+            f"field 'instruction_id_list' must be a list of strings, got {_type_name(ids)}"
+            + ("" if not isinstance(ids, list) else " with non-string items"),
+        )
     if not ids:
         raise LineProblem(EMPTY, "field 'instruction_id_list' is empty: nothing to verify the rollouts against")
     if not all(i.strip() for i in ids):
@@ -155,21 +162,28 @@ def parse_prompt(obj: dict[str, Any], *, require_teacher_response: bool,
         bad = next(k for k in kwargs if not isinstance(k, dict))
         raise LineProblem(WRONG_TYPE, f"field 'kwargs' must hold objects, found a {_type_name(bad)}")
     if len(kwargs) != len(ids):
-        raise LineProblem(INVALID, f"'kwargs' has {len(kwargs)} entries but 'instruction_id_list' has {len(ids)}; "
-                                   "expected one kwargs object per instruction id")
+        raise LineProblem(
+            INVALID,
+            f"'kwargs' has {len(kwargs)} entries but 'instruction_id_list' has {len(ids)}; "
+            "expected one kwargs object per instruction id",
+        )
     if known_instruction_ids is not None:
         unknown = [i for i in ids if i not in known_instruction_ids]
         if unknown:
-            raise LineProblem(INVALID, f"unknown instruction id(s) {', '.join(map(repr, unknown))}; "
-                                       "no checker is registered under that name")
+            raise LineProblem(
+                INVALID,
+                f"unknown instruction id(s) {', '.join(map(repr, unknown))}; no checker is registered under that name",
+            )
     teacher = None
     if obj.get("teacher_response") is not None:
         teacher = _string_field(obj, "teacher_response")
     elif require_teacher_response:
-        raise LineProblem(MISSING_FIELD, "missing field 'teacher_response' (required: the adversarial term "
-                                         "compares each rollout with the teacher's answer)")
+        raise LineProblem(
+            MISSING_FIELD,
+            "missing field 'teacher_response' (required: the adversarial term "
+            "compares each rollout with the teacher's answer)",
+        )
     key = obj.get("key")
     if key is not None and (not isinstance(key, (int, str)) or isinstance(key, bool)):
         raise LineProblem(WRONG_TYPE, f"field 'key' must be an integer or a string, got {_type_name(key)}")
-    return ParsedPrompt(messages=messages, instruction_id_list=ids, kwargs=kwargs,
-                        teacher_response=teacher, key=key)
+    return ParsedPrompt(messages=messages, instruction_id_list=ids, kwargs=kwargs, teacher_response=teacher, key=key)

@@ -24,14 +24,17 @@ class Discriminator(Protocol):
     trainable: bool
     """Whether update() trains it and state_dict() holds something to checkpoint."""
 
-    def score(
-        self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
-    ) -> list[float]:
+    def score(self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]) -> list[float]:
         """One float per (prompt, reference, candidate) triple, in input order."""
 
     def update(
-        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str],
-        owned: Sequence[bool] | None = None, group: object = None,
+        self,
+        step: int,
+        prompts: Sequence[str],
+        references: Sequence[str],
+        candidates: Sequence[str],
+        owned: Sequence[bool] | None = None,
+        group: object = None,
     ) -> dict[str, float]:
         """Train on one step's data when ``step`` falls on the update period; return metrics. ``owned``: which
         candidates this rank holds (the others are ""); ``group``: where the gradients are summed."""
@@ -54,8 +57,13 @@ class DiscriminatorBase:
     trainable: bool = False
 
     def update(
-        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str],
-        owned: Sequence[bool] | None = None, group: object = None,
+        self,
+        step: int,
+        prompts: Sequence[str],
+        references: Sequence[str],
+        candidates: Sequence[str],
+        owned: Sequence[bool] | None = None,
+        group: object = None,
     ) -> dict[str, float]:
         """Frozen: no training, no metrics."""
         return {}
@@ -89,17 +97,14 @@ def template_fields(template: str, where: str = "discriminator.template") -> set
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise DiscriminatorError(
-            f"{where}: not a valid format string ({exc}); write literal braces doubled"
-        ) from exc
+        raise DiscriminatorError(f"{where}: not a valid format string ({exc}); write literal braces doubled") from exc
     found = set()
     for _, name, spec, conv in parsed:
         if name is None:
             continue
         if name not in _FIELDS or spec or conv:
             raise DiscriminatorError(
-                f"{where}: unknown placeholder {{{name}}}; "
-                "allowed are {prompt}, {reference}, {candidate}"
+                f"{where}: unknown placeholder {{{name}}}; allowed are {{prompt}}, {{reference}}, {{candidate}}"
             )
         found.add(name)
     if "candidate" not in found:

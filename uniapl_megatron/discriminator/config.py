@@ -75,8 +75,9 @@ class DiscriminatorConfig:
     def __post_init__(self) -> None:
         check_fields(self, "discriminator", DiscriminatorError)
         if self.kind == "polar" and self.template is not None:
-            raise DiscriminatorError("discriminator.template: the polar kind has POLAR's own input format; leave it "
-                                     "unset")
+            raise DiscriminatorError(
+                "discriminator.template: the polar kind has POLAR's own input format; leave it unset"
+            )
         if self.template is not None:
             fields = template_fields(self.template)
             if self.kind == "online" and "reference" in fields:

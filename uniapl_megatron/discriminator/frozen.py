@@ -32,14 +32,10 @@ class FrozenDiscriminator(DiscriminatorBase):
     @classmethod
     def from_config(cls, cfg: DiscriminatorConfig) -> "FrozenDiscriminator":
         if cfg.kind != "frozen":
-            raise DiscriminatorError(
-                f"discriminator.kind: FrozenDiscriminator needs 'frozen', got {cfg.kind!r}"
-            )
+            raise DiscriminatorError(f"discriminator.kind: FrozenDiscriminator needs 'frozen', got {cfg.kind!r}")
         return cls(HFScorer.from_pretrained(cfg, cfg.template or REFERENCE_TEMPLATE, new_head_ok=False))
 
     @torch.no_grad()
-    def score(
-        self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
-    ) -> list[float]:
+    def score(self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]) -> list[float]:
         ids = self.scorer.encode(prompts, references, candidates)
         return self.scorer.logits(ids).cpu().tolist()

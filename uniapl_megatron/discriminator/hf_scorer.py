@@ -35,9 +35,7 @@ def _check_folder(path: Path) -> dict:
         raise DiscriminatorError(f"discriminator.path: {str(path)!r} is not a folder")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise DiscriminatorError(
-            f"discriminator.path: {config_file} is missing (expected a Hugging Face checkpoint)"
-        )
+        raise DiscriminatorError(f"discriminator.path: {config_file} is missing (expected a Hugging Face checkpoint)")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -75,12 +73,7 @@ class HFScorer(torch.nn.Module):
     """backbone (HF base model) + head (Linear H -> 1), plus the tokenizer and input template."""
 
     def __init__(
-        self,
-        backbone: torch.nn.Module,
-        head: torch.nn.Linear,
-        tokenizer,
-        template: str,
-        cfg: DiscriminatorConfig,
+        self, backbone: torch.nn.Module, head: torch.nn.Linear, tokenizer, template: str, cfg: DiscriminatorConfig
     ):
         super().__init__()
         self.backbone = backbone
@@ -117,8 +110,7 @@ class HFScorer(torch.nn.Module):
                 head = getattr(model, "score", None)
                 if not isinstance(head, torch.nn.Linear):
                     raise DiscriminatorError(
-                        f"discriminator.path: {archs[0]} has no Linear `score` head (decoder-style reward "
-                        "models only)"
+                        f"discriminator.path: {archs[0]} has no Linear `score` head (decoder-style reward models only)"
                     )
                 backbone = model.base_model
             else:
@@ -157,20 +149,14 @@ class HFScorer(torch.nn.Module):
                 self.truncated_fields += 1
         return out
 
-    def encode(
-        self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
-    ) -> list[list[int]]:
+    def encode(self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]) -> list[list[int]]:
         """Token ids of each filled template (fields cut to their budgets first)."""
         check_triples(prompts, references, candidates)
         if not candidates:
             return []
         p = self._cut(prompts, self.cfg.max_prompt_tokens)
         c = self._cut(candidates, self.cfg.max_candidate_tokens)
-        r = (
-            self._cut(references, self.cfg.max_reference_tokens)
-            if "{reference}" in self.template
-            else references
-        )
+        r = self._cut(references, self.cfg.max_reference_tokens) if "{reference}" in self.template else references
         texts = [self.template.format(prompt=a, reference=b, candidate=d) for a, b, d in zip(p, r, c)]
         return [list(row) for row in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 

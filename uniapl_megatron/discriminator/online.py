@@ -57,9 +57,7 @@ class OnlineDiscriminator(DiscriminatorBase):
     @classmethod
     def from_config(cls, cfg: DiscriminatorConfig) -> "OnlineDiscriminator":
         if cfg.kind != "online":
-            raise DiscriminatorError(
-                f"discriminator.kind: OnlineDiscriminator needs 'online', got {cfg.kind!r}"
-            )
+            raise DiscriminatorError(f"discriminator.kind: OnlineDiscriminator needs 'online', got {cfg.kind!r}")
         return cls(HFScorer.from_pretrained(cfg, cfg.template or CANDIDATE_TEMPLATE, new_head_ok=True), cfg)
 
     def _transform(self, z: torch.Tensor) -> torch.Tensor:
@@ -70,16 +68,19 @@ class OnlineDiscriminator(DiscriminatorBase):
         return z
 
     @torch.no_grad()
-    def score(
-        self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]
-    ) -> list[float]:
+    def score(self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]) -> list[float]:
         self.scorer.eval()
         ids = self.scorer.encode(prompts, references, candidates)
         return self._transform(self.scorer.logits(ids)).cpu().tolist()
 
     def update(
-        self, step: int, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str],
-        owned: Sequence[bool] | None = None, group: object = None,
+        self,
+        step: int,
+        prompts: Sequence[str],
+        references: Sequence[str],
+        candidates: Sequence[str],
+        owned: Sequence[bool] | None = None,
+        group: object = None,
     ) -> dict[str, float]:
         """One round of training on a step's data, when ``step % update_period == 0``.
 
@@ -103,9 +104,12 @@ class OnlineDiscriminator(DiscriminatorBase):
         n_real, n = len(real), len(real) + len(candidates)
         mine = [k % world == rank for k in range(n_real)] + owned
         texts = [(p, "", r) for p, r in real] + list(zip(prompts, references, candidates))
-        ids = dict(zip([i for i in range(n) if mine[i]],
-                       self.scorer.encode(*map(list, zip(*[texts[i] for i in range(n) if mine[i]])))
-                       if any(mine) else []))
+        ids = dict(
+            zip(
+                [i for i in range(n) if mine[i]],
+                self.scorer.encode(*map(list, zip(*[texts[i] for i in range(n) if mine[i]]))) if any(mine) else [],
+            )
+        )
         labels = torch.tensor([1.0] * n_real + [0.0] * len(candidates), device=self.scorer.device)
         # Each class carries half of the loss, whatever the real:fake ratio.
         class_w = torch.where(labels > 0, n / (2.0 * n_real), n / (2.0 * len(candidates)))
@@ -119,8 +123,15 @@ class OnlineDiscriminator(DiscriminatorBase):
             "disc/acc_fake": float(sums[2]) / len(candidates),
         }
 
-    def _train_epochs(self, step: int, mine: list[bool], ids: dict[int, Any], labels: torch.Tensor,
-                      class_w: torch.Tensor, group: object) -> tuple[torch.Tensor, int]:
+    def _train_epochs(
+        self,
+        step: int,
+        mine: list[bool],
+        ids: dict[int, Any],
+        labels: torch.Tensor,
+        class_w: torch.Tensor,
+        group: object,
+    ) -> tuple[torch.Tensor, int]:
         """update_epochs passes over the examples in batches shuffled from (seed, step). Returns the summed
         (loss, real right, fake right), the right counts from the first epoch only, and the batch count."""
         n = len(mine)
@@ -140,8 +151,15 @@ class OnlineDiscriminator(DiscriminatorBase):
         self.scorer.eval()
         return sums, batches
 
-    def _train_batch(self, idx: list[int], rows: list[int], ids: dict[int, Any], labels: torch.Tensor,
-                     class_w: torch.Tensor, group: object) -> torch.Tensor:
+    def _train_batch(
+        self,
+        idx: list[int],
+        rows: list[int],
+        ids: dict[int, Any],
+        labels: torch.Tensor,
+        class_w: torch.Tensor,
+        group: object,
+    ) -> torch.Tensor:
         """One optimizer step on the batch `idx`, of which this rank computes `rows`. Returns the batch's
         (loss, real right, fake right), summed over the group."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -153,8 +171,9 @@ class OnlineDiscriminator(DiscriminatorBase):
             loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).sum() / len(idx)
             loss.backward()
             right = ((z.detach() > 0).float() == y).float()
-            part = torch.tensor([float(loss.detach()), float((right * y).sum()),
-                                 float((right * (1 - y)).sum())], dtype=torch.float64)
+            part = torch.tensor(
+                [float(loss.detach()), float((right * y).sum()), float((right * (1 - y)).sum())], dtype=torch.float64
+            )
         if group is not None:
             self._sum_grads(group)
             dist.all_reduce(part, group=group)
@@ -171,22 +190,16 @@ class OnlineDiscriminator(DiscriminatorBase):
         dist.all_reduce(flat, group=group)
         offset = 0
         for p in params:
-            p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
     def state_dict(self) -> dict:
-        return {
-            "model": self.scorer.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "updates": self.updates,
-        }
+        return {"model": self.scorer.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or set(state) != _STATE_KEYS:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise DiscriminatorError(
-                f"online discriminator state: expected keys {sorted(_STATE_KEYS)}, got {got}"
-            )
+            raise DiscriminatorError(f"online discriminator state: expected keys {sorted(_STATE_KEYS)}, got {got}")
         try:
             self.scorer.load_state_dict(state["model"], strict=True)
             # A copy: torch would otherwise share moment tensors with the caller's dict (and with the

@@ -48,8 +48,14 @@ REWARD_TOKEN = "[UNUSED_TOKEN_130]"
 # POLAR's client keeps 4 tokens of max_length for the reward token, <|reward|> and two newlines.
 _RESERVED = 4
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "vocab_size", "reward_token_id")
+_REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "reward_token_id",
+)
 
 
 def polar_text(prompt: str, reference: str, candidate: str, wrapper: Literal["sft", "pretrain"] = "sft") -> str:
@@ -68,9 +74,16 @@ def as_text(field: str | Sequence[dict]) -> str:
 class PolarEncoder:
     """Fields -> POLAR's string -> token ids, with POLAR's truncation rules."""
 
-    def __init__(self, tokenizer: Any, reward_token_id: int, max_length: int = 16384, max_response_length: int = 4096,
-                 cut_side: Literal["right", "left"] = "right", wrapper: Literal["sft", "pretrain"] = "sft",
-                 max_reference_length: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        reward_token_id: int,
+        max_length: int = 16384,
+        max_response_length: int = 4096,
+        cut_side: Literal["right", "left"] = "right",
+        wrapper: Literal["sft", "pretrain"] = "sft",
+        max_reference_length: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.reward_token_id = reward_token_id
         self.max_length = max_length - _RESERVED
@@ -100,8 +113,12 @@ class PolarEncoder:
             self.truncated_fields += 1
             p = p[-budget:] if budget > 0 else []
         dec = self.tokenizer.decode
-        return polar_text(dec(p, skip_special_tokens=True), dec(r1, skip_special_tokens=True),
-                          dec(r2, skip_special_tokens=True), self.wrapper)
+        return polar_text(
+            dec(p, skip_special_tokens=True),
+            dec(r1, skip_special_tokens=True),
+            dec(r2, skip_special_tokens=True),
+            self.wrapper,
+        )
 
     def encode(self, prompts: Sequence[str], references: Sequence[str], candidates: Sequence[str]) -> list[list[int]]:
         check_triples(prompts, references, candidates)
@@ -120,6 +137,7 @@ class PolarEncoder:
 
 # --- weights: InternLM2 names -> the Llama modules we build ----------------------------------------------------
 
+
 def split_wqkv(w: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
     """InternLM2's fused wqkv rows are [kv_head][q_1..q_groups, k, v][head_dim]; return (q, k, v)."""
     groups = heads // kv_heads
@@ -133,10 +151,12 @@ def split_wqkv(w: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tup
 
 # (InternLM2 name under model.layers.{i}., our names under model.layers.{i}., transform or None)
 LAYER_TABLE: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
-    ("attention.wqkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-     "split_wqkv"),
-    ("attention.wqkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-     "split_wqkv"),
+    (
+        "attention.wqkv.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "split_wqkv",
+    ),
+    ("attention.wqkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "split_wqkv"),
     ("attention.wo.weight", ("self_attn.o_proj.weight",), None),
     ("attention.wo.bias", ("self_attn.o_proj.bias",), None),
     ("attention_norm.weight", ("input_layernorm.weight",), None),
@@ -155,8 +175,9 @@ GLOBAL_TABLE: tuple[tuple[str, str], ...] = (
 _IGNORED = ("output.weight",)
 
 
-def map_weights(tensors: Callable[[str], torch.Tensor | None], names: set[str], cfg: dict, where: str
-                ) -> dict[str, torch.Tensor]:
+def map_weights(
+    tensors: Callable[[str], torch.Tensor | None], names: set[str], cfg: dict, where: str
+) -> dict[str, torch.Tensor]:
     """Our state dict from InternLM2's tensors (``tensors(name)``); refuses missing and unknown names."""
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -206,8 +227,9 @@ def read_config(path: Path) -> dict:
         raise DiscriminatorError(f"{file}: hidden_act={cfg['hidden_act']!r}; InternLM2 uses 'silu'")
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     if cfg["hidden_size"] % heads or heads % kv:
-        raise DiscriminatorError(f"{file}: hidden_size {cfg['hidden_size']}, {heads} heads and {kv} KV heads "
-                                 "do not divide evenly")
+        raise DiscriminatorError(
+            f"{file}: hidden_size {cfg['hidden_size']}, {heads} heads and {kv} KV heads do not divide evenly"
+        )
     scaling = cfg.get("rope_scaling")
     if scaling is not None and (not isinstance(scaling, dict) or scaling.get("type") not in ("dynamic", "linear")):
         raise DiscriminatorError(f"{file}: rope_scaling={scaling!r}; supported are null, 'dynamic' and 'linear'")
@@ -226,13 +248,21 @@ def llama_config(cfg: dict) -> Any:
     linear = scaling is not None and scaling["type"] == "linear"
     rope = {"rope_type": "linear", "factor": float(scaling["factor"])} if linear else None
     return LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 32768), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=rope,
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=rope,
         attention_bias=bool(cfg.get("bias", False)),
-        mlp_bias=False, tie_word_embeddings=False, hidden_act="silu", pad_token_id=cfg.get("pad_token_id"),
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        pad_token_id=cfg.get("pad_token_id"),
     )
 
 
@@ -260,8 +290,11 @@ def _tensor_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = (f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)"
-                if pickles else "")
+        hint = (
+            f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise DiscriminatorError(f"discriminator.path: no *.safetensors weights in {path}{hint}")
     return files
 
@@ -287,8 +320,9 @@ def load_reward_model(path: Path, cfg: dict, dtype: torch.dtype) -> InternLM2Rew
         if name not in state:
             raise DiscriminatorError(f"{path}: no tensor maps to {name!r}")
         if tuple(state[name].shape) != tuple(shape):
-            raise DiscriminatorError(f"{path}: {name!r} has shape {list(state[name].shape)}, the config says "
-                                     f"{list(shape)}")
+            raise DiscriminatorError(
+                f"{path}: {name!r} has shape {list(state[name].shape)}, the config says {list(shape)}"
+            )
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     # RoPE's inverse frequencies are a buffer computed at construction: build it for real, in float32
     # (as transformers does; a bf16 copy would lose precision at long positions).
@@ -339,8 +373,9 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_rows: int)
 class PolarDiscriminator(DiscriminatorBase):
     """The Discriminator protocol for a POLAR checkpoint (frozen, never trained here)."""
 
-    def __init__(self, model: InternLM2RewardModel, encoder: PolarEncoder, cfg: DiscriminatorConfig,
-                 device: torch.device):
+    def __init__(
+        self, model: InternLM2RewardModel, encoder: PolarEncoder, cfg: DiscriminatorConfig, device: torch.device
+    ):
         self.model = model
         self.encoder = encoder
         self.cfg = cfg
@@ -365,8 +400,15 @@ class PolarDiscriminator(DiscriminatorBase):
         device = resolve_device(cfg.device)
         model = load_reward_model(path, mcfg, _DTYPES[cfg.dtype]).to(device)
         tok = load_polar_tokenizer(cfg, mcfg["reward_token_id"])
-        encoder = PolarEncoder(tok, mcfg["reward_token_id"], cfg.max_length, cfg.max_candidate_tokens,
-                               cfg.response_cut_side, cfg.polar_wrapper, cfg.max_reference_tokens)
+        encoder = PolarEncoder(
+            tok,
+            mcfg["reward_token_id"],
+            cfg.max_length,
+            cfg.max_candidate_tokens,
+            cfg.response_cut_side,
+            cfg.polar_wrapper,
+            cfg.max_reference_tokens,
+        )
         return cls(model, encoder, cfg, device)
 
     @torch.no_grad()

@@ -17,21 +17,97 @@ from typing import Any, Callable, Mapping
 
 from uniapl_megatron.eval.constructed import _sentences
 
-_AFRICA = sorted([
-    "Algeria", "Angola", "Benin", "Botswana", "Burkina Faso", "Burundi", "Cabo Verde", "Cameroon",
-    "Central African Republic", "Chad", "Comoros", "Congo", "Djibouti", "Egypt", "Equatorial Guinea", "Eritrea",
-    "Eswatini", "Ethiopia", "Gabon", "Gambia", "Ghana", "Guinea", "Guinea-Bissau", "Ivory Coast", "Kenya",
-    "Lesotho", "Liberia", "Libya", "Madagascar", "Malawi", "Mali", "Mauritania", "Mauritius", "Morocco",
-    "Mozambique", "Namibia", "Niger", "Nigeria", "Rwanda", "Sao Tome and Principe", "Senegal", "Seychelles",
-    "Sierra Leone", "Somalia", "South Africa", "South Sudan", "Sudan", "Tanzania", "Togo", "Tunisia", "Uganda",
-    "Zambia", "Zimbabwe",
-], reverse=True)
-_CAPITALS = ("Reykjavik, Helsinki, Oslo, Tallinn, Stockholm, Riga, Moscow, Copenhagen, Vilnius, Minsk, Dublin, "
-             "Berlin, Amsterdam, Warsaw, London, Brussels, Prague, Luxembourg, Paris, Vienna, Bratislava, Budapest, "
-             "Vaduz, Chisinau, Bern, Ljubljana, Zagreb")
-_ALPHA = ("Apples", "Bears", "Cats", "Dogs", "Eagles", "Foxes", "Geese", "Horses", "Ibis", "Jays", "Koalas", "Lions",
-          "Moles", "Newts", "Owls", "Pandas", "Quails", "Rats", "Seals", "Tigers", "Urchins", "Voles", "Wolves",
-          "Xerus", "Yaks", "Zebras")
+_AFRICA = sorted(
+    [
+        "Algeria",
+        "Angola",
+        "Benin",
+        "Botswana",
+        "Burkina Faso",
+        "Burundi",
+        "Cabo Verde",
+        "Cameroon",
+        "Central African Republic",
+        "Chad",
+        "Comoros",
+        "Congo",
+        "Djibouti",
+        "Egypt",
+        "Equatorial Guinea",
+        "Eritrea",
+        "Eswatini",
+        "Ethiopia",
+        "Gabon",
+        "Gambia",
+        "Ghana",
+        "Guinea",
+        "Guinea-Bissau",
+        "Ivory Coast",
+        "Kenya",
+        "Lesotho",
+        "Liberia",
+        "Libya",
+        "Madagascar",
+        "Malawi",
+        "Mali",
+        "Mauritania",
+        "Mauritius",
+        "Morocco",
+        "Mozambique",
+        "Namibia",
+        "Niger",
+        "Nigeria",
+        "Rwanda",
+        "Sao Tome and Principe",
+        "Senegal",
+        "Seychelles",
+        "Sierra Leone",
+        "Somalia",
+        "South Africa",
+        "South Sudan",
+        "Sudan",
+        "Tanzania",
+        "Togo",
+        "Tunisia",
+        "Uganda",
+        "Zambia",
+        "Zimbabwe",
+    ],
+    reverse=True,
+)
+_CAPITALS = (
+    "Reykjavik, Helsinki, Oslo, Tallinn, Stockholm, Riga, Moscow, Copenhagen, Vilnius, Minsk, Dublin, "
+    "Berlin, Amsterdam, Warsaw, London, Brussels, Prague, Luxembourg, Paris, Vienna, Bratislava, Budapest, "
+    "Vaduz, Chisinau, Bern, Ljubljana, Zagreb"
+)
+_ALPHA = (
+    "Apples",
+    "Bears",
+    "Cats",
+    "Dogs",
+    "Eagles",
+    "Foxes",
+    "Geese",
+    "Horses",
+    "Ibis",
+    "Jays",
+    "Koalas",
+    "Lions",
+    "Moles",
+    "Newts",
+    "Owls",
+    "Pandas",
+    "Quails",
+    "Rats",
+    "Seals",
+    "Tigers",
+    "Urchins",
+    "Voles",
+    "Wolves",
+    "Xerus",
+    "Yaks",
+    "Zebras",
+)
 
 
 def _keywords_multiple(kw: Mapping[str, Any], rng: random.Random) -> str:
@@ -85,7 +161,7 @@ def _repeat_change(kw: Mapping[str, Any], rng: random.Random) -> str:
 
 
 def _repeat_span(kw: Mapping[str, Any], rng: random.Random) -> str:
-    return " ".join(kw.get("prompt_to_repeat", "").split()[kw.get("n_start", 0): kw.get("n_end", 1)])
+    return " ".join(kw.get("prompt_to_repeat", "").split()[kw.get("n_start", 0) : kw.get("n_end", 1)])
 
 
 def _alphabet(kw: Mapping[str, Any], rng: random.Random) -> str:
@@ -112,10 +188,12 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any], random.Random], str]] = {
     "count:keywords_multiple": _keywords_multiple,
     "count:word_count_range": _word_count_range,
     "custom:csv_city": lambda kw, rng: _csv(["ID", "Country", "City", "Year", "Count"], 7, ",", False, False),
-    "custom:csv_quotes": lambda kw, rng: _csv(["StudentID", "Subject", "Grade", "Semester", "Score"], 3, "\t", True,
-                                              False),
-    "custom:csv_special_character": lambda kw, rng: _csv(["ProductID", "Category", "Brand", "Price", "Stock"], 14,
-                                                         ",", False, True),
+    "custom:csv_quotes": lambda kw, rng: _csv(
+        ["StudentID", "Subject", "Grade", "Semester", "Score"], 3, "\t", True, False
+    ),
+    "custom:csv_special_character": lambda kw, rng: _csv(
+        ["ProductID", "Category", "Brand", "Price", "Stock"], 14, ",", False, True
+    ),
     "custom:european_capitals_sort": lambda kw, rng: _CAPITALS,
     "custom:mcq_count_length": _mcq,
     "custom:multiples": lambda kw, rng: "14, 21, 28, 35, 42, 49",

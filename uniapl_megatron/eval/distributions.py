@@ -27,7 +27,13 @@ def _array(x: Sequence[float], name: str) -> np.ndarray:
 def summary(x: Sequence[float], name: str = "values") -> dict[str, float]:
     """n, mean, std, min, max and the QUANTILES (keys p10, p25, p50, p75, p90)."""
     a = _array(x, name)
-    out = {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+    out = {
+        "n": int(a.size),
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
     for q in QUANTILES:
         out[f"p{int(round(q * 100))}"] = float(np.quantile(a, q))
     return out

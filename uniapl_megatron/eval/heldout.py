@@ -35,8 +35,18 @@ def prompt_text(row: Any) -> str:
 CALL_TOKENS = 2048
 
 
-def sample_and_score(engine: Any, rows: Sequence[Any], fmt: Any, reward: Any, sampling: Any, n: int, seed: int,
-                     stop_ids: Sequence[int], call_tokens: int = CALL_TOKENS, offset: int = 0) -> HeldoutSamples:
+def sample_and_score(
+    engine: Any,
+    rows: Sequence[Any],
+    fmt: Any,
+    reward: Any,
+    sampling: Any,
+    n: int,
+    seed: int,
+    stop_ids: Sequence[int],
+    call_tokens: int = CALL_TOKENS,
+    offset: int = 0,
+) -> HeldoutSamples:
     """``n`` samples of each prompt row (RLPrompt) at the sampling section's settings, scored by ``reward``.
     ``offset``: the global index of rows[0] when these rows are one engine's share of a longer list (the seeds
     follow it, so the shares draw what one call over the whole list draws)."""
@@ -50,15 +60,33 @@ def sample_and_score(engine: Any, rows: Sequence[Any], fmt: Any, reward: Any, sa
         while end < len(rows) and (end == start or tokens + len(rows[end].prompt_ids) * n <= call_tokens):
             tokens += len(rows[end].prompt_ids) * n
             end += 1
-        batch = engine.generate([r.prompt_ids.tolist() for r in rows[start:end]], SamplingParams(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, stop_token_ids=tuple(stop_ids), seed=seed,
-            prompt_index_offset=offset + start))
+        batch = engine.generate(
+            [r.prompt_ids.tolist() for r in rows[start:end]],
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_new_tokens=sampling.max_new_tokens,
+                stop_token_ids=tuple(stop_ids),
+                seed=seed,
+                prompt_index_offset=offset + start,
+            ),
+        )
         index += [start + x.prompt_index for x in batch.samples]
         texts += [fmt.decode(x.token_ids, skip_special_tokens=True) for x in batch.samples]
         start = end
-    rewards = reward.score([{"instruction_id_list": rows[i].instruction_id_list, "kwargs": rows[i].kwargs,
-                             "prompt": prompt_text(rows[i])} for i in index], texts)
+    rewards = reward.score(
+        [
+            {
+                "instruction_id_list": rows[i].instruction_id_list,
+                "kwargs": rows[i].kwargs,
+                "prompt": prompt_text(rows[i]),
+            }
+            for i in index
+        ],
+        texts,
+    )
     return HeldoutSamples(index, texts, [float(r) for r in rewards])
 
 

@@ -29,9 +29,7 @@ class PromptResult:
     response_chars: int
 
 
-def score_rows(
-    rows: Sequence[Mapping[str, Any]], responses: Sequence[str], seed: int = 0
-) -> list[PromptResult]:
+def score_rows(rows: Sequence[Mapping[str, Any]], responses: Sequence[str], seed: int = 0) -> list[PromptResult]:
     """Check each response against its row's instructions, in both modes."""
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} prompt rows but {len(responses)} responses")
@@ -107,13 +105,13 @@ def to_markdown(summary: Mapping[str, Any], title: str = "IFEval") -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_json(results: Sequence[PromptResult], summary: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+def results_json(
+    results: Sequence[PromptResult], summary: Mapping[str, Any], meta: Mapping[str, Any]
+) -> dict[str, Any]:
     return {**meta, "metrics": dict(summary), "per_prompt": [asdict(r) for r in results]}
 
 
-def read_responses(
-    path: str | Path, known_keys: Sequence[Any], allow_partial: bool = False
-) -> dict[str, str]:
+def read_responses(path: str | Path, known_keys: Sequence[Any], allow_partial: bool = False) -> dict[str, str]:
     """``{str(key): response}`` from a JSONL of ``{"key": ..., "response": ...}`` lines, checked.
 
     Keys are compared as strings, so 1000 and "1000" name the same IFEval prompt.

@@ -50,7 +50,9 @@ def answer_token_logprobs(
                 mask[i, : len(s)] = 1
             # Project only the answer positions onto the vocabulary (a 151k-word head over every
             # prompt position would dominate the cost): final hidden states, then the output layer.
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            hidden = model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+            ).hidden_states[-1]
             head = model.get_output_embeddings()
             for i, (p, a) in enumerate(chunk):
                 # token t is predicted at position t - 1

@@ -90,8 +90,15 @@ def _record(obj: Any, where: str, metric: str | None) -> Result:
     curve = obj.get("curve")
     if curve is not None and not (isinstance(curve, dict) and all(isinstance(v, list) for v in curve.values())):
         raise ResultsError(f"{where}: curve must be an object of [[step, value], ...] lists")
-    return Result(canonical_algorithm(obj["algorithm"]), obj["student"].strip(), obj["benchmark"].strip(), float(score),
-                  where, seed, curve)
+    return Result(
+        canonical_algorithm(obj["algorithm"]),
+        obj["student"].strip(),
+        obj["benchmark"].strip(),
+        float(score),
+        where,
+        seed,
+        curve,
+    )
 
 
 def load_results(paths: Iterable[str | Path], metric: str | None = None) -> list[Result]:
@@ -122,7 +129,9 @@ def load_results(paths: Iterable[str | Path], metric: str | None = None) -> list
         items = data if isinstance(data, list) else [data]
         if not items:
             raise ResultsError(f"{f}: empty list; expected result records")
-        out += [_record(obj, f"{f}" + (f"[{i}]" if isinstance(data, list) else ""), metric) for i, obj in enumerate(items)]
+        out += [
+            _record(obj, f"{f}" + (f"[{i}]" if isinstance(data, list) else ""), metric) for i, obj in enumerate(items)
+        ]
     return out
 
 
@@ -154,8 +163,10 @@ def _cells(results: Sequence[Result]) -> dict[tuple[str, str, str], dict[int | N
         runs = cells.setdefault((r.student, r.algorithm, r.benchmark), {})
         if r.seed in runs:
             seed = "" if r.seed is None else f" (seed {r.seed})"
-            raise ResultsError(f"two results for {r.student} / {r.algorithm} / {r.benchmark}{seed}: "
-                               f"{runs[r.seed].source} and {r.source}")
+            raise ResultsError(
+                f"two results for {r.student} / {r.algorithm} / {r.benchmark}{seed}: "
+                f"{runs[r.seed].source} and {r.source}"
+            )
         runs[r.seed] = r
     return cells
 
@@ -164,8 +175,17 @@ def _row(student: str, algo: str, bench: list[str], cells: dict) -> dict[str, An
     runs = {b: cells[(student, algo, b)] for b in bench if (student, algo, b) in cells}
     if not runs:
         return None
-    row: dict[str, Any] = {"student": student, "algorithm": algo, "label": ALGORITHM_LABELS.get(algo, algo),
-                           "scores": {}, "sd": {}, "n": {}, "average": None, "average_sd": None, "average_n": 0}
+    row: dict[str, Any] = {
+        "student": student,
+        "algorithm": algo,
+        "label": ALGORITHM_LABELS.get(algo, algo),
+        "scores": {},
+        "sd": {},
+        "n": {},
+        "average": None,
+        "average_sd": None,
+        "average_n": 0,
+    }
     for b, by_seed in runs.items():
         row["scores"][b], row["sd"][b] = _mean_sd([100 * r.score for r in by_seed.values()])
         row["n"][b] = len(by_seed)
@@ -203,8 +223,9 @@ def build_table(results: Sequence[Result], benchmarks: Sequence[str] | None = No
                 continue
             row["delta_grpo"] = row["average"] - base["average"]
             if row is not base and row["average_sd"] is not None and base["average_sd"] is not None:
-                row["delta_grpo_se"] = math.sqrt(row["average_sd"] ** 2 / row["average_n"]
-                                                 + base["average_sd"] ** 2 / base["average_n"])
+                row["delta_grpo_se"] = math.sqrt(
+                    row["average_sd"] ** 2 / row["average_n"] + base["average_sd"] ** 2 / base["average_n"]
+                )
         rows += block
     return Table(bench, rows)
 
@@ -224,8 +245,13 @@ def to_markdown(table: Table) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in table.rows:
         vals = [_fmt(r["scores"].get(b), spread=r["sd"].get(b)) for b in table.benchmarks]
-        cells = [r["student"], r["label"], *vals, _fmt(r["average"], spread=r["average_sd"]),
-                 _fmt(r["delta_grpo"], True, r["delta_grpo_se"])]
+        cells = [
+            r["student"],
+            r["label"],
+            *vals,
+            _fmt(r["average"], spread=r["average_sd"]),
+            _fmt(r["delta_grpo"], True, r["delta_grpo_se"]),
+        ]
         lines.append("| " + " | ".join(cells + ([str(r["seeds"])] if many else [])) + " |")
     return "\n".join(lines) + "\n"
 
@@ -238,19 +264,43 @@ def to_csv(table: Table) -> str:
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.2f}"
 
-    w.writerow(["student", "algorithm", *table.benchmarks, "average", "delta_vs_grpo",
-                *[f"{b}_sd" for b in table.benchmarks], "average_sd", "delta_vs_grpo_se", "seeds"])
+    w.writerow(
+        [
+            "student",
+            "algorithm",
+            *table.benchmarks,
+            "average",
+            "delta_vs_grpo",
+            *[f"{b}_sd" for b in table.benchmarks],
+            "average_sd",
+            "delta_vs_grpo_se",
+            "seeds",
+        ]
+    )
     for r in table.rows:
-        w.writerow([r["student"], r["algorithm"], *[num(r["scores"].get(b)) for b in table.benchmarks],
-                    num(r["average"]), num(r["delta_grpo"]), *[num(r["sd"].get(b)) for b in table.benchmarks],
-                    num(r["average_sd"]), num(r["delta_grpo_se"]), r["seeds"]])
+        w.writerow(
+            [
+                r["student"],
+                r["algorithm"],
+                *[num(r["scores"].get(b)) for b in table.benchmarks],
+                num(r["average"]),
+                num(r["delta_grpo"]),
+                *[num(r["sd"].get(b)) for b in table.benchmarks],
+                num(r["average_sd"]),
+                num(r["delta_grpo_se"]),
+                r["seeds"],
+            ]
+        )
     return buf.getvalue()
 
 
 def table_summary(table: Table) -> Mapping[str, Any]:
-    return {"rows": len(table.rows), "benchmarks": table.benchmarks,
-            "students": list(dict.fromkeys(r["student"] for r in table.rows)),
-            "seeds": max((r["seeds"] for r in table.rows), default=0)}
+    return {
+        "rows": len(table.rows),
+        "benchmarks": table.benchmarks,
+        "students": list(dict.fromkeys(r["student"] for r in table.rows)),
+        "seeds": max((r["seeds"] for r in table.rows), default=0),
+    }
 
 
 def write_report(results: Sequence[Result], out: str | Path, benchmarks: Sequence[str] | None = None) -> dict[str, Any]:
@@ -263,5 +313,10 @@ def write_report(results: Sequence[Result], out: str | Path, benchmarks: Sequenc
     md = atomic_write_text(out / "table.md", to_markdown(table))
     csv_path = atomic_write_text(out / "table.csv", to_csv(table))
     plots = plot_curves(results, out / "curves")
-    return {**table_summary(table), "markdown": str(md), "csv": str(csv_path), "curves": [str(p) for p in plots],
-            "table": to_markdown(table)}
+    return {
+        **table_summary(table),
+        "markdown": str(md),
+        "csv": str(csv_path),
+        "curves": [str(p) for p in plots],
+        "table": to_markdown(table),
+    }

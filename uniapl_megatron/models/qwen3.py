@@ -74,17 +74,21 @@ class ModelConfig:
                 if getattr(self, name):
                     raise ConfigError(f"model.{name}=true needs an FP8 recipe (model.fp8 is none)")
         if self.fp8_bf16_first_last_layers and self.fp8 == "delayed":
-            raise ConfigError("model.fp8_bf16_first_last_layers=true does not work with model.fp8=delayed (its amax "
-                              "history would be reduced wrongly across the bf16 layers); use tensorwise, blockwise "
-                              "or mxfp8")
+            raise ConfigError(
+                "model.fp8_bf16_first_last_layers=true does not work with model.fp8=delayed (its amax "
+                "history would be reduced wrongly across the bf16 layers); use tensorwise, blockwise "
+                "or mxfp8"
+            )
 
 
 def check_fp8_training(model: ModelConfig, parallel: ParallelConfig) -> None:
     """FP8 weights are updated by re-quantising the distributed optimizer's fp32 master shards; Megatron's other
     optimizer would leave them at their first values (Megatron-LM refuses the same)."""
     if model.fp8_param and not parallel.use_distributed_optimizer:
-        raise ConfigError("model.fp8_param=true needs parallel.use_distributed_optimizer=true to train (the FP8 "
-                          "weights are rebuilt from its fp32 master shards)")
+        raise ConfigError(
+            "model.fp8_param=true needs parallel.use_distributed_optimizer=true to train (the FP8 "
+            "weights are rebuilt from its fp32 master shards)"
+        )
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -93,8 +97,7 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
 
 
 def transformer_config(
-    arch: Qwen3Arch, parallel: ParallelConfig, model: ModelConfig, use_te: bool,
-    num_query_groups: int | None = None,
+    arch: Qwen3Arch, parallel: ParallelConfig, model: ModelConfig, use_te: bool, num_query_groups: int | None = None
 ) -> TransformerConfig:
     """``num_query_groups`` overrides the KV-head count Megatron uses (a checkpoint imported with KV heads
     replicated for a large TP keeps that count)."""
@@ -173,8 +176,9 @@ def _recompute_settings(model: ModelConfig) -> dict[str, Any]:
     if model.recompute == "selective":
         return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     if model.recompute == "full":
-        return dict(recompute_granularity="full", recompute_method="uniform",
-                    recompute_num_layers=model.recompute_num_layers)
+        return dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=model.recompute_num_layers
+        )
     return {}
 
 
@@ -182,10 +186,14 @@ def _fp8_settings(model: ModelConfig) -> dict[str, Any]:
     """TransformerConfig's FP8 fields for model.fp8 (first and last layers stay bf16 when asked)."""
     if model.fp8 == "none":
         return {}
-    return dict(fp8="e4m3" if model.fp8 in ("blockwise", "mxfp8") else "hybrid",
-                fp8_recipe=model.fp8, fp8_param=model.fp8_param,
-                first_last_layers_bf16=model.fp8_bf16_first_last_layers,
-                num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+    return dict(
+        fp8="e4m3" if model.fp8 in ("blockwise", "mxfp8") else "hybrid",
+        fp8_recipe=model.fp8,
+        fp8_param=model.fp8_param,
+        first_last_layers_bf16=model.fp8_bf16_first_last_layers,
+        num_layers_at_start_in_bf16=1,
+        num_layers_at_end_in_bf16=1,
+    )
 
 
 def build_model(

@@ -61,8 +61,9 @@ def fp8_hardware_problem(recipe: str, capability: tuple[int, int]) -> str | None
         return None
     have = f"{capability[0]}.{capability[1]}"
     if recipe == "mxfp8":
-        return (f"model.fp8=mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer); this GPU is {have}"
-                + (" (Hopper): use model.fp8=blockwise or tensorwise there" if tuple(capability) >= (9, 0) else ""))
+        return f"model.fp8=mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer); this GPU is {have}" + (
+            " (Hopper): use model.fp8=blockwise or tensorwise there" if tuple(capability) >= (9, 0) else ""
+        )
     return f"model.fp8={recipe} needs compute capability {need[0]}.{need[1]} or newer; this GPU is {have}"
 
 
@@ -73,7 +74,8 @@ def _te_recipe_problem(recipe: str) -> str | None:
     except Exception:  # noqa: BLE001 - reported by transformer_engine_status
         return None
     name = {"mxfp8": "check_mxfp8_support", "blockwise": "check_fp8_block_scaling_support"}.get(
-        recipe, "check_fp8_support")
+        recipe, "check_fp8_support"
+    )
     check = getattr(te_fp8, name, None)
     if check is None:
         return None
@@ -124,8 +126,10 @@ def choose_spec(spec: str, fp8: str = "none") -> bool:
         raise ConfigError(f"model.fp8={fp8!r}: expected none or one of {', '.join(FP8_ALIGN)}")
     if spec == "torch":
         if fp8 != "none":
-            raise ConfigError(f"model.fp8={fp8} runs through Transformer Engine; model.spec=torch has no FP8 "
-                              "(use model.spec te or auto)")
+            raise ConfigError(
+                f"model.fp8={fp8} runs through Transformer Engine; model.spec=torch has no FP8 "
+                "(use model.spec te or auto)"
+            )
         _log_once(logging.INFO, "model.spec=torch: torch-native layer spec (torch SDPA + RMSNorm), as configured")
         return False
     te_ok, detail = transformer_engine_status()
@@ -142,8 +146,11 @@ def choose_spec(spec: str, fp8: str = "none") -> bool:
         _log_once(logging.INFO, f"model.spec={spec}: Transformer Engine layer spec ({detail}, CUDA device present)")
         return True
     if has_cuda:  # auto on a GPU without a working TE: say so loudly, it costs FP8 and the fused kernels
-        _log_once(logging.WARNING, f"model.spec=auto: torch-native layer spec, because Transformer Engine does not "
-                                   f"import ({detail}); TE's fused kernels are off")
+        _log_once(
+            logging.WARNING,
+            f"model.spec=auto: torch-native layer spec, because Transformer Engine does not "
+            f"import ({detail}); TE's fused kernels are off",
+        )
     else:
         _log_once(logging.INFO, "model.spec=auto: torch-native layer spec (no CUDA device)")
     return False
@@ -169,9 +176,12 @@ def fused_kernels(use_te: bool) -> dict[str, bool]:
       norms are TE's or ours).
     """
     return {
-        "bias_activation_fusion": use_te, "bias_dropout_fusion": use_te, "apply_rope_fusion": use_te,
+        "bias_activation_fusion": use_te,
+        "bias_dropout_fusion": use_te,
+        "apply_rope_fusion": use_te,
         "gradient_accumulation_fusion": torch.cuda.is_available() and _apex_wgrad_kernel(),
-        "masked_softmax_fusion": False, "persist_layer_norm": False,
+        "masked_softmax_fusion": False,
+        "persist_layer_norm": False,
     }
 
 
@@ -221,8 +231,7 @@ class SDPAttention(MegatronModule):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [b, heads, s, d]; k, v: [b, groups, s, d]
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=True,
+            q, k, v, is_causal=True, scale=self.scale, dropout_p=self.dropout if self.training else 0.0, enable_gqa=True
         )
 
     def forward(
@@ -284,9 +293,13 @@ def block_spec(
         from megatron.core.extensions.transformer_engine import TENorm
 
         dense = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-        moe = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=True, qk_layernorm=True
-        ) if config.num_moe_experts else None
+        moe = (
+            get_gpt_layer_with_transformer_engine_spec(
+                num_experts=config.num_moe_experts, moe_grouped_gemm=True, qk_layernorm=True
+            )
+            if config.num_moe_experts
+            else None
+        )
         final_norm: Any = TENorm
     else:
         dense = _torch_native_layer(None)

@@ -25,12 +25,7 @@ def _check_1d(name: str, t: torch.Tensor, n: int | None = None) -> None:
 
 
 def group_advantages(
-    values: torch.Tensor,
-    group_ids: torch.Tensor,
-    *,
-    norm: str = "std",
-    leave_one_out: bool = False,
-    eps: float = 1e-6,
+    values: torch.Tensor, group_ids: torch.Tensor, *, norm: str = "std", leave_one_out: bool = False, eps: float = 1e-6
 ) -> torch.Tensor:
     """Advantages [N] of values [N] within the groups given by group_ids [N] (any integer labels)."""
     _check_1d("values", values)
@@ -83,9 +78,7 @@ def rollout_advantages(
     _check_1d("group_ids", group_ids)
     n = group_ids.numel()
     if weights.use_task_reward and task_rewards is None:
-        raise ValueError(
-            f"rollout_advantages: stage {weights.stage!r} uses the task reward; pass task_rewards"
-        )
+        raise ValueError(f"rollout_advantages: stage {weights.stage!r} uses the task reward; pass task_rewards")
     if weights.needs_discriminator and scores is None:
         raise ValueError(f"rollout_advantages: stage {weights.stage!r} uses the discriminator; pass scores")
     if task_rewards is not None:

@@ -59,9 +59,7 @@ class GlobalCounts:
         """
         tokens = _sum_over([self.demo_tokens, self.rollout_tokens], group)
         seqs = _sum_over([self.demo_seqs, self.rollout_seqs], seq_group if seq_group is not None else group)
-        return GlobalCounts(
-            demo_tokens=tokens[0], demo_seqs=seqs[0], rollout_tokens=tokens[1], rollout_seqs=seqs[1]
-        )
+        return GlobalCounts(demo_tokens=tokens[0], demo_seqs=seqs[0], rollout_tokens=tokens[1], rollout_seqs=seqs[1])
 
 
 def _sum_over(values: list[float], group: dist.ProcessGroup | None) -> list[float]:
@@ -137,12 +135,7 @@ def step_counts(
 
 
 def token_weights(
-    batch: CountableBatch,
-    counts: GlobalCounts,
-    *,
-    demos: bool,
-    mode: str,
-    norm_length: int | None = None,
+    batch: CountableBatch, counts: GlobalCounts, *, demos: bool, mode: str, norm_length: int | None = None
 ) -> torch.Tensor:
     """[T] weights such that ``(values * weights).sum()`` is this micro-batch's share of the
     step's global mean of ``values`` over one population (demos or rollouts) in ``mode``.

@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 
 from ..config_fields import FINITE, Ge, Gt, Interval, check_fields
 
-Algorithm = Literal["sft", "a_sft", "grpo", "a_grpo", "sft->grpo", "sft->a_grpo", "a_sft->a_grpo", "chord", "a_chord",
-                    "uniapl"]
+Algorithm = Literal[
+    "sft", "a_sft", "grpo", "a_grpo", "sft->grpo", "sft->a_grpo", "a_sft->a_grpo", "chord", "a_chord", "uniapl"
+]
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 """The presets, in the paper's table order."""
 
@@ -72,8 +73,12 @@ class ObjectiveConfig:
     """The constant of "seq-mean-token-sum-norm" (usually the maximum response length); required there."""
 
     # --- clipped policy gradient (PPO / GRPO, with DAPO's decoupled clip) ---
-    clip_eps_low: Annotated[float, Interval(ge=0.0, lt=1.0), FINITE,
-                            "a number in [0.0, 1.0) (the ratio's lower bound 1 - eps must stay positive)"] = 0.2
+    clip_eps_low: Annotated[
+        float,
+        Interval(ge=0.0, lt=1.0),
+        FINITE,
+        "a number in [0.0, 1.0) (the ratio's lower bound 1 - eps must stay positive)",
+    ] = 0.2
     """Lower clip: the ratio is clipped at 1 - clip_eps_low (PPO's epsilon, 0.2)."""
     clip_eps_high: Weight = 0.2
     """Upper clip: the ratio is clipped at 1 + clip_eps_high (DAPO's "clip-higher" uses 0.28)."""
@@ -110,12 +115,15 @@ class ObjectiveConfig:
         if self.mu_schedule != "constant" and self.algorithm in ("chord", "a_chord") and self.mu_decay_steps == 0:
             raise ObjectiveConfigError(
                 f"objective.mu_decay_steps: expected an integer >= 1 for the {self.mu_schedule!r} schedule of "
-                f"{self.algorithm!r}, got 0: set the updates over which mu decays, or mu_schedule: constant")
+                f"{self.algorithm!r}, got 0: set the updates over which mu decays, or mu_schedule: constant"
+            )
         if "->" in self.algorithm and self.stage_switch_step == 0:
             raise ObjectiveConfigError(
                 f"objective.stage_switch_step: expected an integer >= 1 for the staged algorithm "
-                f"{self.algorithm!r}, got 0: set the optimizer update at which the second stage starts")
+                f"{self.algorithm!r}, got 0: set the optimizer update at which the second stage starts"
+            )
         if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.agg_norm_length is None:
             raise ObjectiveConfigError(
                 "objective.agg_norm_length: expected an integer >= 1 (needed by loss_agg_mode "
-                "'seq-mean-token-sum-norm'), got None: set it to the longest response, in tokens")
+                "'seq-mean-token-sum-norm'), got None: set it to the longest response, in tokens"
+            )

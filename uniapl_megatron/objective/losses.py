@@ -47,17 +47,13 @@ class LossInputs:
     ref_logprobs: torch.Tensor | None = None  # [T] frozen reference model's log-probs (KL term)
     engine_logprobs: torch.Tensor | None = None  # [T] rollout engine's sampling log-probs (TIS)
     entropy: torch.Tensor | None = None  # [T] policy entropy at each position (entropy bonus)
-    seq_token_counts: torch.Tensor | None = (
-        None  # [S] full trained-token count per sequence (context parallel)
-    )
+    seq_token_counts: torch.Tensor | None = None  # [S] full trained-token count per sequence (context parallel)
 
     def validate(self) -> None:
         """Raise ValueError naming the field whose shape or type is wrong."""
         lp = self.logprobs
         if not isinstance(lp, torch.Tensor) or lp.dim() != 1:
-            raise ValueError(
-                f"LossInputs.logprobs: expected a 1-D tensor [T], got {getattr(lp, 'shape', lp)!r}"
-            )
+            raise ValueError(f"LossInputs.logprobs: expected a 1-D tensor [T], got {getattr(lp, 'shape', lp)!r}")
         if not lp.is_floating_point():
             raise ValueError(f"LossInputs.logprobs: expected a float tensor, got {lp.dtype}")
         t = lp.numel()
@@ -76,9 +72,7 @@ class LossInputs:
                 f"got [{int(self.seq_ids.min())}, {int(self.seq_ids.max())}]"
             )
         if t and bool(((self.loss_mask > 0) & (self.seq_ids < 0)).any()):
-            raise ValueError(
-                "LossInputs.loss_mask: a trained token has seq_id -1 (it must belong to a sequence)"
-            )
+            raise ValueError("LossInputs.loss_mask: a trained token has seq_id -1 (it must belong to a sequence)")
 
 
 def _check_shape(name: str, x: torch.Tensor | None, n: int, sym: str, like: str) -> None:
@@ -97,9 +91,7 @@ def seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> torc
     ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
     pad = total_tokens - ids.numel()
     if pad < 0:
-        raise ValueError(
-            f"seq_ids_from_cu_seqlens: cu_seqlens covers {ids.numel()} tokens > total {total_tokens}"
-        )
+        raise ValueError(f"seq_ids_from_cu_seqlens: cu_seqlens covers {ids.numel()} tokens > total {total_tokens}")
     return torch.cat([ids, torch.full((pad,), -1, dtype=ids.dtype, device=ids.device)])
 
 
@@ -271,18 +263,12 @@ def objective_loss(
     if weights.needs_rollouts and view.has_rollout_tokens:
         stage = f"stage {weights.stage!r}"
         if cfg.tis_cap is not None:
-            _require(
-                inputs, "engine_logprobs", f"tis_cap={cfg.tis_cap} corrects against the engine's log-probs"
-            )
+            _require(inputs, "engine_logprobs", f"tis_cap={cfg.tis_cap} corrects against the engine's log-probs")
         if weights.w_rl > 0:
             _require(inputs, "advantages", f"{stage} trains rollouts with w_rl={weights.w_rl}")
             add("pg", weights.w_rl, policy_gradient_term(view, inputs.advantages, cfg, "pg"))
         if weights.lambda_adv > 0:
-            _require(
-                inputs,
-                "adv_advantages",
-                f"{stage} has the adversarial term (lambda_adv={weights.lambda_adv})",
-            )
+            _require(inputs, "adv_advantages", f"{stage} has the adversarial term (lambda_adv={weights.lambda_adv})")
             add("adv", weights.lambda_adv, policy_gradient_term(view, inputs.adv_advantages, cfg, "adv"))
         if cfg.kl_coef > 0:
             _require(inputs, "ref_logprobs", f"kl_coef={cfg.kl_coef}")

@@ -113,8 +113,12 @@ def run_needs(cfg: ObjectiveConfig, total_updates: int) -> RunNeeds:
         points |= {min(cfg.stage_switch_step - 1, last), min(cfg.stage_switch_step, last)}
     ws = [resolve_weights(cfg, p) for p in sorted(points)]
     stages = tuple(dict.fromkeys(w.stage for w in ws))
-    return RunNeeds(any(w.needs_demos for w in ws), any(w.needs_rollouts for w in ws),
-                    any(w.needs_discriminator for w in ws), stages)
+    return RunNeeds(
+        any(w.needs_demos for w in ws),
+        any(w.needs_rollouts for w in ws),
+        any(w.needs_discriminator for w in ws),
+        stages,
+    )
 
 
 def resolve_weights(cfg: ObjectiveConfig, step: int) -> StepWeights:

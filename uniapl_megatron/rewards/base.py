@@ -72,8 +72,9 @@ def available_rewards() -> list[str]:
     return REWARDS.names()
 
 
-def build_reward(name: str, options: Mapping[str, Any] | None = None, timeout_s: float = 10.0,
-                 workers: int = 2) -> Reward:
+def build_reward(
+    name: str, options: Mapping[str, Any] | None = None, timeout_s: float = 10.0, workers: int = 2
+) -> Reward:
     """Build the reward registered as ``name``, with ``options`` as its config fields.
 
     With ``timeout_s`` > 0 (the default) every sample is scored in a warm pool of ``workers`` processes

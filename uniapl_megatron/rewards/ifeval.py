@@ -54,8 +54,17 @@ AGGREGATES = ("all", "fraction")
 # Expected JSON types of the checkers' arguments (upstream does not check them, and e.g. a
 # string where a list of keywords belongs would silently check each character).
 _INT_ARGS = {
-    "num_sentences", "num_placeholders", "num_bullets", "num_highlights", "num_sections",
-    "num_paragraphs", "frequency", "num_words", "nth_paragraph", "let_frequency", "capital_frequency",
+    "num_sentences",
+    "num_placeholders",
+    "num_bullets",
+    "num_highlights",
+    "num_sections",
+    "num_paragraphs",
+    "frequency",
+    "num_words",
+    "nth_paragraph",
+    "let_frequency",
+    "capital_frequency",
 }
 _LIST_ARGS = {"keywords", "forbidden_words"}
 
@@ -96,9 +105,7 @@ def _check_arg(where: str, iid: str, name: str, value: Any) -> None:
         return
     if name in _INT_ARGS and (not isinstance(value, int) or isinstance(value, bool)):
         raise PromptRowError(f"{where}: {iid}: argument {name!r} must be an integer, got {value!r}")
-    if name in _LIST_ARGS and (
-        not isinstance(value, list) or not all(isinstance(v, str) for v in value)
-    ):
+    if name in _LIST_ARGS and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
         raise PromptRowError(f"{where}: {iid}: argument {name!r} must be a list of strings, got {value!r}")
     if name not in _INT_ARGS | _LIST_ARGS and not isinstance(value, str):
         raise PromptRowError(f"{where}: {iid}: argument {name!r} must be a string, got {value!r}")
@@ -126,8 +133,13 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "ifeval": Family("ifeval", lambda: INSTRUCTION_DICT, lambda kw: {k: v for k, v in kw.items() if v},
-                     _ifeval_kwargs, lambda ids: None),
+    "ifeval": Family(
+        "ifeval",
+        lambda: INSTRUCTION_DICT,
+        lambda kw: {k: v for k, v in kw.items() if v},
+        _ifeval_kwargs,
+        lambda ids: None,
+    ),
     "ifbench": Family("ifbench", ifbench.registry, ifbench.drop_kwargs, ifbench.check_kwargs, ifbench.require_data),
 }
 ALL_FAMILIES = tuple(FAMILIES)
@@ -158,7 +170,8 @@ def validate_prompt_row(row: Any, where: str, families: Sequence[str] = ALL_FAMI
         raise PromptRowError(f"{where}: 'kwargs' must be a list of dicts (one per instruction), got {kwargs!r}")
     if len(kwargs) != len(ids):
         raise PromptRowError(
-            f"{where}: 'kwargs' has {len(kwargs)} entries but 'instruction_id_list' has {len(ids)}; expected one dict per instruction"
+            f"{where}: 'kwargs' has {len(kwargs)} entries but 'instruction_id_list' has {len(ids)}; "
+            "expected one dict per instruction"
         )
     if "prompt" in row and not isinstance(row["prompt"], str):
         raise PromptRowError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
@@ -195,8 +208,7 @@ class InstructionChecker:
         if not isinstance(row, Mapping):
             validate_prompt_row(row, where)  # raises with a clear message
         cache_key = json.dumps(
-            [row.get("instruction_id_list"), row.get("kwargs"), row.get("prompt")],
-            sort_keys=True, default=repr,
+            [row.get("instruction_id_list"), row.get("kwargs"), row.get("prompt")], sort_keys=True, default=repr
         )
         built = self._cache.get(cache_key)
         if built is not None:
@@ -240,7 +252,9 @@ class InstructionChecker:
             log.warning("checker %s raised %r; counted as not followed", checker.id, exc)
             return False
 
-    def check(self, row: Mapping[str, Any], response: str, mode: str = "strict", where: str = "prompt row") -> list[bool]:
+    def check(
+        self, row: Mapping[str, Any], response: str, mode: str = "strict", where: str = "prompt row"
+    ) -> list[bool]:
         """One bool per instruction of ``row``: does ``response`` follow it (IFEval strict or loose)."""
         if not isinstance(response, str):
             raise PromptRowError(f"{where}: response must be a string, got {type(response).__name__}")
@@ -276,8 +290,9 @@ class IFEvalRewardConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RewardConfigError(f"reward ifeval: seed must be an integer, got {self.seed!r}")
         if not self.families or not set(self.families) <= set(FAMILIES):
-            raise RewardConfigError(f"reward ifeval: families must be a non-empty list of {list(FAMILIES)}, "
-                                    f"got {self.families!r}")
+            raise RewardConfigError(
+                f"reward ifeval: families must be a non-empty list of {list(FAMILIES)}, got {self.families!r}"
+            )
 
 
 class IFEvalReward(RewardBase):
@@ -292,7 +307,9 @@ class IFEvalReward(RewardBase):
     def follow_lists(self, prompts: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[list[bool]]:
         """Per prompt, one bool per instruction."""
         if len(prompts) != len(responses):
-            raise PromptRowError(f"got {len(prompts)} prompt rows but {len(responses)} responses; expected one response per row")
+            raise PromptRowError(
+                f"got {len(prompts)} prompt rows but {len(responses)} responses; expected one response per row"
+            )
         return [
             self.checker.check(row, resp, self.config.mode, where=_where(row, i))
             for i, (row, resp) in enumerate(zip(prompts, responses))

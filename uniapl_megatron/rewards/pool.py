@@ -60,8 +60,9 @@ def _clip(text: Any) -> str:
 class TimedReward(RewardBase):
     """A registered reward, scored sample by sample in killable worker processes with a time limit."""
 
-    def __init__(self, name: str, factory: Callable[[Any], Any], config: Any, timeout_s: float,
-                 workers: int = 2) -> None:
+    def __init__(
+        self, name: str, factory: Callable[[Any], Any], config: Any, timeout_s: float, workers: int = 2
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"reward {name!r}: timeout_s must be > 0 for a pool, got {timeout_s}")
         if workers < 1:
@@ -96,13 +97,16 @@ class TimedReward(RewardBase):
 
     def score(self, prompts: list[dict], responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):
-            raise PromptRowError(f"got {len(prompts)} prompt rows but {len(responses)} responses; expected one "
-                                 f"response per row")
+            raise PromptRowError(
+                f"got {len(prompts)} prompt rows but {len(responses)} responses; expected one response per row"
+            )
         from pebble import ProcessExpired
 
         pool = self._ensure_pool()
-        futures = [pool.schedule(_score_one, args=(self.factory, self.config, p, r), timeout=self.timeout_s)
-                   for p, r in zip(prompts, responses)]
+        futures = [
+            pool.schedule(_score_one, args=(self.factory, self.config, p, r), timeout=self.timeout_s)
+            for p, r in zip(prompts, responses)
+        ]
         out = []
         try:
             for i, (fut, p, r) in enumerate(zip(futures, prompts, responses)):
@@ -126,13 +130,21 @@ class TimedReward(RewardBase):
         else:
             self.crashes += 1
         text = prompt.get("prompt", prompt) if isinstance(prompt, dict) else prompt
-        log.warning("reward %s: sample %d %s; it scores 0. prompt: %s | response: %s", self.name, i, why,
-                    _clip(text), _clip(response))
+        log.warning(
+            "reward %s: sample %d %s; it scores 0. prompt: %s | response: %s",
+            self.name,
+            i,
+            why,
+            _clip(text),
+            _clip(response),
+        )
 
     def take_stats(self) -> dict[str, float]:
         """``reward/timeouts`` and ``reward/worker_crashes`` since the last call."""
-        out = {"reward/timeouts": float(self._stats["timeouts"]),
-               "reward/worker_crashes": float(self._stats["crashes"])}
+        out = {
+            "reward/timeouts": float(self._stats["timeouts"]),
+            "reward/worker_crashes": float(self._stats["crashes"]),
+        }
         self._stats = {"timeouts": 0, "crashes": 0}
         return out
 

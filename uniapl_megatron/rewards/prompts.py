@@ -7,7 +7,8 @@ instructions are never combined (the checkers' own conflict table, made symmetri
 
 Decontamination (on lower-cased words, punctuation dropped): a prompt is rejected when it equals
 an evaluation prompt (IFEval's 541 or IFBench's 294), or when its own text -- what is left once its
-constraint descriptions are masked out, since those are the checkers' templates and shared with IFEval by design -- shares
+constraint descriptions are masked out, since those are the checkers' templates and shared with IFEval by design --
+shares
 an 8-word sequence with one, or, where a piece of it has 4 to 7 words, occurs
 whole inside one.
 
@@ -25,12 +26,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from lm_eval.tasks.ifeval import instructions_registry  # noqa: E402  (imported after ifeval set nltk up)
+
 from uniapl_megatron.eval.io import write_jsonl
 from uniapl_megatron.rewards.base import PromptRowError
 from uniapl_megatron.rewards.ifeval import INSTRUCTION_DICT, INSTRUCTION_IDS, InstructionChecker, family_of
 from uniapl_megatron.rewards.seed_tasks import SEED_TASKS
-
-from lm_eval.tasks.ifeval import instructions_registry  # noqa: E402  (imported after ifeval set nltk up)
 
 _REPEAT = "combination:repeat_prompt"
 _MIN_PIECE = 4  # shorter leftover pieces of a prompt are not compared
@@ -239,7 +240,12 @@ def generate_training_prompts(
     deco = decontaminator or eval_decontaminator()
     tasks = list(config.seed_tasks) or list(SEED_TASKS)
     clean_tasks = [t for t in tasks if deco.reason(t) is None]
-    stats = {"seed_tasks": len(tasks), "seed_tasks_contaminated": len(tasks) - len(clean_tasks), "rows_contaminated": 0, "duplicates": 0}
+    stats = {
+        "seed_tasks": len(tasks),
+        "seed_tasks_contaminated": len(tasks) - len(clean_tasks),
+        "rows_contaminated": 0,
+        "duplicates": 0,
+    }
     if not clean_tasks:
         raise ValueError("every seed task matches an evaluation prompt; nothing to generate from")
     pool = [i for i in INSTRUCTION_IDS if i not in set(config.exclude)]
@@ -278,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = PromptGenConfig(
-            num_prompts=args.num, seed=args.seed, exclude=args.exclude,
-            min_instructions=args.min_instructions, max_instructions=args.max_instructions,
+            num_prompts=args.num,
+            seed=args.seed,
+            exclude=args.exclude,
+            min_instructions=args.min_instructions,
+            max_instructions=args.max_instructions,
         )
         rows, stats = generate_training_prompts(cfg)
         write_jsonl(rows, args.out)

@@ -35,14 +35,22 @@ from uniapl_megatron.rewards.prompts import describe
 # topic -> three adjectives; "I think the <topic> is <a>, <b> and <c>." (langdetect reads every
 # variant, lower- or upper-case, as English, which the case checkers require)
 TOPICS: dict[str, tuple[str, str, str]] = {
-    "cat": ("small", "soft", "calm"), "dog": ("loyal", "happy", "kind"),
-    "sun": ("hot", "bright", "big"), "moon": ("pale", "round", "far"),
-    "tree": ("tall", "green", "old"), "river": ("long", "cold", "wide"),
-    "bird": ("small", "quick", "free"), "city": ("big", "busy", "loud"),
-    "book": ("old", "good", "long"), "apple": ("red", "sweet", "fresh"),
-    "car": ("fast", "new", "loud"), "house": ("warm", "quiet", "safe"),
-    "sea": ("deep", "blue", "wide"), "rain": ("wet", "cold", "soft"),
-    "snow": ("white", "cold", "soft"), "garden": ("green", "quiet", "pretty"),
+    "cat": ("small", "soft", "calm"),
+    "dog": ("loyal", "happy", "kind"),
+    "sun": ("hot", "bright", "big"),
+    "moon": ("pale", "round", "far"),
+    "tree": ("tall", "green", "old"),
+    "river": ("long", "cold", "wide"),
+    "bird": ("small", "quick", "free"),
+    "city": ("big", "busy", "loud"),
+    "book": ("old", "good", "long"),
+    "apple": ("red", "sweet", "fresh"),
+    "car": ("fast", "new", "loud"),
+    "house": ("warm", "quiet", "safe"),
+    "sea": ("deep", "blue", "wide"),
+    "rain": ("wet", "cold", "soft"),
+    "snow": ("white", "cold", "soft"),
+    "garden": ("green", "quiet", "pretty"),
 }
 PHRASINGS = ("Describe the {topic}.", "Tell me about the {topic}.", "Write a sentence about the {topic}.")
 KEYWORDS = ("very", "really", "always", "truly")
@@ -101,7 +109,9 @@ def make_row(topic: str, phrasing: int, cset: tuple[str, ...], rng: random.Rando
     ids, kwargs = [], []
     for name in cset:
         ids.append(CONSTRAINTS[name])
-        kwargs.append({"keywords": [keyword]} if name == "keyword" else {"end_phrase": end_phrase} if name == "end" else {})
+        kwargs.append(
+            {"keywords": [keyword]} if name == "keyword" else {"end_phrase": end_phrase} if name == "end" else {}
+        )
     prompt = " ".join([PHRASINGS[phrasing].format(topic=topic), *describe(ids, kwargs)])
     return {
         "prompt": prompt,
@@ -133,8 +143,13 @@ class SyntheticConfig:
 
 def split_combinations(split: str, eval_fraction: float = 0.1) -> list[tuple[str, int, tuple[str, ...]]]:
     """The (topic, phrasing, constraint set) combinations of one side of the split, in a fixed order."""
-    return [(t, p, c) for t in TOPICS for p in range(len(PHRASINGS)) for c in constraint_sets()
-            if _split_of(t, p, c, eval_fraction) == split]
+    return [
+        (t, p, c)
+        for t in TOPICS
+        for p in range(len(PHRASINGS))
+        for c in constraint_sets()
+        if _split_of(t, p, c, eval_fraction) == split
+    ]
 
 
 def generate_synthetic(config: SyntheticConfig) -> list[dict[str, Any]]:

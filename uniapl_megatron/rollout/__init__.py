@@ -31,5 +31,16 @@ def start_engine(config: RolloutConfig) -> RolloutEngine:
     return ENGINES.get(config.engine, "rollout.engine")(config)
 
 
-__all__ = ["ENGINES", "EngineBase", "EngineNeedsWeights", "RolloutBatch", "RolloutConfig", "RolloutConfigError",
-           "RolloutEngine", "Sample", "SamplingParams", "build_engine", "start_engine"]
+__all__ = [
+    "ENGINES",
+    "EngineBase",
+    "EngineNeedsWeights",
+    "RolloutBatch",
+    "RolloutConfig",
+    "RolloutConfigError",
+    "RolloutEngine",
+    "Sample",
+    "SamplingParams",
+    "build_engine",
+    "start_engine",
+]

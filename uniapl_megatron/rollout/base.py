@@ -90,8 +90,15 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None:
         """Stop; leave no processes, sockets or cache folders behind."""
 
-    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
-                rank_offset: int = 1) -> None:
+    def connect(
+        self,
+        host: str,
+        port: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+        rank_offset: int = 1,
+    ) -> None:
         """receives_broadcast engines: join the sender's broadcast group (sender = rank 0 at host:port)."""
 
     def receive_weights(self, src: int = 0) -> None:
@@ -112,8 +119,15 @@ class EngineBase:
         """Refuse (rollout.placement.PlacementError, naming the field) a colocated layout this engine cannot run.
         Called by the trainer before any engine starts."""
 
-    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
-                rank_offset: int = 1) -> None:
+    def connect(
+        self,
+        host: str,
+        port: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+        rank_offset: int = 1,
+    ) -> None:
         """Only receives_broadcast engines join a broadcast group."""
         raise NotImplementedError(f"{type(self).__name__} does not join a weight broadcast (receives_broadcast)")
 

@@ -106,11 +106,14 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         check_fields(self, "rollout", RolloutConfigError)
         if self.mode == "disaggregated" and self.num_nodes < 1:
-            raise RolloutConfigError(f"rollout.num_nodes={self.num_nodes} with mode 'disaggregated': set it to the "
-                                     "number of nodes that run `uniapl rollout` (>= 1; the servers to wait for)")
+            raise RolloutConfigError(
+                f"rollout.num_nodes={self.num_nodes} with mode 'disaggregated': set it to the "
+                "number of nodes that run `uniapl rollout` (>= 1; the servers to wait for)"
+            )
         if self.work_dir and os.path.exists(self.work_dir) and not os.path.isdir(self.work_dir):
-            raise RolloutConfigError(f"rollout.work_dir={self.work_dir!r} is a file: give a folder, or a path that "
-                                     "does not exist yet")
+            raise RolloutConfigError(
+                f"rollout.work_dir={self.work_dir!r} is a file: give a folder, or a path that does not exist yet"
+            )
 
 
 CONTROL_PORT_OFFSET = 17  # $MASTER_PORT + this: the disaggregated control channel (weights: a port it names)
@@ -123,8 +126,10 @@ def control_address(cfg: RolloutConfig) -> tuple[str, int]:
         return host, cfg.control_port
     master = os.environ.get("MASTER_PORT", "")
     if not master.isdigit():
-        raise RolloutConfigError("rollout.control_port: not set and $MASTER_PORT is not a port number "
-                                 f"({master!r}); set one of them (the same on the trainer and the rollout side)")
+        raise RolloutConfigError(
+            "rollout.control_port: not set and $MASTER_PORT is not a port number "
+            f"({master!r}); set one of them (the same on the trainer and the rollout side)"
+        )
     return host, int(master) + CONTROL_PORT_OFFSET
 
 

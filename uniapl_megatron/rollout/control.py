@@ -80,9 +80,11 @@ def connect(host: str, port: int, timeout_s: float, peer: str = "the trainer") -
         except OSError as e:
             last = e
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    raise TimeoutError(f"cannot reach {peer} at {host}:{port} within {timeout_s:g} s (last error: {last}); is "
-                       f"`uniapl train` running with rollout.mode=disaggregated and the same rollout.control_host/"
-                       f"control_port (or MASTER_ADDR / MASTER_PORT)?")
+    raise TimeoutError(
+        f"cannot reach {peer} at {host}:{port} within {timeout_s:g} s (last error: {last}); is "
+        f"`uniapl train` running with rollout.mode=disaggregated and the same rollout.control_host/"
+        f"control_port (or MASTER_ADDR / MASTER_PORT)?"
+    )
 
 
 def params_to_dict(params: SamplingParams) -> dict[str, Any]:
@@ -108,7 +110,11 @@ def sample_to_list(s: Sample) -> list[Any]:
 def sample_from_list(x: Any, offset: int, peer: str) -> Sample:
     try:
         i, ids, lps, reason = x
-        return Sample(prompt_index=int(i) + offset, token_ids=[int(t) for t in ids],
-                      logprobs=[float(v) for v in lps], finish_reason=str(reason))
+        return Sample(
+            prompt_index=int(i) + offset,
+            token_ids=[int(t) for t in ids],
+            logprobs=[float(v) for v in lps],
+            finish_reason=str(reason),
+        )
     except (TypeError, ValueError) as e:
         raise ControlError(f"control channel to {peer}: malformed sample {str(x)[:200]}") from e

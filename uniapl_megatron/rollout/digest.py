@@ -69,7 +69,7 @@ def product(t: torch.Tensor) -> torch.Tensor:
     if w.dtype == torch.float32:
         return w @ x
     rows = max(1, _BLOCK_ELEMENTS // w.shape[1])
-    return torch.cat([w[i:i + rows].to(torch.float32) @ x for i in range(0, w.shape[0], rows)])
+    return torch.cat([w[i : i + rows].to(torch.float32) @ x for i in range(0, w.shape[0], rows)])
 
 
 def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> Digest:
@@ -86,8 +86,9 @@ class SentDigests(dict):
     seconds: float = 0.0
 
 
-def digest_stream(tensors: Iterable[tuple[str, torch.Tensor]], into: SentDigests,
-                  dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def digest_stream(
+    tensors: Iterable[tuple[str, torch.Tensor]], into: SentDigests, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass (name, tensor) pairs through, recording each tensor's digest (before the engine sees it)."""
     for name, t in tensors:
         t0 = time.perf_counter()
@@ -96,8 +97,9 @@ def digest_stream(tensors: Iterable[tuple[str, torch.Tensor]], into: SentDigests
         yield name, t
 
 
-def compare(sent: dict[str, Digest], held: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype,
-            engine: str) -> list[str]:
+def compare(
+    sent: dict[str, Digest], held: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, engine: str
+) -> list[str]:
     """Mismatches, one line each, of the tensors the engine could digest (see unverified()): (v, read) per
     HF name from the engine, v compared row by row within the tolerance of a read copy or a probe."""
     bad = []
@@ -113,8 +115,10 @@ def compare(sent: dict[str, Digest], held: dict[str, tuple[torch.Tensor, bool]],
             row = int(((got - want).abs() / scale).argmax()) if got.shape == want.shape else -1
             a, b = reduce(got)
             c, d = reduce(want)
-            bad.append(f"{name}: {engine} holds digest ({a:.9g}, {b:.9g}) ({how}; first differing row {row}), "
-                       f"the trainer sent ({c:.9g}, {d:.9g})")
+            bad.append(
+                f"{name}: {engine} holds digest ({a:.9g}, {b:.9g}) ({how}; first differing row {row}), "
+                f"the trainer sent ({c:.9g}, {d:.9g})"
+            )
     return bad
 
 

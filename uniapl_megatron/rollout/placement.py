@@ -60,39 +60,58 @@ def shard_device(local_rank: int, local_world_size: int, visible: list[str]) -> 
     if len(visible) == 1:
         return "cuda:0"
     if len(visible) < local_world_size:
-        raise PlacementError(f"{local_world_size} ranks on this node but {len(visible)} visible GPUs "
-                             f"({','.join(visible)}): two ranks would share a GPU")
+        raise PlacementError(
+            f"{local_world_size} ranks on this node but {len(visible)} visible GPUs "
+            f"({','.join(visible)}): two ranks would share a GPU"
+        )
     return f"cuda:{local_rank}"
 
 
-def place_colocated(rank: int, world_size: int, local_rank: int, local_world_size: int, visible: list[str],
-                    train_tp: int, rollout_tp: int) -> EnginePlacement:
+def place_colocated(
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    local_world_size: int,
+    visible: list[str],
+    train_tp: int,
+    rollout_tp: int,
+) -> EnginePlacement:
     """This rank's engine, shard and device when every rollout-TP group of training ranks runs one engine.
 
     Refused (PlacementError): rollout TP that does not divide the world size, or that spans nodes (an
     engine's shards must be the GPUs of its own ranks, on one node), and GPU visibility that would put two
     ranks on one GPU."""
-    for name, v in (("rollout.tensor_parallel_size", rollout_tp), ("parallel.tensor_model_parallel_size", train_tp),
-                    ("world size", world_size), ("ranks per node", local_world_size)):
+    for name, v in (
+        ("rollout.tensor_parallel_size", rollout_tp),
+        ("parallel.tensor_model_parallel_size", train_tp),
+        ("world size", world_size),
+        ("ranks per node", local_world_size),
+    ):
         if not isinstance(v, int) or v < 1:
             raise PlacementError(f"{name}: expected an integer >= 1, got {v!r}")
     if not 0 <= rank < world_size or not 0 <= local_rank < local_world_size:
-        raise PlacementError(f"rank {rank} / local rank {local_rank} outside world {world_size} / node "
-                             f"{local_world_size}")
+        raise PlacementError(
+            f"rank {rank} / local rank {local_rank} outside world {world_size} / node {local_world_size}"
+        )
     if world_size % rollout_tp:
-        raise PlacementError(f"rollout.tensor_parallel_size={rollout_tp} does not divide the {world_size} training "
-                             f"ranks: colocated engines are groups of that many ranks")
+        raise PlacementError(
+            f"rollout.tensor_parallel_size={rollout_tp} does not divide the {world_size} training "
+            f"ranks: colocated engines are groups of that many ranks"
+        )
     if local_world_size % rollout_tp:
-        raise PlacementError(f"rollout.tensor_parallel_size={rollout_tp} does not divide the {local_world_size} "
-                             f"ranks of a node: an engine would span two nodes (use at most {local_world_size}, "
-                             f"a divisor of it)")
+        raise PlacementError(
+            f"rollout.tensor_parallel_size={rollout_tp} does not divide the {local_world_size} "
+            f"ranks of a node: an engine would span two nodes (use at most {local_world_size}, "
+            f"a divisor of it)"
+        )
     device = shard_device(local_rank, local_world_size, visible)
     engine, shard = divmod(rank, rollout_tp)
     ranks = tuple(range(engine * rollout_tp, (engine + 1) * rollout_tp))
     node_gpus = tuple(local_rank - shard + s for s in range(rollout_tp)) if visible else ()
     first_tp, last_tp = ranks[0] // train_tp * train_tp, (ranks[-1] // train_tp + 1) * train_tp
-    return EnginePlacement(engine, world_size // rollout_tp, ranks, shard, device, node_gpus,
-                           tuple(range(first_tp, last_tp)))
+    return EnginePlacement(
+        engine, world_size // rollout_tp, ranks, shard, device, node_gpus, tuple(range(first_tp, last_tp))
+    )
 
 
 def place_disaggregated(num_nodes: int, gpus_per_node: int, rollout_tp: int) -> list[tuple[int, tuple[int, ...]]]:
@@ -103,10 +122,11 @@ def place_disaggregated(num_nodes: int, gpus_per_node: int, rollout_tp: int) -> 
     if gpus_per_node == 0:
         return [(n, ()) for n in range(num_nodes)]
     if gpus_per_node % rollout_tp:
-        raise PlacementError(f"rollout.tensor_parallel_size={rollout_tp} does not divide the {gpus_per_node} GPUs "
-                             f"of a rollout node: some GPUs would stay idle or an engine would span nodes")
-    return [(n, tuple(range(g, g + rollout_tp))) for n in range(num_nodes)
-            for g in range(0, gpus_per_node, rollout_tp)]
+        raise PlacementError(
+            f"rollout.tensor_parallel_size={rollout_tp} does not divide the {gpus_per_node} GPUs "
+            f"of a rollout node: some GPUs would stay idle or an engine would span nodes"
+        )
+    return [(n, tuple(range(g, g + rollout_tp))) for n in range(num_nodes) for g in range(0, gpus_per_node, rollout_tp)]
 
 
 def server_devices(local_id: int, rollout_tp: int, visible: str | None) -> list[str] | None:
@@ -120,8 +140,10 @@ def server_devices(local_id: int, rollout_tp: int, visible: str | None) -> list[
         return gpus
     lo = local_id * rollout_tp
     if len(gpus) % rollout_tp or lo + rollout_tp > len(gpus):
-        raise PlacementError(f"rollout server {local_id} of its node with rollout.tensor_parallel_size="
-                             f"{rollout_tp} needs GPUs {lo}..{lo + rollout_tp - 1} of the node, but the task sees "
-                             f"{len(gpus)} (CUDA_VISIBLE_DEVICES={visible}): start (GPUs per node / TP) servers "
-                             f"per node")
-    return gpus[lo: lo + rollout_tp]
+        raise PlacementError(
+            f"rollout server {local_id} of its node with rollout.tensor_parallel_size="
+            f"{rollout_tp} needs GPUs {lo}..{lo + rollout_tp - 1} of the node, but the task sees "
+            f"{len(gpus)} (CUDA_VISIBLE_DEVICES={visible}): start (GPUs per node / TP) servers "
+            f"per node"
+        )
+    return gpus[lo : lo + rollout_tp]

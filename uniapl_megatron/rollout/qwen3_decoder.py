@@ -51,8 +51,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                mask: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         d, kv = self.head_dim, self.kv_heads
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
@@ -66,7 +74,7 @@ class Attention(nn.Module):
         # (transformers' repeat_kv), so the G heads of one KV head attend as G*t rows of that head (`mask` is
         # already repeated G times along its rows).
         q = q.reshape(b, kv, self.heads // kv * t, d)
-        out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=d ** -0.5)
+        out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=d**-0.5)
         return self.o_proj(out.view(b, self.heads, t, d).transpose(1, 2).reshape(b, t, self.heads * d))
 
 
@@ -93,8 +101,10 @@ class Layer(nn.Module):
 
 
 # Fused parameters and the HF parameters they hold, in row order: (fused name, HF names).
-_FUSED = (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-          ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
+_FUSED = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
 
 
 def _rope_theta(cfg: Any) -> float:
@@ -102,8 +112,9 @@ def _rope_theta(cfg: Any) -> float:
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise ValueError(f"rollout.engine 'torch': rope_type {kind!r} is not implemented (only 'default'); "
-                         f"use rollout.engine: vllm")
+        raise ValueError(
+            f"rollout.engine 'torch': rope_type {kind!r} is not implemented (only 'default'); use rollout.engine: vllm"
+        )
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
@@ -113,8 +124,10 @@ class Qwen3Decoder(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"rollout.engine 'torch': model_type {cfg.model_type!r} is not supported (supported: "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}); use rollout.engine: vllm")
+            raise ValueError(
+                f"rollout.engine 'torch': model_type {cfg.model_type!r} is not supported (supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}); use rollout.engine: vllm"
+            )
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("rollout.engine 'torch': use_sliding_window is not implemented; use rollout.engine: vllm")
         theta = _rope_theta(cfg)
@@ -166,8 +179,9 @@ class Qwen3Decoder(nn.Module):
     def release_cache(self) -> None:
         self.cache_k, self.cache_v = [], []
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                pads: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, pads: torch.Tensor
+    ) -> torch.Tensor:
         """ids, positions [B, T]: tokens and their RoPE positions, written to cache slots `slots` [T]; a row's
         first `pads[b]` slots are left padding. Returns the logits of the last of the T positions, [B, V]."""
         length = self.cache_k[0].shape[2]

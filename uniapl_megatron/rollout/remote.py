@@ -51,8 +51,10 @@ class RemoteRolloutEngine(EngineBase):
         try:
             self._listener = socket.create_server(("", self.port))
         except OSError as e:
-            raise ControlError(f"rollout: cannot listen on port {self.port} for the rollout servers "
-                               f"(rollout.control_port / MASTER_PORT + 17): {e}") from e
+            raise ControlError(
+                f"rollout: cannot listen on port {self.port} for the rollout servers "
+                f"(rollout.control_port / MASTER_PORT + 17): {e}"
+            ) from e
         try:
             self._accept_servers()
         except BaseException:
@@ -79,7 +81,8 @@ class RemoteRolloutEngine(EngineBase):
                     f"to the trainer at {self.host}:{self.port} within {self.timeout_s:g} s "
                     f"(rollout.connect_timeout_s); start `uniapl rollout CONFIG` with the same config and overrides "
                     f"(slurm/_launch.sh does, one per rollout-TP group of GPUs of the last rollout.num_nodes "
-                    f"nodes)") from None
+                    f"nodes)"
+                ) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Conn(sock, f"rollout server at {addr[0]}:{addr[1]}")
             msg = conn.recv(max(deadline - time.monotonic(), 1.0))  # the server starts its engine first
@@ -89,8 +92,10 @@ class RemoteRolloutEngine(EngineBase):
             servers = msg.get("servers", nodes)
             if not isinstance(servers, int) or servers < nodes or servers % nodes or want not in (None, servers):
                 conn.close()
-                raise ControlError(f"{conn.peer}: says there are {servers!r} rollout servers; expected the same "
-                                   f"number from every server, a multiple of rollout.num_nodes={nodes}")
+                raise ControlError(
+                    f"{conn.peer}: says there are {servers!r} rollout servers; expected the same "
+                    f"number from every server, a multiple of rollout.num_nodes={nodes}"
+                )
             want = servers
             if msg["rank"] in ready or not 0 <= msg["rank"] < want:
                 conn.close()
@@ -127,8 +132,16 @@ class RemoteRolloutEngine(EngineBase):
         port, world = _free_port(), 1 + sum(tp for _, tp in self._servers)
         msgs, offset = [], 1
         for _, tp in self._servers:
-            msgs.append({"op": "connect", "host": self.host, "port": port, "world_size": world, "rank_offset": offset,
-                         "backend": self._backend})
+            msgs.append(
+                {
+                    "op": "connect",
+                    "host": self.host,
+                    "port": port,
+                    "world_size": world,
+                    "rank_offset": offset,
+                    "backend": self._backend,
+                }
+            )
             offset += tp
         for (conn, _), msg in zip(self._servers, msgs):
             conn.send(msg)
@@ -173,9 +186,16 @@ class RemoteRolloutEngine(EngineBase):
         carries its first prompt's index, so the samples do not depend on rollout.num_nodes."""
         n = len(self._servers)
         bounds = split_bounds(len(prompts), n)
-        msgs = [{"op": "generate", "prompts": [[int(t) for t in p] for p in prompts[bounds[k]: bounds[k + 1]]],
-                 "params": params_to_dict(dataclasses.replace(
-                     params, prompt_index_offset=params.prompt_index_offset + bounds[k]))} for k in range(n)]
+        msgs = [
+            {
+                "op": "generate",
+                "prompts": [[int(t) for t in p] for p in prompts[bounds[k] : bounds[k + 1]]],
+                "params": params_to_dict(
+                    dataclasses.replace(params, prompt_index_offset=params.prompt_index_offset + bounds[k])
+                ),
+            }
+            for k in range(n)
+        ]
         answers = self._ask_all(msgs)  # a server with no prompts answers at once
         self._check(answers, "generate")
         batch = RolloutBatch()

@@ -18,8 +18,9 @@ _M64 = (1 << 64) - 1
 _M32 = 0xFFFFFFFF
 
 
-def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int,
-                  max_model_len: int) -> None:
+def check_request(
+    prompts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int, max_model_len: int
+) -> None:
     """Raise ValueError naming the bad field or prompt; engines call this before any work."""
 
     def bad(field: str, expected: str, value: object) -> ValueError:
@@ -46,8 +47,10 @@ def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, voca
         if len(p) == 0:
             raise ValueError(f"prompt {i}: empty (at least one token id is needed)")
         if len(p) + params.max_new_tokens > max_model_len:
-            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
-                             f"max_model_len {max_model_len} (rollout.max_model_len)")
+            raise ValueError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
+                f"max_model_len {max_model_len} (rollout.max_model_len)"
+            )
         for t in p:
             if not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise ValueError(f"prompt {i}: token id {t!r} is not in [0, {vocab_size})")
@@ -111,8 +114,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
-                step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, step: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token and its log-prob for each row, from raw last-position logits [B, V].
 
     The log-prob is that of the distribution sampled from: temperature-scaled, then top-k/top-p filtered
@@ -128,8 +132,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tenso
     return token, logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
-def inverse_cdf_draw(logweights: torch.Tensor, u: torch.Tensor,
-                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_cdf_draw(
+    logweights: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of fp32 log-weights [B, V] (log-probs up to a per-row constant; filtered tokens at
     -inf, the largest entry not far above 0), from one uniform in [0, 1) per row; also each row's total weight.
 

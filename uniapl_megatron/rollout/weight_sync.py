@@ -27,8 +27,21 @@ import torch.distributed as dist
 NamedTensor = tuple[str, torch.Tensor]
 WeightsSource = Callable[[], Iterable[NamedTensor]]
 _ALIGN = 64  # byte alignment of each tensor inside a bucket (any dtype view is then aligned)
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
-                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d): d
+    for d in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 if hasattr(torch, "float8_e4m3fn"):
     _DTYPES.update({str(d): d for d in (torch.float8_e4m3fn, torch.float8_e5m2)})
 
@@ -56,8 +69,9 @@ def bucketize(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterat
     size = 0
     for name, t in named_tensors:
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise WeightSyncError(f"weights must be (str, torch.Tensor) pairs, got ({type(name).__name__}, "
-                                  f"{type(t).__name__})")
+            raise WeightSyncError(
+                f"weights must be (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(t).__name__})"
+            )
         n = _aligned(nbytes(t))
         if bucket and size + n > bucket_bytes:
             yield bucket
@@ -123,8 +137,16 @@ class WeightChannel:
     (tensors on `device`).
     """
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
-                 device: str | torch.device = "cpu", timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        device: str | torch.device = "cpu",
+        timeout_s: float = 600.0,
+    ) -> None:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
         if not 0 <= rank < world_size:
@@ -135,8 +157,9 @@ class WeightChannel:
         try:
             self._store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         except Exception as e:  # noqa: BLE001 - the store's own errors do not say which address
-            raise WeightSyncError(f"weight channel: cannot reach the store at {host}:{port} as rank {rank} "
-                                  f"of {world_size}: {e}") from e
+            raise WeightSyncError(
+                f"weight channel: cannot reach the store at {host}:{port} as rank {rank} of {world_size}: {e}"
+            ) from e
         if backend == "gloo":
             from torch.distributed import ProcessGroupGloo
 
@@ -145,8 +168,9 @@ class WeightChannel:
             # host is rank 0's address: the other ranks (rollout nodes) bind their own interface, unless all
             # of them are on this machine (a loopback host).
             local = rank == 0 or host in ("127.0.0.1", "localhost", "::1")
-            opts._devices = [ProcessGroupGloo.create_device(hostname=host) if local
-                             else ProcessGroupGloo.create_default_device()]
+            opts._devices = [
+                ProcessGroupGloo.create_device(hostname=host) if local else ProcessGroupGloo.create_default_device()
+            ]
             self._group = ProcessGroupGloo(self._store, rank, world_size, opts)
         else:
             from torch.distributed import ProcessGroupNCCL
@@ -173,8 +197,9 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def send_weights(named_tensors: Iterable[NamedTensor], channel: WeightChannel, bucket_bytes: int,
-                 src: int = 0) -> SyncStats:
+def send_weights(
+    named_tensors: Iterable[NamedTensor], channel: WeightChannel, bucket_bytes: int, src: int = 0
+) -> SyncStats:
     """Broadcast every pair from rank `src` of `channel`, bucket by bucket; returns what was sent.
 
     If the source or the packing fails half-way, the receivers get an abort marker (they raise instead of
@@ -203,7 +228,7 @@ def _send(named_tensors: Iterable[NamedTensor], channel: WeightChannel, bucket_b
         else:
             payload = torch.empty(total, dtype=torch.uint8, device=dev)
             for (_, t), m in zip(bucket, meta):
-                payload[m["offset"]: m["offset"] + nbytes(t)].copy_(_bytes_view(t), non_blocking=True)
+                payload[m["offset"] : m["offset"] + nbytes(t)].copy_(_bytes_view(t), non_blocking=True)
         meta_bytes = json.dumps(meta).encode()
         channel.broadcast(torch.tensor([len(meta_bytes), total], dtype=torch.int64, device=dev), src)
         channel.broadcast(torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8).to(dev), src)
@@ -241,5 +266,5 @@ def receive_weights(channel: WeightChannel, src: int = 0) -> Iterator[NamedTenso
                 raise WeightSyncError(f"tensor {m['name']}: unknown dtype {m['dtype']!r} from rank {src}")
             shape = torch.Size(m["shape"])
             n = shape.numel() * torch.empty((), dtype=dtype).element_size()
-            yield m["name"], payload[m["offset"]: m["offset"] + n].view(dtype).view(shape)
+            yield m["name"], payload[m["offset"] : m["offset"] + n].view(dtype).view(shape)
         del payload

@@ -46,8 +46,9 @@ def plan(spec: SweepSpec, only: Sequence[str] = ()) -> list[Any]:
 
 def _check_inputs(spec: SweepSpec, cell: Any, cfg: Any) -> None:
     """The files a cell reads exist (a warm-up's export is made by the sweep itself)."""
-    paths = [(f"data.{k}", p) for k in ("demo_paths", "prompt_paths", "eval_prompt_paths")
-             for p in getattr(cfg.data, k)]
+    paths = [
+        (f"data.{k}", p) for k in ("demo_paths", "prompt_paths", "eval_prompt_paths") for p in getattr(cfg.data, k)
+    ]
     if cfg.discriminator is not None and cfg.discriminator.path:
         paths.append(("discriminator.path", cfg.discriminator.path))
     if cell.warmup_of is None:
@@ -69,8 +70,11 @@ def collect(spec: SweepSpec, stream: Any = sys.stdout) -> dict[str, Any] | None:
         return None
     report = write_report(load_results([results]), output_path(spec))
     print("\n" + report.pop("table"), file=stream)
-    print(f"table: {report['markdown']}, {report['csv']}; curves: {len(report['curves'])} plot(s) in "
-          f"{output_path(spec) / 'curves'}", file=stream)
+    print(
+        f"table: {report['markdown']}, {report['csv']}; curves: {len(report['curves'])} plot(s) in "
+        f"{output_path(spec) / 'curves'}",
+        file=stream,
+    )
     return report
 
 
@@ -109,8 +113,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     stale = _stale(planned, out)
     print(f"sweep {spec.name}: {len(planned)} cell(s), runner {runner_kind}, output {out}, commit {commit}", flush=True)
     for label in stale:
-        print(f"  warning: {label}: its result was made with another config (hash differs); it is kept and "
-              f"skipped. Delete its results/ file to rerun it.", flush=True)
+        print(
+            f"  warning: {label}: its result was made with another config (hash differs); it is kept and "
+            f"skipped. Delete its results/ file to rerun it.",
+            flush=True,
+        )
     if args.dry_run:
         return _dry_run(planned, out)
     _record_invocation(spec, argv, commit)
@@ -118,18 +125,24 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     outcome = runner.run(planned)
     if runner_kind == "slurm":
         if not args.wait:
-            print(f"submitted; `uniapl sweep {args.sweep} --collect` builds the table once the jobs are done", flush=True)
+            print(
+                f"submitted; `uniapl sweep {args.sweep} --collect` builds the table once the jobs are done", flush=True
+            )
             return 0
         runner.wait(outcome["jobs"])
         from .cell import result_path
 
-        outcome["failed"] = [p.cell.id for p in planned
-                             if not result_path(out, p.cell.id, p.cell.preset == "warmup").is_file()]
+        outcome["failed"] = [
+            p.cell.id for p in planned if not result_path(out, p.cell.id, p.cell.preset == "warmup").is_file()
+        ]
     collect(spec)
     failed = outcome.get("failed", []) + outcome.get("blocked", [])
     if failed:
-        print(f"{len(failed)} cell(s) did not finish: {', '.join(failed)} (see cells/<cell>/failed.json and logs); "
-              "rerun the same command to retry them", flush=True)
+        print(
+            f"{len(failed)} cell(s) did not finish: {', '.join(failed)} (see cells/<cell>/failed.json and logs); "
+            "rerun the same command to retry them",
+            flush=True,
+        )
         return 1
     return 0 if not getattr(runner, "stopped", 0) else 128 + runner.stopped
 
@@ -139,9 +152,11 @@ def _dry_run(planned: list[Any], out: Path) -> int:
 
     for p in planned:
         done = result_path(out, p.cell.id, p.cell.preset == "warmup").is_file()
-        print(f"{p.cell.label}  [{'finished' if done else 'to run'}]  config {p.config_hash}\n"
-              f"  train:  {shlex.join(train_command(p.cell, out))}\n"
-              f"  finish: {shlex.join(finish_command(out, p.cell.id))}")
+        print(
+            f"{p.cell.label}  [{'finished' if done else 'to run'}]  config {p.config_hash}\n"
+            f"  train:  {shlex.join(train_command(p.cell, out))}\n"
+            f"  finish: {shlex.join(finish_command(out, p.cell.id))}"
+        )
     return 0
 
 
@@ -154,8 +169,13 @@ def parser(prog: str = "uniapl sweep") -> argparse.ArgumentParser:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("sweep", help="the sweep file (YAML; see uniapl_megatron/sweep/spec.py)")
     ap.add_argument("--runner", choices=("local", "slurm"), default=None, help="default: the file's `runner` (local)")
-    ap.add_argument("--only", nargs="+", default=(), metavar="PATTERN",
-                    help="run only cells whose name (student/preset/seedN) matches one of these fnmatch patterns")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="PATTERN",
+        help="run only cells whose name (student/preset/seedN) matches one of these fnmatch patterns",
+    )
     ap.add_argument("--dry-run", action="store_true", help="check every cell's config and print the commands")
     ap.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then build the table")
     ap.add_argument("--collect", action="store_true", help="only (re)build the table and curves from results/")

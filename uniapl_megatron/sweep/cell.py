@@ -39,12 +39,25 @@ def finish_command(out: Path, cell_id: str) -> list[str]:
 
 def write_cell_json(spec: SweepSpec, cell: Cell, out: Path, cfg: Any, config_hash: str, commit: str) -> Path:
     """What the finish stage (possibly another job, later) needs to know about the cell."""
-    return atomic_write_json(cell_dir(out, cell.id) / "cell.json", {
-        "id": cell.id, "label": cell.label, "student": cell.student, "preset": cell.preset, "seed": cell.seed,
-        "warmup": cell.preset == "warmup", "sweep": spec.name, "base": str(cell.base),
-        "overrides": run_overrides(cell, out), "steps": cfg.train.steps, "config_hash": config_hash,
-        "git_commit": commit, "evaluators": spec.evaluators, "keep_checkpoints": spec.keep_checkpoints,
-    })
+    return atomic_write_json(
+        cell_dir(out, cell.id) / "cell.json",
+        {
+            "id": cell.id,
+            "label": cell.label,
+            "student": cell.student,
+            "preset": cell.preset,
+            "seed": cell.seed,
+            "warmup": cell.preset == "warmup",
+            "sweep": spec.name,
+            "base": str(cell.base),
+            "overrides": run_overrides(cell, out),
+            "steps": cfg.train.steps,
+            "config_hash": config_hash,
+            "git_commit": commit,
+            "evaluators": spec.evaluators,
+            "keep_checkpoints": spec.keep_checkpoints,
+        },
+    )
 
 
 def trained_step(run_dir: Path) -> int | None:
@@ -71,8 +84,17 @@ def _export(cell: dict[str, Any], folder: Path, step: int) -> Path:
     if (hf / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("step") == step:
         return hf
     ckpt = folder / "run" / "checkpoints" / f"step_{step:06d}"
-    cmd = [sys.executable, "-m", "uniapl_megatron.convert.cli", "export", "--mcore", str(ckpt), "--out", str(hf),
-           "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uniapl_megatron.convert.cli",
+        "export",
+        "--mcore",
+        str(ckpt),
+        "--out",
+        str(hf),
+        "--force",
+    ]
     print(f"[{cell['label']}] export: {' '.join(cmd[1:])}", flush=True)
     rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
     if rc != 0:
@@ -90,8 +112,9 @@ def finish(out: Path, cell_id: str) -> Path:
     cell = json.loads((folder / "cell.json").read_text())
     step = trained_step(folder / "run")
     if step != cell["steps"]:
-        raise SweepError(f"cell {cell['label']}: training ended at step {step or 0} of {cell['steps']} "
-                         f"(see {folder / 'train.log'})")
+        raise SweepError(
+            f"cell {cell['label']}: training ended at step {step or 0} of {cell['steps']} (see {folder / 'train.log'})"
+        )
     cfg = load_config(cell["base"], cell["overrides"])
     hf = _export(cell, folder, step)
     records = []
@@ -99,16 +122,34 @@ def finish(out: Path, cell_id: str) -> Path:
         t0 = time.perf_counter()
         evaluator = build_evaluator(name, options)
         got = evaluator.evaluate(EvalContext(cell, hf, cfg, folder / "eval" / name))
-        print(f"[{cell['label']}] {name}: {evaluator.benchmark} = {got.score:.4f} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-        records.append({"algorithm": cell["preset"], "student": cell["student"], "benchmark": evaluator.benchmark,
-                        "score": got.score, "seed": cell["seed"], "evaluator": name, "metrics": got.metrics})
+        print(
+            f"[{cell['label']}] {name}: {evaluator.benchmark} = {got.score:.4f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        records.append(
+            {
+                "algorithm": cell["preset"],
+                "student": cell["student"],
+                "benchmark": evaluator.benchmark,
+                "score": got.score,
+                "seed": cell["seed"],
+                "evaluator": name,
+                "metrics": got.metrics,
+            }
+        )
     summary_file = folder / "run" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    common = {"cell": cell["id"], "sweep": cell["sweep"], "config_hash": cell["config_hash"],
-              "git_commit": cell["git_commit"], "steps": step, "overrides": cell["overrides"],
-              "train": {k: v for k, v in summary.items() if k not in ("plot", "log")},
-              "curve": curve(folder / "run"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    common = {
+        "cell": cell["id"],
+        "sweep": cell["sweep"],
+        "config_hash": cell["config_hash"],
+        "git_commit": cell["git_commit"],
+        "steps": step,
+        "overrides": cell["overrides"],
+        "train": {k: v for k, v in summary.items() if k not in ("plot", "log")},
+        "curve": curve(folder / "run"),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     path = atomic_write_json(result_path(out, cell_id, cell["warmup"]), [{**r, **common} for r in records])
     if not cell["keep_checkpoints"]:
         shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)

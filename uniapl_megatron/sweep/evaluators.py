@@ -83,14 +83,22 @@ class HeldoutReward:
         cfg = ctx.config
         paths = self.prompts or cfg.data.eval_prompt_paths
         if not paths:
-            raise SweepError(f"cell {ctx.cell['id']}: the heldout evaluator needs prompts: set data.eval_prompt_paths "
-                             "in the config or evaluators.heldout.prompts in the sweep file")
+            raise SweepError(
+                f"cell {ctx.cell['id']}: the heldout evaluator needs prompts: set data.eval_prompt_paths "
+                "in the config or evaluators.heldout.prompts in the sweep file"
+            )
         n = self.samples or cfg.train.eval_samples
         fmt = formatter_from_config(cfg.data, model_dir=str(ctx.model_dir))
         rows = read_prompts(paths, fmt, cfg.data).rows
         rollout = cfg.rollout or RolloutConfig(model_path=str(ctx.model_dir))
-        rollout = dataclasses.replace(rollout, model_path=str(ctx.model_dir), load_format="auto", mode="colocated",
-                                      multiprocess=False, num_nodes=0)
+        rollout = dataclasses.replace(
+            rollout,
+            model_path=str(ctx.model_dir),
+            load_format="auto",
+            mode="colocated",
+            multiprocess=False,
+            num_nodes=0,
+        )
         engine = build_engine(rollout)
         reward = build_reward(cfg.reward.name, cfg.reward.options, cfg.reward.timeout_s, cfg.reward.workers)
         try:
@@ -98,11 +106,23 @@ class HeldoutReward:
         finally:
             engine.shutdown()
             reward.close()  # its checker processes
-        write_jsonl(({"key": rows[i].key, "response": t, "reward": r}
-                     for i, t, r in zip(got.prompt_index, got.texts, got.rewards)), ctx.out_dir / "responses.jsonl")
+        write_jsonl(
+            (
+                {"key": rows[i].key, "response": t, "reward": r}
+                for i, t, r in zip(got.prompt_index, got.texts, got.rewards)
+            ),
+            ctx.out_dir / "responses.jsonl",
+        )
         solved = {i for i, r in zip(got.prompt_index, got.rewards) if r >= 1.0}
-        return EvalOutcome(got.mean, {"mean_reward": got.mean, "prompts": len(rows), "samples_per_prompt": n,
-                                      "prompts_solved_once": len(solved) / max(len(rows), 1)})
+        return EvalOutcome(
+            got.mean,
+            {
+                "mean_reward": got.mean,
+                "prompts": len(rows),
+                "samples_per_prompt": n,
+                "prompts_solved_once": len(solved) / max(len(rows), 1),
+            },
+        )
 
 
 class ToolEvaluator:
@@ -113,9 +133,21 @@ class ToolEvaluator:
         self.tool_benchmark, self.benchmark, self.args = tool_benchmark, benchmark, list(args or [])
 
     def evaluate(self, ctx: EvalContext) -> EvalOutcome:
-        cmd = [sys.executable, str(ROOT / "tools" / "eval_ifeval.py"), "--model", str(ctx.model_dir),
-               "--out", str(ctx.out_dir), "--benchmark", self.tool_benchmark, "--algorithm", ctx.cell["preset"],
-               "--student", ctx.cell["student"], *self.args]
+        cmd = [
+            sys.executable,
+            str(ROOT / "tools" / "eval_ifeval.py"),
+            "--model",
+            str(ctx.model_dir),
+            "--out",
+            str(ctx.out_dir),
+            "--benchmark",
+            self.tool_benchmark,
+            "--algorithm",
+            ctx.cell["preset"],
+            "--student",
+            ctx.cell["student"],
+            *self.args,
+        ]
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         with open(ctx.out_dir / "tool.log", "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
@@ -123,9 +155,13 @@ class ToolEvaluator:
             tail = (ctx.out_dir / "tool.log").read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(f"{' '.join(cmd[1:3])} exited with {rc}: " + " | ".join(tail))
         result = json.loads((ctx.out_dir / f"{self.tool_benchmark}.json").read_text())
-        return EvalOutcome(float(result["score"]), {"score_metric": result.get("score_metric"),
-                                                    **{k: v for k, v in result["metrics"].items()
-                                                       if isinstance(v, (int, float))}})
+        return EvalOutcome(
+            float(result["score"]),
+            {
+                "score_metric": result.get("score_metric"),
+                **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+            },
+        )
 
 
 @register_evaluator("ifeval")

@@ -131,8 +131,10 @@ class LocalRunner:
                     failed_warmups.add(p.cell.id)
                 left = len(todo) - todo.index(p.cell.id) - 1
                 eta = f", about {_duration(sum(times) / len(times) * left)} for the {left} left" if left else ""
-                self.say(f"{tag}: {'done' if ok else 'FAILED'} in {_duration(times[-1])} (others_cpu "
-                         f"{load.others_cpu()}){eta}")
+                self.say(
+                    f"{tag}: {'done' if ok else 'FAILED'} in {_duration(times[-1])} (others_cpu "
+                    f"{load.others_cpu()}){eta}"
+                )
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -192,8 +194,9 @@ class LocalRunner:
             f.flush()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             # preexec_fn runs one prctl call; the sweep starts no threads (tqdm's monitor is off, below).
-            self.child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                          preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.child = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, preexec_fn=_die_with_parent
+            )  # noqa: PLW1509
             bar = None
             if p is not None and self.stream.isatty():
                 bar = tqdm(total=p.steps, desc=f"  {p.cell.label}", unit="step", leave=False, file=self.stream)
@@ -252,8 +255,11 @@ class SlurmRunner:
             atomic_write_json(folder / "slurm.json", jobs)
             gate[p.cell.id] = jobs["finish"]
             outcome["submitted"].append(p.cell.id)
-            self.say(f"{p.cell.label}: " + ", ".join(f"{k} job {v}" for k, v in jobs.items())
-                     + (f" (after {', '.join(after)})" if "train" not in jobs and after else ""))
+            self.say(
+                f"{p.cell.label}: "
+                + ", ".join(f"{k} job {v}" for k, v in jobs.items())
+                + (f" (after {', '.join(after)})" if "train" not in jobs and after else "")
+            )
         outcome["jobs"] = sorted(set(gate.values()))
         return outcome
 
@@ -263,20 +269,33 @@ class SlurmRunner:
         return json.loads(f.read_text()) if f.is_file() else {}
 
     def _train_args(self, p: Planned, folder: Path) -> list[str]:
-        return [f"--job-name=uniapl-{p.cell.id}", f"--output={folder}/train-%j.out", f"--chdir={ROOT}",
-                *self.spec.slurm.train_args, str(ROOT / self.spec.slurm.train_script), str(p.cell.base),
-                *run_overrides(p.cell, self.out)]
+        return [
+            f"--job-name=uniapl-{p.cell.id}",
+            f"--output={folder}/train-%j.out",
+            f"--chdir={ROOT}",
+            *self.spec.slurm.train_args,
+            str(ROOT / self.spec.slurm.train_script),
+            str(p.cell.base),
+            *run_overrides(p.cell, self.out),
+        ]
 
     def _finish_args(self, p: Planned, folder: Path) -> list[str]:
         cmd = [self.python, *finish_command(self.out, p.cell.id)[1:]]
-        return [f"--job-name=uniapl-{p.cell.id}-eval", f"--output={folder}/finish-%j.out", f"--chdir={ROOT}",
-                *self.spec.slurm.eval_args, "--wrap", "exec " + shlex.join(cmd)]
+        return [
+            f"--job-name=uniapl-{p.cell.id}-eval",
+            f"--output={folder}/finish-%j.out",
+            f"--chdir={ROOT}",
+            *self.spec.slurm.eval_args,
+            "--wrap",
+            "exec " + shlex.join(cmd),
+        ]
 
     def sbatch(self, args: list[str], after: list[str]) -> str:
         dep = [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"] if after else []
         env = {**os.environ, "UNIAPL_PYTHON": self.python}
-        r = subprocess.run(["sbatch", "--parsable", *dep, *args], capture_output=True, text=True, env=env, timeout=120,
-                           check=False)
+        r = subprocess.run(
+            ["sbatch", "--parsable", *dep, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
         if r.returncode != 0:
             raise RuntimeError(f"sbatch {shlex.join(args[:4])} ... failed: {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout.strip().split(";")[0]

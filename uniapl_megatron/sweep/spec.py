@@ -139,8 +139,11 @@ def _strings(value: Any, where: str) -> list[str]:
         raise SweepError(f"{where}: expected a list of section.key=value strings, got {value!r}")
     for v in value:
         if "=" not in v or v.split("=", 1)[0].strip().startswith("train.output_dir"):
-            raise SweepError(f"{where}: {v!r} is not section.key=value" if "=" not in v else
-                             f"{where}: train.output_dir is set by the sweep (output_dir/cells/<cell>/run)")
+            raise SweepError(
+                f"{where}: {v!r} is not section.key=value"
+                if "=" not in v
+                else f"{where}: train.output_dir is set by the sweep (output_dir/cells/<cell>/run)"
+            )
     return list(value)
 
 
@@ -186,18 +189,27 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SweepError(f"{src}: cells: expected a mapping 'student/preset/seed' pattern -> overrides")
     slurm = _checked(SlurmSpec(**_section(SlurmSpec, top.get("slurm") or {}, f"{src}: slurm")), "slurm", src)
     spec = SweepSpec(
-        name=top["name"], base=top["base"], output_dir=top["output_dir"], source=src,
+        name=top["name"],
+        base=top["base"],
+        output_dir=top["output_dir"],
+        source=src,
         presets={p: _strings(v, f"{src}: presets.{p}") for p, v in presets.items()},
         students={s: _student(v, f"{src}: students.{s}") for s, v in students.items()},
         overrides=_strings(top.get("overrides"), f"{src}: overrides"),
         seed_overrides=_strings(top.get("seed_overrides", ["train.seed={seed}"]), f"{src}: seed_overrides"),
         cells={k: _strings(v, f"{src}: cells.{k}") for k, v in cells.items()},
         evaluators=_evaluators(top.get("evaluators", {"heldout": {}}), f"{src}: evaluators"),
-        keep_checkpoints=top.get("keep_checkpoints", False), runner=top.get("runner", "local"), slurm=slurm,
+        keep_checkpoints=top.get("keep_checkpoints", False),
+        runner=top.get("runner", "local"),
+        slurm=slurm,
     )
     seeds = top.get("seeds", [1])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
-            or len(set(seeds)) != len(seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise SweepError(f"{src}: seeds: expected a list of distinct integers, got {seeds!r}")
     spec.seeds = seeds
     return _checked(spec, "", src)
@@ -217,8 +229,11 @@ def _student(value: Any, where: str) -> StudentSpec:
     warm, base = value.get("warmup"), value.get("base")
     if base is not None and (not isinstance(base, str) or not base):
         raise SweepError(f"{where}.base: expected a config file path, got {base!r}")
-    return StudentSpec(base, _strings(value.get("overrides"), f"{where}.overrides"),
-                       None if warm is None else _strings(warm, f"{where}.warmup"))
+    return StudentSpec(
+        base,
+        _strings(value.get("overrides"), f"{where}.overrides"),
+        None if warm is None else _strings(warm, f"{where}.warmup"),
+    )
 
 
 def _evaluators(value: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -253,26 +268,46 @@ def expand(spec: SweepSpec, out: Path) -> list[Cell]:
     for student, st in spec.students.items():
         warm, base = None, base_config(spec, st.base)
         if st.warmup is not None:
-            warm = Cell(f"{_slug(student)}__warmup", student, "warmup", None,
-                        [*spec.overrides, *st.overrides, *st.warmup], base=base)
+            warm = Cell(
+                f"{_slug(student)}__warmup",
+                student,
+                "warmup",
+                None,
+                [*spec.overrides, *st.overrides, *st.warmup],
+                base=base,
+            )
             cells.append(warm)
         for preset, p_over in spec.presets.items():
             for seed in spec.seeds:
                 ov = [*spec.overrides, *st.overrides]
                 if warm is not None:
                     ov.append(f"model.hf_path={cell_dir(out, warm.id) / 'hf'}")
-                ov += [f"objective.algorithm={preset}", *p_over, *[o.replace("{seed}", str(seed))
-                                                                   for o in spec.seed_overrides]]
+                ov += [
+                    f"objective.algorithm={preset}",
+                    *p_over,
+                    *[o.replace("{seed}", str(seed)) for o in spec.seed_overrides],
+                ]
                 name = f"{student}/{preset}/{seed}"
                 for pattern, extra in spec.cells.items():
                     if fnmatch.fnmatchcase(name, pattern):
                         ov += extra
-                cells.append(Cell(f"{_slug(student)}__{_slug(preset)}__s{seed}", student, preset, seed, ov,
-                                  warm.id if warm else None, base))
+                cells.append(
+                    Cell(
+                        f"{_slug(student)}__{_slug(preset)}__s{seed}",
+                        student,
+                        preset,
+                        seed,
+                        ov,
+                        warm.id if warm else None,
+                        base,
+                    )
+                )
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
-        raise SweepError(f"{spec.source}: two cells share a folder name ({sorted({i for i in ids if ids.count(i) > 1})})"
-                         "; give the students distinct names")
+        raise SweepError(
+            f"{spec.source}: two cells share a folder name ({sorted({i for i in ids if ids.count(i) > 1})})"
+            "; give the students distinct names"
+        )
     return cells
 
 
@@ -311,10 +346,16 @@ def config_hash(cfg: Any, out: Path) -> str:
 def git_commit() -> str:
     """HEAD of the repository the code runs from, '+dirty' with uncommitted changes; 'unknown' without git."""
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

@@ -47,8 +47,13 @@ LATEST = "latest"
 # saving gathers each data-parallel group's optimizer shards. dp_reshardable: each rank's flat buffers as they
 # are, no gather, loadable only at the same TP / PP (Megatron-LM's default).
 OPTIM_FORMATS = ("fully_reshardable", "dp_reshardable")
-LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-               "expert_model_parallel_size", "context_parallel_size")
+LAYOUT_KEYS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "context_parallel_size",
+)
 
 
 def _rank() -> int:
@@ -96,8 +101,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state().tolist()}
+    return {
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -135,8 +143,14 @@ class Checkpointer:
     :meth:`maybe_finalize` (call it once per step), in the next :meth:`save`, or in :meth:`finalize`.
     """
 
-    def __init__(self, output_dir: str | Path, async_save: bool = True, fully_parallel: bool = True,
-                 optim_format: str = "fully_reshardable", keep_last: int = 2) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        async_save: bool = True,
+        fully_parallel: bool = True,
+        optim_format: str = "fully_reshardable",
+        keep_last: int = 2,
+    ) -> None:
         if optim_format not in OPTIM_FORMATS:
             raise ConfigError(f"train.ckpt_optim_format={optim_format!r}: expected one of {', '.join(OPTIM_FORMATS)}")
         self.dir = Path(output_dir) / "checkpoints"
@@ -158,12 +172,21 @@ class Checkpointer:
             self._strategy = get_default_save_sharded_strategy()
             if self.fully_parallel:
                 # The state's structure is the same at every save: the distribution is computed once.
-                self._strategy = FullyParallelSaveStrategyWrapper(self._strategy, _dp_group(),
-                                                                  do_cache_distribution=True)
+                self._strategy = FullyParallelSaveStrategyWrapper(
+                    self._strategy, _dp_group(), do_cache_distribution=True
+                )
         return self._strategy
 
-    def save(self, step: int, student: Any, state: dict[str, Any], meta: dict[str, Any], hf_dir: str | None,
-             discriminator: Any = None, block: bool = False) -> Path:
+    def save(
+        self,
+        step: int,
+        student: Any,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        hf_dir: str | None,
+        discriminator: Any = None,
+        block: bool = False,
+    ) -> Path:
         """Write checkpoint ``step``; returns its final path (complete once finalized). ``state`` is JSON-able
         trainer state (scheduler, sampler, counters). ``block`` waits until it is complete."""
         from megatron.core import dist_checkpointing
@@ -178,8 +201,12 @@ class Checkpointer:
             (tmp / "model").mkdir(parents=True)
             (tmp / "rng").mkdir()
         _barrier()
-        request = dist_checkpointing.save(_sharded(student, False, self.optim_format), str(tmp / "model"),
-                                          self._save_strategy(), async_sharded_save=self.async_save)
+        request = dist_checkpointing.save(
+            _sharded(student, False, self.optim_format),
+            str(tmp / "model"),
+            self._save_strategy(),
+            async_sharded_save=self.async_save,
+        )
         _write_json(tmp / "rng" / f"rank_{_rank():05d}.json", _rng_state())
         if _rank() == 0:
             self._write_side_files(tmp, step, state, meta, hf_dir, discriminator, student)
@@ -202,8 +229,16 @@ class Checkpointer:
             self.finalize()
         return final
 
-    def _write_side_files(self, tmp: Path, step: int, state: dict[str, Any], meta: dict[str, Any],
-                          hf_dir: str | None, discriminator: Any, student: Any) -> None:
+    def _write_side_files(
+        self,
+        tmp: Path,
+        step: int,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        hf_dir: str | None,
+        discriminator: Any,
+        student: Any,
+    ) -> None:
         if discriminator is not None and discriminator.trainable:  # a frozen one's weights are its folder's
             torch.save(discriminator.state_dict(), tmp / "discriminator.pt")
         (tmp / "hf").mkdir()
@@ -211,8 +246,10 @@ class Checkpointer:
             if hf_dir and (Path(hf_dir) / f).is_file():
                 shutil.copy2(Path(hf_dir) / f, tmp / "hf" / f)
         _write_json(tmp / META_NAME, {"format": FORMAT, **meta})
-        _write_json(tmp / "trainer_state.json", {"step": step, "optimizer_format": self.optim_format,
-                                                 "layout": _layout(student), **state})
+        _write_json(
+            tmp / "trainer_state.json",
+            {"step": step, "optimizer_format": self.optim_format, "layout": _layout(student), **state},
+        )
 
     def _commit(self, tmp: Path, final: Path) -> None:
         """Rank 0, once every rank's shards are written: rename into place, move ``latest``, prune."""
@@ -263,20 +300,26 @@ class Checkpointer:
         # Checkpoints from before the format was recorded hold dp_reshardable optimizer state.
         fmt = state.get("optimizer_format", "dp_reshardable")
         saved_at = state.get("layout")
-        if fmt == "dp_reshardable" and student.parallel.use_distributed_optimizer and saved_at \
-                and saved_at != _layout(student):
-            changed = ", ".join(f"{k} {saved_at.get(k)} -> {v}" for k, v in _layout(student).items()
-                                if saved_at.get(k) != v)
-            raise ConfigError(f"{path}: its optimizer state is dp_reshardable, which loads only at the layout it was "
-                              f"saved at ({changed}); resume at that layout, or save with "
-                              f"train.ckpt_optim_format=fully_reshardable")
+        if (
+            fmt == "dp_reshardable"
+            and student.parallel.use_distributed_optimizer
+            and saved_at
+            and saved_at != _layout(student)
+        ):
+            changed = ", ".join(
+                f"{k} {saved_at.get(k)} -> {v}" for k, v in _layout(student).items() if saved_at.get(k) != v
+            )
+            raise ConfigError(
+                f"{path}: its optimizer state is dp_reshardable, which loads only at the layout it was "
+                f"saved at ({changed}); resume at that layout, or save with "
+                f"train.ckpt_optim_format=fully_reshardable"
+            )
         load_sharded(path / "model", student, fmt, self.fully_parallel)
         rng = path / "rng" / f"rank_{_rank():05d}.json"
         if rng.is_file() and saved_at in (None, _layout(student)):  # another layout: other ranks, other streams
             _set_rng_state(json.loads(rng.read_text()))
         if discriminator is not None and discriminator.trainable and (path / "discriminator.pt").is_file():
-            discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True,
-                                                     map_location="cpu"))
+            discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True, map_location="cpu"))
         return state
 
 
@@ -323,8 +366,11 @@ def _optimizer_classes(optimizer: Any) -> list[type]:
         pass
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        out |= {c for c in (getattr(inner, "cpu_optimizer_cls", None), getattr(inner, "gpu_optimizer_cls", None))
-                if isinstance(c, type)}
+        out |= {
+            c
+            for c in (getattr(inner, "cpu_optimizer_cls", None), getattr(inner, "gpu_optimizer_cls", None))
+            if isinstance(c, type)
+        }
     return list(out)
 
 
@@ -381,8 +427,9 @@ def parse_end_time(value: str, where: str = "train.job_end_time") -> float:
     try:
         return datetime.datetime.fromisoformat(value).timestamp()
     except ValueError:
-        raise ConfigError(f"{where}={value!r}: expected auto, none, Unix seconds or an ISO time such as "
-                          f"2026-11-03T17:00:00") from None
+        raise ConfigError(
+            f"{where}={value!r}: expected auto, none, Unix seconds or an ISO time such as 2026-11-03T17:00:00"
+        ) from None
 
 
 def job_end_time(setting: str, environ: dict[str, str] | None = None) -> float | None:
@@ -398,8 +445,9 @@ def job_end_time(setting: str, environ: dict[str, str] | None = None) -> float |
     if not job:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-o", "%e", "-j", job], capture_output=True, text=True,
-                             timeout=30, check=False).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%e", "-j", job], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("job %s: could not ask squeue for the end time (%s); no save-by deadline", job, e)
         return None
@@ -419,7 +467,7 @@ class SaveDeadline:
         self.steps: list[float] = []
 
     def record_step(self, seconds: float) -> None:
-        self.steps = (self.steps + [seconds])[-self.window:]
+        self.steps = (self.steps + [seconds])[-self.window :]
 
     def due(self, save_seconds: float | None, now: float | None = None) -> bool:
         if self.end is None:

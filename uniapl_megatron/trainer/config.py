@@ -146,8 +146,10 @@ class TrainConfig:
         from .health import PG_TIMEOUT_S
 
         if not 0 <= self.hang_timeout_s < PG_TIMEOUT_S:
-            raise ConfigError(f"train.hang_timeout_s={self.hang_timeout_s}: expected 0 (off) or a value below "
-                              f"{PG_TIMEOUT_S:.0f} s, the process group's timeout (a hung collective raises then)")
+            raise ConfigError(
+                f"train.hang_timeout_s={self.hang_timeout_s}: expected 0 (off) or a value below "
+                f"{PG_TIMEOUT_S:.0f} s, the process group's timeout (a hung collective raises then)"
+            )
         if self.job_end_time not in ("auto", "none"):
             parse_end_time(self.job_end_time, "train.job_end_time")
 
@@ -177,9 +179,17 @@ class SecondStageConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "rollout": RolloutConfig,
-    "sampling": SamplingConfig, "objective": ObjectiveConfig, "discriminator": DiscriminatorConfig,
-    "reward": RewardSection, "optim": OptimConfig, "train": TrainConfig, "stage2": SecondStageConfig,
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "sampling": SamplingConfig,
+    "objective": ObjectiveConfig,
+    "discriminator": DiscriminatorConfig,
+    "reward": RewardSection,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "stage2": SecondStageConfig,
 }
 """Section name -> its dataclass, in the order they are built."""
 
@@ -215,14 +225,22 @@ class RunConfig:
         # Each sequence's padding follows from the layout; data.pad_multiple is raised to a multiple of what it
         # needs, so every reader of it (the trainer's packing, the saved config) sees it. The FP8 recipe's
         # multiple applies to the packed row, not each sequence (data.packing.row_pad_multiple).
-        need = required_pad_multiple(self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size,
-                                     self.parallel.sequence_parallel)
+        need = required_pad_multiple(
+            self.parallel.tensor_model_parallel_size,
+            self.parallel.context_parallel_size,
+            self.parallel.sequence_parallel,
+        )
         have = self.data.pad_multiple
         if have % need:
             self.data.pad_multiple = math.lcm(have, need)
-            log.info("data.pad_multiple %d -> %d (TP %d%s, CP %d)", have, self.data.pad_multiple,
-                     self.parallel.tensor_model_parallel_size,
-                     " with SP" if self.parallel.sequence_parallel else "", self.parallel.context_parallel_size)
+            log.info(
+                "data.pad_multiple %d -> %d (TP %d%s, CP %d)",
+                have,
+                self.data.pad_multiple,
+                self.parallel.tensor_model_parallel_size,
+                " with SP" if self.parallel.sequence_parallel else "",
+                self.parallel.context_parallel_size,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -253,8 +271,10 @@ def _build(section: str, cls: type, values: Any, source: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                          f"{section} has: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"{section} has: {', '.join(sorted(names))}"
+        )
     coerce_yaml(cls, values)
     try:
         built = cls(**values)
@@ -306,8 +326,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: st
     return cfg
 
 
-_PATH_KEYS = {("model", "hf_path"), ("model", "load"), ("data", "tokenizer_path"), ("rollout", "model_path"),
-              ("discriminator", "path"), ("train", "output_dir")}
+_PATH_KEYS = {
+    ("model", "hf_path"),
+    ("model", "load"),
+    ("data", "tokenizer_path"),
+    ("rollout", "model_path"),
+    ("discriminator", "path"),
+    ("train", "output_dir"),
+}
 _PATH_LIST_KEYS = {("data", "demo_paths"), ("data", "prompt_paths"), ("data", "eval_prompt_paths")}
 
 
@@ -344,8 +370,10 @@ def check_run(cfg: RunConfig, explicit: set[str] = frozenset()) -> None:
     if "->" in obj.algorithm:
         _check_switch(cfg, u, total)
     elif cfg.stage2 is not None:
-        raise ConfigError(f"the stage2 section applies to staged presets (x->y) only; {algo} has one stage: "
-                          "remove the section or pick a staged algorithm")
+        raise ConfigError(
+            f"the stage2 section applies to staged presets (x->y) only; {algo} has one stage: "
+            "remove the section or pick a staged algorithm"
+        )
     needs = run_needs(obj, total)
     if not needs.rollouts:
         data.prompts_per_step = 0  # e.g. sft: no RL prompts are drawn, so none need to exist
@@ -359,17 +387,24 @@ def check_run(cfg: RunConfig, explicit: set[str] = frozenset()) -> None:
         _check_discriminator(cfg, explicit, algo)
     if needs.rollouts:
         if data.prompts_per_step == 0:
-            raise ConfigError(f"{algo} trains on rollouts but data.prompts_per_step=0: set it >= 1, or use "
-                              "algorithm 'sft' for demonstrations only")
+            raise ConfigError(
+                f"{algo} trains on rollouts but data.prompts_per_step=0: set it >= 1, or use "
+                "algorithm 'sft' for demonstrations only"
+            )
         if not data.prompt_paths:
-            raise ConfigError(f"{algo} trains on rollouts of RL prompts, but data.prompt_paths is empty: give the "
-                              "prompt file(s)")
+            raise ConfigError(
+                f"{algo} trains on rollouts of RL prompts, but data.prompt_paths is empty: give the prompt file(s)"
+            )
         if cfg.rollout is None:
-            raise ConfigError(f"{algo} trains on rollouts, but the config has no rollout section: add one "
-                              "(e.g. rollout: {engine: vllm})")
+            raise ConfigError(
+                f"{algo} trains on rollouts, but the config has no rollout section: add one "
+                "(e.g. rollout: {engine: vllm})"
+            )
     if needs.demos and data.demos_per_step > 0 and not data.demo_paths:
-        raise ConfigError(f"{algo} trains on teacher demonstrations, but data.demo_paths is empty: give the "
-                          "demonstration file(s), or set data.demos_per_step: 0 to train without the SFT term")
+        raise ConfigError(
+            f"{algo} trains on teacher demonstrations, but data.demo_paths is empty: give the "
+            "demonstration file(s), or set data.demos_per_step: 0 to train without the SFT term"
+        )
     if data.prompts_per_step == 0 and data.demos_per_step == 0:
         raise ConfigError(f"{algo}: data.demos_per_step=0 and no rollouts: a step would train on nothing")
 
@@ -380,12 +415,14 @@ def _check_switch(cfg: RunConfig, u: int, total: int) -> None:
         raise ConfigError(
             f"objective.stage_switch_step={s} falls inside a step's {u} optimizer updates (train.ppo_epochs="
             f"{cfg.train.ppo_epochs} x train.minibatches={cfg.train.minibatches}): use a multiple of {u} "
-            f"(e.g. {max(u, s // u * u)} or {(s // u + 1) * u})")
+            f"(e.g. {max(u, s // u * u)} or {(s // u + 1) * u})"
+        )
     if s >= total:
         raise ConfigError(
             f"objective.stage_switch_step={s} is not before the run's last optimizer update ({total} updates: "
             f"train.steps={cfg.train.steps} x {u}), so the second stage of {cfg.objective.algorithm!r} would "
-            "never run: lower the switch or raise train.steps")
+            "never run: lower the switch or raise train.steps"
+        )
 
 
 def _check_discriminator(cfg: RunConfig, explicit: set[str], algo: str) -> None:
@@ -394,10 +431,12 @@ def _check_discriminator(cfg: RunConfig, explicit: set[str], algo: str) -> None:
         raise ConfigError(
             f"{algo} scores rollouts with a discriminator (lambda_adv={obj.lambda_adv}, adversarial_mode="
             f"{obj.adversarial_mode!r}) but the config has no discriminator section: add one (kind: frozen or "
-            "online, path: the model folder), or set objective.lambda_adv: 0")
+            "online, path: the model folder), or set objective.lambda_adv: 0"
+        )
     if not cfg.data.require_teacher_response and "data.require_teacher_response" in explicit:
         raise ConfigError(
             f"data.require_teacher_response=false, but {algo} compares each rollout with the teacher's answer "
             "(the discriminator's reference): remove the setting, so every RL prompt must carry a "
-            "'teacher_response'")
+            "'teacher_response'"
+        )
     cfg.data.require_teacher_response = True

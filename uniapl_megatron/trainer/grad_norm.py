@@ -28,7 +28,7 @@ def replica_groups(tp_group: Any, num_kv_heads: int) -> Any:
     mine = None
     for ranks in sorted(set(tp_groups)):
         for h in range(num_kv_heads):
-            members = list(ranks[h * rep:(h + 1) * rep])
+            members = list(ranks[h * rep : (h + 1) * rep])
             group = dist.new_group(members)
             if dist.get_rank() in members:
                 mine = group
@@ -45,13 +45,15 @@ def _main_param_pairs(opt: Any) -> list[tuple[torch.nn.Parameter, torch.Tensor, 
     pairs: list[tuple[torch.nn.Parameter, torch.Tensor, int]] = []
     if hasattr(opt, "_get_model_param_range_map"):  # distributed optimizer: shards of the flattened params
         for model_groups, shard_lists in (
-                ("model_float16_groups", ("shard_fp32_from_float16_groups", "shard_float16_groups")),
-                ("model_fp32_groups", ("shard_fp32_groups",))):
+            ("model_float16_groups", ("shard_fp32_from_float16_groups", "shard_float16_groups")),
+            ("model_fp32_groups", ("shard_fp32_groups",)),
+        ):
             for gi, group in enumerate(getattr(opt, model_groups)):
                 for j, mp in enumerate(group):
                     start = opt._get_model_param_range_map(mp)["param"].start
-                    pairs += [(mp, getattr(opt, s)[gi][j], start) for s in shard_lists
-                              if getattr(opt, s)[gi][j] is not None]
+                    pairs += [
+                        (mp, getattr(opt, s)[gi][j], start) for s in shard_lists if getattr(opt, s)[gi][j] is not None
+                    ]
         return pairs
     fp16_pairs = zip(getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", []))
     for model_group, main_group in fp16_pairs:  # Float16OptimizerWithFloat16Params: fp32 copies, same shapes
@@ -60,8 +62,9 @@ def _main_param_pairs(opt: Any) -> list[tuple[torch.nn.Parameter, torch.Tensor, 
     return pairs
 
 
-def count_kv_copies_once(optimizer: Any, qkv_params: list[torch.nn.Parameter], kv_rows: tuple[int, int],
-                         is_copy: bool) -> None:
+def count_kv_copies_once(
+    optimizer: Any, qkv_params: list[torch.nn.Parameter], kv_rows: tuple[int, int], is_copy: bool
+) -> None:
     """Make the optimizer's grad norm skip this rank's K/V rows of ``linear_qkv`` when this rank's K/V head
     is a copy (``is_copy``: not the first rank of its replica group). ``kv_rows``: the [start, end) rows of
     the K and V heads in the local weight. Wraps each leaf optimizer's ``get_main_grads_for_grad_norm``, the
@@ -99,7 +102,7 @@ def _without(opt: Any, inner: Callable[[], list], drop: dict[int, tuple[int, int
                 out.append(g)
             else:
                 flat = g.reshape(-1)
-                out += [flat[:cut[0]], flat[cut[1]:]]
+                out += [flat[: cut[0]], flat[cut[1] :]]
         return out
 
     return grads_for_norm
@@ -129,6 +132,7 @@ def step_unless_nonfinite(optimizer: Any, clip_grad: float) -> tuple[bool, float
         for opt in _leaf_optimizers(optimizer):
             params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
             if params:
-                clip_grad_by_total_norm_fp32(params, clip_grad, norm,
-                                             opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+                clip_grad_by_total_norm_fp32(
+                    params, clip_grad, norm, opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                )
     return bool(optimizer.step_with_ready_grads()), norm

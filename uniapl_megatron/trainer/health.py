@@ -74,8 +74,9 @@ def process_state(pid: int) -> str | None:
 class Health:
     """This rank's heartbeat and watchdog. ``phase()`` is called by the trainer at each phase."""
 
-    def __init__(self, output_dir: str | Path, rank: int, world_size: int, hang_timeout_s: float,
-                 poll_s: float | None = None) -> None:
+    def __init__(
+        self, output_dir: str | Path, rank: int, world_size: int, hang_timeout_s: float, poll_s: float | None = None
+    ) -> None:
         self.dir = Path(output_dir) / "health"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world, self.timeout = rank, world_size, hang_timeout_s
@@ -88,9 +89,17 @@ class Health:
         self._thread: threading.Thread | None = None
         self._stack_file: TextIO | None = None
         now = time.time()
-        self._state: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
-                                       "phase": "init", "step": 0, "time": now, "progress": now, "alive": now,
-                                       "waiting_in": None}
+        self._state: dict[str, Any] = {
+            "rank": rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "phase": "init",
+            "step": 0,
+            "time": now,
+            "progress": now,
+            "alive": now,
+            "waiting_in": None,
+        }
         if rank == 0 and (self.dir / REPORT).is_file():  # an earlier run's report stays, under another name
             old = self.dir / REPORT
             os.replace(old, self.dir / f"hang_report.{int(old.stat().st_mtime)}.json")
@@ -170,16 +179,22 @@ class Health:
         faulthandler.cancel_dump_traceback_later()
         f = self._stack_file
         if f is not None:
-            f.write(f"rank {self.rank} (pid {os.getpid()}): no rank advanced for {self.timeout:.0f} s; "
-                    f"this rank is in phase {self._state['phase']} of step {self._state['step']}\n")
+            f.write(
+                f"rank {self.rank} (pid {os.getpid()}): no rank advanced for {self.timeout:.0f} s; "
+                f"this rank is in phase {self._state['phase']} of step {self._state['step']}\n"
+            )
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
             f.flush()
         live = [r for r, v in view.items() if v and now - v.get("alive", 0) <= self.stale_s]
         if self.rank == min(live, default=self.rank):
             self._report(view, now)
-        log.error("hang: no rank advanced for %.0f s; see %s; exiting with %d", self.timeout, self.dir / REPORT,
-                  HANG_EXIT_CODE)
+        log.error(
+            "hang: no rank advanced for %.0f s; see %s; exiting with %d",
+            self.timeout,
+            self.dir / REPORT,
+            HANG_EXIT_CODE,
+        )
         # Give the other ranks' watchdogs a poll to dump their stacks before the launcher stops them.
         time.sleep(min(2 * self.poll, 20.0))
         _kill_children()
@@ -191,10 +206,15 @@ class Health:
             return "no heartbeat file: the rank never started its trainer"
         if now - v.get("alive", 0) > self.stale_s:
             state = process_state(v["pid"]) if v.get("host") == socket.gethostname() else None
-            return {"stopped": "its process is stopped (SIGSTOP / SIGTSTP)", "gone": "its process has exited",
-                    "zombie": "its process has exited"}.get(
-                state or "", f"silent for {now - v.get('alive', 0):.0f} s: its process is stopped, gone, or holds "
-                             f"the GIL in a C call (its stack, if dumped, is in stack_rank{v['rank']}.txt)")
+            return {
+                "stopped": "its process is stopped (SIGSTOP / SIGTSTP)",
+                "gone": "its process has exited",
+                "zombie": "its process has exited",
+            }.get(
+                state or "",
+                f"silent for {now - v.get('alive', 0):.0f} s: its process is stopped, gone, or holds "
+                f"the GIL in a C call (its stack, if dumped, is in stack_rank{v['rank']}.txt)",
+            )
         if not v.get("waiting_in"):
             return f"busy outside any collective in phase {v.get('phase')} (see stack_rank{v['rank']}.txt)"
         return None
@@ -205,18 +225,38 @@ class Health:
             v = view.get(r)
             why = self._why(v, now)
             if why is not None:
-                missing.append({"rank": r, "phase": v and v.get("phase"), "step": v and v.get("step"),
-                                "pid": v and v.get("pid"), "host": v and v.get("host"), "why": why})
+                missing.append(
+                    {
+                        "rank": r,
+                        "phase": v and v.get("phase"),
+                        "step": v and v.get("step"),
+                        "pid": v and v.get("pid"),
+                        "host": v and v.get("host"),
+                        "why": why,
+                    }
+                )
             if v:
-                ranks.append({k: v.get(k) for k in ("rank", "host", "pid", "phase", "step", "waiting_in")}
-                             | {"idle_s": round(now - v.get("progress", now), 1),
-                                "silent_s": round(now - v.get("alive", now), 1)})
-        report = {"time": now, "hang_timeout_s": self.timeout, "world_size": self.world, "reported_by": self.rank,
-                  "missing": missing, "ranks": ranks,
-                  "stacks": {str(r["rank"]): f"stack_rank{r['rank']}.txt" for r in ranks}}
+                ranks.append(
+                    {k: v.get(k) for k in ("rank", "host", "pid", "phase", "step", "waiting_in")}
+                    | {
+                        "idle_s": round(now - v.get("progress", now), 1),
+                        "silent_s": round(now - v.get("alive", now), 1),
+                    }
+                )
+        report = {
+            "time": now,
+            "hang_timeout_s": self.timeout,
+            "world_size": self.world,
+            "reported_by": self.rank,
+            "missing": missing,
+            "ranks": ranks,
+            "stacks": {str(r["rank"]): f"stack_rank{r['rank']}.txt" for r in ranks},
+        }
         if not missing:
-            report["note"] = ("every rank waits in a collective: they disagree on which (see waiting_in), or one "
-                              "collective does not complete")
+            report["note"] = (
+                "every rank waits in a collective: they disagree on which (see waiting_in), or one "
+                "collective does not complete"
+            )
         tmp = self.dir / f".{REPORT}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(report, indent=1))
         try:

@@ -76,10 +76,18 @@ class LogRouting:
 
     def _route_vllm(self) -> bool:
         config = {
-            "version": 1, "disable_existing_loggers": False,
+            "version": 1,
+            "disable_existing_loggers": False,
             "formatters": {"run": {"format": _FORMAT}},
-            "handlers": {"run_log": {"class": "logging.FileHandler", "filename": str(self.log_file),
-                                     "encoding": "utf-8", "formatter": "run", "level": "INFO"}},
+            "handlers": {
+                "run_log": {
+                    "class": "logging.FileHandler",
+                    "filename": str(self.log_file),
+                    "encoding": "utf-8",
+                    "formatter": "run",
+                    "level": "INFO",
+                }
+            },
             "loggers": {"vllm": {"handlers": ["run_log"], "level": "INFO", "propagate": False}},
         }
         if "vllm" in sys.modules:  # already configured in this process (a second run, tests): redirect now
@@ -166,8 +174,11 @@ class RunLogger:
         """Keep the lines of steps <= last_step (a resumed run writes the later ones again)."""
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        keep = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= last_step
+        ]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
@@ -231,13 +242,18 @@ class RunLogger:
         }
         heldout = [h["eval/heldout_reward"] for h in self.history if "eval/heldout_reward" in h]
         if heldout:  # the first is taken before any training step
-            summary.update(heldout_reward_first=round(heldout[0], 4), heldout_reward_last=round(heldout[-1], 4),
-                           heldout_gain=round(heldout[-1] - heldout[0], 4))
-        summary.update({
-            "steps": sum(1 for h in self.history if h["step"] > 0),
-            "train_seconds": round(seconds, 1),
-            "last_checkpoint_step": last_saved,
-        })
+            summary.update(
+                heldout_reward_first=round(heldout[0], 4),
+                heldout_reward_last=round(heldout[-1], 4),
+                heldout_gain=round(heldout[-1] - heldout[0], 4),
+            )
+        summary.update(
+            {
+                "steps": sum(1 for h in self.history if h["step"] > 0),
+                "train_seconds": round(seconds, 1),
+                "last_checkpoint_step": last_saved,
+            }
+        )
         if not self.enabled:
             return summary
         if self.bar is not None:
@@ -259,7 +275,9 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         steps = [h["step"] for h in self.history]
-        keys = [k for k in ("reward/mean", "eval/heldout_reward", "disc/score_mean") if any(k in h for h in self.history)]
+        keys = [
+            k for k in ("reward/mean", "eval/heldout_reward", "disc/score_mean") if any(k in h for h in self.history)
+        ]
         losses = sorted({k for h in self.history for k in h if k.startswith("loss/")})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for k in keys:

@@ -64,8 +64,9 @@ def _local_labels(labels: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, tor
     return torch.where(in_range, local, torch.zeros_like(local)), in_range
 
 
-def _row_stats(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None,
-               lay: _Layout) -> tuple[torch.Tensor, ...]:
+def _row_stats(
+    h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None, lay: _Layout
+) -> tuple[torch.Tensor, ...]:
     """Per row over this rank's valid vocabulary: max m, sum of exp(z - m), and sum of exp(z - m) (z - m)."""
     n = h.shape[0]
     m = torch.full((n,), _FLOOR, dtype=torch.float32, device=h.device)
@@ -89,8 +90,9 @@ def _row_stats(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None
     return m, s, a
 
 
-def _combine(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, picked: torch.Tensor,
-             lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _combine(
+    m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, picked: torch.Tensor, lay: _Layout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TP-combined (log-sum-exp, picked logit, entropy) per row."""
     if lay.tp_size > 1:
         big = m.clone()
@@ -106,8 +108,9 @@ def _combine(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, picked: torch.Te
 
 class _TiledLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                inv_t: torch.Tensor | None, lay: _Layout) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, inv_t: torch.Tensor | None, lay: _Layout
+    ) -> torch.Tensor:
         m, s, a = _row_stats(hidden, weight, inv_t, lay)
         local, in_range = _local_labels(labels, lay)
         picked = (hidden.float() * weight[local].float()).sum(-1) * in_range
@@ -138,22 +141,43 @@ class _TiledLogprobs(torch.autograd.Function):
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for r0, r1 in _blocks(hidden.shape[0], lay.chunk):
             rows = slice(r0, r1)
-            _backward_rows(hidden[rows], weight, None if inv_t is None else inv_t[rows], lse[rows],
-                           None if g_h is None else (alpha[rows], g_h[rows]), coef[rows],
-                           None if gh is None else gh[rows], gw, lay)
+            _backward_rows(
+                hidden[rows],
+                weight,
+                None if inv_t is None else inv_t[rows],
+                lse[rows],
+                None if g_h is None else (alpha[rows], g_h[rows]),
+                coef[rows],
+                None if gh is None else gh[rows],
+                gw,
+                lay,
+            )
         local, in_range = _local_labels(labels, lay)
         g_pick = (g_lp * inv * in_range).unsqueeze(-1)  # the one-hot part
         if gh is not None:
             gh.add_(weight[local].float() * g_pick)
         if gw is not None:
             gw.index_add_(0, local, hidden.float() * g_pick)
-        return (None if gh is None else gh.to(hidden.dtype), None if gw is None else gw.to(weight.dtype),
-                None, None, None)
+        return (
+            None if gh is None else gh.to(hidden.dtype),
+            None if gw is None else gw.to(weight.dtype),
+            None,
+            None,
+            None,
+        )
 
 
-def _backward_rows(h: torch.Tensor, weight: torch.Tensor, inv_t: torch.Tensor | None, lse: torch.Tensor,
-                   entropy_factors: tuple[torch.Tensor, torch.Tensor] | None, coef: torch.Tensor,
-                   gh: torch.Tensor | None, gw: torch.Tensor | None, lay: _Layout) -> None:
+def _backward_rows(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    inv_t: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy_factors: tuple[torch.Tensor, torch.Tensor] | None,
+    coef: torch.Tensor,
+    gh: torch.Tensor | None,
+    gw: torch.Tensor | None,
+    lay: _Layout,
+) -> None:
     """Accumulate one row block's softmax part of dL/dx into gh (its rows) and gw: c (u @ w) and u^T (c h)."""
     acc = torch.zeros(gh.shape, dtype=torch.float32, device=h.device) if gh is not None else None
     scaled_h = (h.float() * coef.unsqueeze(-1)).to(weight.dtype) if gw is not None else None
@@ -255,8 +279,9 @@ class LogprobHead:
         self.targets: tuple[torch.Tensor, float | torch.Tensor, bool, torch.Tensor | None] | None = None
         self.layer.forward = self.forward  # instance attribute: only this model's head changes
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None,
-                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
+    ) -> tuple[torch.Tensor, None]:
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region,
             gather_from_sequence_parallel_region,
@@ -282,8 +307,14 @@ class LogprobHead:
             if isinstance(temperature, torch.Tensor):
                 temperature = temperature[idx]
         out = vocab_parallel_logprobs(
-            flat_hidden, w, flat_labels, true_vocab=self.true_vocab, temperature=temperature,
-            with_entropy=with_entropy, chunk_tokens=self.chunk_tokens, tp_group=self.tp_group,
+            flat_hidden,
+            w,
+            flat_labels,
+            true_vocab=self.true_vocab,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            chunk_tokens=self.chunk_tokens,
+            tp_group=self.tp_group,
         )
         if idx is not None:
             full = out.new_zeros((s * b, *out.shape[1:]))

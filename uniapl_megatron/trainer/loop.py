@@ -15,20 +15,18 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..data import MixedBatchSampler, formatter_from_config, plan_micro_batches, read_demos, read_prompts
-from ..data.packing import required_pad_multiple, row_pad_multiple
+from ..data import MixedBatchSampler, formatter_from_config, read_demos, read_prompts
 from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
-from ..objective import LossInputs, objective_loss, resolve_weights, rollout_advantages, step_counts
+from ..objective import resolve_weights, rollout_advantages
 from ..rollout.base import EngineNeedsWeights
+from .batch import Seq, combine_updates, global_counts, make_loss_fn, pack_for_rank, set_token_temperatures
 from .checkpoint import Checkpointer, SaveDeadline, job_end_time, latest_checkpoint, restore_adam_step
 from .config import RunConfig, check_run
 from .health import Health
@@ -39,21 +37,6 @@ from .stages import StageSwitch
 from .student import MicroBatch, Student
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Seq:
-    """One sequence of the step: a teacher demonstration or a rollout sample."""
-
-    token_ids: list[int]
-    prompt_len: int
-    is_demo: bool
-    advantage: float = 0.0
-    adv_advantage: float = 0.0
-    engine_logprobs: list[float] | None = None
-    old_logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _DEADLINE = 1000  # stop flag above any signal number: the job's end time is near
@@ -93,12 +76,20 @@ class Trainer:
         self.prompts = read_prompts(cfg.data.prompt_paths, self.fmt, cfg.data) if cfg.data.prompt_paths else None
         self.heldout = self._read_heldout()
         self.sampler = MixedBatchSampler.from_config(
-            cfg.data, len(self.prompts) if self.prompts else 0, len(self.demos) if self.demos else 0)
-        self.stop_ids = tuple(sorted({self.fmt.eot_id, *([self.fmt.tokenizer.eos_token_id]
-                                                          if self.fmt.tokenizer.eos_token_id is not None else [])}))
+            cfg.data, len(self.prompts) if self.prompts else 0, len(self.demos) if self.demos else 0
+        )
+        self.stop_ids = tuple(
+            sorted(
+                {
+                    self.fmt.eot_id,
+                    *([self.fmt.tokenizer.eos_token_id] if self.fmt.tokenizer.eos_token_id is not None else []),
+                }
+            )
+        )
 
-        self.student = Student(self.arch, cfg.parallel, cfg.model, cfg.optim,
-                               total_steps=self.stages.first_schedule_updates())
+        self.student = Student(
+            self.arch, cfg.parallel, cfg.model, cfg.optim, total_steps=self.stages.first_schedule_updates()
+        )
         self._init_weights()
         self.ref = None
         if cfg.objective.kl_coef > 0:
@@ -121,8 +112,10 @@ class Trainer:
         if self.cfg.model.load:
             meta = read_meta(self.cfg.model.load)
             if meta["num_query_groups"] != self.student.num_query_groups:
-                raise ValueError(f"{self.cfg.model.load}: KV groups {meta['num_query_groups']} != this layout's "
-                                 f"{self.student.num_query_groups}")
+                raise ValueError(
+                    f"{self.cfg.model.load}: KV groups {meta['num_query_groups']} != this layout's "
+                    f"{self.student.num_query_groups}"
+                )
             load_model([unwrap(c) for c in self.student.chunks], Path(self.cfg.model.load) / "model")
             self.student._refresh_main_params()
         else:
@@ -149,12 +142,21 @@ class Trainer:
 
     def _save(self, step: int, block: bool = False) -> None:
         self.health.phase("save", step)
-        state = {"scheduler": self.student.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                 "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
-                 "history": self.log.history}
-        meta = {"dtype": self.cfg.model.dtype, "num_query_groups": self.student.num_query_groups,
-                "make_vocab_size_divisible_by": self.cfg.model.make_vocab_size_divisible_by,
-                "arch": self.arch.to_dict(), "source": self.cfg.model.hf_path, "step": step}
+        state = {
+            "scheduler": self.student.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "nonfinite_total": self.nonfinite_total,
+            "history": self.log.history,
+        }
+        meta = {
+            "dtype": self.cfg.model.dtype,
+            "num_query_groups": self.student.num_query_groups,
+            "make_vocab_size_divisible_by": self.cfg.model.make_vocab_size_divisible_by,
+            "arch": self.arch.to_dict(),
+            "source": self.cfg.model.hf_path,
+            "step": step,
+        }
         self.ckpt.save(step, self.student, state, meta, self.cfg.model.hf_path, self.disc, block=block)
 
     # ---- the step -----------------------------------------------------------------------------------
@@ -170,20 +172,40 @@ class Trainer:
             prompt_ids = self.prompts[prompt_idx[x.prompt_pos]].prompt_ids.tolist()
             if not x.token_ids:  # an empty completion carries no token to train
                 continue
-            seqs.append(Seq(prompt_ids + list(x.token_ids), len(prompt_ids), False, float(adv.task[j]),
-                            float(adv.adversarial[j]), list(x.logprobs), extra={"prompt_pos": x.prompt_pos}))
+            seqs.append(
+                Seq(
+                    prompt_ids + list(x.token_ids),
+                    len(prompt_ids),
+                    False,
+                    float(adv.task[j]),
+                    float(adv.adversarial[j]),
+                    list(x.logprobs),
+                    extra={"prompt_pos": x.prompt_pos},
+                )
+            )
         lengths = [len(x.token_ids) for x in rollouts]
-        stats.update({"reward/mean": float(rewards.mean()) if len(rollouts) else 0.0,
-                      "rollout/response_len": sum(lengths) / max(len(lengths), 1),
-                      "rollout/truncated": sum(x.finish_reason == "length" for x in rollouts) / max(len(rollouts), 1)})
+        stats.update(
+            {
+                "reward/mean": float(rewards.mean()) if len(rollouts) else 0.0,
+                "rollout/response_len": sum(lengths) / max(len(lengths), 1),
+                "rollout/truncated": sum(x.finish_reason == "length" for x in rollouts) / max(len(rollouts), 1),
+            }
+        )
         if scores is not None:
             stats["disc/score_mean"] = float(scores.mean())
         return seqs, stats
 
     def _pack(self, seqs: list[Seq], temperature: float | None = None) -> list[MicroBatch]:
-        mbs = pack_for_rank(seqs, self.cfg.data.max_tokens_per_micro_batch, self.cfg.parallel,
-                            max(self.cfg.data.pad_multiple, 1), self.dp_rank, self.dp_size, self.fmt.pad_id,
-                            fp8_recipe=self.cfg.model.fp8)
+        mbs = pack_for_rank(
+            seqs,
+            self.cfg.data.max_tokens_per_micro_batch,
+            self.cfg.parallel,
+            max(self.cfg.data.pad_multiple, 1),
+            self.dp_rank,
+            self.dp_size,
+            self.fmt.pad_id,
+            fp8_recipe=self.cfg.model.fp8,
+        )
         return set_token_temperatures(mbs, self.cfg.sampling.temperature if temperature is None else temperature)
 
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str, temperature: float | None = None) -> None:
@@ -230,7 +252,8 @@ class Trainer:
             self._fill_logprobs(rl, self.student, "old_logprobs")
             # Engine vs trainer on the same tokens and weights: ~1e-6 in fp32 when the sync is right.
             stats["rollout/logprob_diff_max"] = max(
-                float((s.old_logprobs - torch.tensor(s.engine_logprobs)).abs().max()) for s in rl)
+                float((s.old_logprobs - torch.tensor(s.engine_logprobs)).abs().max()) for s in rl
+            )
         if rl and self.ref is not None:
             self._fill_logprobs(rl, self.ref, "ref_logprobs")
         self.health.phase("train", step)
@@ -242,8 +265,12 @@ class Trainer:
                 mbs = self._pack([seqs[i] for i in part])
                 counts = global_counts(mbs, self.dp_group)
                 wu = resolve_weights(cfg.objective, first_update + len(per_update))  # CHORD's mu moves per update
-                m = self.student.train_step(mbs, make_loss_fn(wu, counts, cfg.objective), cfg.sampling.temperature,
-                                            with_entropy=cfg.objective.entropy_coef > 0)
+                m = self.student.train_step(
+                    mbs,
+                    make_loss_fn(wu, counts, cfg.objective),
+                    cfg.sampling.temperature,
+                    with_entropy=cfg.objective.entropy_coef > 0,
+                )
                 per_update.append(self._reduce_metrics(m))
         stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
@@ -281,15 +308,19 @@ class Trainer:
         if not cfg.data.eval_prompt_paths:
             return None
         if cfg.rollout is None:
-            raise ValueError("data.eval_prompt_paths: the held-out evaluation samples through the rollout engine, "
-                             "and this config has no rollout section")
+            raise ValueError(
+                "data.eval_prompt_paths: the held-out evaluation samples through the rollout engine, "
+                "and this config has no rollout section"
+            )
         rows = read_prompts(cfg.data.eval_prompt_paths, self.fmt, cfg.data)
         trained = {tuple(r.prompt_ids.tolist()) for r in (self.prompts.rows if self.prompts else [])}
         trained |= {tuple(d.prompt_ids.tolist()) for d in (self.demos.rows if self.demos else [])}
         both = [r for r in rows.rows if tuple(r.prompt_ids.tolist()) in trained]
         if both:
-            raise ValueError(f"data.eval_prompt_paths: {len(both)} of {len(rows)} held-out prompts are also training "
-                             f"prompts (first: {both[0].path}:{both[0].line}); held-out prompts must not be trained on")
+            raise ValueError(
+                f"data.eval_prompt_paths: {len(both)} of {len(rows)} held-out prompts are also training "
+                f"prompts (first: {both[0].path}:{both[0].line}); held-out prompts must not be trained on"
+            )
         return rows
 
     def _eval_due(self, done: int) -> bool:
@@ -310,8 +341,17 @@ class Trainer:
         mine: tuple[list[float], str] = ([], "")
         if self.engine is not None and hi > lo:
             try:
-                got = sample_and_score(self.engine, rows[lo:hi], self.fmt, self.rollout.reward, self.cfg.sampling,
-                                       self.cfg.train.eval_samples, self.cfg.train.seed, self.stop_ids, offset=lo)
+                got = sample_and_score(
+                    self.engine,
+                    rows[lo:hi],
+                    self.fmt,
+                    self.rollout.reward,
+                    self.cfg.sampling,
+                    self.cfg.train.eval_samples,
+                    self.cfg.train.seed,
+                    self.stop_ids,
+                    offset=lo,
+                )
                 mine = (got.rewards if self.rollout.is_source else [], "")
             except EngineNeedsWeights as e:
                 mine = ([], str(e))
@@ -323,7 +363,10 @@ class Trainer:
                 log.warning("held-out evaluation skipped: %s", failed[0])
             return {}
         rewards = [r for got, _ in gathered for r in got]
-        return {"eval/heldout_reward": sum(rewards) / max(len(rewards), 1), "time/eval_seconds": time.perf_counter() - t0}
+        return {
+            "eval/heldout_reward": sum(rewards) / max(len(rewards), 1),
+            "time/eval_seconds": time.perf_counter() - t0,
+        }
 
     # ---- the run ------------------------------------------------------------------------------------
 
@@ -364,12 +407,15 @@ class Trainer:
             self.log.step(step, stats)
             self.deadline.record_step(stats["time/step_seconds"])
             if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
-                raise NonFiniteLossError(f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
-                                   f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping")
+                raise NonFiniteLossError(
+                    f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
+                    f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping"
+                )
             self.ckpt.maybe_finalize()
             due = self.deadline.due(self.ckpt.last_save_seconds)  # the job ends before another step and save
-            flag = torch.tensor([_DEADLINE if due else self._stop_signal], dtype=torch.int64,
-                                device=collective_device())
+            flag = torch.tensor(
+                [_DEADLINE if due else self._stop_signal], dtype=torch.int64, device=collective_device()
+            )
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.steps or flag.item():
@@ -387,86 +433,3 @@ class Trainer:
         self.health.exit(reason, last_saved)
         self.health.stop()
         return self.log.finish(time.perf_counter() - t_start, last_saved)
-
-
-def pack_for_rank(seqs: list[Seq], max_tokens: int, parallel: Any, pad_multiple: int, dp_rank: int, dp_size: int,
-                  pad_id: int, fp8_recipe: str = "none") -> list[MicroBatch]:
-    """This DP rank's packed micro-batches of the step's sequences, with the per-sequence loss inputs. Each
-    sequence is padded for the layout, each packed row also for ``fp8_recipe``'s GEMMs (model.fp8)."""
-    from ..data.microbatch import pack_rank
-
-    layout = (parallel.tensor_model_parallel_size, parallel.context_parallel_size, parallel.sequence_parallel)
-    pad = max(pad_multiple, required_pad_multiple(*layout))
-    plan = plan_micro_batches([len(s.token_ids) for s in seqs], max_tokens=max_tokens, dp_size=dp_size,
-                              pad_multiple=pad, micro_batch_multiple=parallel.micro_batch_multiple,
-                              row_multiple=row_pad_multiple(*layout, fp8_recipe=fp8_recipe))
-    out = []
-    for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
-        mine = [seqs[i] for i in p.seq_ids]
-        extras: dict[str, Any] = {
-            "is_demo": torch.tensor([s.is_demo for s in mine], dtype=torch.bool),
-            "advantages": torch.tensor([s.advantage for s in mine], dtype=torch.float32),
-            "adv_advantages": torch.tensor([s.adv_advantage for s in mine], dtype=torch.float32),
-        }
-        for key in ("old_logprobs", "ref_logprobs"):
-            if mine and all(getattr(s, key) is not None or s.is_demo for s in mine) \
-                    and any(getattr(s, key) is not None for s in mine):
-                extras[key] = p.scatter_response([
-                    getattr(s, key) if getattr(s, key) is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
-                    for s in mine])[0]
-        if any(s.engine_logprobs is not None for s in mine):
-            extras["engine_logprobs"] = p.scatter_response([
-                s.engine_logprobs if s.engine_logprobs is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
-                for s in mine])[0]
-        out.append(MicroBatch(p, extras))
-    return out
-
-
-def combine_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
-    """One step's metrics from its optimizer updates' (ppo_epochs x minibatches of them): the mean of each
-    metric over the updates, grad_norm included (what verl logs), grad_norm/max the largest norm, lr the
-    last update's and skipped the number of skipped updates."""
-    out: dict[str, float] = {}
-    for k in dict.fromkeys(k for m in per_update for k in m):
-        values = [m[k] for m in per_update if k in m]
-        out[k] = values[-1] if k == "lr" else sum(values) if k == "skipped" else sum(values) / len(values)
-    if len(per_update) > 1 and "grad_norm" in out:
-        out["grad_norm/max"] = max(m["grad_norm"] for m in per_update)
-    return out
-
-
-def set_token_temperatures(mbs: list[MicroBatch], temperature: float) -> list[MicroBatch]:
-    """Each target token's temperature: the sampler's for rollout tokens (their log-probs must be those of
-    the distribution they were drawn from), 1 for demonstrations (SFT trains the model's own distribution,
-    not softmax(z / T))."""
-    if temperature == 1.0:
-        return mbs
-    for mb in mbs:
-        per_seq = torch.where(mb.extras["is_demo"], 1.0, float(temperature)).to(torch.float32)
-        mb.temperature = mb.packed.per_token(per_seq, fill=float(temperature))
-    return mbs
-
-
-def global_counts(mbs: list[MicroBatch], dp_group: Any) -> Any:
-    """Trained tokens / sequences of the whole optimizer step, over all micro-batches and DP ranks."""
-    return step_counts([SimpleNamespace(loss_mask=m.packed.loss_mask[0], seq_ids=m.packed.seq_index,
-                                        is_demo=m.extras["is_demo"], seq_token_counts=None) for m in mbs],
-                       group=dp_group)
-
-
-def make_loss_fn(weights: Any, counts: Any, cfg: Any):
-    """The objective on one micro-batch, as Student.train_step calls it."""
-
-    def fn(mb: MicroBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp, ent = (out[:, 0], out[:, 1]) if out.dim() == 2 else (out, None)
-        e = mb.extras
-        inputs = LossInputs(
-            logprobs=lp, loss_mask=mb.packed.loss_mask[0], seq_ids=mb.packed.seq_index,
-            is_demo=e["is_demo"], advantages=e["advantages"], adv_advantages=e["adv_advantages"],
-            old_logprobs=e.get("old_logprobs"), ref_logprobs=e.get("ref_logprobs"),
-            engine_logprobs=e.get("engine_logprobs") if cfg.tis_cap is not None else None, entropy=ent)
-        loss, metrics = objective_loss(inputs, weights, cfg, counts)
-        metrics["loss/total"] = loss.detach()
-        return loss, metrics
-
-    return fn

@@ -33,8 +33,9 @@ class Overlap:
     reason: str
 
 
-def decide_overlap(mode: str, dp_size: int, has_cuda: bool, distributed_optimizer: bool,
-                   replicated_kv: bool) -> Overlap:
+def decide_overlap(
+    mode: str, dp_size: int, has_cuda: bool, distributed_optimizer: bool, replicated_kv: bool
+) -> Overlap:
     """The overlap settings for a run (the one place they are decided); ``reason`` says why, for the log.
 
     ``dp_size`` counts the ranks gradients are reduced over (data x context parallel). ``replicated_kv``: TP
@@ -84,5 +85,9 @@ def wire_overlap(wrapped: list, config: Any, overlap: Overlap) -> None:
     if overlap.param_gather:
         for c in wrapped:
             setattr(unwrap(c), PENDING_GATHER_ATTR, functools.partial(_finish_gather, c))
-    log.info("data-parallel overlap: gradient reduce %s, weight gather %s (%s)",
-             "on" if overlap.grad_reduce else "off", "on" if overlap.param_gather else "off", overlap.reason)
+    log.info(
+        "data-parallel overlap: gradient reduce %s, weight gather %s (%s)",
+        "on" if overlap.grad_reduce else "off",
+        "on" if overlap.param_gather else "off",
+        overlap.reason,
+    )

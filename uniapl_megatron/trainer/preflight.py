@@ -42,12 +42,13 @@ def _diffs(trainer: Any, seqs: list, temperature: float) -> tuple[float, float]:
 
 def _samples(trainer: Any) -> list:
     """Collective: every engine samples its share of the first prompts; all ranks get every sample as a Seq."""
-    from .loop import Seq
+    from .batch import Seq
 
     cfg, step = trainer.cfg, trainer.rollout
     n = min(cfg.train.preflight_prompts, len(trainer.prompts))
-    sampling = dataclasses.replace(cfg.sampling, top_k=0, top_p=1.0,
-                                   max_new_tokens=min(cfg.sampling.max_new_tokens, 16))
+    sampling = dataclasses.replace(
+        cfg.sampling, top_k=0, top_p=1.0, max_new_tokens=min(cfg.sampling.max_new_tokens, 16)
+    )
     saved, cfg.sampling = cfg.sampling, sampling  # the rollout step reads cfg.sampling (the same object)
     try:
         made, _, _ = step._generate_all(-1, list(range(n)), trainer.student)
@@ -56,10 +57,10 @@ def _samples(trainer: Any) -> list:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, made if step.is_source else [])
     seqs = []
-    for p, _, toks, lps, _ in sorted((x for g in gathered for x in g), key=lambda x: (x[0], x[1])):
-        if toks:
-            prompt = trainer.prompts[p].prompt_ids.tolist()
-            seqs.append(Seq(prompt + list(toks), len(prompt), False, engine_logprobs=list(lps)))
+    for x in sorted((x for g in gathered for x in g), key=lambda x: x.key):
+        if x.token_ids:
+            prompt = trainer.prompts[x.prompt_pos].prompt_ids.tolist()
+            seqs.append(Seq(prompt + list(x.token_ids), len(prompt), False, engine_logprobs=list(x.logprobs)))
     return seqs
 
 
@@ -85,14 +86,21 @@ def _cause(trainer: Any, seqs: list, tol: float, max_diff: float) -> str:
     t = trainer.cfg.sampling.temperature
     fit, diff = _fit_temperature(trainer, seqs)
     if diff <= max(tol, 0.2 * max_diff) and abs(fit - t) > 0.01 * t:
-        raw = (" - or returns raw (temperature-1) log-probs instead of those of the distribution it sampled from"
-               if abs(fit - 1.0) <= 0.02 else "")
-        return (f"temperature: the engine's log-probs match the trainer's at temperature {fit:.3g} (max |diff| "
-                f"{diff:.3g}), not at sampling.temperature={t}: the engine samples at temperature {fit:.3g} while "
-                f"the trainer scores at {t}{raw}")
-    return (f"weights or dtype: no temperature explains it (best fit {fit:.3g}, max |diff| {diff:.3g}); "
-            f"engine dtype rollout.dtype={trainer.cfg.rollout.dtype}, trainer model.dtype={trainer.cfg.model.dtype}"
-            f" - check the weight sync (rollout.verify_weights) and both dtypes")
+        raw = (
+            " - or returns raw (temperature-1) log-probs instead of those of the distribution it sampled from"
+            if abs(fit - 1.0) <= 0.02
+            else ""
+        )
+        return (
+            f"temperature: the engine's log-probs match the trainer's at temperature {fit:.3g} (max |diff| "
+            f"{diff:.3g}), not at sampling.temperature={t}: the engine samples at temperature {fit:.3g} while "
+            f"the trainer scores at {t}{raw}"
+        )
+    return (
+        f"weights or dtype: no temperature explains it (best fit {fit:.3g}, max |diff| {diff:.3g}); "
+        f"engine dtype rollout.dtype={trainer.cfg.rollout.dtype}, trainer model.dtype={trainer.cfg.model.dtype}"
+        f" - check the weight sync (rollout.verify_weights) and both dtypes"
+    )
 
 
 def preflight_gate(trainer: Any) -> dict[str, float]:
@@ -108,13 +116,20 @@ def preflight_gate(trainer: Any) -> dict[str, float]:
     max_diff, mean_diff = _diffs(trainer, seqs, cfg.sampling.temperature)
     out = {"preflight/logprob_max_diff": max_diff, "preflight/logprob_mean_diff": mean_diff}
     if trainer.rank == 0:
-        log.info("pre-flight: %d samples, engine vs trainer log-probs max |diff| %.3g, mean %.3g (tolerance %g)",
-                 len(seqs), max_diff, mean_diff, tol)
+        log.info(
+            "pre-flight: %d samples, engine vs trainer log-probs max |diff| %.3g, mean %.3g (tolerance %g)",
+            len(seqs),
+            max_diff,
+            mean_diff,
+            tol,
+        )
     trainer.log.evaluation(trainer.start_step, out)
     if max_diff > tol:
         cause = _cause(trainer, seqs, tol, max_diff)
-        raise PreflightError(f"pre-flight log-prob gate: engine and trainer log-probs of the same {len(seqs)} "
-                             f"samples differ by max |diff| {max_diff:.3g} (mean {mean_diff:.3g}) > "
-                             f"train.preflight_tolerance={tol:g} at sampling.temperature="
-                             f"{cfg.sampling.temperature}. Likely cause: {cause}")
+        raise PreflightError(
+            f"pre-flight log-prob gate: engine and trainer log-probs of the same {len(seqs)} "
+            f"samples differ by max |diff| {max_diff:.3g} (mean {mean_diff:.3g}) > "
+            f"train.preflight_tolerance={tol:g} at sampling.temperature="
+            f"{cfg.sampling.temperature}. Likely cause: {cause}"
+        )
     return out

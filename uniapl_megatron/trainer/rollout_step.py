@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def refit(engine: Any, student: Any, bucket_bytes: int, digests: SentDigests | None = None,
-          dtype: torch.dtype | None = None) -> int:
+def refit(
+    engine: Any, student: Any, bucket_bytes: int, digests: SentDigests | None = None, dtype: torch.dtype | None = None
+) -> int:
     """Collective over the training ranks: stream the student's weights (TP all-gather, PP-stage broadcast in
     buckets of bucket_bytes) into this rank's engine, in-process (None: only take part in the gathers).
     With `digests`, each tensor's digest as an engine of weight dtype `dtype` holds it is recorded there as
@@ -69,13 +70,21 @@ def place_engines(cfg: Any, rank: int, world: int) -> EnginePlacement | None:
         return None
     on_gpu = torch.cuda.is_available() and r.device != "cpu"
     if r.multiprocess and on_gpu:
-        raise PlacementError("rollout.multiprocess: true would give the engine's child processes training GPUs "
-                             "of their own; colocated engines run in-process on GPUs (set it false)")
+        raise PlacementError(
+            "rollout.multiprocess: true would give the engine's child processes training GPUs "
+            "of their own; colocated engines run in-process on GPUs (set it false)"
+        )
     ENGINES.get(r.engine, "rollout.engine").check_colocated(r)
     visible = visible_devices(dict(os.environ), torch.cuda.device_count() if on_gpu else 0)
-    return place_colocated(rank, world, int(os.environ.get("LOCAL_RANK", "0")),
-                           int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), visible,
-                           cfg.parallel.tensor_model_parallel_size, r.tensor_parallel_size)
+    return place_colocated(
+        rank,
+        world,
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+        visible,
+        cfg.parallel.tensor_model_parallel_size,
+        r.tensor_parallel_size,
+    )
 
 
 class RolloutStep:
@@ -126,14 +135,21 @@ class RolloutStep:
         assert p is not None
         self.num_engines, self.scorers, self.source = p.num_engines, p.ranks, p.leader
         if r.multiprocess and r.tensor_parallel_size > 1:  # only the leader sees the samples: it sends them
-            groups = [dist.new_group(list(range(e * r.tensor_parallel_size, (e + 1) * r.tensor_parallel_size)))
-                      for e in range(p.num_engines)]
+            groups = [
+                dist.new_group(list(range(e * r.tensor_parallel_size, (e + 1) * r.tensor_parallel_size)))
+                for e in range(p.num_engines)
+            ]
             self._group = groups[p.engine]
         if not r.multiprocess or self.rank == p.leader:
             self.engine = build_engine(dataclasses.replace(r, device=p.device))
         if self.rank == 0:
-            log.info("rollout: %d colocated %s engine(s) of %d rank(s) each%s", p.num_engines, r.engine,
-                     r.tensor_parallel_size, " (child processes)" if r.multiprocess else " (in-process)")
+            log.info(
+                "rollout: %d colocated %s engine(s) of %d rank(s) each%s",
+                p.num_engines,
+                r.engine,
+                r.tensor_parallel_size,
+                " (child processes)" if r.multiprocess else " (in-process)",
+            )
 
     def sync(self, student: Any, only_if_needed: bool = False) -> None:
         """Collective: refit every engine (or, with only_if_needed, those that missed a sync) from its ranks,
@@ -150,8 +166,12 @@ class RolloutStep:
         except Exception as e:  # noqa: BLE001 - e.g. the engine died mid-sync; the next rollout re-syncs it
             self.needs_sync = True
             sent = None
-            log.warning("rank %d: weight sync into the rollout engine failed (%s: %s); the next rollout re-syncs",
-                        self.rank, type(e).__name__, e)
+            log.warning(
+                "rank %d: weight sync into the rollout engine failed (%s: %s); the next rollout re-syncs",
+                self.rank,
+                type(e).__name__,
+                e,
+            )
         if verify:
             self._verify(sent, dtype)
         self.syncs += 1
@@ -170,8 +190,10 @@ class RolloutStep:
                 bad = compare(sent, held, dtype, engine)
                 skipped = unverified(sent, held)
                 if skipped:
-                    self._warn_once(f"rollout.verify_weights: {len(skipped)} tensor(s) have no digest in the engine's "
-                                    f"layout (e.g. {skipped[0]}); not verified")
+                    self._warn_once(
+                        f"rollout.verify_weights: {len(skipped)} tensor(s) have no digest in the engine's "
+                        f"layout (e.g. {skipped[0]}); not verified"
+                    )
         digest_s = time.perf_counter() - t0 + (sent.seconds if sent else 0.0)  # engine's + trainer's digests
         flag = torch.tensor([len(bad), int(digest_s * 1e6)], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # gloo world: a tiny CPU tensor is enough
@@ -180,8 +202,10 @@ class RolloutStep:
             msgs: list[Any] = [None] * self.world
             dist.all_gather_object(msgs, bad)
             lines = [m for g in msgs for m in g]
-            raise RefitMismatchError(f"weight sync: {len(lines)} tensor(s) held by the rollout engine differ from "
-                                     f"what the trainer sent: " + "; ".join(lines[:5]))
+            raise RefitMismatchError(
+                f"weight sync: {len(lines)} tensor(s) held by the rollout engine differ from "
+                f"what the trainer sent: " + "; ".join(lines[:5])
+            )
 
     def _warn_once(self, msg: str) -> None:
         if not self._warned_unverified:
@@ -221,11 +245,19 @@ class RolloutStep:
             return None
         s = self.cfg.sampling
         try:
-            batch = self.engine.generate([self.prompts[i].prompt_ids.tolist() for i in prompt_idx[lo:hi]],
-                                         SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p,
-                                                        top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                                                        stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + step,
-                                                        prompt_index_offset=lo))
+            batch = self.engine.generate(
+                [self.prompts[i].prompt_ids.tolist() for i in prompt_idx[lo:hi]],
+                SamplingParams(
+                    n=s.group_size,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    top_k=s.top_k,
+                    max_new_tokens=s.max_new_tokens,
+                    stop_token_ids=self.stop_ids,
+                    seed=self.cfg.train.seed + step,
+                    prompt_index_offset=lo,
+                ),
+            )
         except EngineNeedsWeights as e:
             log.warning("rank %d, step %d: %s; re-syncing from the engine's ranks", self.rank, step, e)
             self.needs_sync = True
@@ -251,8 +283,10 @@ class RolloutStep:
             if not failed.item():
                 return made or [], resyncs, time.perf_counter() - t0
             if resyncs == limit:
-                raise RuntimeError(f"step {step}: a rollout engine still had no usable weights after {limit} "
-                                   f"re-sync(s) (rollout.max_restarts); see the warnings above")
+                raise RuntimeError(
+                    f"step {step}: a rollout engine still had no usable weights after {limit} "
+                    f"re-sync(s) (rollout.max_restarts); see the warnings above"
+                )
             self.sync(student, only_if_needed=True)
         raise AssertionError("unreachable")
 
@@ -264,17 +298,28 @@ class RolloutStep:
             made = box[0]
         b = split_bounds(len(made), len(self.scorers))
         k = self.scorers.index(self.rank)
-        mine = made[b[k]: b[k + 1]]
+        mine = made[b[k] : b[k + 1]]
         rows = [self.prompts[prompt_idx[m.prompt_pos]] for m in mine]
         texts = [self.fmt.decode(m.token_ids, skip_special_tokens=True) for m in mine]
-        rewards = self.reward.score([{"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs,
-                                      "prompt": prompt_text(r)} for r in rows], texts) if mine else []
+        rewards = (
+            self.reward.score(
+                [
+                    {"instruction_id_list": r.instruction_id_list, "kwargs": r.kwargs, "prompt": prompt_text(r)}
+                    for r in rows
+                ],
+                texts,
+            )
+            if mine
+            else []
+        )
         scores: list[float | None] = [None] * len(mine)
         if needs_disc and mine:
             scores = self.disc.score([prompt_text(r) for r in rows], [r.teacher_response or "" for r in rows], texts)
         self._texts = {m.key: t for m, t in zip(mine, texts)}  # for the discriminator's update
-        return [dataclasses.replace(m, reward=float(rw), score=None if sc is None else float(sc))
-                for m, rw, sc in zip(mine, rewards, scores)]
+        return [
+            dataclasses.replace(m, reward=float(rw), score=None if sc is None else float(sc))
+            for m, rw, sc in zip(mine, rewards, scores)
+        ]
 
     def run(self, step: int, prompt_idx: list[int], weights: Any, student: Any) -> tuple[ScoredRollouts, dict]:
         """Collective: generate, score and gather the step's samples, in (prompt position, sample) order."""
@@ -282,8 +327,9 @@ class RolloutStep:
         if self.health is not None:
             self.health.phase("score", step)
         mine = self._score(made, prompt_idx, weights.needs_discriminator)
-        share = RankShare(mine, self.engine.restarts if self.is_source else 0, gen_s, self.held_peak,
-                          self.reward.take_stats())
+        share = RankShare(
+            mine, self.engine.restarts if self.is_source else 0, gen_s, self.held_peak, self.reward.take_stats()
+        )
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, share)
         samples = sorted((x for g in gathered for x in g.samples), key=lambda x: x.key)
@@ -292,12 +338,14 @@ class RolloutStep:
             raise RuntimeError(f"step {step}: gathered {len(samples)} rollout samples, expected {expected}")
         b = split_bounds(len(prompt_idx), self.num_engines or 1)
         shares = [b[k + 1] - b[k] for k in range(len(b) - 1)]
-        stats = {"rollout/engines": float(sum(n > 0 for n in shares)),
-                 "rollout/prompts_per_engine_max": float(max(shares)),
-                 "rollout/gen_seconds": max(g.gen_seconds for g in gathered),
-                 "rollout/engine_restarts": float(sum(g.restarts for g in gathered)),
-                 "rollout/resyncs": float(resyncs),
-                 "rollout/refit_held_mib": max(g.held_peak_bytes for g in gathered) / 2**20}  # last sync, fullest
+        stats = {
+            "rollout/engines": float(sum(n > 0 for n in shares)),
+            "rollout/prompts_per_engine_max": float(max(shares)),
+            "rollout/gen_seconds": max(g.gen_seconds for g in gathered),
+            "rollout/engine_restarts": float(sum(g.restarts for g in gathered)),
+            "rollout/resyncs": float(resyncs),
+            "rollout/refit_held_mib": max(g.held_peak_bytes for g in gathered) / 2**20,
+        }  # last sync, fullest
         for g in gathered:  # reward/timeouts, reward/worker_crashes: summed over the ranks that scored
             for key, value in g.reward_stats.items():
                 stats[key] = stats.get(key, 0.0) + value
@@ -306,15 +354,22 @@ class RolloutStep:
         self._log(step, samples, prompt_idx)
         return ScoredRollouts(samples), stats
 
-    def _update_disc(self, step: int, samples: list[ScoredSample], prompt_idx: list[int],
-                     mine: set[tuple[int, int]]) -> dict[str, float]:
+    def _update_disc(
+        self, step: int, samples: list[ScoredSample], prompt_idx: list[int], mine: set[tuple[int, int]]
+    ) -> dict[str, float]:
         """The online discriminator learns from every sample, each rank computing the gradient of the samples
         it scored (their texts are here); the gradients are summed, so every copy takes the same update."""
         rows = [self.prompts[prompt_idx[x.prompt_pos]] for x in samples]
         owned = [x.key in mine for x in samples]
         candidates = [self._texts[x.key] if o else "" for x, o in zip(samples, owned)]
-        upd = self.disc.update(step, [prompt_text(r) for r in rows], [r.teacher_response or "" for r in rows],
-                               candidates, owned=owned, group=dist.group.WORLD if self.world > 1 else None)
+        upd = self.disc.update(
+            step,
+            [prompt_text(r) for r in rows],
+            [r.teacher_response or "" for r in rows],
+            candidates,
+            owned=owned,
+            group=dist.group.WORLD if self.world > 1 else None,
+        )
         return dict(upd or {})
 
     def _log(self, step: int, samples: list[ScoredSample], prompt_idx: list[int]) -> None:
@@ -322,10 +377,29 @@ class RolloutStep:
         if self.rank != 0:
             return
         first = samples[: self.cfg.train.log_samples]
-        self.log.samples(step, [{"prompt": prompt_text(self.prompts[prompt_idx[x.prompt_pos]]),
-                                 "response": self.fmt.decode(x.token_ids, skip_special_tokens=True),
-                                 "reward": x.reward} for x in first])
+        self.log.samples(
+            step,
+            [
+                {
+                    "prompt": prompt_text(self.prompts[prompt_idx[x.prompt_pos]]),
+                    "response": self.fmt.decode(x.token_ids, skip_special_tokens=True),
+                    "reward": x.reward,
+                }
+                for x in first
+            ],
+        )
         if self.cfg.train.log_rollouts:
-            self.log.rollouts(step, [{"step": step + 1, "prompt_index": x.prompt_pos, "sample_index": x.sample_index,
-                                      "dataset_index": prompt_idx[x.prompt_pos], "token_ids": x.token_ids,
-                                      "reward": x.reward} for x in samples])
+            self.log.rollouts(
+                step,
+                [
+                    {
+                        "step": step + 1,
+                        "prompt_index": x.prompt_pos,
+                        "sample_index": x.sample_index,
+                        "dataset_index": prompt_idx[x.prompt_pos],
+                        "token_ids": x.token_ids,
+                        "reward": x.reward,
+                    }
+                    for x in samples
+                ],
+            )

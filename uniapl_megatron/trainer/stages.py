@@ -46,8 +46,9 @@ class StageSwitch:
     def second_optim(self) -> Any:
         """`optim` with the second stage's learning rate and schedule."""
         s = self.second
-        changes = {k: getattr(s, k) for k in ("lr", "min_lr", "warmup_steps", "decay_style")
-                   if getattr(s, k) is not None}
+        changes = {
+            k: getattr(s, k) for k in ("lr", "min_lr", "warmup_steps", "decay_style") if getattr(s, k) is not None
+        }
         return dataclasses.replace(self.cfg.optim, **changes)
 
     def maybe_switch(self, trainer: Any, step: int) -> bool:
@@ -62,9 +63,14 @@ class StageSwitch:
             trainer.ref.copy_weights_from(student)
             self._save_reference(trainer.ref)
         if dist.get_rank() == 0:
-            log.info("stage switch at optimizer update %d (step %d): lr %g (%s), fresh Adam moments%s",
-                     self.cfg.objective.stage_switch_step, step, self.second_optim().lr,
-                     self.second_optim().decay_style, ", KL reference = the current student" if reset else "")
+            log.info(
+                "stage switch at optimizer update %d (step %d): lr %g (%s), fresh Adam moments%s",
+                self.cfg.objective.stage_switch_step,
+                step,
+                self.second_optim().lr,
+                self.second_optim().decay_style,
+                ", KL reference = the current student" if reset else "",
+            )
         return True
 
     def resume(self, trainer: Any, done_steps: int) -> None:
@@ -80,7 +86,8 @@ class StageSwitch:
             if not self.reference_dir.is_dir():  # renamed into place only once whole
                 raise FileNotFoundError(
                     f"{self.reference_dir}: the KL reference saved at the stage switch is missing, so the resumed "
-                    "second stage cannot use it (stage2.reset_reference)")
+                    "second stage cannot use it (stage2.reset_reference)"
+                )
             load_model([unwrap(c) for c in trainer.ref.chunks], self.reference_dir)
 
     def _second_scheduler(self, student: Any) -> Any:

@@ -34,7 +34,8 @@ def _guard_te_version_check() -> None:
 
     orig = utils.is_te_min_version
     optimizer_config.is_te_min_version = lambda version, check_equality=True: (
-        utils.get_te_version() is not None and orig(version, check_equality))
+        utils.get_te_version() is not None and orig(version, check_equality)
+    )
 
 
 @dataclass
@@ -87,25 +88,32 @@ class OptimConfig:
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optim.optimizer={self.optimizer!r}: expected adam or sgd")
         if self.optimizer == "sgd" and parallel.use_distributed_optimizer:
-            raise ConfigError("optim.optimizer=sgd needs parallel.use_distributed_optimizer=false (Megatron-core's "
-                              "distributed optimizer takes Adam only)")
+            raise ConfigError(
+                "optim.optimizer=sgd needs parallel.use_distributed_optimizer=false (Megatron-core's "
+                "distributed optimizer takes Adam only)"
+            )
         if self.chunk_tokens < 1:
             raise ConfigError(f"optim.chunk_tokens={self.chunk_tokens} must be >= 1")
         if not self.cpu_offload:
             return
         if not parallel.use_distributed_optimizer:
-            raise ConfigError("optim.cpu_offload=true needs parallel.use_distributed_optimizer=true: Megatron-core "
-                              "handles the offloaded optimizer's state and checkpoints only in its distributed "
-                              "optimizer")
+            raise ConfigError(
+                "optim.cpu_offload=true needs parallel.use_distributed_optimizer=true: Megatron-core "
+                "handles the offloaded optimizer's state and checkpoints only in its distributed "
+                "optimizer"
+            )
         if model.dtype == "fp32":
             # Megatron-core 0.16.1 hands the offloading optimizer fp32 weights as views of the model's
             # weights, which torch refuses to optimise ("can't optimize a non-leaf Tensor"); bf16/fp16
             # weights get fp32 main copies, which work.
-            raise ConfigError("optim.cpu_offload=true needs model.dtype bf16 or fp16 (Megatron-core cannot offload "
-                              "the optimizer of fp32 weights)")
+            raise ConfigError(
+                "optim.cpu_offload=true needs model.dtype bf16 or fp16 (Megatron-core cannot offload "
+                "the optimizer of fp32 weights)"
+            )
         if not 0.0 < self.cpu_offload_fraction <= 1.0:
-            raise ConfigError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in (0, 1] "
-                              "(0 would offload nothing)")
+            raise ConfigError(
+                f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in (0, 1] (0 would offload nothing)"
+            )
 
 
 def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
@@ -114,10 +122,17 @@ def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
-        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0 if o.warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
     )
 
 
@@ -135,8 +150,15 @@ class MicroBatch:
 class Student:
     """This rank's part of the student, trainable (``train=True``) or frozen (reference model)."""
 
-    def __init__(self, arch: Qwen3Arch, parallel: ParallelConfig, model_cfg: ModelConfig,
-                 optim: OptimConfig | None = None, total_steps: int = 1, num_query_groups: int | None = None) -> None:
+    def __init__(
+        self,
+        arch: Qwen3Arch,
+        parallel: ParallelConfig,
+        model_cfg: ModelConfig,
+        optim: OptimConfig | None = None,
+        total_steps: int = 1,
+        num_query_groups: int | None = None,
+    ) -> None:
         from megatron.core import parallel_state as ps
 
         self.arch, self.parallel, self.model_cfg = arch, parallel, model_cfg
@@ -146,8 +168,9 @@ class Student:
         if self.train:
             self.optim_cfg.validate(parallel, model_cfg)
         chunks = build_model(arch, parallel, model_cfg, initialize=False, num_query_groups=self.num_query_groups)
-        self.padded_vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by,
-                                              parallel.tensor_model_parallel_size)
+        self.padded_vocab = padded_vocab_size(
+            arch.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size
+        )
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.config.variable_seq_lengths = True  # packed rows differ in length; PP sends shapes first
@@ -190,8 +213,9 @@ class Student:
             for p in params:
                 grad = getattr(p, "main_grad", None)
                 if grad is not None:
-                    torch.distributed.all_reduce(grad[rows[0]:rows[1]], op=torch.distributed.ReduceOp.SUM,
-                                                 group=group)
+                    torch.distributed.all_reduce(
+                        grad[rows[0] : rows[1]], op=torch.distributed.ReduceOp.SUM, group=group
+                    )
 
         return sync if group is not None else lambda: None
 
@@ -205,18 +229,27 @@ class Student:
         _guard_te_version_check()
         check_fp8_training(self.model_cfg, self.parallel)
         overlap = decide_overlap(
-            o.overlap_comm, ps.get_data_parallel_world_size(with_context_parallel=True), torch.cuda.is_available(),
+            o.overlap_comm,
+            ps.get_data_parallel_world_size(with_context_parallel=True),
+            torch.cuda.is_available(),
             self.parallel.use_distributed_optimizer,
-            replicated_kv=self.num_query_groups != self.arch.num_kv_heads and self.parallel.tensor_model_parallel_size > 1)
+            replicated_kv=self.num_query_groups != self.arch.num_kv_heads
+            and self.parallel.tensor_model_parallel_size > 1,
+        )
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap.grad_reduce, overlap_param_gather=overlap.param_gather,
-            use_distributed_optimizer=self.parallel.use_distributed_optimizer, check_for_nan_in_grad=False,
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=overlap.grad_reduce,
+            overlap_param_gather=overlap.param_gather,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
             average_in_collective=False,
             # FP8 weights (model.fp8_param) are all-gathered as FP8 by the distributed optimizer.
             fp8_param_gather=self.model_cfg.fp8_param,
         )
-        wrapped = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c,
-                                           disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        wrapped = [
+            DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
         wire_overlap(wrapped, self.config, overlap)
         kv_params, kv_rows, kv_group = self._replicated_kv(chunks)
         sync_kv = self._kv_grad_sync(kv_params, kv_rows, kv_group)
@@ -227,18 +260,30 @@ class Student:
             finalize_model_grads(model, None)
 
         self.config.finalize_model_grads_func = finalize
-        opt = get_megatron_optimizer(OptimizerConfig(
-            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-            use_distributed_optimizer=self.parallel.use_distributed_optimizer,
-            optimizer_cpu_offload=o.cpu_offload, optimizer_offload_fraction=o.cpu_offload_fraction,
-            overlap_cpu_optimizer_d2h_h2d=o.cpu_offload_overlap,
-            # Offload through the precision-aware path: the hybrid optimizer then owns the fp32 master weights
-            # (one copy, on the host) and its checkpoint state loads back (without it 0.16.1's load looks the
-            # main shards up in an empty fp32-copy table, a KeyError).
-            use_precision_aware_optimizer=o.cpu_offload,
-        ), wrapped)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer=o.optimizer,
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                fp16=dtype == torch.float16,
+                params_dtype=dtype,
+                use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+                optimizer_cpu_offload=o.cpu_offload,
+                optimizer_offload_fraction=o.cpu_offload_fraction,
+                overlap_cpu_optimizer_d2h_h2d=o.cpu_offload_overlap,
+                # Offload through the precision-aware path: the hybrid optimizer then owns the fp32 master weights
+                # (one copy, on the host) and its checkpoint state loads back (without it 0.16.1's load looks the
+                # main shards up in an empty fp32-copy table, a KeyError).
+                use_precision_aware_optimizer=o.cpu_offload,
+            ),
+            wrapped,
+        )
         sched = lr_scheduler(opt, o, total_steps)
         if kv_group is not None:
             count_kv_copies_once(opt, kv_params, kv_rows, is_copy=kv_group.rank() != 0)
@@ -249,8 +294,9 @@ class Student:
         src = SafetensorsFolder(hf_dir)
         # FP8 weights hold a rounded copy: the fp32 master weights start from the file's values instead.
         kept = {} if self.model_cfg.fp8_param and self.optimizer is not None else None
-        load_from_hf([unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab,
-                     keep=kept)
+        load_from_hf(
+            [unwrap(c) for c in self.chunks], self.arch, src.get, self.num_query_groups, self.padded_vocab, keep=kept
+        )
         self._refresh_main_params(high_precision_state_dict(self.chunks, kept) if kept else None)
 
     def copy_weights_from(self, other: "Student") -> None:
@@ -267,9 +313,14 @@ class Student:
 
     # ---- passes -------------------------------------------------------------------------------------
 
-    def _run(self, micro_batches: Sequence[MicroBatch], temperature: float, with_entropy: bool,
-             loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]] | None,
-             only_loss_tokens: bool = True) -> list:
+    def _run(
+        self,
+        micro_batches: Sequence[MicroBatch],
+        temperature: float,
+        with_entropy: bool,
+        loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]] | None,
+        only_loss_tokens: bool = True,
+    ) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         forward_only = loss_fn is None
@@ -289,10 +340,13 @@ class Student:
                 mask = p.loss_mask > 0 if only_loss_tokens and p.num_loss_tokens else None
                 for head in self.heads:
                     if head.layer is m.output_layer:
-                        head.targets = (p.labels, temperature if mb.temperature is None else mb.temperature,
-                                        with_entropy, mask)
-            out = model(p.input_ids, p.position_ids, attention_mask=None,
-                        packed_seq_params=p.to_packed_seq_params())
+                        head.targets = (
+                            p.labels,
+                            temperature if mb.temperature is None else mb.temperature,
+                            with_entropy,
+                            mask,
+                        )
+            out = model(p.input_ids, p.position_ids, attention_mask=None, packed_seq_params=p.to_packed_seq_params())
 
             def loss_func(output: torch.Tensor) -> tuple:
                 flat = output[0]  # [T] or [T, 2]
@@ -310,9 +364,12 @@ class Student:
         ctx = torch.no_grad() if forward_only else torch.enable_grad()
         with ctx:
             get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
-                model=self.chunks, num_microbatches=len(micro_batches),
-                seq_length=max(mb.packed.num_tokens for mb in micro_batches), micro_batch_size=1,
+                forward_step_func=forward_step,
+                data_iterator=iters if len(iters) > 1 else iters[0],
+                model=self.chunks,
+                num_microbatches=len(micro_batches),
+                seq_length=max(mb.packed.num_tokens for mb in micro_batches),
+                micro_batch_size=1,
                 forward_only=forward_only,
             )
         return outputs
@@ -323,20 +380,32 @@ class Student:
         if n < 1:
             raise ValueError("no micro-batch to run: every rank needs at least one (a filler when it has no data)")
         if n % multiple:
-            raise ValueError(f"{n} micro-batches: with parallel.virtual_pipeline_model_parallel_size="
-                             f"{self.parallel.virtual_pipeline_model_parallel_size} the interleaved schedule needs a "
-                             f"multiple of pipeline_model_parallel_size={multiple}; plan_micro_batches("
-                             f"micro_batch_multiple=ParallelConfig.micro_batch_multiple) packs such a count")
+            raise ValueError(
+                f"{n} micro-batches: with parallel.virtual_pipeline_model_parallel_size="
+                f"{self.parallel.virtual_pipeline_model_parallel_size} the interleaved schedule needs a "
+                f"multiple of pipeline_model_parallel_size={multiple}; plan_micro_batches("
+                f"micro_batch_multiple=ParallelConfig.micro_batch_multiple) packs such a count"
+            )
 
-    def logprobs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0,
-                 with_entropy: bool = False, only_loss_tokens: bool = True) -> list[torch.Tensor] | None:
+    def logprobs(
+        self,
+        micro_batches: Sequence[MicroBatch],
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        only_loss_tokens: bool = True,
+    ) -> list[torch.Tensor] | None:
         """Per micro-batch [T] log-probs of ``labels`` (last pipeline stage; None elsewhere). With
         ``only_loss_tokens`` positions outside the loss mask are 0."""
         out = self._run(micro_batches, temperature, with_entropy, None, only_loss_tokens)
         return out if self.pp_last else None
 
-    def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: Callable, temperature: float = 1.0,
-                   with_entropy: bool = False) -> dict[str, float]:
+    def train_step(
+        self,
+        micro_batches: Sequence[MicroBatch],
+        loss_fn: Callable,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> dict[str, float]:
         """Forward/backward over the micro-batches, then one optimizer step. Returns the step's metrics
         summed over micro-batches (last stage) plus grad_norm / lr / skipped."""
         assert self.optimizer is not None, "a frozen Student cannot train"
@@ -346,11 +415,14 @@ class Student:
         metrics_list = self._run(micro_batches, temperature, with_entropy, loss_fn)
         # A NaN/inf loss anywhere, or a NaN/inf gradient norm, skips the step on every rank: its gradients
         # are dropped and neither the optimizer nor the LR schedule moves.
-        bad = torch.tensor([float(any(not torch.isfinite(torch.as_tensor(v)).all()
-                                      for m in metrics_list for v in m.values()))], device=collective_device())
+        bad = torch.tensor(
+            [float(any(not torch.isfinite(torch.as_tensor(v)).all() for m in metrics_list for v in m.values()))],
+            device=collective_device(),
+        )
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        ok, grad_norm = (False, float("nan")) if bad.item() else \
-            step_unless_nonfinite(self.optimizer, self.optim_cfg.clip_grad)
+        ok, grad_norm = (
+            (False, float("nan")) if bad.item() else step_unless_nonfinite(self.optimizer, self.optim_cfg.clip_grad)
+        )
         if ok:
             self.scheduler.step(increment=1)
         else:
@@ -359,8 +431,7 @@ class Student:
         for m in metrics_list:
             for k, v in m.items():
                 summed[k] = summed.get(k, 0.0) + float(v)
-        summed.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
-                      skipped=float(not ok))
+        summed.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]), skipped=float(not ok))
         return summed
 
     def skip_step(self) -> None:
@@ -369,8 +440,9 @@ class Student:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def hf_tensors(self, bucket_bytes: int = 0, track: Callable[[torch.Tensor], None] | None = None
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    def hf_tensors(
+        self, bucket_bytes: int = 0, track: Callable[[torch.Tensor], None] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Every full HF-named tensor on every rank (collective): what rollout weight sync consumes. Streamed:
         one tensor's TP-gathered copies at a time, and with ``bucket_bytes`` the pipeline stages broadcast in
         buckets of that size (convert.params.iter_hf_tensors); no rank holds the whole model. ``track`` sees
@@ -379,8 +451,9 @@ class Student:
         With tied embeddings ``lm_head.weight`` is sent too: vLLM's CPU backend keeps its own (repacked)
         LM-head copy that loading the embedding alone leaves stale.
         """
-        for name, t in iter_hf_tensors([unwrap(c) for c in self.chunks], self.arch, self.num_query_groups,
-                                       bucket_bytes, track):
+        for name, t in iter_hf_tensors(
+            [unwrap(c) for c in self.chunks], self.arch, self.num_query_groups, bucket_bytes, track
+        ):
             yield name, t
             if self.arch.tie_word_embeddings and name == "model.embed_tokens.weight":
                 yield "lm_head.weight", t
