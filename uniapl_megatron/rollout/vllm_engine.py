@@ -404,7 +404,11 @@ class VLLMRolloutEngine(EngineBase):
     def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
         """{HF name: (digest v, read)} of the weights the engine's worker holds now (rollout/digest.py), computed
         in the worker (in-process or child process); None for a tensor-parallel engine (shards)."""
-        return self._llm.collective_rpc("uniapl_digests")[0]
+        held = self._llm.collective_rpc("uniapl_digests")[0]
+        if held is None:
+            return None
+        # From child processes the reply comes back serialised: tensors as lists, tuples as lists.
+        return {name: (torch.as_tensor(v, dtype=torch.float32), bool(read)) for name, (v, read) in held.items()}
 
     def connect(
         self,

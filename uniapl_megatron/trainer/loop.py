@@ -389,14 +389,16 @@ class Trainer:
         if self.cfg.rollout is not None:
             self.health.phase("sync", self.start_step)
             self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
-            preflight_gate(self)  # engine vs trainer log-probs of a few samples, before any step
+        # engine vs trainer log-probs of a few samples, before any step; its figures go in the first step's row
+        startup = preflight_gate(self) if self.cfg.rollout is not None and self.start_step < cfg.steps else {}
         t_start = time.perf_counter()
         last_saved = self.start_step
         if self.start_step == 0:
             self.log.evaluation(0, self._heldout_eval(0))
         for step in range(self.start_step, cfg.steps):
             t_step = time.perf_counter()
-            stats = self.step(step)
+            stats = {**self.step(step), **startup}
+            startup = {}
             stats["time/step_seconds"] = time.perf_counter() - t_step
             if self._eval_due(step + 1):
                 stats.update(self._heldout_eval(step + 1))

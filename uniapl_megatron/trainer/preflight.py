@@ -104,8 +104,9 @@ def _cause(trainer: Any, seqs: list, tol: float, max_diff: float) -> str:
 
 
 def preflight_gate(trainer: Any) -> dict[str, float]:
-    """Collective: sample, score, compare; logs preflight/logprob_max_diff and refuses the run (PreflightError)
-    when it exceeds train.preflight_tolerance. Returns the logged metrics ({} when off or nothing to sample)."""
+    """Collective: sample, score, compare; refuses the run (PreflightError) when the max |diff| exceeds
+    train.preflight_tolerance. Returns preflight/logprob_max_diff and _mean_diff ({} when off or nothing to
+    sample), which the trainer logs with the first step."""
     cfg = trainer.cfg
     tol = tolerance(cfg)
     if tol == 0 or cfg.rollout is None or not trainer.prompts:
@@ -123,7 +124,6 @@ def preflight_gate(trainer: Any) -> dict[str, float]:
             mean_diff,
             tol,
         )
-    trainer.log.evaluation(trainer.start_step, out)
     if max_diff > tol:
         cause = _cause(trainer, seqs, tol, max_diff)
         raise PreflightError(
