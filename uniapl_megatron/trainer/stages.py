@@ -55,6 +55,9 @@ class StageSwitch:
         """At the first step of the second stage: new schedule, fresh optimizer state, new reference."""
         if step != self.switch_step:
             return False
+        # The last step's checkpoint may still be written in the background (an async save): it must hold the
+        # first stage's optimizer state, and the reference's save below is one of Megatron's own saves.
+        trainer.ckpt.finalize()
         student = trainer.student
         student.scheduler = self._second_scheduler(student)
         reset_optimizer_state(student.optimizer)
