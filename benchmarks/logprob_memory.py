@@ -115,10 +115,52 @@ def run(variant: str, chunk: int, threads: int, n: int, h: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def summary(runs: dict[str, list[dict]], a: argparse.Namespace) -> dict:
+    """The printed result: medians per variant, the two variants' agreement, and the settings they ran under."""
     import torch
 
     from uniapl_megatron.trainer import logprobs
+
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mb", "seconds", "cpu_seconds")}
+        for v, rs in runs.items()
+    }
+    full, ours = runs["full"][0], runs["chunked"][0]
+    diff = [abs(x - y) for x, y in zip(full["sums"], ours["sums"])]
+    return {
+        "chunked_peak_mb": round(med["chunked"]["peak_mb"], 1),
+        "full_logits_peak_mb": round(med["full"]["peak_mb"], 1),
+        "ratio": round(med["full"]["peak_mb"] / max(med["chunked"]["peak_mb"], 1e-9), 2),
+        "chunked_seconds": round(med["chunked"]["seconds"], 2),
+        "full_logits_seconds": round(med["full"]["seconds"], 2),
+        "chunked_cpu_seconds": round(med["chunked"]["cpu_seconds"], 2),
+        "full_logits_cpu_seconds": round(med["full"]["cpu_seconds"], 2),
+        "others_cpu": max((x for rs in runs.values() for r in rs if (x := r["others_cpu"]) is not None), default=None),
+        "others_cpu_by_variant": {v: [r["others_cpu"] for r in rs] for v, rs in runs.items()},
+        "logprob_sum_diff": diff[0],
+        "grad_rel_diff": [d / max(s, 1e-30) for d, s in zip(diff[1:], full["abs_sums"])],
+        "settings": {
+            "tokens": a.tokens,
+            "vocab": V,
+            "hidden": a.hidden,
+            "dtype": "fp32",
+            "grads": "hidden and weight",
+            "chunk_tokens": a.chunk,
+            "block_values": (logprobs._BLOCK_VALUES_GPU if torch.cuda.is_available() else logprobs._BLOCK_VALUES),
+            "threads": a.threads,
+            "repeats": a.repeats,
+            "baseline": BASELINE,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "peak": "peak allocated CUDA memory" if torch.cuda.is_available() else "peak RSS above the inputs' RSS",
+        },
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main() -> None:
+    import torch
+
     from uniapl_megatron.trainer.student import OptimConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,51 +183,7 @@ def main() -> None:
     for _ in range(a.repeats):
         for variant, done in runs.items():
             done.append(run(variant, a.chunk, a.threads, a.tokens, a.hidden))
-    med = {
-        v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mb", "seconds", "cpu_seconds")}
-        for v, rs in runs.items()
-    }
-    full, ours = runs["full"][0], runs["chunked"][0]
-    diff = [abs(x - y) for x, y in zip(full["sums"], ours["sums"])]
-    print(
-        json.dumps(
-            {
-                "chunked_peak_mb": round(med["chunked"]["peak_mb"], 1),
-                "full_logits_peak_mb": round(med["full"]["peak_mb"], 1),
-                "ratio": round(med["full"]["peak_mb"] / max(med["chunked"]["peak_mb"], 1e-9), 2),
-                "chunked_seconds": round(med["chunked"]["seconds"], 2),
-                "full_logits_seconds": round(med["full"]["seconds"], 2),
-                "chunked_cpu_seconds": round(med["chunked"]["cpu_seconds"], 2),
-                "full_logits_cpu_seconds": round(med["full"]["cpu_seconds"], 2),
-                "others_cpu": max(
-                    (x for rs in runs.values() for r in rs if (x := r["others_cpu"]) is not None), default=None
-                ),
-                "others_cpu_by_variant": {v: [r["others_cpu"] for r in rs] for v, rs in runs.items()},
-                "logprob_sum_diff": diff[0],
-                "grad_rel_diff": [d / max(s, 1e-30) for d, s in zip(diff[1:], full["abs_sums"])],
-                "settings": {
-                    "tokens": a.tokens,
-                    "vocab": V,
-                    "hidden": a.hidden,
-                    "dtype": "fp32",
-                    "grads": "hidden and weight",
-                    "chunk_tokens": a.chunk,
-                    "block_values": (
-                        logprobs._BLOCK_VALUES_GPU if torch.cuda.is_available() else logprobs._BLOCK_VALUES
-                    ),
-                    "threads": a.threads,
-                    "repeats": a.repeats,
-                    "baseline": BASELINE,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "peak": "peak allocated CUDA memory"
-                    if torch.cuda.is_available()
-                    else "peak RSS above the inputs' RSS",
-                },
-                "machine": machine(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
-        )
-    )
+    print(json.dumps(summary(runs, a)))
 
 
 if __name__ == "__main__":

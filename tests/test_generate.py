@@ -89,11 +89,8 @@ def _run(cfg: Path, *overrides: str, env_tmp: Path, timeout: float = 900) -> sub
     )
 
 
-def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
-    root, rows, config = setup
-    (tmp_path / "tmp").mkdir()
-    cfg = config("killed", data_parallel_size=2)
-    parts = root / "killed" / "teacher.jsonl.parts"
+def _generate_and_kill_halfway(cfg: Path, parts: Path, tmp_path: Path) -> None:
+    """`uniapl generate` until half the chunks are written, then SIGKILL of its whole process group."""
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the ranks' logging
     with open(log, "wb") as f:
@@ -114,6 +111,27 @@ def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both engine ranks, mid-chunk
         proc.wait()
+
+
+def _check_reads_as_demos(root: Path, out: list[dict]) -> None:
+    """The generated rows (the non-blank answers) load with the trainer's demo reader."""
+    from uniapl_megatron.data.chat import ChatFormatter, load_tokenizer
+    from uniapl_megatron.data.config import DataConfig
+    from uniapl_megatron.data.readers import read_demos
+
+    fmt = ChatFormatter(load_tokenizer(str(root / "teacher")))
+    demo_out = root / "demos.jsonl"  # a random teacher's answer can be blank: the reader refuses those
+    demo_out.write_text("".join(json.dumps(o) + "\n" for o in out if o["teacher_response"].strip()))
+    demos = read_demos([str(demo_out)], fmt, DataConfig(max_prompt_tokens=512, max_demo_tokens=1024))
+    assert len(demos.rows) == sum(1 for o in out if o["teacher_response"].strip()) > 0
+
+
+def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
+    root, rows, config = setup
+    (tmp_path / "tmp").mkdir()
+    cfg = config("killed", data_parallel_size=2)
+    parts = root / "killed" / "teacher.jsonl.parts"
+    _generate_and_kill_halfway(cfg, parts, tmp_path)
     done_before = sorted(p.name for p in parts.glob("chunk-*.jsonl"))
     assert len(done_before) < N_CHUNKS and not (root / "killed" / "teacher.jsonl").exists()
 
@@ -134,15 +152,7 @@ def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
     assert not list(parts.glob(".*.tmp.*"))
 
     # the output is the trainer's demo / prompt JSONL
-    from uniapl_megatron.data.chat import ChatFormatter, load_tokenizer
-    from uniapl_megatron.data.config import DataConfig
-    from uniapl_megatron.data.readers import read_demos
-
-    fmt = ChatFormatter(load_tokenizer(str(root / "teacher")))
-    demo_out = root / "demos.jsonl"  # a random teacher's answer can be blank: the reader refuses those
-    demo_out.write_text("".join(json.dumps(o) + "\n" for o in out if o["teacher_response"].strip()))
-    demos = read_demos([str(demo_out)], fmt, DataConfig(max_prompt_tokens=512, max_demo_tokens=1024))
-    assert len(demos.rows) == sum(1 for o in out if o["teacher_response"].strip()) > 0
+    _check_reads_as_demos(root, out)
 
     # a clean one-engine run draws the same answers: the engine count does not matter
     clean = _run(config("clean", data_parallel_size=1), env_tmp=tmp_path / "tmp")

@@ -70,48 +70,59 @@ def assets(tmp_path_factory) -> dict[str, str]:
     return prepare(tmp_path_factory.mktemp("assets"), train_rows=200)
 
 
+def _start_training(a: dict[str, str], out: Path, log_path: Path) -> subprocess.Popen:
+    """`uniapl train` at TP2 on the tiny assets (many steps, hang_timeout_s = TRAIN_TIMEOUT), logging to `log_path`."""
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uniapl_megatron.cli",
+                "train",
+                str(ROOT / "examples" / "tiny_cpu.yaml"),
+                f"model.hf_path={a['student']}",
+                f"discriminator.path={a['discriminator']}",
+                f"data.demo_paths=[{a['data']}]",
+                f"data.prompt_paths=[{a['data']}]",
+                "data.eval_prompt_paths=[]",
+                "data.prompts_per_step=2",
+                "data.demos_per_step=2",
+                "sampling.group_size=2",
+                "sampling.max_new_tokens=6",
+                "rollout.engine=torch",
+                "parallel.tensor_model_parallel_size=2",
+                "train.steps=1000",
+                "train.save_every=1000",
+                f"train.hang_timeout_s={TRAIN_TIMEOUT}",
+                f"train.output_dir={out}",
+                "train.tensorboard=false",
+                "train.plot=false",
+            ],
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc
+
+
+def _wait_for_metrics_rows(proc: subprocess.Popen, out: Path, log_path: Path, rows: int) -> None:
+    """Until metrics.jsonl has `rows` rows; fails with the log's tail if the run ends first or 900 s pass."""
+    deadline = time.monotonic() + 900
+    while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= rows):
+        assert proc.poll() is None, (
+            f"the run ended early ({proc.returncode}): {log_path}:\n" + log_path.read_text()[-3000:]
+        )
+        assert time.monotonic() < deadline, "no training step within 900 s"
+        time.sleep(0.2)
+
+
 def test_sigstop_one_rank_of_a_training_run(assets, tmp_path):
     """`uniapl train` at TP2 (2 ranks; torch-engine rollouts, IFEval reward, online discriminator): rank 1 is
     SIGSTOPped mid-run. Rank 0 writes hang_report.json naming rank 1 and the phase it was in, and the run
     exits with 75 within hang_timeout_s + 60 s, leaving no process behind."""
     out = tmp_path / "run"
-    a = assets
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uniapl_megatron.cli",
-            "train",
-            str(ROOT / "examples" / "tiny_cpu.yaml"),
-            f"model.hf_path={a['student']}",
-            f"discriminator.path={a['discriminator']}",
-            f"data.demo_paths=[{a['data']}]",
-            f"data.prompt_paths=[{a['data']}]",
-            "data.eval_prompt_paths=[]",
-            "data.prompts_per_step=2",
-            "data.demos_per_step=2",
-            "sampling.group_size=2",
-            "sampling.max_new_tokens=6",
-            "rollout.engine=torch",
-            "parallel.tensor_model_parallel_size=2",
-            "train.steps=1000",
-            "train.save_every=1000",
-            f"train.hang_timeout_s={TRAIN_TIMEOUT}",
-            f"train.output_dir={out}",
-            "train.tensorboard=false",
-            "train.plot=false",
-        ],
-        start_new_session=True,
-        stdout=(log := open(tmp_path / "log.txt", "wb")),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 900
-    while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-        assert proc.poll() is None, (
-            f"the run ended early ({proc.returncode}): {log.name}:\n" + (tmp_path / "log.txt").read_text()[-3000:]
-        )
-        assert time.monotonic() < deadline, "no training step within 900 s"
-        time.sleep(0.2)
+    proc = _start_training(assets, out, tmp_path / "log.txt")
+    _wait_for_metrics_rows(proc, out, tmp_path / "log.txt", 2)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first.get("reward/timeouts") == 0.0, first  # the trainer's reward scores in the timed pool
     family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]

@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from _runs import TINY, alive, cli, descendants, metrics, run_overrides
@@ -144,23 +146,11 @@ sys.exit(serve(cfg, rank=int(sys.argv[3]), servers=2))
 """
 
 
-def test_two_servers_sample_what_one_engine_samples(tmp_path):
-    # Two real `serve` processes on one rollout node (as two rollout-TP groups of its GPUs would be; torch
-    # engine: cheap), this process as the trainer's client: it learns from them that there are two, weights
-    # are broadcast to both, the prompts are split between them, and the samples equal those of one local
-    # engine with the same weights and seed, so they do not depend on the number of servers.
+def _start_servers(folder: Path, port: int, count: int) -> list[subprocess.Popen]:
+    """`count` real `serve` processes (ranks 0..count-1) of the model in `folder`, meeting at `port`."""
     import sys
 
-    import torch
-    from _models import tiny_qwen3
-    from transformers import AutoModelForCausalLM
-
-    from uniapl_megatron.rollout import RolloutConfig, SamplingParams, build_engine
-    from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
-
-    folder = tiny_qwen3(tmp_path / "m", tie=False, vocab=300, layers=2, hidden=64)
-    port = free_port()
-    servers = [
+    return [
         subprocess.Popen(
             [sys.executable, "-c", _SERVE, str(folder), str(port), str(rank)],
             start_new_session=True,
@@ -168,8 +158,36 @@ def test_two_servers_sample_what_one_engine_samples(tmp_path):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in (0, 1)
+        for rank in range(count)
     ]
+
+
+def _local_generate(folder: Path, weights: dict, prompts: list[list[int]], params: Any) -> Any:
+    """The reference: one local torch engine with the same weights samples `prompts`."""
+    from uniapl_megatron.rollout import RolloutConfig
+    from uniapl_megatron.rollout.torch_engine import TorchRolloutEngine
+
+    local = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=64))
+    local.update_weights(iter(weights.items()))
+    want = local.generate(prompts, params)
+    local.shutdown()
+    return want
+
+
+def test_two_servers_sample_what_one_engine_samples(tmp_path):
+    # Two real `serve` processes on one rollout node (as two rollout-TP groups of its GPUs would be; torch
+    # engine: cheap), this process as the trainer's client: it learns from them that there are two, weights
+    # are broadcast to both, the prompts are split between them, and the samples equal those of one local
+    # engine with the same weights and seed, so they do not depend on the number of servers.
+    import torch
+    from _models import tiny_qwen3
+    from transformers import AutoModelForCausalLM
+
+    from uniapl_megatron.rollout import RolloutConfig, SamplingParams, build_engine
+
+    folder = tiny_qwen3(tmp_path / "m", tie=False, vocab=300, layers=2, hidden=64)
+    port = free_port()
+    servers = _start_servers(folder, port, 2)
     g = torch.Generator().manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     moved = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.state_dict().items()}
@@ -197,10 +215,7 @@ def test_two_servers_sample_what_one_engine_samples(tmp_path):
     finally:
         _stop(*servers)
     assert codes == [0, 0], [s.stdout.read()[-2000:] for s in servers]
-    local = TorchRolloutEngine(RolloutConfig(engine="torch", model_path=str(folder), max_model_len=64))
-    local.update_weights(iter(moved.items()))
-    want = local.generate(prompts, params)
-    local.shutdown()
+    want = _local_generate(folder, moved, prompts, params)
     assert [s.prompt_index for s in got.samples] == [s.prompt_index for s in want.samples]
     assert [s.token_ids for s in got.samples] == [s.token_ids for s in want.samples]
     for a, b in zip(got.samples, want.samples):

@@ -21,6 +21,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -252,13 +253,44 @@ def worker() -> None:
 # ---- the test -----------------------------------------------------------------------------------------
 
 
+def _student_step_and_sync(engine: Any, model: Path, tmp_path: Path) -> dict:
+    """4 ranks of this file (--mode disaggregated) take one step of the student from in.json and broadcast its
+    weights to `engine`, which receives them here meanwhile; the ranks' out.json."""
+    from uniapl_megatron.launch import run_ranks
+    from uniapl_megatron.rollout.weight_sync import free_port
+
+    port, result = free_port(), {}
+    argv = [
+        sys.executable,
+        __file__,
+        "--mode",
+        "disaggregated",
+        "--hf",
+        str(model),
+        "--inp",
+        str(tmp_path / "in.json"),
+        "--out",
+        str(tmp_path / "out.json"),
+        "--port",
+        str(port),
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    ranks = threading.Thread(target=lambda: result.setdefault("code", run_ranks(argv, 4, env=env, timeout=500)))
+    ranks.start()
+    try:
+        engine.connect("127.0.0.1", port, world_size=2, timeout_s=400)
+        engine.receive_weights()
+    finally:
+        ranks.join()
+    assert result["code"] == 0
+    return json.loads((tmp_path / "out.json").read_text())
+
+
 def test_engine_follows_the_megatron_student(tmp_path):
     from _models import tiny_qwen3
 
-    from uniapl_megatron.launch import run_ranks
     from uniapl_megatron.rollout import RolloutConfig, SamplingParams
     from uniapl_megatron.rollout.vllm_engine import VLLMRolloutEngine
-    from uniapl_megatron.rollout.weight_sync import free_port
 
     # Tied embeddings, as Qwen3-0.6B: the sync must also refresh vLLM's own LM-head copy.
     model = tiny_qwen3(tmp_path / "hf", tie=True, vocab=512, layers=4, hidden=64)
@@ -280,31 +312,7 @@ def test_engine_follows_the_megatron_student(tmp_path):
             "samples": [{"prompt": prompts[s.prompt_index], "tokens": s.token_ids} for s in batch.samples],
         }
         (tmp_path / "in.json").write_text(json.dumps(inp))
-        port, result = free_port(), {}
-        argv = [
-            sys.executable,
-            __file__,
-            "--mode",
-            "disaggregated",
-            "--hf",
-            str(model),
-            "--inp",
-            str(tmp_path / "in.json"),
-            "--out",
-            str(tmp_path / "out.json"),
-            "--port",
-            str(port),
-        ]
-        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-        ranks = threading.Thread(target=lambda: result.setdefault("code", run_ranks(argv, 4, env=env, timeout=500)))
-        ranks.start()
-        try:
-            engine.connect("127.0.0.1", port, world_size=2, timeout_s=400)
-            engine.receive_weights()
-        finally:
-            ranks.join()
-        assert result["code"] == 0
-        out = json.loads((tmp_path / "out.json").read_text())
+        out = _student_step_and_sync(engine, model, tmp_path)
         after = [s.token_ids for s in engine.generate(prompts, greedy).samples]
     finally:
         engine.shutdown()

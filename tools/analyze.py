@@ -76,66 +76,54 @@ def pair_rows(student: list[dict[str, Any]], teacher: list[dict[str, Any]]) -> l
     return pairs
 
 
-def analyze(args: argparse.Namespace) -> dict[str, Any]:
-    pairs = pair_rows(_rows(args.student, ("response",)), _rows(args.teacher, ("teacher_response", "response")))
-    s_ans = [s["answer"] for s, _ in pairs]
-    t_ans = [t["answer"] for _, t in pairs]
-    tok = args.tokenizer or args.model
-    if tok:
-        from uniapl_megatron.eval.logprobs import token_lengths
+def _logprob_report(
+    args: argparse.Namespace, pairs: list, s_ans: list[str], t_ans: list[str], report: dict[str, Any], out_dir: Path
+) -> list[str]:
+    """Add the log-prob comparisons of both sides' answers under ``args.model`` to `report`; return the plots."""
+    from uniapl_megatron.eval.logprobs import answer_token_logprobs
 
-        lengths = token_lengths(tok, s_ans + t_ans)
-        s_len, t_len, unit = lengths[: len(pairs)], lengths[len(pairs) :], "tokens"
-    else:
-        s_len, t_len, unit = [len(a.split()) for a in s_ans], [len(a.split()) for a in t_ans], "words"
-    out_dir = Path(args.out)
-    report: dict[str, Any] = {"pairs": len(pairs), "length_unit": unit, "length": compare(s_len, t_len)}
-    plots = [
-        str(plot_comparison({"student": s_len, "teacher": t_len}, "response length", unit, out_dir / "length.png"))
-    ]
-    if args.model:
-        from uniapl_megatron.eval.logprobs import answer_token_logprobs
-
-        prompts = []
-        for s, t in pairs:
-            p = s["prompt"] if isinstance(s["prompt"], str) else t["prompt"]
-            if not isinstance(p, str):
-                raise AnalyzeError(
-                    f"{s['where']}: log-probs need the prompt text, and neither file has it for this row"
-                )
-            prompts.append(p)
-        # one call (one model load) for both sides
-        lps = answer_token_logprobs(
-            args.model, prompts + prompts, s_ans + t_ans, tokenizer_dir=args.tokenizer, batch_size=args.batch_size
-        )
-        s_lp, t_lp = lps[: len(pairs)], lps[len(pairs) :]
-        s_seq, t_seq = [float(x.sum()) for x in s_lp], [float(x.sum()) for x in t_lp]
-        s_tok, t_tok = np.concatenate(s_lp), np.concatenate(t_lp)
-        report["seq_logprob"] = compare(s_seq, t_seq)
-        report["seq_logprob_per_token"] = compare([float(x.mean()) for x in s_lp], [float(x.mean()) for x in t_lp])
-        report["token_logprob"] = compare(s_tok, t_tok)
-        report["logprob_model"] = args.model
-        plots.append(
-            str(
-                plot_comparison(
-                    {"student": s_seq, "teacher": t_seq},
-                    "sequence log-prob",
-                    "sum of token log-probs",
-                    out_dir / "seq_logprob.png",
-                )
+    prompts = []
+    for s, t in pairs:
+        p = s["prompt"] if isinstance(s["prompt"], str) else t["prompt"]
+        if not isinstance(p, str):
+            raise AnalyzeError(f"{s['where']}: log-probs need the prompt text, and neither file has it for this row")
+        prompts.append(p)
+    # one call (one model load) for both sides
+    lps = answer_token_logprobs(
+        args.model, prompts + prompts, s_ans + t_ans, tokenizer_dir=args.tokenizer, batch_size=args.batch_size
+    )
+    s_lp, t_lp = lps[: len(pairs)], lps[len(pairs) :]
+    s_seq, t_seq = [float(x.sum()) for x in s_lp], [float(x.sum()) for x in t_lp]
+    s_tok, t_tok = np.concatenate(s_lp), np.concatenate(t_lp)
+    report["seq_logprob"] = compare(s_seq, t_seq)
+    report["seq_logprob_per_token"] = compare([float(x.mean()) for x in s_lp], [float(x.mean()) for x in t_lp])
+    report["token_logprob"] = compare(s_tok, t_tok)
+    report["logprob_model"] = args.model
+    plots: list[str] = []
+    plots.append(
+        str(
+            plot_comparison(
+                {"student": s_seq, "teacher": t_seq},
+                "sequence log-prob",
+                "sum of token log-probs",
+                out_dir / "seq_logprob.png",
             )
         )
-        plots.append(
-            str(
-                plot_comparison(
-                    {"student": s_tok, "teacher": t_tok}, "token log-prob", "log-prob", out_dir / "token_logprob.png"
-                )
+    )
+    plots.append(
+        str(
+            plot_comparison(
+                {"student": s_tok, "teacher": t_tok}, "token log-prob", "log-prob", out_dir / "token_logprob.png"
             )
         )
-    report["plots"] = plots
-    atomic_write_json(out_dir / "analysis.json", report)
+    )
+    return plots
+
+
+def _summary_line(report: dict[str, Any], n_pairs: int, unit: str, out_dir: Path) -> dict[str, Any]:
+    """The one-line summary the CLI prints: the headline figures and where the full JSON is."""
     line = {
-        "pairs": len(pairs),
+        "pairs": n_pairs,
         "length_unit": unit,
         "student_length_mean": report["length"]["student"]["mean"],
         "teacher_length_mean": report["length"]["teacher"]["mean"],
@@ -154,6 +142,30 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         )
     line["json"] = str(out_dir / "analysis.json")
     return line
+
+
+def analyze(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = pair_rows(_rows(args.student, ("response",)), _rows(args.teacher, ("teacher_response", "response")))
+    s_ans = [s["answer"] for s, _ in pairs]
+    t_ans = [t["answer"] for _, t in pairs]
+    tok = args.tokenizer or args.model
+    if tok:
+        from uniapl_megatron.eval.logprobs import token_lengths
+
+        lengths = token_lengths(tok, s_ans + t_ans)
+        s_len, t_len, unit = lengths[: len(pairs)], lengths[len(pairs) :], "tokens"
+    else:
+        s_len, t_len, unit = [len(a.split()) for a in s_ans], [len(a.split()) for a in t_ans], "words"
+    out_dir = Path(args.out)
+    report: dict[str, Any] = {"pairs": len(pairs), "length_unit": unit, "length": compare(s_len, t_len)}
+    plots = [
+        str(plot_comparison({"student": s_len, "teacher": t_len}, "response length", unit, out_dir / "length.png"))
+    ]
+    if args.model:
+        plots += _logprob_report(args, pairs, s_ans, t_ans, report, out_dir)
+    report["plots"] = plots
+    atomic_write_json(out_dir / "analysis.json", report)
+    return _summary_line(report, len(pairs), unit, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

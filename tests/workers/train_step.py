@@ -3,6 +3,7 @@ layout; rank 0 writes the updated weights (HF names) and the step's metrics. Use
 
 import argparse
 import json
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,16 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build(a: argparse.Namespace):
-    """Process group, student and the fixed batch's micro-batches and loss at the layout ``a`` names."""
-    from megatron.core import parallel_state as ps
-
+def make_student(a: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Process group and the HF-loaded student at the layout ``a`` names: (student, parallel config, arch)."""
     from uniapl_megatron.distributed import init_distributed
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
-    from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.batch import Seq, global_counts, make_loss_fn, pack_for_rank
     from uniapl_megatron.trainer.student import OptimConfig, Student
 
     par = ParallelConfig(
@@ -148,13 +145,18 @@ def build(a: argparse.Namespace):
         ),
     )
     student.load_hf(a.hf)
-    calls = count_forwards(student)
+    return student, par, arch
+
+
+def fixed_seqs(a: argparse.Namespace, vocab_size: int) -> list:
+    """The fixed batch: ``a.seqs`` random sequences of growing length, the first ``a.demos`` demonstrations."""
+    from uniapl_megatron.trainer.batch import Seq
 
     g = torch.Generator().manual_seed(0)
     seqs = []
     for i in range(a.seqs):
         n, p = 12 + 3 * i, 5 + i % 4
-        toks = torch.randint(0, arch.vocab_size, (n,), generator=g).tolist()
+        toks = torch.randint(0, vocab_size, (n,), generator=g).tolist()
         demo = i < a.demos
         seqs.append(
             Seq(
@@ -165,6 +167,19 @@ def build(a: argparse.Namespace):
                 adv_advantage=0.0 if demo else float(torch.randn(1, generator=g)),
             )
         )
+    return seqs
+
+
+def build(a: argparse.Namespace):
+    """Process group, student and the fixed batch's micro-batches and loss at the layout ``a`` names."""
+    from megatron.core import parallel_state as ps
+
+    from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
+    from uniapl_megatron.trainer.batch import global_counts, make_loss_fn, pack_for_rank
+
+    student, par, arch = make_student(a)
+    calls = count_forwards(student)
+    seqs = fixed_seqs(a, arch.vocab_size)
     cfg = ObjectiveConfig(algorithm=a.preset, lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
     weights = resolve_weights(cfg, 0)
     mbs = pack_for_rank(

@@ -158,6 +158,34 @@ class PackedBatch:
         )
 
 
+def _check_pack_args(n_seqs: int, n_prompt_lens: int, pad_multiple: int, row_multiple: int) -> None:
+    """Refuse mismatched lengths and non-positive multiples before anything is laid out."""
+    if n_seqs != n_prompt_lens:
+        raise ValueError(f"pack_sequences: {n_seqs} sequences but {n_prompt_lens} prompt lengths")
+    if pad_multiple < 1 or row_multiple < 1:
+        raise ValueError(
+            f"pack_sequences: pad_multiple and row_multiple must be >= 1, got {pad_multiple}, {row_multiple}"
+        )
+
+
+def _filler_batch(t: int, pad_id: int) -> PackedBatch:
+    """A row of `t` pad tokens as one pseudo-sequence with no loss, for a rank with no sequences."""
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    return PackedBatch(
+        input_ids=torch.full((1, t), pad_id, dtype=torch.int64),
+        labels=torch.full((1, t), pad_id, dtype=torch.int64),
+        loss_mask=torch.zeros(1, t),
+        position_ids=torch.arange(t).unsqueeze(0),
+        seq_index=torch.full((t,), -1, dtype=torch.int64),
+        cu_seqlens=cu,
+        cu_seqlens_padded=cu.clone(),
+        seq_lens=[],
+        prompt_lens=[],
+        seq_ids=[],
+        max_seqlen=t,
+    )
+
+
 def pack_sequences(
     token_ids: Sequence[Sequence[int]],
     prompt_lens: Sequence[int],
@@ -174,34 +202,15 @@ def pack_sequences(
     An empty list gives a filler row of that many pad tokens with no loss, so every data-parallel
     rank can run the same number of micro-batches.
     """
-    if len(token_ids) != len(prompt_lens):
-        raise ValueError(f"pack_sequences: {len(token_ids)} sequences but {len(prompt_lens)} prompt lengths")
-    if pad_multiple < 1 or row_multiple < 1:
-        raise ValueError(
-            f"pack_sequences: pad_multiple and row_multiple must be >= 1, got {pad_multiple}, {row_multiple}"
-        )
+    _check_pack_args(len(token_ids), len(prompt_lens), pad_multiple, row_multiple)
     row_multiple = math.lcm(pad_multiple, row_multiple)
     seqs = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_ids]
     lens = [len(s) for s in seqs]
     for i, (n, p) in enumerate(zip(lens, prompt_lens)):
         if not 1 <= p <= n:
             raise DataError(f"sequence {i}: prompt length {p} must be between 1 and the sequence length {n}")
-    if not seqs:  # filler: one pseudo-sequence of padding
-        t = row_multiple
-        cu = torch.tensor([0, t], dtype=torch.int32)
-        return PackedBatch(
-            input_ids=torch.full((1, t), pad_id, dtype=torch.int64),
-            labels=torch.full((1, t), pad_id, dtype=torch.int64),
-            loss_mask=torch.zeros(1, t),
-            position_ids=torch.arange(t).unsqueeze(0),
-            seq_index=torch.full((t,), -1, dtype=torch.int64),
-            cu_seqlens=cu,
-            cu_seqlens_padded=cu.clone(),
-            seq_lens=[],
-            prompt_lens=[],
-            seq_ids=[],
-            max_seqlen=t,
-        )
+    if not seqs:
+        return _filler_batch(row_multiple, pad_id)
     padded = [aligned_length(n, pad_multiple) for n in lens]
     padded[-1] += aligned_length(sum(padded), row_multiple) - sum(padded)
     offsets = np.concatenate([[0], np.cumsum(padded)])

@@ -219,13 +219,40 @@ class Student:
 
         return sync if group is not None else lambda: None
 
+    def _optimizer_config(self) -> Any:
+        """Megatron's OptimizerConfig from the run's optimizer settings and the model's parameter dtype."""
+        from megatron.core.optimizer import OptimizerConfig
+
+        o, dtype = self.optim_cfg, self.config.params_dtype
+        return OptimizerConfig(
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+            optimizer_cpu_offload=o.cpu_offload,
+            optimizer_offload_fraction=o.cpu_offload_fraction,
+            overlap_cpu_optimizer_d2h_h2d=o.cpu_offload_overlap,
+            # Offload through the precision-aware path: the hybrid optimizer then owns the fp32 master weights
+            # (one copy, on the host) and its checkpoint state loads back (without it 0.16.1's load looks the
+            # main shards up in an empty fp32-copy table, a KeyError).
+            use_precision_aware_optimizer=o.cpu_offload,
+        )
+
     def _make_trainable(self, chunks: list, total_steps: int) -> tuple[list, Any, Any]:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import get_megatron_optimizer
 
-        o, dtype = self.optim_cfg, self.config.params_dtype
+        o = self.optim_cfg
         _guard_te_version_check()
         check_fp8_training(self.model_cfg, self.parallel)
         overlap = decide_overlap(
@@ -260,30 +287,7 @@ class Student:
             finalize_model_grads(model, None)
 
         self.config.finalize_model_grads_func = finalize
-        opt = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer=o.optimizer,
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=dtype == torch.bfloat16,
-                fp16=dtype == torch.float16,
-                params_dtype=dtype,
-                use_distributed_optimizer=self.parallel.use_distributed_optimizer,
-                optimizer_cpu_offload=o.cpu_offload,
-                optimizer_offload_fraction=o.cpu_offload_fraction,
-                overlap_cpu_optimizer_d2h_h2d=o.cpu_offload_overlap,
-                # Offload through the precision-aware path: the hybrid optimizer then owns the fp32 master weights
-                # (one copy, on the host) and its checkpoint state loads back (without it 0.16.1's load looks the
-                # main shards up in an empty fp32-copy table, a KeyError).
-                use_precision_aware_optimizer=o.cpu_offload,
-            ),
-            wrapped,
-        )
+        opt = get_megatron_optimizer(self._optimizer_config(), wrapped)
         sched = lr_scheduler(opt, o, total_steps)
         if kv_group is not None:
             count_kv_copies_once(opt, kv_params, kv_rows, is_copy=kv_group.rank() != 0)
