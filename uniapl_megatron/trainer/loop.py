@@ -231,13 +231,15 @@ class Trainer:
         cfg = self.cfg
         self.stages.maybe_switch(self, step)
         first_update = step * self.stages.updates  # the objective's steps count optimizer updates
-        w = resolve_weights(cfg.objective, first_update)
-        batch = self.sampler.next_batch(prompts=None if w.needs_rollouts else 0, demos=None if w.needs_demos else 0)
-        stats: dict[str, float] = {"stage_" + w.stage: 1.0}
+        weights = resolve_weights(cfg.objective, first_update)
+        batch = self.sampler.next_batch(
+            prompts=None if weights.needs_rollouts else 0, demos=None if weights.needs_demos else 0
+        )
+        stats: dict[str, float] = {"stage_" + weights.stage: 1.0}
         seqs = [Seq(d.token_ids.tolist(), d.prompt_len, True) for d in (self.demos[i] for i in batch.demo_indices)]
-        if w.needs_rollouts:
+        if weights.needs_rollouts:
             self.health.phase("rollout", step)
-            rollouts, rstats = self._rollouts(step, batch.prompt_indices, w)
+            rollouts, rstats = self._rollouts(step, batch.prompt_indices, weights)
             seqs += rollouts
             stats.update(rstats)
         if self.engine is not None:
@@ -264,14 +266,15 @@ class Trainer:
             for part in parts:
                 mbs = self._pack([seqs[i] for i in part])
                 counts = global_counts(mbs, self.dp_group)
-                wu = resolve_weights(cfg.objective, first_update + len(per_update))  # CHORD's mu moves per update
-                m = self.student.train_step(
+                # CHORD's mu moves per optimizer update
+                update_weights = resolve_weights(cfg.objective, first_update + len(per_update))
+                step_metrics = self.student.train_step(
                     mbs,
-                    make_loss_fn(wu, counts, cfg.objective),
+                    make_loss_fn(update_weights, counts, cfg.objective),
                     cfg.sampling.temperature,
                     with_entropy=cfg.objective.entropy_coef > 0,
                 )
-                per_update.append(self._reduce_metrics(m))
+                per_update.append(self._reduce_metrics(step_metrics))
         stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
         if self.engine is not None or cfg.rollout is not None:
