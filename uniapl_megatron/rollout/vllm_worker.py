@@ -158,9 +158,11 @@ class WeightSyncExtension:
         """In-process load (the iterator is passed by reference, never serialised)."""
         return load_named_tensors(self, named_tensors)
 
-    def uniapl_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
-        """Digests of the weights this worker holds (refit integrity, rollout/digest.py)."""
-        return model_digests(self)
+    def uniapl_digests(self) -> dict[str, tuple[list[float], bool]] | None:
+        """Digests of the weights this worker holds (refit integrity, rollout/digest.py), as plain lists: from a
+        child process the reply is serialised, which does not keep tensors as such."""
+        held = model_digests(self)
+        return None if held is None else {name: (v.tolist(), read) for name, (v, read) in held.items()}
 
     def uniapl_open_channel(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float = 600.0
