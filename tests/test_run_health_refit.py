@@ -71,7 +71,8 @@ def test_a_weight_altered_in_the_engine_after_a_sync_is_named(model_dir, tmp_pat
 
 
 def _train(assets, out: Path, fault: str | None, steps: int, *extra: str) -> subprocess.CompletedProcess:
-    args = [str(TINY), *run_overrides(assets, out, steps), "train.ppo_epochs=1", *extra]
+    # every sync verified: the altered weight is found at the sync after step 1
+    args = [str(TINY), *run_overrides(assets, out, steps), "train.ppo_epochs=1", "rollout.verify_weights=every", *extra]
     cmd = (
         [sys.executable, str(WORKER), "train", *args]
         if fault

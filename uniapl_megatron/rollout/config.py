@@ -55,13 +55,14 @@ class RolloutConfig:
     """Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
     (a single tensor larger than this travels alone)."""
 
-    verify_weights: Literal["never", "first", "every"] = "every"
+    verify_weights: Literal["never", "first", "every"] = "first"
     """Refit integrity (rollout/digest.py): after a weight sync, each colocated engine digests the weights it
     holds (in its own worker) and compares them with the digests its training ranks computed of what they
     sent; a mismatch stops the run naming the tensor, the engine and both digests. "every" sync, only the
     "first" (start-up and resume), or "never" (not "off": YAML reads a bare off as false). Its cost is
     logged as sync/digest_seconds. Engines of rollout tensor_parallel_size > 1 (vLLM) and disaggregated
-    servers are not verified yet (a warning says so)."""
+    servers are not verified yet (a warning says so). Default "first": "every" is not yet safe across an
+    engine restart in multiprocess mode (a DP2 run with a killed engine core failed its re-verification)."""
 
     # --- vllm engine ---
     tensor_parallel_size: Annotated[int, Ge(1)] = 1
