@@ -28,10 +28,15 @@ def model(tmp_path_factory) -> Path:
 
 def assert_same_bf16(got: dict, ref: dict, what: str) -> None:
     # Both sides run torch's AdamW on the same fp32 master weights and gradients (the host side with
-    # fused=True), then round to bf16. Observed bit-identical; at most one bf16 rounding step (relative
-    # 2**-7) is allowed, for a fused kernel that rounds an fp32 master differently in its last bit.
+    # fused=True), then round to bf16. Allowed: one bf16 rounding step (relative 2**-7), for a fused kernel that
+    # rounds an fp32 master differently in its last bit, and, where weight and update cancel to near zero, one
+    # fp32 rounding at the tensor's own scale (eps times its largest entry; measured: 2.3e-10 on an o_proj entry
+    # of 9e-9 in a tensor whose largest is 0.078, bound 9.3e-9; a lost state would show as ~1e-3).
     for k in ref:
-        assert torch.allclose(got[k].float(), ref[k].float(), rtol=2**-7, atol=0), (what, k)
+        scale = ref[k].float().abs().max().item()
+        assert torch.allclose(
+            got[k].float(), ref[k].float(), rtol=2**-7, atol=torch.finfo(torch.float32).eps * scale
+        ), (what, k)
 
 
 @pytest.mark.parametrize("world", [1, 2])

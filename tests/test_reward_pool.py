@@ -76,3 +76,24 @@ def test_bad_rows_still_raise_through_the_pool(batch):
     finally:
         reward.close()
     assert _workers() <= before, "the pool's workers outlived close()"
+
+
+def test_an_engine_never_takes_the_pool_for_its_own(batch):
+    """A vLLM engine ends the processes it started at a restart (the children that appeared while it started).
+    The pool's forkserver and workers, started by a background thread that may overlap an engine's start,
+    are multiprocessing's, never the engine's: ending them broke the pool of a DP2 run after its killed engine
+    core was restarted."""
+    from multiprocessing import forkserver
+
+    from uniapl_megatron.rollout.vllm_host import current_children
+
+    rows, responses, _ = batch
+    reward = build_reward("ifeval", timeout_s=LIMIT, workers=2)
+    try:
+        reward.score(rows[:4], responses[:4])  # the pool is up
+        server = psutil.Process(forkserver._forkserver._forkserver_pid)
+        pool = {server.pid, *(p.pid for p in server.children(recursive=True))}
+        assert len(pool) >= 3, pool  # the forkserver and two workers
+        assert not pool & current_children(), pool & current_children()
+    finally:
+        reward.close()

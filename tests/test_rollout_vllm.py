@@ -64,8 +64,12 @@ def engine(model_dir, work):
     from uniapl_megatron.rollout import build_engine
 
     threads = torch.get_num_threads()
+    # vLLM's CPU platform writes LOCAL_WORLD_SIZE (its TP size) and LD_PRELOAD into the host's environment: a
+    # trainer's later placement, and the processes it starts, would read them.
+    launcher = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "LD_PRELOAD")}
     eng = build_engine(config(model_dir, work))
     assert torch.get_num_threads() == threads, "an in-process vLLM start must leave the host's threads alone"
+    assert {k: os.environ.get(k) for k in launcher} == launcher, "an in-process vLLM start changed the launcher's"
     yield eng
     eng.shutdown()
 

@@ -37,6 +37,7 @@ def run_ranks(argv: Sequence[str], nprocs: int, env: dict[str, str] | None = Non
             "RANK": str(rank),
             "WORLD_SIZE": str(nprocs),
             "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(nprocs),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs))),

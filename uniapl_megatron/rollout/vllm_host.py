@@ -57,6 +57,9 @@ def keep_process_state() -> Iterator[None]:
 def _restore_process_state() -> Iterator[None]:
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     py_state, torch_state = random.getstate(), torch.get_rng_state()
+    # vLLM's CPU platform sets LOCAL_WORLD_SIZE (to its own TP size) and LD_PRELOAD in the host's environment;
+    # the trainer, and every process it starts later, must keep the launcher's values.
+    env = dict(os.environ)
     try:
         import numpy as np
 
@@ -66,6 +69,9 @@ def _restore_process_state() -> Iterator[None]:
     try:
         yield
     finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
         torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
         torch.set_num_threads(threads)
         random.setstate(py_state)
@@ -76,13 +82,25 @@ def _restore_process_state() -> Iterator[None]:
 
 
 def current_children() -> set[int]:
-    """Child processes, less Python's own multiprocessing resource tracker (process-wide; it outlives us)."""
-    from multiprocessing import resource_tracker
+    """Descendant processes, less Python's process-wide multiprocessing helpers and everything under them: the
+    resource tracker and the forkserver (the reward pool's workers are its children). They outlive any engine,
+    and an engine that took them for its own would kill them at a restart."""
+    from multiprocessing import forkserver, resource_tracker
 
     import psutil
 
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    return {p.pid for p in psutil.Process().children(recursive=True)} - {tracker}
+    helpers = {
+        getattr(resource_tracker._resource_tracker, "_pid", None),
+        getattr(forkserver._forkserver, "_forkserver_pid", None),
+    } - {None}
+    keep: set[int] = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid not in helpers and not any(a.pid in helpers for a in p.parents()):
+                keep.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return keep
 
 
 def end_processes(pids: set[int], wait_s: float = 5.0) -> None:
