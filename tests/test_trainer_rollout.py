@@ -32,7 +32,8 @@ from _runs import TINY, alive, cli, descendants, metrics, run_overrides
 STEPS, PROMPTS, G = 3, 2, 2
 RUNS = {  # name: (ranks, overrides)
     "vllm_dp2": (2, []),
-    "vllm_dp2_kill": (2, ["rollout.multiprocess=true"]),
+    # "every": the engine restarted after the kill is re-verified after its re-sync, at every step
+    "vllm_dp2_kill": (2, ["rollout.multiprocess=true", "rollout.verify_weights=every"]),
     "vllm_dp1": (1, []),
     "torch_dp1": (1, ["rollout.engine=torch"]),
     "torch_dp2": (2, ["rollout.engine=torch"]),
@@ -214,4 +215,5 @@ def test_killed_engine_core_at_dp2_is_restarted_and_resynced(runs):
     # same samples as the run without the kill.
     assert _rollouts(kill) == _rollouts(ref)
     _same_losses(m, _steps(ref))
+    assert [r["sync/verified"] for r in m] == [1.0] * STEPS  # every sync checked, the one after the restart too
     assert not alive(kill["seen"]), "processes of the run outlived it"

@@ -49,11 +49,7 @@ def _samples(trainer: Any) -> list:
     sampling = dataclasses.replace(
         cfg.sampling, top_k=0, top_p=1.0, max_new_tokens=min(cfg.sampling.max_new_tokens, 16)
     )
-    saved, cfg.sampling = cfg.sampling, sampling  # the rollout step reads cfg.sampling (the same object)
-    try:
-        made, _, _ = step._generate_all(-1, list(range(n)), trainer.student)
-    finally:
-        cfg.sampling = saved
+    made, _, _ = step._generate_all(-1, list(range(n)), trainer.student, sampling)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, made if step.is_source else [])
     seqs = []

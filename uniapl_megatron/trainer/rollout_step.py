@@ -235,15 +235,14 @@ class RolloutStep:
         b = split_bounds(n_prompts, self.num_engines)
         return b[self.placement.engine], b[self.placement.engine + 1]
 
-    def _generate(self, step: int, prompt_idx: list[int]) -> list[ScoredSample] | None:
-        """This rank's engine's samples, not scored yet; [] without an engine or prompts; None when the engine
-        needs the weights again."""
+    def _generate(self, step: int, prompt_idx: list[int], s: Any) -> list[ScoredSample] | None:
+        """This rank's engine's samples under sampling settings ``s``, not scored yet; [] without an engine or
+        prompts; None when the engine needs the weights again."""
         lo, hi = self.share(len(prompt_idx))
         if self.engine is None or hi == lo:
             return []
         if self.needs_sync:
             return None
-        s = self.cfg.sampling
         try:
             batch = self.engine.generate(
                 [self.prompts[i].prompt_ids.tolist() for i in prompt_idx[lo:hi]],
@@ -269,15 +268,19 @@ class RolloutStep:
             out.append(ScoredSample(lo + x.prompt_index, j, list(x.token_ids), list(x.logprobs), x.finish_reason))
         return out
 
-    def _generate_all(self, step: int, prompt_idx: list[int], student: Any) -> tuple[list[ScoredSample], int, float]:
-        """Every engine generates its share; engines that lost their weights are re-synced (collectively) and
-        retry, the others keep what they made. Returns (this rank's engine's samples, re-syncs, seconds)."""
+    def _generate_all(
+        self, step: int, prompt_idx: list[int], student: Any, sampling: Any = None
+    ) -> tuple[list[ScoredSample], int, float]:
+        """Every engine generates its share (at ``sampling``, default the run's); engines that lost their weights
+        are re-synced (collectively) and retry, the others keep what they made. Returns (this rank's engine's
+        samples, re-syncs, seconds)."""
+        sampling = sampling if sampling is not None else self.cfg.sampling
         limit = max(1, self.cfg.rollout.max_restarts)
         made: list[ScoredSample] | None = None
         t0 = time.perf_counter()
         for resyncs in range(limit + 1):
             if made is None:
-                made = self._generate(step, prompt_idx)
+                made = self._generate(step, prompt_idx, sampling)
             failed = torch.tensor([made is None], dtype=torch.int64)
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # gloo world: a tiny CPU tensor is enough
             if not failed.item():
