@@ -129,7 +129,7 @@ def ours(
     )
     if torch.cuda.is_available():
         packed = packed.to("cuda")
-    batch = [MicroBatch(packed, {})]
+    batch = [MicroBatch(packed)]
     n_tok = packed.loss_mask.sum()
 
     def loss_fn(m, out):

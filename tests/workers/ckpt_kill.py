@@ -35,7 +35,7 @@ def main() -> None:
     a = parse_args(argv)
     from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
 
-    student, mbs, loss_fn, *_ = build(a)
+    student, update, seqs, weights, _ = build(a)
     out, rank = Path(a.out), dist.get_rank()
     events = open(out / "events.txt", "a") if rank == 0 else None  # noqa: SIM115
 
@@ -61,7 +61,7 @@ def main() -> None:
     if verify_only:
         return
     for step in range(start + 1, start + 1 + a.steps):
-        student.train_step(mbs, loss_fn)
+        update(seqs, weights)
         (out / f"digest_rank{rank}_step{step}.json").write_text(json.dumps(digest(student)))
         before = ckpt.pending_step
         event("save", step)

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from ..data import MixedBatchSampler, formatter_from_config, read_demos, read_prompts
 from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
-from ..objective import resolve_weights, rollout_advantages
+from ..objective import StepWeights, resolve_weights, rollout_advantages
 from ..rollout.base import EngineNeedsWeights
-from .batch import Seq, combine_updates, global_counts, make_loss_fn, pack_for_rank, set_token_temperatures
+from .batch import Seq, combine_updates
 from .checkpoint import Checkpointer, SaveDeadline, job_end_time, latest_checkpoint, restore_adam_step
 from .config import RunConfig, check_run
 from .health import Health
@@ -34,7 +34,8 @@ from .logging import RunLogger
 from .preflight import preflight_gate
 from .rollout_step import RolloutStep, place_engines
 from .stages import StageSwitch
-from .student import MicroBatch, Student
+from .student import Student
+from .update import PolicyUpdate
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
-        from megatron.core import parallel_state as ps
-
         from ..distributed import init_distributed
 
         check_run(cfg)  # load_config ran it; a config built in code gets the same refusals
@@ -60,8 +59,6 @@ class Trainer:
         self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
         cfg.parallel.validate(self.arch, dist.get_world_size(), torch.cuda.is_available())
         place_engines(cfg, self.rank, dist.get_world_size())  # refuse an unplaceable rollout before any work
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group()
         self.out = Path(cfg.train.output_dir)
         self.log = RunLogger(self.out, cfg, enabled=self.rank == 0)
         t = cfg.train
@@ -91,6 +88,15 @@ class Trainer:
             self.arch, cfg.parallel, cfg.model, cfg.optim, total_steps=self.stages.first_schedule_updates()
         )
         self._init_weights()
+        self.policy_update = PolicyUpdate(
+            self.student,
+            cfg.objective,
+            cfg.data.max_tokens_per_micro_batch,
+            cfg.data.pad_multiple,
+            self.fmt.pad_id,
+            cfg.sampling.temperature,
+            cfg.model.fp8,
+        )
         self.ref = None
         if cfg.objective.kl_coef > 0:
             self.ref = Student(self.arch, cfg.parallel, cfg.model, None)
@@ -195,24 +201,11 @@ class Trainer:
             stats["disc/score_mean"] = float(scores.mean())
         return seqs, stats
 
-    def _pack(self, seqs: list[Seq], temperature: float | None = None) -> list[MicroBatch]:
-        mbs = pack_for_rank(
-            seqs,
-            self.cfg.data.max_tokens_per_micro_batch,
-            self.cfg.parallel,
-            max(self.cfg.data.pad_multiple, 1),
-            self.dp_rank,
-            self.dp_size,
-            self.fmt.pad_id,
-            fp8_recipe=self.cfg.model.fp8,
-        )
-        return set_token_temperatures(mbs, self.cfg.sampling.temperature if temperature is None else temperature)
-
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str, temperature: float | None = None) -> None:
         """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank, at the
         sampler's temperature (or `temperature`)."""
         t = self.cfg.sampling.temperature if temperature is None else temperature
-        mbs = self._pack(seqs, t)
+        mbs = self.policy_update.pack(seqs, t)
         lps = model.logprobs(mbs, temperature=t)
         local: dict[int, list[float]] = {}
         if lps is not None:
@@ -264,17 +257,9 @@ class Trainer:
         per_update: list[dict[str, float]] = []
         for _ in range(cfg.train.ppo_epochs):
             for part in parts:
-                mbs = self._pack([seqs[i] for i in part])
-                counts = global_counts(mbs, self.dp_group)
                 # CHORD's mu moves per optimizer update
                 update_weights = resolve_weights(cfg.objective, first_update + len(per_update))
-                step_metrics = self.student.train_step(
-                    mbs,
-                    make_loss_fn(update_weights, counts, cfg.objective),
-                    cfg.sampling.temperature,
-                    with_entropy=cfg.objective.entropy_coef > 0,
-                )
-                per_update.append(self._reduce_metrics(step_metrics))
+                per_update.append(self.update([seqs[i] for i in part], update_weights))
         stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
         if self.engine is not None or cfg.rollout is not None:
@@ -285,19 +270,10 @@ class Trainer:
             stats.update(self.rollout.sync_stats)
         return stats
 
-    def _reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
-        """Loss metrics live on the last pipeline stage, one copy per TP rank: sum over DP there."""
-        from megatron.core import parallel_state as ps
-
-        mine = m if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 else {}
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k not in ("grad_norm", "lr", "skipped")})
-        out: dict[str, float] = {}
-        for g in gathered:
-            for k, v in g.items():
-                out[k] = out.get(k, 0.0) + v
-        out.update(grad_norm=m["grad_norm"], lr=m["lr"], skipped=m["skipped"])
-        return out
+    def update(self, seqs: list[Seq], weights: StepWeights) -> dict[str, float]:
+        """Collective: one optimizer update on ``seqs`` (the same global list on every rank; each packs its data-
+        parallel share), the objective at ``weights``; its metrics, summed over ranks (update.PolicyUpdate)."""
+        return self.policy_update(seqs, weights)
 
     def sync_weights(self) -> None:
         """Collective: refit every rank's engine from its own training ranks (rollout_step.RolloutStep.sync)."""

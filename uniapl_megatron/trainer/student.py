@@ -19,6 +19,7 @@ from ..data.packing import PackedBatch
 from ..distributed import collective_device
 from ..models.arch import ConfigError, Qwen3Arch
 from ..models.qwen3 import ModelConfig, build_model, check_fp8_training, padded_vocab_size
+from ..objective import LossInputs, sum_metrics
 from ..parallel import ParallelConfig
 from .grad_norm import count_kv_copies_once, replica_groups, step_unless_nonfinite
 from .logprobs import LogprobHead
@@ -138,10 +139,13 @@ def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
 
 @dataclass
 class MicroBatch:
-    """One packed row plus the per-token inputs of the loss (all [T] tensors aligned with the logits)."""
+    """One packed row and what the loss needs besides the forward pass's outputs (all [T] tensors aligned with
+    the logits)."""
 
     packed: PackedBatch
-    extras: dict[str, Any]
+    inputs: LossInputs | None = None
+    """The loss's per-sequence and per-token inputs, without the log-probs (the loss callback adds them with
+    LossInputs.with_outputs); None for a pass that computes no loss."""
     temperature: torch.Tensor | None = None
     """[1, T] temperature of each target's log-prob (demos at 1, rollouts at the sampler's); None: the
     temperature the pass is called with, for every token."""
@@ -431,10 +435,7 @@ class Student:
             self.scheduler.step(increment=1)
         else:
             self.skip_step()
-        summed: dict[str, float] = {}
-        for m in metrics_list:
-            for k, v in m.items():
-                summed[k] = summed.get(k, 0.0) + float(v)
+        summed = sum_metrics(metrics_list)
         summed.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]), skipped=float(not ok))
         return summed
 
