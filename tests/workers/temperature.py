@@ -25,7 +25,8 @@ def main() -> None:
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
     from uniapl_megatron.trainer.batch import Seq
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
     from uniapl_megatron.trainer.update import PolicyUpdate
 
     inp = json.loads(Path(a.inp).read_text())

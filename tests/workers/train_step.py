@@ -98,7 +98,8 @@ def make_student(a: argparse.Namespace) -> tuple[Any, Any, Any]:
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
 
     par = ParallelConfig(
         tensor_model_parallel_size=a.tp,
@@ -182,14 +183,12 @@ def build(a: argparse.Namespace) -> tuple[Any, Any, list, Any, dict[str, int]]:
 def main() -> None:
     from safetensors.torch import save_file
 
-    from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
+    from uniapl_megatron.trainer.checkpoint import Checkpointer
 
     a = parse_args()
     student, update, seqs, weights, calls = build(a)
     if a.resume:
-        state = Checkpointer(a.resume).load(latest_checkpoint(a.resume), student)
-        student.scheduler.load_state_dict(state["scheduler"])
-        restore_adam_step(student.optimizer, student.scheduler.num_steps)
+        Checkpointer(a.resume).load_latest(student)
     ckpt = Checkpointer(a.save or a.out, async_save=not a.sync_save)
     per_step = []
     for step in range(1, a.steps + 1):
@@ -197,7 +196,7 @@ def main() -> None:
             update = dataclasses.replace(update, max_tokens=a.mb_tokens_later)
         per_step.append(update(poison_first_rollout(seqs) if a.nan == "loss" and step == 1 else seqs, weights))
         if a.save and step == 1:
-            ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+            ckpt.save(step, student, hf_dir=a.hf)
         ckpt.maybe_finalize()
     ckpt.close()
     mbs = update.pack(seqs)  # the last step's micro-batches (packing is deterministic)
