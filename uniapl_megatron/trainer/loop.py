@@ -97,9 +97,6 @@ class Trainer:
         self.engine, self.disc = self.rollout.engine, self.rollout.disc  # this rank's engine (None without)
         self.rollout.health = self.health
         self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
-        state = None if cfg.train.resume == "never" else self.ckpt.load_latest(self.student, [self], self.disc)
-        if state is None:
-            self.log.restore([])  # a fresh run starts a fresh metrics file
 
     # ---- set-up -------------------------------------------------------------------------------------
 
@@ -337,6 +334,7 @@ class Trainer:
 
     def _run_steps(self) -> dict[str, Any]:
         steps = self.cfg.train.steps
+        self._resume()
         self.ckpt.watch_signals()
         self.health.start()
         startup = self._start_engines()
@@ -357,6 +355,13 @@ class Trainer:
         self.health.exit(reason, last_saved)
         self.health.stop()
         return self.log.finish(time.perf_counter() - t_start, last_saved)
+
+    def _resume(self) -> None:
+        """Continue from the latest checkpoint (train.resume=auto: the student's state, then this trainer's),
+        or start a fresh metrics file."""
+        state = None if self.cfg.train.resume == "never" else self.ckpt.load_latest(self.student, [self], self.disc)
+        if state is None:
+            self.log.restore([])
 
     def _start_engines(self) -> dict[str, float]:
         """The engines start from the trainer's weights (also after a resume); then engine vs trainer log-probs
