@@ -70,7 +70,8 @@ def _student(shape: str) -> tuple[Any, str]:
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
 
     par = ParallelConfig()
     init_distributed(par)
@@ -87,7 +88,7 @@ def _student(shape: str) -> tuple[Any, str]:
     return student, dtype
 
 
-def _measure(student: Any, state: dict, root: Path, fmt: str, mode: str, repeats: int) -> dict[str, Any]:
+def _measure(student: Any, root: Path, fmt: str, mode: str, repeats: int) -> dict[str, Any]:
     """Medians of `repeats` saves in one optimizer format and mode (after a warm-up save) and the bytes of one
     checkpoint; keys of the non-default format carry its name."""
     from uniapl_megatron.trainer.checkpoint import Checkpointer
@@ -97,7 +98,7 @@ def _measure(student: Any, state: dict, root: Path, fmt: str, mode: str, repeats
     blocking, complete = [], []
     for i in range(repeats + 1):  # the first save of each mode is a warm-up (plans, caches)
         t0 = time.perf_counter()
-        ckpt.save(i + 1, student, state, {}, None)
+        ckpt.save(i + 1, student)  # the student's own state: its LR schedule
         t1 = time.perf_counter()
         ckpt.finalize()
         t2 = time.perf_counter()
@@ -136,7 +137,6 @@ def main() -> None:
     params = sum(p.numel() for c in student.chunks for p in c.parameters())
     root = Path(a.dir)
     shutil.rmtree(root, ignore_errors=True)
-    state = {"scheduler": student.scheduler.state_dict()}
     res: dict = {
         "shape": a.shape,
         "params": params,
@@ -145,7 +145,7 @@ def main() -> None:
     }
     b0, o0, w0 = _busy_s(), _own_s(), time.perf_counter()
     for fmt, mode in [(f, m) for f in a.formats.split(",") for m in ("sync", "async")]:
-        res.update(_measure(student, state, root, fmt, mode, a.repeats))
+        res.update(_measure(student, root, fmt, mode, a.repeats))
     b1, o1, wall = _busy_s(), _own_s(), time.perf_counter() - w0
     if b0 is not None and b1 is not None and not torch.cuda.is_available():
         res["others_cpu"] = round(max(0.0, (b1 - b0) - (o1 - o0)) / (wall * os.cpu_count()), 2)

@@ -161,7 +161,7 @@ def summary(runs: dict[str, list[dict]], a: argparse.Namespace) -> dict:
 def main() -> None:
     import torch
 
-    from uniapl_megatron.trainer.student import OptimConfig
+    from uniapl_megatron.trainer.optim import OptimConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -117,7 +117,8 @@ def ours(
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.student import MicroBatch, OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import MicroBatch, Student
 
     par = ParallelConfig()
     init_distributed(par)
@@ -129,7 +130,7 @@ def ours(
     )
     if torch.cuda.is_available():
         packed = packed.to("cuda")
-    batch = [MicroBatch(packed, {})]
+    batch = [MicroBatch(packed)]
     n_tok = packed.loss_mask.sum()
 
     def loss_fn(m, out):
@@ -242,7 +243,7 @@ def measure(a: argparse.Namespace, shape: str, dtype: str, on_gpu: bool) -> dict
 
 def settings(a: argparse.Namespace, dtype: str) -> dict:
     """Both sides' settings, as the JSON line states them."""
-    from uniapl_megatron.trainer.student import OptimConfig
+    from uniapl_megatron.trainer.optim import OptimConfig
 
     return {
         "ours": {

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from uniapl_megatron.objective import (
     LossInputs,
     ObjectiveConfig,
+    metric_names,
     objective_loss,
     resolve_weights,
     step_counts,
@@ -182,6 +183,11 @@ def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 if rank == 0:
                     out = {"loss": loss, "grad": grad, "metrics": metrics}
                     torch.save(out, os.path.join(out_dir, f"{kind}-{mode}.pt"))
+        # Only rank 0 holds metrics (as the last pipeline stage does); rank 1 reduces the step's keys with it.
+        cfg = _config("token-mean")
+        held = [_run([list(range(8))], "token-mean")[2]] if rank == 0 else []
+        summed = sum_metrics(held, dist.group.WORLD, keys=metric_names(resolve_weights(cfg, step=0), cfg))
+        torch.save(summed, os.path.join(out_dir, f"held-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -197,3 +203,11 @@ def test_dp_and_cp_one_vs_two_ranks_same_loss_and_gradient(tmp_path):
             torch.testing.assert_close(got["grad"], grad1, atol=1e-6, rtol=1e-6)
             for k in m1:
                 assert got["metrics"][k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), (kind, mode, k)
+    m1 = _run([list(range(8))], "token-mean")[2]
+    for rank in (0, 1):  # both ranks get the holder's metrics, every key of the step
+        assert torch.load(tmp_path / f"held-rank{rank}.pt", weights_only=True) == pytest.approx(m1, rel=1e-12)
+
+
+def test_sum_metrics_refuses_a_metric_outside_the_keys():
+    with pytest.raises(ValueError, match=r"metrics \['kl'\] are not among keys"):
+        sum_metrics([{"loss/total": 1.0, "kl": 0.5}], keys=["loss/total"])

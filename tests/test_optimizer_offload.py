@@ -16,7 +16,7 @@ from _train_step import train_step
 from uniapl_megatron.models.arch import ConfigError
 from uniapl_megatron.models.qwen3 import ModelConfig
 from uniapl_megatron.parallel import ParallelConfig
-from uniapl_megatron.trainer.student import OptimConfig
+from uniapl_megatron.trainer.optim import OptimConfig
 
 BF16 = ["--dtype", "bf16"]  # offload needs 16-bit weights (see OptimConfig.validate)
 

@@ -95,7 +95,8 @@ def _student(hf: str, tp: int, pp: int):
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
 
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_distributed(par, seed=7)
@@ -112,22 +113,16 @@ def _student(hf: str, tp: int, pp: int):
 
 def _sft_step(student) -> None:
     """One optimizer step on random demonstrations: the weights move enough to change greedy outputs."""
-    from megatron.core import parallel_state as ps
-
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
-    from uniapl_megatron.trainer.batch import Seq, global_counts, make_loss_fn, pack_for_rank
+    from uniapl_megatron.trainer.batch import Seq
+    from uniapl_megatron.trainer.update import PolicyUpdate
 
     g = torch.Generator().manual_seed(0)
     demos = [
         Seq(torch.randint(0, student.arch.vocab_size, (24,), generator=g).tolist(), 6, True, 0.0, 0.0) for _ in range(4)
     ]
     cfg = ObjectiveConfig(algorithm="sft")
-    mbs = pack_for_rank(
-        demos, 4096, student.parallel, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0
-    )
-    student.train_step(
-        mbs, make_loss_fn(resolve_weights(cfg, 0), global_counts(mbs, ps.get_data_parallel_group()), cfg)
-    )
+    PolicyUpdate(student, cfg, 4096)(demos, resolve_weights(cfg, 0))
 
 
 def _student_logprobs(student, samples: list[dict], temperature: float) -> list[list[float]] | None:
@@ -136,7 +131,7 @@ def _student_logprobs(student, samples: list[dict], temperature: float) -> list[
     from uniapl_megatron.trainer.student import MicroBatch
 
     packed = pack_sequences([s["prompt"] + s["tokens"] for s in samples], [len(s["prompt"]) for s in samples])
-    lps = student.logprobs([MicroBatch(packed, {})], temperature=temperature)
+    lps = student.logprobs([MicroBatch(packed)], temperature=temperature)
     return None if lps is None else [x.tolist() for x in packed.unpack_response(lps[0])]
 
 

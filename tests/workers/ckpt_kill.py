@@ -33,9 +33,9 @@ def main() -> None:
     if verify_only:
         argv.remove("--verify-only")
     a = parse_args(argv)
-    from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
+    from uniapl_megatron.trainer.checkpoint import Checkpointer
 
-    student, mbs, loss_fn, *_ = build(a)
+    student, update, seqs, weights, _ = build(a)
     out, rank = Path(a.out), dist.get_rank()
     events = open(out / "events.txt", "a") if rank == 0 else None  # noqa: SIM115
 
@@ -46,26 +46,25 @@ def main() -> None:
 
     ckpt = Checkpointer(out, async_save=True, keep_last=2)
     start = 0
-    path = latest_checkpoint(out)
-    if path is not None:
-        state = ckpt.load(path, student)
-        student.scheduler.load_state_dict(state["scheduler"])
-        restore_adam_step(student.optimizer, student.scheduler.num_steps)
+    state = ckpt.load_latest(student)
+    if state is not None:
         start = state["step"]
         want = json.loads((out / f"digest_rank{rank}_step{start}.json").read_text())
         got = digest(student)
         if got != want:
-            print(f"rank {rank}: {path.name} loaded {got}, but step {start} held {want}", file=sys.stderr)
+            print(
+                f"rank {rank}: checkpoint step_{start:06d} loaded {got}, but step {start} held {want}", file=sys.stderr
+            )
             sys.exit(3)
         event("resumed", start)
     if verify_only:
         return
     for step in range(start + 1, start + 1 + a.steps):
-        student.train_step(mbs, loss_fn)
+        update(seqs, weights)
         (out / f"digest_rank{rank}_step{step}.json").write_text(json.dumps(digest(student)))
         before = ckpt.pending_step
         event("save", step)
-        ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+        ckpt.save(step, student, hf_dir=a.hf)
         if before is not None:
             event("finalized", before)  # save() completes the previous one first
         event("writing", step)  # its blocking part is done: the writer process runs while training goes on

@@ -109,7 +109,8 @@ def masters(a) -> None:
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
 
     par = ParallelConfig(
         tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp

@@ -24,8 +24,10 @@ def main() -> None:
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.batch import Seq, global_counts, make_loss_fn, pack_for_rank, set_token_temperatures
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.batch import Seq
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
+    from uniapl_megatron.trainer.update import PolicyUpdate
 
     inp = json.loads(Path(a.inp).read_text())
     par = ParallelConfig(tensor_model_parallel_size=a.tp, sequence_parallel=a.tp > 1)
@@ -37,20 +39,15 @@ def main() -> None:
     )
     student.load_hf(a.hf)
     seqs = [Seq(t, p, d, advantage=0.0 if d else 1.0) for t, p, d in zip(inp["seqs"], inp["prompt_lens"], inp["demo"])]
-    mbs = pack_for_rank(seqs, 4096, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
+    cfg = ObjectiveConfig(algorithm="uniapl", lambda_adv=0.0)
+    update = PolicyUpdate(student, cfg, 4096, temperature=inp["temperature"])
+    mbs = update.pack(seqs)
     assert len(mbs) == 1, "the test wants demos and rollouts in one micro-batch"
-    mbs = set_token_temperatures(mbs, inp["temperature"])
     out: dict = {}
     lps = student.logprobs(mbs, temperature=inp["temperature"])
     if lps is not None:
         out["logprobs"] = [x.tolist() for x in mbs[0].packed.unpack_response(lps[0])]
-    cfg = ObjectiveConfig(algorithm="uniapl", lambda_adv=0.0)
-    m = student.train_step(
-        mbs,
-        make_loss_fn(resolve_weights(cfg, 0), global_counts(mbs, ps.get_data_parallel_group()), cfg),
-        inp["temperature"],
-    )
-    out["sft/nll"] = m.get("sft/nll")
+    out["sft/nll"] = update(seqs, resolve_weights(cfg, 0))["sft/nll"]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, out if ps.get_tensor_model_parallel_rank() == 0 else {})
     if dist.get_rank() == 0:

@@ -2,6 +2,7 @@
 layout; rank 0 writes the updated weights (HF names) and the step's metrics. Used by tests/test_trainer.py."""
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -23,23 +24,6 @@ def count_forwards(student) -> dict[str, int]:
         layer.register_forward_hook(hook("layer_forwards"))
         layer.self_attention.core_attention.register_forward_hook(hook("core_attn_forwards"))
     return calls
-
-
-def _summed_loss(metrics: dict) -> dict:
-    """The step's loss metrics summed over data-parallel ranks (they live on the last stage, once per TP
-    group); collective."""
-    from megatron.core import parallel_state as ps
-
-    gathered = [None] * dist.get_world_size()
-    mine = (
-        metrics if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 else {}
-    )
-    dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k.startswith("loss/")})
-    total: dict = {}
-    for m in gathered:
-        for k, v in m.items():
-            total[k] = total.get(k, 0.0) + v
-    return total
 
 
 def poison_first_gradient(student) -> None:
@@ -114,7 +98,8 @@ def make_student(a: argparse.Namespace) -> tuple[Any, Any, Any]:
     from uniapl_megatron.models.arch import Qwen3Arch
     from uniapl_megatron.models.qwen3 import ModelConfig
     from uniapl_megatron.parallel import ParallelConfig
-    from uniapl_megatron.trainer.student import OptimConfig, Student
+    from uniapl_megatron.trainer.optim import OptimConfig
+    from uniapl_megatron.trainer.student import Student
 
     par = ParallelConfig(
         tensor_model_parallel_size=a.tp,
@@ -170,70 +155,51 @@ def fixed_seqs(a: argparse.Namespace, vocab_size: int) -> list:
     return seqs
 
 
-def build(a: argparse.Namespace):
-    """Process group, student and the fixed batch's micro-batches and loss at the layout ``a`` names."""
-    from megatron.core import parallel_state as ps
+def poison_first_rollout(seqs: list) -> list:
+    """The batch with a NaN advantage on its first rollout (as a NaN reward would give): a NaN loss."""
+    import dataclasses
 
+    first = next((i for i, s in enumerate(seqs) if not s.is_demo), None)
+    if first is None:
+        raise SystemExit("--nan loss needs a rollout in the batch (--demos below --seqs)")
+    return [dataclasses.replace(s, advantage=float("nan")) if i == first else s for i, s in enumerate(seqs)]
+
+
+def build(a: argparse.Namespace) -> tuple[Any, Any, list, Any, dict[str, int]]:
+    """Process group, student, the update that trains it (the trainer's, trainer/update.py), the fixed batch and
+    the objective's weights, and the forward counters, at the layout ``a`` names."""
     from uniapl_megatron.objective import ObjectiveConfig, resolve_weights
-    from uniapl_megatron.trainer.batch import global_counts, make_loss_fn, pack_for_rank
+    from uniapl_megatron.trainer.update import PolicyUpdate
 
-    student, par, arch = make_student(a)
+    student, _, arch = make_student(a)
     calls = count_forwards(student)
-    seqs = fixed_seqs(a, arch.vocab_size)
     cfg = ObjectiveConfig(algorithm=a.preset, lambda_adv=0.5, loss_agg_mode="seq-mean-token-mean")
-    weights = resolve_weights(cfg, 0)
-    mbs = pack_for_rank(
-        seqs,
-        a.mb_tokens,
-        par,
-        1,
-        ps.get_data_parallel_rank(),
-        ps.get_data_parallel_world_size(),
-        0,
-        fp8_recipe=a.row_pad,
-    )
-    counts = global_counts(mbs, ps.get_data_parallel_group())
-    loss_fn = make_loss_fn(weights, counts, cfg)
+    update = PolicyUpdate(student, cfg, a.mb_tokens, fp8_recipe=a.row_pad)
     if a.nan == "grad":
         poison_first_gradient(student)
-    if a.nan == "loss":
-        inner = loss_fn
-
-        def loss_fn(mb, out):  # noqa: F811 - a poisoned loss for the skip test
-            loss, metrics = inner(mb, out)
-            loss = loss * float("nan")
-            return loss, {**metrics, "loss/total": loss.detach()}
-
-    def repack(max_tokens: int):
-        """Micro-batches and loss of the same batch at another micro-batch budget."""
-        mbs = pack_for_rank(seqs, max_tokens, par, 1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), 0)
-        return mbs, make_loss_fn(weights, global_counts(mbs, ps.get_data_parallel_group()), cfg)
-
-    return student, mbs, loss_fn, calls, repack
+    return student, update, fixed_seqs(a, arch.vocab_size), resolve_weights(cfg, 0), calls
 
 
 def main() -> None:
     from safetensors.torch import save_file
 
-    from uniapl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint, restore_adam_step
+    from uniapl_megatron.trainer.checkpoint import Checkpointer
 
     a = parse_args()
-    student, mbs, loss_fn, calls, repack = build(a)
+    student, update, seqs, weights, calls = build(a)
     if a.resume:
-        state = Checkpointer(a.resume).load(latest_checkpoint(a.resume), student)
-        student.scheduler.load_state_dict(state["scheduler"])
-        restore_adam_step(student.optimizer, student.scheduler.num_steps)
+        Checkpointer(a.resume).load_latest(student)
     ckpt = Checkpointer(a.save or a.out, async_save=not a.sync_save)
     per_step = []
     for step in range(1, a.steps + 1):
         if step == 2 and a.mb_tokens_later:
-            mbs, loss_fn = repack(a.mb_tokens_later)
-        metrics = student.train_step(mbs, loss_fn)
-        per_step.append({"grad_norm": metrics["grad_norm"], "skipped": metrics["skipped"], **_summed_loss(metrics)})
+            update = dataclasses.replace(update, max_tokens=a.mb_tokens_later)
+        per_step.append(update(poison_first_rollout(seqs) if a.nan == "loss" and step == 1 else seqs, weights))
         if a.save and step == 1:
-            ckpt.save(step, student, {"scheduler": student.scheduler.state_dict()}, {}, a.hf)
+            ckpt.save(step, student, hf_dir=a.hf)
         ckpt.maybe_finalize()
     ckpt.close()
+    mbs = update.pack(seqs)  # the last step's micro-batches (packing is deterministic)
     # per layer, micro-batch and step: 1 without recomputation, 2 for what is recomputed
     extra = {k: v / calls["layers"] / len(mbs) / a.steps for k, v in calls.items() if k != "layers"}
     ddp = student.chunks[0].ddp_config
@@ -259,7 +225,6 @@ def main() -> None:
                     **per_step[-1],
                     "steps": per_step,
                     "micro_batches": len(mbs),
-                    "skipped": metrics["skipped"],
                     "rows": [
                         {"seq_lens": mb.packed.seq_lens, "padded": mb.packed.cu_seqlens_padded.diff().tolist()}
                         for mb in mbs

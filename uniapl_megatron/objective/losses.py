@@ -16,6 +16,8 @@ Sign convention: contributions are losses to minimise. The total is
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +35,15 @@ _MAX_LOG_RATIO = 20.0  # log-ratios are clamped before exp so one stray token ca
 MAX_K3 = 10.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossInputs:
-    """One micro-batch, flat: T tokens of S packed sequences (a sequence never spans micro-batches)."""
+    """One micro-batch, flat: T tokens of S packed sequences (a sequence never spans micro-batches).
 
-    logprobs: torch.Tensor  # [T] log-probs (with grad): rollout tokens at the sampling temperature, demos at 1
+    The trainer builds one per packed micro-batch before the forward pass (trainer/batch.py), without the
+    model's outputs; the loss callback completes it with :meth:`with_outputs`.
+    """
+
+    logprobs: torch.Tensor | None = None  # [T] log-probs (with grad): rollouts at the sampling temperature, demos at 1
     loss_mask: torch.Tensor  # [T] 1 for trained tokens (responses), 0 for prompt and padding
     seq_ids: torch.Tensor  # [T] index 0..S-1 of the token's sequence in this micro-batch, -1 for padding
     is_demo: torch.Tensor  # [S] True: teacher demonstration (SFT); False: rollout (policy gradient)
@@ -49,9 +55,15 @@ class LossInputs:
     entropy: torch.Tensor | None = None  # [T] policy entropy at each position (entropy bonus)
     seq_token_counts: torch.Tensor | None = None  # [S] full trained-token count per sequence (context parallel)
 
+    def with_outputs(self, logprobs: torch.Tensor, entropy: torch.Tensor | None = None) -> "LossInputs":
+        """These inputs completed with the forward pass's [T] log-probs (and entropy)."""
+        return dataclasses.replace(self, logprobs=logprobs, entropy=entropy)
+
     def validate(self) -> None:
         """Raise ValueError naming the field whose shape or type is wrong."""
         lp = self.logprobs
+        if lp is None:
+            raise ValueError("LossInputs.logprobs: required (with_outputs adds the forward pass's log-probs)")
         if not isinstance(lp, torch.Tensor) or lp.dim() != 1:
             raise ValueError(f"LossInputs.logprobs: expected a 1-D tensor [T], got {getattr(lp, 'shape', lp)!r}")
         if not lp.is_floating_point():
@@ -309,17 +321,26 @@ def metric_names(weights: StepWeights, cfg: ObjectiveConfig) -> list[str]:
     return names
 
 
-def sum_metrics(per_micro_batch: list[Metrics], group: dist.ProcessGroup | None = None) -> dict[str, float]:
+def sum_metrics(
+    per_micro_batch: Sequence[Mapping[str, torch.Tensor | float]],
+    group: dist.ProcessGroup | None = None,
+    keys: Sequence[str] | None = None,
+) -> dict[str, float]:
     """The step's metrics: summed over micro-batches, then over ``group`` (None: no communication).
 
-    Every rank must pass the same keys (objective_loss guarantees it for a given step).
+    Every rank must reduce the same keys: objective_loss gives every micro-batch the same ones for a step, and
+    ``keys`` (``metric_names``) names them where a rank may hold no micro-batch (an earlier pipeline stage, or a
+    rank whose metrics another one reports); a metric outside ``keys`` is an error, not dropped.
     """
-    keys = sorted({k for m in per_micro_batch for k in m})
-    totals = torch.zeros(len(keys), dtype=torch.float64)
+    found = {k for m in per_micro_batch for k in m}
+    if keys is not None and not found <= set(keys):
+        raise ValueError(f"sum_metrics: metrics {sorted(found - set(keys))} are not among keys {sorted(keys)}")
+    names = sorted(found if keys is None else set(keys))
+    totals = torch.zeros(len(names), dtype=torch.float64)
     zero = torch.zeros((), dtype=torch.float64)
     for m in per_micro_batch:
-        totals += torch.stack([m[k].detach().double().cpu() if k in m else zero for k in keys])
-    if group is not None and keys:
+        totals += torch.stack([torch.as_tensor(m[k]).detach().double().cpu() if k in m else zero for k in names])
+    if group is not None and names:
         totals = totals.to(collective_device(group))
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
-    return dict(zip(keys, (float(x) for x in totals.cpu().tolist())))
+    return dict(zip(names, (float(x) for x in totals.cpu().tolist())))

@@ -1,18 +1,16 @@
 """The step's sequences as the student trains on them: demos and scored rollouts (Seq), packed into this data-
-parallel rank's micro-batches with their per-sequence loss inputs, the global token / sequence counts the losses
-are normalised by, and the loss function of one micro-batch."""
+parallel rank's micro-batches, each with its loss inputs (objective.LossInputs) and per-token temperatures."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from ..data import plan_micro_batches
-from ..data.packing import required_pad_multiple, row_pad_multiple
-from ..objective import LossInputs, objective_loss, step_counts
+from ..data.packing import PackedBatch, required_pad_multiple, row_pad_multiple
+from ..objective import LossInputs
 from .student import MicroBatch
 
 
@@ -58,32 +56,33 @@ def pack_for_rank(
     out = []
     for p in pack_rank(plan, dp_rank, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], pad_id=pad_id):
         mine = [seqs[i] for i in p.seq_ids]
-        extras: dict[str, Any] = {
-            "is_demo": torch.tensor([s.is_demo for s in mine], dtype=torch.bool),
-            "advantages": torch.tensor([s.advantage for s in mine], dtype=torch.float32),
-            "adv_advantages": torch.tensor([s.adv_advantage for s in mine], dtype=torch.float32),
-        }
-        for key in ("old_logprobs", "ref_logprobs"):
-            if (
-                mine
-                and all(getattr(s, key) is not None or s.is_demo for s in mine)
-                and any(getattr(s, key) is not None for s in mine)
-            ):
-                extras[key] = p.scatter_response(
-                    [
-                        getattr(s, key) if getattr(s, key) is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
-                        for s in mine
-                    ]
-                )[0]
-        if any(s.engine_logprobs is not None for s in mine):
-            extras["engine_logprobs"] = p.scatter_response(
-                [
-                    s.engine_logprobs if s.engine_logprobs is not None else [0.0] * (len(s.token_ids) - s.prompt_len)
-                    for s in mine
-                ]
-            )[0]
-        out.append(MicroBatch(p, extras))
+        out.append(MicroBatch(p, _loss_inputs(p, mine)))
     return out
+
+
+def _loss_inputs(p: PackedBatch, mine: list[Seq]) -> LossInputs:
+    """The loss inputs of one packed row holding the sequences ``mine`` (in row order). A per-token input is
+    given where every rollout of the row has it (demos get zeros there, which the loss never reads)."""
+
+    def per_token(key: str, need_all: bool) -> torch.Tensor | None:
+        have = [getattr(s, key) is not None for s in mine]
+        if not any(have) or need_all and not all(h or s.is_demo for h, s in zip(have, mine)):
+            return None
+        values = [
+            getattr(s, key) if getattr(s, key) is not None else [0.0] * (len(s.token_ids) - s.prompt_len) for s in mine
+        ]
+        return p.scatter_response(values)[0]
+
+    return LossInputs(
+        loss_mask=p.loss_mask[0],
+        seq_ids=p.seq_index,
+        is_demo=torch.tensor([s.is_demo for s in mine], dtype=torch.bool),
+        advantages=torch.tensor([s.advantage for s in mine], dtype=torch.float32),
+        adv_advantages=torch.tensor([s.adv_advantage for s in mine], dtype=torch.float32),
+        old_logprobs=per_token("old_logprobs", need_all=True),
+        ref_logprobs=per_token("ref_logprobs", need_all=True),
+        engine_logprobs=per_token("engine_logprobs", need_all=False),
+    )
 
 
 def combine_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
@@ -106,47 +105,6 @@ def set_token_temperatures(mbs: list[MicroBatch], temperature: float) -> list[Mi
     if temperature == 1.0:
         return mbs
     for mb in mbs:
-        per_seq = torch.where(mb.extras["is_demo"], 1.0, float(temperature)).to(torch.float32)
+        per_seq = torch.where(mb.inputs.is_demo, 1.0, float(temperature)).to(torch.float32)
         mb.temperature = mb.packed.per_token(per_seq, fill=float(temperature))
     return mbs
-
-
-def global_counts(mbs: list[MicroBatch], dp_group: Any) -> Any:
-    """Trained tokens / sequences of the whole optimizer step, over all micro-batches and DP ranks."""
-    return step_counts(
-        [
-            SimpleNamespace(
-                loss_mask=m.packed.loss_mask[0],
-                seq_ids=m.packed.seq_index,
-                is_demo=m.extras["is_demo"],
-                seq_token_counts=None,
-            )
-            for m in mbs
-        ],
-        group=dp_group,
-    )
-
-
-def make_loss_fn(weights: Any, counts: Any, cfg: Any):
-    """The objective on one micro-batch, as Student.train_step calls it."""
-
-    def fn(mb: MicroBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp, ent = (out[:, 0], out[:, 1]) if out.dim() == 2 else (out, None)
-        e = mb.extras
-        inputs = LossInputs(
-            logprobs=lp,
-            loss_mask=mb.packed.loss_mask[0],
-            seq_ids=mb.packed.seq_index,
-            is_demo=e["is_demo"],
-            advantages=e["advantages"],
-            adv_advantages=e["adv_advantages"],
-            old_logprobs=e.get("old_logprobs"),
-            ref_logprobs=e.get("ref_logprobs"),
-            engine_logprobs=e.get("engine_logprobs") if cfg.tis_cap is not None else None,
-            entropy=ent,
-        )
-        loss, metrics = objective_loss(inputs, weights, cfg, counts)
-        metrics["loss/total"] = loss.detach()
-        return loss, metrics
-
-    return fn

@@ -19,26 +19,28 @@ checkpoint folder without the ``.partial`` suffix is always complete, at any mom
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..convert.checkpoint import FORMAT, HF_SIDE_FILES, META_NAME, model_sharded_state_dict
+from ..convert.checkpoint import FORMAT, HF_SIDE_FILES, META_NAME
+from ..distributed import collective_device
 from ..models.arch import ConfigError
+from .optim import optimizer_classes
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,18 @@ LAYOUT_KEYS = (
     "expert_model_parallel_size",
     "context_parallel_size",
 )
+
+
+_DEADLINE = 1000  # stop flag above any signal number: the job's end time is near
+
+
+class Stateful(Protocol):
+    """A part whose state a checkpoint holds in trainer_state.json: its keys sit at the top level there, beside
+    the student's (``scheduler``) and the checkpoint's own (``step``, ``optimizer_format``, ``layout``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _rank() -> int:
@@ -117,15 +131,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _sharded(student: Any, is_loading: bool, optim_format: str) -> dict[str, Any]:
-    from ..convert.params import unwrap
-
-    model_sd = model_sharded_state_dict([unwrap(c) for c in student.chunks])
-    metadata = {"distrib_optim_sharding_type": optim_format} if student.parallel.use_distributed_optimizer else None
-    opt_sd = student.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
-    return {"model": model_sd, "optimizer": opt_sd}
-
-
 def _layout(student: Any) -> dict[str, Any]:
     return {k: getattr(student.parallel, k, None) for k in LAYOUT_KEYS}
 
@@ -150,12 +155,20 @@ class Checkpointer:
         fully_parallel: bool = True,
         optim_format: str = "fully_reshardable",
         keep_last: int = 2,
+        save_every: int = 0,
+        deadline: SaveDeadline | None = None,
+        on_save: Callable[[int], None] | None = None,
     ) -> None:
         if optim_format not in OPTIM_FORMATS:
             raise ConfigError(f"train.ckpt_optim_format={optim_format!r}: expected one of {', '.join(OPTIM_FORMATS)}")
         self.dir = Path(output_dir) / "checkpoints"
         self.async_save, self.fully_parallel = async_save, fully_parallel
         self.optim_format, self.keep_last = optim_format, keep_last
+        self.save_every = save_every  # 0: only at the last step and on a stop
+        self.deadline = deadline or SaveDeadline(None, 0.0)
+        self.on_save = on_save  # told the step before a save starts (the run's health phase)
+        self.last_saved_step: int | None = None
+        self._signal = 0
         self._queue: Any = None
         self._strategy: Any = None
         self._pending: tuple[int, float] | None = None  # (step, start time) of the save being written
@@ -181,14 +194,14 @@ class Checkpointer:
         self,
         step: int,
         student: Any,
-        state: dict[str, Any],
-        meta: dict[str, Any],
-        hf_dir: str | None,
+        states: Sequence[Stateful] = (),
+        hf_dir: str | None = None,
         discriminator: Any = None,
         block: bool = False,
     ) -> Path:
-        """Write checkpoint ``step``; returns its final path (complete once finalized). ``state`` is JSON-able
-        trainer state (scheduler, sampler, counters). ``block`` waits until it is complete."""
+        """Write checkpoint ``step`` of ``student`` and ``states``; returns its final path (complete once
+        finalized). ``hf_dir``: the model's HF folder, whose tokenizer and config files go along. ``block`` waits
+        until it is complete."""
         from megatron.core import dist_checkpointing
 
         self.finalize()  # one save at a time: the previous one completes (and moves `latest`) first
@@ -202,13 +215,15 @@ class Checkpointer:
             (tmp / "rng").mkdir()
         _barrier()
         request = dist_checkpointing.save(
-            _sharded(student, False, self.optim_format),
+            student.sharded_state_dict(self.optim_format),
             str(tmp / "model"),
             self._save_strategy(),
             async_sharded_save=self.async_save,
         )
         _write_json(tmp / "rng" / f"rank_{_rank():05d}.json", _rng_state())
         if _rank() == 0:
+            state = _merged(student, states)
+            meta = {**student.checkpoint_meta(), "source": hf_dir, "step": step}
             self._write_side_files(tmp, step, state, meta, hf_dir, discriminator, student)
         commit = partial(self._commit, tmp, final)
         self._pending = (step, t0)
@@ -225,6 +240,7 @@ class Checkpointer:
             request.add_finalize_fn(self._done)
             self._queue.schedule_async_request(request)
         self.last_blocking_seconds = time.perf_counter() - t0
+        self.last_saved_step = step
         if block:
             self.finalize()
         return final
@@ -294,125 +310,121 @@ class Checkpointer:
 
     # ---- load ---------------------------------------------------------------------------------------
 
-    def load(self, path: Path, student: Any, discriminator: Any = None) -> dict[str, Any]:
-        """Restore model, optimizer, RNG, discriminator; returns the trainer state."""
+    def load(
+        self, path: Path, student: Any, states: Sequence[Stateful] = (), discriminator: Any = None
+    ) -> dict[str, Any]:
+        """Restore checkpoint ``path``: model and optimizer, RNG, discriminator, then ``states`` in order (a
+        staged run's second-stage schedule is set up there), then the student's own state (LR schedule, Adam's
+        step count). Returns trainer_state.json."""
         state = json.loads((path / "trainer_state.json").read_text())
         # Checkpoints from before the format was recorded hold dp_reshardable optimizer state.
         fmt = state.get("optimizer_format", "dp_reshardable")
         saved_at = state.get("layout")
-        if (
-            fmt == "dp_reshardable"
-            and student.parallel.use_distributed_optimizer
-            and saved_at
-            and saved_at != _layout(student)
-        ):
-            changed = ", ".join(
-                f"{k} {saved_at.get(k)} -> {v}" for k, v in _layout(student).items() if saved_at.get(k) != v
-            )
-            raise ConfigError(
-                f"{path}: its optimizer state is dp_reshardable, which loads only at the layout it was "
-                f"saved at ({changed}); resume at that layout, or save with "
-                f"train.ckpt_optim_format=fully_reshardable"
-            )
-        load_sharded(path / "model", student, fmt, self.fully_parallel)
+        _check_layout(path, fmt, saved_at, student)
+        self._load_tensors(path / "model", student, fmt)
         rng = path / "rng" / f"rank_{_rank():05d}.json"
         if rng.is_file() and saved_at in (None, _layout(student)):  # another layout: other ranks, other streams
             _set_rng_state(json.loads(rng.read_text()))
         if discriminator is not None and discriminator.trainable and (path / "discriminator.pt").is_file():
             discriminator.load_state_dict(torch.load(path / "discriminator.pt", weights_only=True, map_location="cpu"))
+        for part in states:
+            part.load_state_dict(state)
+        student.load_state_dict(state)
+        self.last_saved_step = state["step"]
         return state
 
+    def load_latest(
+        self, student: Any, states: Sequence[Stateful] = (), discriminator: Any = None
+    ) -> dict[str, Any] | None:
+        """:meth:`load` of the latest complete checkpoint under this output folder; None when there is none."""
+        path = latest_checkpoint(self.dir.parent)
+        if path is None:
+            return None
+        state = self.load(path, student, states, discriminator)
+        if _rank() == 0:
+            log.info("resumed from %s (step %d)", path, state["step"])
+        return state
 
-def load_sharded(folder: Path, student: Any, optim_format: str, fully_parallel: bool = True) -> None:
-    """Model and optimizer state from a Megatron distributed checkpoint, at this rank's layout. Collective."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    def _load_tensors(self, folder: Path, student: Any, optim_format: str) -> None:
+        """Model and optimizer from a Megatron distributed checkpoint, at this rank's layout. Collective."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
-    from ..convert.params import unwrap
+        with torch.no_grad():
+            sharded = student.sharded_state_dict(optim_format, is_loading=True)
+            strategy = get_default_load_sharded_strategy(str(folder))
+            if self.fully_parallel:
+                strategy = FullyParallelLoadStrategyWrapper(strategy, _dp_group())
+            # The offloading optimizer's param groups name its CPU / GPU optimizer classes; torch.load
+            # (weights_only) accepts those classes, and nothing else beyond tensors and plain data.
+            with torch.serialization.safe_globals(optimizer_classes(student.optimizer)):
+                loaded = dist_checkpointing.load(sharded, str(folder), strategy)
+            student.load_sharded_state_dict(loaded)
 
-    with torch.no_grad():
-        # The optimizer's state must exist before its sharded state dict can describe what to load.
-        for opt in getattr(student.optimizer, "chained_optimizers", [student.optimizer]):
-            if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-                opt._init_optimizer_states_with_dummy_values()
-        sharded = _sharded(student, True, optim_format)
-        strategy = get_default_load_sharded_strategy(str(folder))
-        if fully_parallel:
-            strategy = FullyParallelLoadStrategyWrapper(strategy, _dp_group())
-        # The offloading optimizer's param groups name its CPU / GPU optimizer classes; torch.load
-        # (weights_only) accepts those classes, and nothing else beyond tensors and plain data.
-        with torch.serialization.safe_globals(_optimizer_classes(student.optimizer)):
-            loaded = dist_checkpointing.load(sharded, str(folder), strategy)
-        chunks = [unwrap(c) for c in student.chunks]
-        if len(chunks) == 1:
-            chunks[0].load_state_dict(loaded["model"], strict=False)
-        else:
-            for i, c in enumerate(chunks):
-                c.load_state_dict(loaded["model"][f"model{i}"], strict=False)
-        with _fully_reshardable_torch_adam(student.optimizer):
-            student.optimizer.load_state_dict(loaded["optimizer"])
+    # ---- when to save (save_every, the last step, a signal, the job's deadline) ---------------------------
 
+    def watch_signals(self) -> None:
+        """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a save and a clean stop."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
 
-def _optimizer_classes(optimizer: Any) -> list[type]:
-    """Optimizer classes Megatron's HybridDeviceOptimizer (optim.cpu_offload) keeps in its param groups, so a
-    checkpoint it wrote names them: torch's and Transformer Engine's, and the ones this run uses."""
-    out = {torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD}
-    try:
-        from transformer_engine.pytorch.optimizers import FusedAdam, FusedSGD
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signal = signum
 
-        out |= {FusedAdam, FusedSGD}
-    except ImportError:
-        pass
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        out |= {
-            c
-            for c in (getattr(inner, "cpu_optimizer_cls", None), getattr(inner, "gpu_optimizer_cls", None))
-            if isinstance(c, type)
-        }
-    return list(out)
-
-
-@contextlib.contextmanager
-def _fully_reshardable_torch_adam(optimizer: Any) -> Iterator[None]:
-    """megatron-core 0.16.1's fully_reshardable load copies every key of a parameter's optimizer state from
-    the checkpoint, but torch's AdamW (the fallback without TE / apex) keeps a per-parameter ``step`` there
-    that the checkpoint does not hold as a tensor (KeyError 'step'). During the load each ``step`` is set
-    aside around that copy and put back (restore_adam_step then sets it from the scheduler's count)."""
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        orig = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if orig is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-            continue
-
-        def set_states(model_param: Any, tensors: dict, opt: Any = opt, orig: Any = orig) -> None:
-            group, order = opt.model_param_group_index_map[model_param]
-            state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
-            step = state.pop("step", None)
-            try:
-                orig(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        opt._set_main_param_and_optimizer_states = set_states  # this instance only, for this load
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
+    def save_if_due(
+        self,
+        step: int,
+        last_step: bool,
+        student: Any,
+        states: Sequence[Stateful] = (),
+        hf_dir: str | None = None,
+        discriminator: Any = None,
+    ) -> str | None:
+        """Collective, after step ``step``: complete a finished async save; save at every ``save_every``-th step,
+        the last one, and when a signal or the job's deadline asks to stop (then blocking). Returns why the run
+        must stop ("signal", "deadline") or None."""
+        self.maybe_finalize()
+        due = self.deadline.due(self.last_save_seconds)  # the job ends before another step and save
+        flag = torch.tensor([_DEADLINE if due else self._signal], dtype=torch.int64, device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = int(flag.item())
+        if (self.save_every > 0 and step % self.save_every == 0) or last_step or stop:
+            if self.on_save is not None:
+                self.on_save(step)
+            self.save(step, student, states, hf_dir, discriminator, block=bool(stop) or last_step)
+        if not stop:
+            return None
+        if _rank() == 0:
+            log.info("%s: saved step %d, exiting", "job end near" if stop == _DEADLINE else f"signal {stop}", step)
+        return "deadline" if stop == _DEADLINE else "signal"
 
 
-def restore_adam_step(optimizer: Any, num_updates: int) -> None:
-    """Adam's per-parameter step count (its bias correction) after a load: Megatron's sharded optimizer
-    state does not carry it through torch's AdamW fallback, so it is set from the scheduler's count."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            if "step" in state:
-                step = state["step"]
-                state["step"] = torch.full_like(step, float(num_updates)) if torch.is_tensor(step) else num_updates
+def _merged(student: Any, states: Sequence[Stateful]) -> dict[str, Any]:
+    """trainer_state.json's parts: the student's and each state's keys, which must not collide."""
+    out = student.state_dict()
+    for part in states:
+        got = part.state_dict()
+        clash = sorted(set(got) & (set(out) | {"step", "optimizer_format", "layout"}))
+        if clash:
+            raise ValueError(f"checkpoint state: {type(part).__name__} repeats the keys {clash}")
+        out.update(got)
+    return out
+
+
+def _check_layout(path: Path, optim_format: str, saved_at: dict[str, Any] | None, student: Any) -> None:
+    """dp_reshardable optimizer state loads only at the layout it was saved at."""
+    if optim_format != "dp_reshardable" or not student.parallel.use_distributed_optimizer or not saved_at:
+        return
+    now = _layout(student)
+    if saved_at == now:
+        return
+    changed = ", ".join(f"{k} {saved_at.get(k)} -> {v}" for k, v in now.items() if saved_at.get(k) != v)
+    raise ConfigError(
+        f"{path}: its optimizer state is dp_reshardable, which loads only at the layout it was "
+        f"saved at ({changed}); resume at that layout, or save with "
+        f"train.ckpt_optim_format=fully_reshardable"
+    )
 
 
 # ---- save-by deadline ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..models.qwen3 import ModelConfig
 from ..objective.config import ObjectiveConfig
 from ..parallel import ParallelConfig
 from ..rollout.config import RolloutConfig
-from .student import OptimConfig
+from .optim import OptimConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,21 @@ import torch
 import torch.distributed as dist
 
 from ..data import MixedBatchSampler, formatter_from_config, read_demos, read_prompts
-from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
-from ..objective import resolve_weights, rollout_advantages
+from ..objective import StepWeights, resolve_weights, rollout_advantages
 from ..rollout.base import EngineNeedsWeights
-from .batch import Seq, combine_updates, global_counts, make_loss_fn, pack_for_rank, set_token_temperatures
-from .checkpoint import Checkpointer, SaveDeadline, job_end_time, latest_checkpoint, restore_adam_step
+from .batch import Seq, combine_updates
+from .checkpoint import Checkpointer, SaveDeadline, job_end_time
 from .config import RunConfig, check_run
 from .health import Health
 from .logging import RunLogger
 from .preflight import preflight_gate
 from .rollout_step import RolloutStep, place_engines
 from .stages import StageSwitch
-from .student import MicroBatch, Student
+from .student import Student
+from .update import PolicyUpdate
 
 log = logging.getLogger(__name__)
-
-
-_DEADLINE = 1000  # stop flag above any signal number: the job's end time is near
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,8 +44,6 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
-        from megatron.core import parallel_state as ps
-
         from ..distributed import init_distributed
 
         check_run(cfg)  # load_config ran it; a config built in code gets the same refusals
@@ -60,16 +54,10 @@ class Trainer:
         self.arch = Qwen3Arch.from_pretrained(cfg.model.hf_path)
         cfg.parallel.validate(self.arch, dist.get_world_size(), torch.cuda.is_available())
         place_engines(cfg, self.rank, dist.get_world_size())  # refuse an unplaceable rollout before any work
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group()
         self.out = Path(cfg.train.output_dir)
         self.log = RunLogger(self.out, cfg, enabled=self.rank == 0)
-        t = cfg.train
-        self.health = Health(self.out, self.rank, dist.get_world_size(), t.hang_timeout_s)
-        self.ckpt = Checkpointer(self.out, t.async_save, t.fully_parallel_save, t.ckpt_optim_format, t.keep_last)
-        end = [job_end_time(t.job_end_time) if self.rank == 0 else None]  # one squeue call, not one per rank
-        dist.broadcast_object_list(end, src=0)
-        self.deadline = SaveDeadline(end[0], t.save_margin_s)
+        self.health = Health(self.out, self.rank, dist.get_world_size(), cfg.train.hang_timeout_s)
+        self.ckpt = self._make_checkpointer()
 
         self.fmt = formatter_from_config(cfg.data, model_dir=cfg.model.hf_path)
         self.demos = read_demos(cfg.data.demo_paths, self.fmt, cfg.data) if cfg.data.demo_paths else None
@@ -91,6 +79,15 @@ class Trainer:
             self.arch, cfg.parallel, cfg.model, cfg.optim, total_steps=self.stages.first_schedule_updates()
         )
         self._init_weights()
+        self.policy_update = PolicyUpdate(
+            self.student,
+            cfg.objective,
+            cfg.data.max_tokens_per_micro_batch,
+            cfg.data.pad_multiple,
+            self.fmt.pad_id,
+            cfg.sampling.temperature,
+            cfg.model.fp8,
+        )
         self.ref = None
         if cfg.objective.kl_coef > 0:
             self.ref = Student(self.arch, cfg.parallel, cfg.model, None)
@@ -100,64 +97,48 @@ class Trainer:
         self.engine, self.disc = self.rollout.engine, self.rollout.disc  # this rank's engine (None without)
         self.rollout.health = self.health
         self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
-        self._stop_signal = 0
-        self._maybe_resume()
 
     # ---- set-up -------------------------------------------------------------------------------------
 
-    def _init_weights(self) -> None:
-        from ..convert.checkpoint import load_model, read_meta
-        from ..convert.params import unwrap
+    def _make_checkpointer(self) -> Checkpointer:
+        """Collective: the run's checkpointer, its save-by deadline from the job's end time."""
+        t = self.cfg.train
+        end = [job_end_time(t.job_end_time) if self.rank == 0 else None]  # one squeue call, not one per rank
+        dist.broadcast_object_list(end, src=0)
+        return Checkpointer(
+            self.out,
+            t.async_save,
+            t.fully_parallel_save,
+            t.ckpt_optim_format,
+            t.keep_last,
+            t.save_every,
+            SaveDeadline(end[0], t.save_margin_s),
+            on_save=lambda step: self.health.phase("save", step),
+        )
 
+    def _init_weights(self) -> None:
         if self.cfg.model.load:
-            meta = read_meta(self.cfg.model.load)
-            if meta["num_query_groups"] != self.student.num_query_groups:
-                raise ValueError(
-                    f"{self.cfg.model.load}: KV groups {meta['num_query_groups']} != this layout's "
-                    f"{self.student.num_query_groups}"
-                )
-            load_model([unwrap(c) for c in self.student.chunks], Path(self.cfg.model.load) / "model")
-            self.student._refresh_main_params()
+            self.student.load_megatron(self.cfg.model.load)
         else:
             self.student.load_hf(self.cfg.model.hf_path)
 
-    def _maybe_resume(self) -> None:
-        if self.cfg.train.resume == "never":
-            self.log.restore([])
-            return
-        path = latest_checkpoint(self.out)
-        if path is None:
-            self.log.restore([])  # a fresh run starts a fresh metrics file
-            return
-        state = self.ckpt.load(path, self.student, self.disc)
-        self.stages.resume(self, state["step"])  # a second-stage checkpoint holds the second stage's schedule
-        self.student.scheduler.load_state_dict(state["scheduler"])
-        restore_adam_step(self.student.optimizer, self.student.scheduler.num_steps)
-        self.sampler.load_state_dict(state["sampler"])
-        self.start_step = state["step"]
-        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
-        self.log.restore(state.get("history", []))
-        if self.rank == 0:
-            log.info("resumed from %s (step %d)", path, self.start_step)
-
-    def _save(self, step: int, block: bool = False) -> None:
-        self.health.phase("save", step)
-        state = {
-            "scheduler": self.student.scheduler.state_dict(),
+    def state_dict(self) -> dict[str, Any]:
+        """The run's own part of a checkpoint (the student saves its own): data position, counters, metrics."""
+        return {
             "sampler": self.sampler.state_dict(),
             "nonfinite_in_row": self.nonfinite_in_row,
             "nonfinite_total": self.nonfinite_total,
             "history": self.log.history,
         }
-        meta = {
-            "dtype": self.cfg.model.dtype,
-            "num_query_groups": self.student.num_query_groups,
-            "make_vocab_size_divisible_by": self.cfg.model.make_vocab_size_divisible_by,
-            "arch": self.arch.to_dict(),
-            "source": self.cfg.model.hf_path,
-            "step": step,
-        }
-        self.ckpt.save(step, self.student, state, meta, self.cfg.model.hf_path, self.disc, block=block)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where the checkpoint's ``step`` left off. A checkpoint from the second stage of a staged preset
+        holds that stage's schedule, so the stage is set up before the student loads its own state."""
+        self.stages.resume(self, state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_step = state["step"]
+        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
+        self.log.restore(state.get("history", []))
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -195,24 +176,11 @@ class Trainer:
             stats["disc/score_mean"] = float(scores.mean())
         return seqs, stats
 
-    def _pack(self, seqs: list[Seq], temperature: float | None = None) -> list[MicroBatch]:
-        mbs = pack_for_rank(
-            seqs,
-            self.cfg.data.max_tokens_per_micro_batch,
-            self.cfg.parallel,
-            max(self.cfg.data.pad_multiple, 1),
-            self.dp_rank,
-            self.dp_size,
-            self.fmt.pad_id,
-            fp8_recipe=self.cfg.model.fp8,
-        )
-        return set_token_temperatures(mbs, self.cfg.sampling.temperature if temperature is None else temperature)
-
     def _fill_logprobs(self, seqs: list[Seq], model: Student, attr: str, temperature: float | None = None) -> None:
         """Per-sequence log-probs of the response tokens under ``model`` (no grad), on every rank, at the
         sampler's temperature (or `temperature`)."""
         t = self.cfg.sampling.temperature if temperature is None else temperature
-        mbs = self._pack(seqs, t)
+        mbs = self.policy_update.pack(seqs, t)
         lps = model.logprobs(mbs, temperature=t)
         local: dict[int, list[float]] = {}
         if lps is not None:
@@ -264,17 +232,9 @@ class Trainer:
         per_update: list[dict[str, float]] = []
         for _ in range(cfg.train.ppo_epochs):
             for part in parts:
-                mbs = self._pack([seqs[i] for i in part])
-                counts = global_counts(mbs, self.dp_group)
                 # CHORD's mu moves per optimizer update
                 update_weights = resolve_weights(cfg.objective, first_update + len(per_update))
-                step_metrics = self.student.train_step(
-                    mbs,
-                    make_loss_fn(update_weights, counts, cfg.objective),
-                    cfg.sampling.temperature,
-                    with_entropy=cfg.objective.entropy_coef > 0,
-                )
-                per_update.append(self._reduce_metrics(step_metrics))
+                per_update.append(self.update([seqs[i] for i in part], update_weights))
         stats.update(combine_updates(per_update))
         stats["time/train_seconds"] = time.perf_counter() - t0
         if self.engine is not None or cfg.rollout is not None:
@@ -285,19 +245,10 @@ class Trainer:
             stats.update(self.rollout.sync_stats)
         return stats
 
-    def _reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
-        """Loss metrics live on the last pipeline stage, one copy per TP rank: sum over DP there."""
-        from megatron.core import parallel_state as ps
-
-        mine = m if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 else {}
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k not in ("grad_norm", "lr", "skipped")})
-        out: dict[str, float] = {}
-        for g in gathered:
-            for k, v in g.items():
-                out[k] = out.get(k, 0.0) + v
-        out.update(grad_norm=m["grad_norm"], lr=m["lr"], skipped=m["skipped"])
-        return out
+    def update(self, seqs: list[Seq], weights: StepWeights) -> dict[str, float]:
+        """Collective: one optimizer update on ``seqs`` (the same global list on every rank; each packs its data-
+        parallel share), the objective at ``weights``; its metrics, summed over ranks (update.PolicyUpdate)."""
+        return self.policy_update(seqs, weights)
 
     def sync_weights(self) -> None:
         """Collective: refit every rank's engine from its own training ranks (rollout_step.RolloutStep.sync)."""
@@ -373,9 +324,6 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
-
     def run(self) -> dict[str, Any]:
         """Train to train.steps (or a signal / the job's deadline); engines and reward workers stop on any exit."""
         try:
@@ -385,56 +333,62 @@ class Trainer:
             self.rollout.shutdown()
 
     def _run_steps(self) -> dict[str, Any]:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        cfg = self.cfg.train
+        steps = self.cfg.train.steps
+        self._resume()
+        self.ckpt.watch_signals()
         self.health.start()
-        if self.cfg.rollout is not None:
-            self.health.phase("sync", self.start_step)
-            self.sync_weights()  # the engine starts from the trainer's weights, also after a resume
-        # engine vs trainer log-probs of a few samples, before any step; its figures go in the first step's row
-        startup = preflight_gate(self) if self.cfg.rollout is not None and self.start_step < cfg.steps else {}
-        t_start = time.perf_counter()
-        last_saved = self.start_step
+        startup = self._start_engines()
+        t_start, reason = time.perf_counter(), "finished"
         if self.start_step == 0:
             self.log.evaluation(0, self._heldout_eval(0))
-        for step in range(self.start_step, cfg.steps):
-            t_step = time.perf_counter()
-            stats = {**self.step(step), **startup}
+        for step in range(self.start_step, steps):
+            self._train_step(step, startup)
             startup = {}
-            stats["time/step_seconds"] = time.perf_counter() - t_step
-            if self._eval_due(step + 1):
-                stats.update(self._heldout_eval(step + 1))
-            bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
-            self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
-            self.nonfinite_total += int(bad)
-            stats.update(nonfinite_in_row=self.nonfinite_in_row, nonfinite_total=self.nonfinite_total)
-            self.log.step(step, stats)
-            self.deadline.record_step(stats["time/step_seconds"])
-            if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
-                raise NonFiniteLossError(
-                    f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
-                    f"skipped (train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); stopping"
-                )
-            self.ckpt.maybe_finalize()
-            due = self.deadline.due(self.ckpt.last_save_seconds)  # the job ends before another step and save
-            flag = torch.tensor(
-                [_DEADLINE if due else self._stop_signal], dtype=torch.int64, device=collective_device()
+            stop = self.ckpt.save_if_due(
+                step + 1, step + 1 == steps, self.student, [self], self.cfg.model.hf_path, self.disc
             )
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            done = step + 1
-            if done % cfg.save_every == 0 or done == cfg.steps or flag.item():
-                self._save(done, block=bool(flag.item()) or done == cfg.steps)
-                last_saved = done
-            if flag.item():
-                reason = "deadline" if flag.item() == _DEADLINE else "signal"
-                if self.rank == 0:
-                    why = "job end near" if reason == "deadline" else f"signal {flag.item()}"
-                    log.info("%s: saved step %d, exiting", why, done)
+            if stop:
+                reason = stop
                 break
-        else:
-            reason = "finished"
         self.ckpt.close()
+        last_saved = self.ckpt.last_saved_step or self.start_step
         self.health.exit(reason, last_saved)
         self.health.stop()
         return self.log.finish(time.perf_counter() - t_start, last_saved)
+
+    def _resume(self) -> None:
+        """Continue from the latest checkpoint (train.resume=auto: the student's state, then this trainer's),
+        or start a fresh metrics file."""
+        state = None if self.cfg.train.resume == "never" else self.ckpt.load_latest(self.student, [self], self.disc)
+        if state is None:
+            self.log.restore([])
+
+    def _start_engines(self) -> dict[str, float]:
+        """The engines start from the trainer's weights (also after a resume); then engine vs trainer log-probs
+        of a few samples, before any step, whose figures go in the first step's row."""
+        if self.cfg.rollout is None:
+            return {}
+        self.health.phase("sync", self.start_step)
+        self.sync_weights()
+        return preflight_gate(self) if self.start_step < self.cfg.train.steps else {}
+
+    def _train_step(self, step: int, startup: dict[str, float]) -> None:
+        """One step, the held-out evaluation when due, and its row in the metrics; stops the run after
+        train.max_nonfinite_in_row NaN/inf or skipped steps in a row."""
+        t_step = time.perf_counter()
+        stats = {**self.step(step), **startup}
+        stats["time/step_seconds"] = time.perf_counter() - t_step
+        if self._eval_due(step + 1):
+            stats.update(self._heldout_eval(step + 1))
+        bad = not math.isfinite(stats.get("loss/total", 0.0)) or stats.get("skipped", 0.0) > 0
+        self.nonfinite_in_row = self.nonfinite_in_row + 1 if bad else 0
+        self.nonfinite_total += int(bad)
+        stats.update(nonfinite_in_row=self.nonfinite_in_row, nonfinite_total=self.nonfinite_total)
+        self.log.step(step, stats)
+        self.ckpt.deadline.record_step(stats["time/step_seconds"])
+        limit = self.cfg.train.max_nonfinite_in_row
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"step {step}: {self.nonfinite_in_row} steps in a row had a NaN/inf loss or were "
+                f"skipped (train.max_nonfinite_in_row={limit}); stopping"
+            )

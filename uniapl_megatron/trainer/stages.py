@@ -16,11 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from .config import RunConfig, SecondStageConfig, updates_per_step
-from .student import lr_scheduler
+from .optim import lr_scheduler, reset_optimizer_state
 
 log = logging.getLogger(__name__)
 REFERENCE_DIR = "stage2_reference"  # under <output_dir>/checkpoints; never rotated away
@@ -116,16 +115,3 @@ class StageSwitch:
             shutil.rmtree(self.reference_dir, ignore_errors=True)
             os.replace(tmp, self.reference_dir)
         dist.barrier()
-
-
-def reset_optimizer_state(optimizer: Any) -> None:
-    """Adam's moments to zero and its step count to 0: the next update is a fresh Adam's first."""
-    with torch.no_grad():
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            inner = getattr(opt, "optimizer", opt)
-            for state in inner.state.values():
-                for key, value in state.items():
-                    if key == "step":
-                        state[key] = torch.zeros_like(value) if torch.is_tensor(value) else 0
-                    elif torch.is_tensor(value):
-                        value.zero_()

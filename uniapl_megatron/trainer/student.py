@@ -9,7 +9,8 @@ neither divides by the number of micro-batches nor averages gradients over data-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -17,131 +18,25 @@ from ..convert.params import high_precision_state_dict, iter_hf_tensors, load_fr
 from ..convert.safetensors_io import SafetensorsFolder
 from ..data.packing import PackedBatch
 from ..distributed import collective_device
-from ..models.arch import ConfigError, Qwen3Arch
+from ..models.arch import Qwen3Arch
 from ..models.qwen3 import ModelConfig, build_model, check_fp8_training, padded_vocab_size
+from ..objective import LossInputs, sum_metrics
 from ..parallel import ParallelConfig
 from .grad_norm import count_kv_copies_once, replica_groups, step_unless_nonfinite
 from .logprobs import LogprobHead
-from .overlap import OverlapMode, decide_overlap, wire_overlap
-
-
-def _guard_te_version_check() -> None:
-    """megatron-core 0.16.1's OptimizerConfig compares Transformer Engine's version unguarded under
-    use_precision_aware_optimizer (which CPU offload uses); without TE the version is None and the
-    comparison raises. No TE means no TE version is new enough."""
-    from megatron.core import utils
-    from megatron.core.optimizer import optimizer_config
-
-    orig = utils.is_te_min_version
-    optimizer_config.is_te_min_version = lambda version, check_equality=True: (
-        utils.get_te_version() is not None and orig(version, check_equality)
-    )
-
-
-@dataclass
-class OptimConfig:
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """adam (AdamW; decoupled weight decay) or sgd (tests compare gradients through it)."""
-    lr: float = 1e-6
-    """Peak learning rate (Adam)."""
-    min_lr: float = 0.0
-    """Learning rate at the end of the decay."""
-    warmup_steps: int = 0
-    """Linear warm-up from 0 over this many optimizer steps."""
-    decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    """Decay of the learning rate from lr to min_lr over the run's optimizer updates."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW)."""
-    adam_beta1: float = 0.9
-    """Adam's decay rate of the first moment (the gradient's running mean)."""
-    adam_beta2: float = 0.999
-    """Adam's decay rate of the second moment (the squared gradient's running mean)."""
-    adam_eps: float = 1e-8
-    """Added to the second moment's square root before dividing."""
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 = off)."""
-    chunk_tokens: int = 2048
-    """Tokens per chunk of the vocab-parallel log-prob pass (bounds the logits memory)."""
-    cpu_offload: bool = False
-    """Keep optimizer state in host memory and run the optimizer step there (Megatron-core's
-    HybridDeviceOptimizer, OptimizerConfig.optimizer_cpu_offload). Frees 8 bytes per trainable parameter
-    (divided by DP) of GPU memory — Adam's two fp32 moments — and costs a device->host copy of the fp32
-    gradients, a host->device copy of the updated fp32 weights and a CPU Adam step every optimizer step.
-    Needs parallel.use_distributed_optimizer (the only Megatron optimizer wrapper that handles it) and
-    model.dtype bf16 or fp16."""
-    cpu_offload_fraction: float = 1.0
-    """Share of this rank's optimizer state offloaded, in (0, 1] (OptimizerConfig.optimizer_offload_fraction;
-    parameters are taken in order until the share is reached, the rest stay on the GPU)."""
-    cpu_offload_overlap: bool = False
-    """One CPU optimizer per parameter on side streams, so copies overlap the CPU step
-    (OptimizerConfig.overlap_cpu_optimizer_d2h_h2d)."""
-    overlap_comm: OverlapMode = "auto"
-    """Overlap data-parallel communication with compute (Megatron DDP): overlap_grad_reduce reduces each
-    gradient bucket as soon as the last micro-batch's backward fills it; overlap_param_gather (distributed
-    optimizer) all-gathers the updated weights bucket by bucket during the next forward, and weight sync / export
-    / checkpoints finish that gather first. auto: on at data-parallel (x context-parallel) size > 1 on GPUs, off
-    on CPU (gloo overlaps nothing) and at DP 1; on: also without a GPU; off: never. Gradient overlap stays off
-    when TP exceeds the KV heads (their replicated gradients are summed after backward)."""
-
-    def validate(self, parallel: ParallelConfig, model: ModelConfig) -> None:
-        """Stop at start-up, naming the field, on combinations Megatron would reject later or mid-step."""
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optim.optimizer={self.optimizer!r}: expected adam or sgd")
-        if self.optimizer == "sgd" and parallel.use_distributed_optimizer:
-            raise ConfigError(
-                "optim.optimizer=sgd needs parallel.use_distributed_optimizer=false (Megatron-core's "
-                "distributed optimizer takes Adam only)"
-            )
-        if self.chunk_tokens < 1:
-            raise ConfigError(f"optim.chunk_tokens={self.chunk_tokens} must be >= 1")
-        if not self.cpu_offload:
-            return
-        if not parallel.use_distributed_optimizer:
-            raise ConfigError(
-                "optim.cpu_offload=true needs parallel.use_distributed_optimizer=true: Megatron-core "
-                "handles the offloaded optimizer's state and checkpoints only in its distributed "
-                "optimizer"
-            )
-        if model.dtype == "fp32":
-            # Megatron-core 0.16.1 hands the offloading optimizer fp32 weights as views of the model's
-            # weights, which torch refuses to optimise ("can't optimize a non-leaf Tensor"); bf16/fp16
-            # weights get fp32 main copies, which work.
-            raise ConfigError(
-                "optim.cpu_offload=true needs model.dtype bf16 or fp16 (Megatron-core cannot offload "
-                "the optimizer of fp32 weights)"
-            )
-        if not 0.0 < self.cpu_offload_fraction <= 1.0:
-            raise ConfigError(
-                f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in (0, 1] (0 would offload nothing)"
-            )
-
-
-def lr_scheduler(optimizer: Any, o: OptimConfig, total_steps: int) -> Any:
-    """Megatron's LR (and weight-decay) schedule of ``o`` over ``total_steps`` optimizer updates, starting
-    at update 0 (it sets the optimizer's learning rate for the first update)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if o.warmup_steps else o.lr,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=max(total_steps, o.warmup_steps + 1),
-        lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=max(total_steps, 1),
-        wd_incr_style="constant",
-    )
+from .optim import OptimConfig, fully_reshardable_torch_adam, guard_te_version_check, lr_scheduler, restore_adam_step
+from .overlap import decide_overlap, wire_overlap
 
 
 @dataclass
 class MicroBatch:
-    """One packed row plus the per-token inputs of the loss (all [T] tensors aligned with the logits)."""
+    """One packed row and what the loss needs besides the forward pass's outputs (all [T] tensors aligned with
+    the logits)."""
 
     packed: PackedBatch
-    extras: dict[str, Any]
+    inputs: LossInputs | None = None
+    """The loss's per-sequence and per-token inputs, without the log-probs (the loss callback adds them with
+    LossInputs.with_outputs); None for a pass that computes no loss."""
     temperature: torch.Tensor | None = None
     """[1, T] temperature of each target's log-prob (demos at 1, rollouts at the sampler's); None: the
     temperature the pass is called with, for every token."""
@@ -253,7 +148,7 @@ class Student:
         from megatron.core.optimizer import get_megatron_optimizer
 
         o = self.optim_cfg
-        _guard_te_version_check()
+        guard_te_version_check()
         check_fp8_training(self.model_cfg, self.parallel)
         overlap = decide_overlap(
             o.overlap_comm,
@@ -314,6 +209,65 @@ class Student:
         # fp32 main copies of bf16 weights (and DDP's param buffers) must follow loaded weights.
         if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
             self.optimizer.reload_model_params(state_dict)
+
+    # ---- state (what a trainer checkpoint holds of the student; trainer/checkpoint.py writes it) ------------
+
+    def load_megatron(self, folder: str | Path) -> None:
+        """Weights from a Megatron distributed checkpoint (tools/convert_hf.py import, or a trainer checkpoint's
+        folder): model only, at this rank's layout; refused when its KV-head grouping differs from this one."""
+        from ..convert.checkpoint import load_model, read_meta
+
+        meta = read_meta(folder)
+        if meta["num_query_groups"] != self.num_query_groups:
+            raise ValueError(f"{folder}: KV groups {meta['num_query_groups']} != this layout's {self.num_query_groups}")
+        load_model([unwrap(c) for c in self.chunks], Path(folder) / "model")
+        self._refresh_main_params()
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint's uniapl_checkpoint.json says of the model, so that `export` and load_megatron read it."""
+        return {
+            "dtype": self.model_cfg.dtype,
+            "num_query_groups": self.num_query_groups,
+            "make_vocab_size_divisible_by": self.model_cfg.make_vocab_size_divisible_by,
+            "arch": self.arch.to_dict(),
+        }
+
+    def sharded_state_dict(self, optim_format: str, is_loading: bool = False) -> dict[str, Any]:
+        """Model and optimizer as Megatron sharded state (a distributed checkpoint's ``model/`` folder), the
+        distributed optimizer's in ``optim_format`` (checkpoint.OPTIM_FORMATS). For a load, the optimizer's
+        state is created first: its sharded state dict can describe only state that exists."""
+        from ..convert.checkpoint import model_sharded_state_dict
+
+        if is_loading:
+            with torch.no_grad():
+                for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                    if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+                        opt._init_optimizer_states_with_dummy_values()
+        model = model_sharded_state_dict([unwrap(c) for c in self.chunks])
+        metadata = {"distrib_optim_sharding_type": optim_format} if self.parallel.use_distributed_optimizer else None
+        return {
+            "model": model,
+            "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata),
+        }
+
+    def load_sharded_state_dict(self, loaded: dict[str, Any]) -> None:
+        """Model and optimizer from what Megatron loaded for :meth:`sharded_state_dict` (is_loading=True)."""
+        with torch.no_grad():
+            chunks = [unwrap(c) for c in self.chunks]
+            for i, c in enumerate(chunks):
+                c.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded["model"][f"model{i}"], strict=False)
+            with fully_reshardable_torch_adam(self.optimizer):
+                self.optimizer.load_state_dict(loaded["optimizer"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The student's state besides its tensors (JSON-able): the LR schedule."""
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The LR schedule, after the tensors: Adam's per-parameter step count (its bias correction) follows the
+        schedule's update count, which Megatron's sharded state does not carry through torch's AdamW."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_adam_step(self.optimizer, self.scheduler.num_steps)
 
     # ---- passes -------------------------------------------------------------------------------------
 
@@ -431,10 +385,7 @@ class Student:
             self.scheduler.step(increment=1)
         else:
             self.skip_step()
-        summed: dict[str, float] = {}
-        for m in metrics_list:
-            for k, v in m.items():
-                summed[k] = summed.get(k, 0.0) + float(v)
+        summed = sum_metrics(metrics_list)
         summed.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]), skipped=float(not ok))
         return summed
 
