@@ -93,9 +93,8 @@ class Trainer:
             self.ref = Student(self.arch, cfg.parallel, cfg.model, None)
             self.ref.copy_weights_from(self.student)
 
-        self.rollout = RolloutStep(cfg, self.fmt, self.prompts, self.stop_ids, self.log)
+        self.rollout = RolloutStep(cfg, self.fmt, self.prompts, self.stop_ids, self.log, self.health)
         self.engine, self.disc = self.rollout.engine, self.rollout.disc  # this rank's engine (None without)
-        self.rollout.health = self.health
         self.start_step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
 
     # ---- set-up -------------------------------------------------------------------------------------

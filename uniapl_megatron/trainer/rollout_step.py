@@ -90,14 +90,16 @@ def place_engines(cfg: Any, rank: int, world: int) -> EnginePlacement | None:
 class RolloutStep:
     """Engines, reward and discriminator of this rank, and the collective rollout of one step."""
 
-    def __init__(self, cfg: Any, fmt: Any, prompts: Any, stop_ids: tuple[int, ...], logger: Any) -> None:
+    def __init__(
+        self, cfg: Any, fmt: Any, prompts: Any, stop_ids: tuple[int, ...], logger: Any, health: Any = None
+    ) -> None:
         from ..rewards import build_reward
 
         self.cfg, self.fmt, self.prompts, self.stop_ids, self.log = cfg, fmt, prompts, stop_ids, logger
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # a warm pool of checker processes: a check past reward.timeout_s scores 0 and is counted
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, cfg.reward.timeout_s, cfg.reward.workers)
-        self.health: Any = None  # the trainer's hang watchdog (trainer/health.py), told when scoring starts
+        self.health = health  # the trainer's hang watchdog (trainer/health.py), told when scoring starts
         self.disc: Discriminator | None = None
         if cfg.discriminator is not None:
             from ..discriminator import build_discriminator
