@@ -47,23 +47,40 @@ def assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs"
 
 
+@pytest.fixture(scope="module")
+def imported(models, tmp_path_factory):
+    """`imported(name, dtype, layout)`: the model's checkpoint written by `convert import` at that layout, made
+    once per module (a round trip's import is what the shard and logits tests read too; the checkpoint is
+    layout-free)."""
+    done: dict[tuple, Path] = {}
+
+    def get(name: str, dtype: str, layout: list[str]) -> Path:
+        key = (name, dtype, *layout)
+        if key not in done:
+            mc = tmp_path_factory.mktemp("mcore") / "_".join(key)
+            convert("import", "--hf", str(models[name]), "--out", str(mc), "--dtype", dtype, *layout)
+            done[key] = mc
+        return done[key]
+
+    return get
+
+
 # (model, dtype, import layout, export layout): layouts differ on purpose — the checkpoint is layout-free.
+# Covered in both directions: tied / untied / bf16 / moe; TP, PP, VPP, EP (2 and 4); TP 4 > KV heads.
 ROUND_TRIPS = [
     ("tied", "fp32", ["--tp", "2", "--pp", "2"], []),
     ("tied", "fp32", ["--tp", "4"], ["--tp", "2", "--pp", "2"]),  # TP 4 > 2 KV heads: replicated, then folded
     ("untied", "fp32", ["--pp", "2", "--vpp", "2"], ["--tp", "2"]),  # VPP: 4 chunks of one layer each
-    ("untied", "fp32", [], ["--pp", "2", "--vpp", "2"]),
-    ("bf16", "bf16", [], ["--pp", "2"]),
+    ("bf16", "bf16", [], ["--pp", "2", "--vpp", "2"]),
     ("moe", "fp32", ["--tp", "2", "--ep", "2"], ["--pp", "2", "--ep", "2"]),
     ("moe", "fp32", [], ["--ep", "4"]),
 ]
 
 
 @pytest.mark.parametrize("name,dtype,imp,exp", ROUND_TRIPS, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
-def test_round_trip_bit_exact(models, tmp_path, name, dtype, imp, exp):
-    mc, out = tmp_path / "mcore", tmp_path / "hf"
-    convert("import", "--hf", str(models[name]), "--out", str(mc), "--dtype", dtype, *imp)
-    convert("export", "--mcore", str(mc), "--out", str(out), *exp)
+def test_round_trip_bit_exact(models, imported, tmp_path, name, dtype, imp, exp):
+    out = tmp_path / "hf"
+    convert("export", "--mcore", str(imported(name, dtype, imp)), "--out", str(out), *exp)
     assert_same_tensors(models[name], out)
     # The exported folder is a working HF model folder.
     from transformers import AutoModelForCausalLM
@@ -74,9 +91,9 @@ def test_round_trip_bit_exact(models, tmp_path, name, dtype, imp, exp):
     assert (out / "generation_config.json").is_file()
 
 
-def test_export_writes_several_shards(models, tmp_path):
-    mc, out = tmp_path / "mcore", tmp_path / "hf"
-    convert("import", "--hf", str(models["untied"]), "--out", str(mc), "--dtype", "fp32")
+def test_export_writes_several_shards(models, imported, tmp_path):
+    out = tmp_path / "hf"
+    mc = imported("untied", "fp32", ["--pp", "2", "--vpp", "2"])
     convert("export", "--mcore", str(mc), "--out", str(out), "--max-shard-size", "100KB")
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
     assert_same_tensors(models["untied"], out)
@@ -91,12 +108,16 @@ def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
+# (model, layout the checkpoint was imported at, layout the logits are computed at)
 @pytest.mark.parametrize(
-    "name,layout", [("tied", ["--tp", "2", "--pp", "2", "--sp"]), ("moe", ["--tp", "2", "--ep", "2", "--sp"])]
+    "name,imp,layout",
+    [
+        ("tied", ["--tp", "2", "--pp", "2"], ["--tp", "2", "--pp", "2", "--sp"]),
+        ("moe", [], ["--tp", "2", "--ep", "2", "--sp"]),
+    ],
 )
-def test_logits_match_transformers(models, tmp_path, name, layout):
-    mc = tmp_path / "mcore"
-    convert("import", "--hf", str(models[name]), "--out", str(mc), "--dtype", "fp32")
+def test_logits_match_transformers(models, imported, tmp_path, name, imp, layout):
+    mc = imported(name, "fp32", imp)
     torch.manual_seed(0)
     tokens = torch.randint(0, 300, (2, 16))
     torch.save(tokens, tmp_path / "tokens.pt")

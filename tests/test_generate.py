@@ -129,6 +129,28 @@ def _check_reads_as_demos(root: Path, out: list[dict]) -> None:
 def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
     root, rows, config = setup
     (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp_clean").mkdir()
+    # A clean one-engine run, compared at the end, goes on beside the killed run and its resumption (its own
+    # output folder; on a 2-core machine their single-threaded start-ups overlap).
+    clean_log = open(tmp_path / "clean.log", "w")  # noqa: SIM115
+    clean = subprocess.Popen(
+        [sys.executable, "-m", "uniapl_megatron.cli", "generate", str(config("clean", data_parallel_size=1))],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp_clean"), "HF_HUB_OFFLINE": "1"},
+        cwd=REPO,
+        start_new_session=True,
+        stdout=clean_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _killed_resumed_and_clean(root, rows, config, tmp_path, clean)
+    finally:
+        if clean.poll() is None:  # the test failed first: leave no engine behind
+            os.killpg(clean.pid, signal.SIGKILL)
+            clean.wait()
+        clean_log.close()
+
+
+def _killed_resumed_and_clean(root: Path, rows: list, config, tmp_path: Path, clean: subprocess.Popen) -> None:
     cfg = config("killed", data_parallel_size=2)
     parts = root / "killed" / "teacher.jsonl.parts"
     _generate_and_kill_halfway(cfg, parts, tmp_path)
@@ -155,8 +177,7 @@ def test_sigkill_halfway_then_resume_gives_every_prompt_once(setup, tmp_path):
     _check_reads_as_demos(root, out)
 
     # a clean one-engine run draws the same answers: the engine count does not matter
-    clean = _run(config("clean", data_parallel_size=1), env_tmp=tmp_path / "tmp")
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert clean.wait(timeout=900) == 0, (tmp_path / "clean.log").read_text()[-3000:]
     assert (root / "clean" / "teacher.jsonl").read_bytes() == (root / "killed" / "teacher.jsonl").read_bytes()
 
     # a rerun with other sampling settings is refused, not mixed into the old chunks

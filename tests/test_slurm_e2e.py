@@ -3,16 +3,17 @@
 Needs the cluster of `.ci/slurm_up.sh` (`eval "$(.ci/slurm_up.sh)"` first), `examples/tiny_cpu.yaml`
 and the trainer CLI (`uniapl_megatron.cli`); fails, with the reason, when any is missing (`make test` and
 `.ci/run` provide all of them, so a missing one is a broken set-up, never a reason to skip).
-1. sbatch slurm/uniapl_1node.sh with the tiny CPU config (a few steps); the job completes and
-   leaves <train.output_dir>/checkpoints/latest naming a step_XXXXXX folder.
-2. scontrol requeue (+ StartTime=now); the second run completes, the launcher saw the checkpoint,
-   the trainer says it resumed from it, and the first run's checkpoints were not rewritten.
-3. The time-limit path: SIGUSR1 to the batch shell (what `--signal=B:USR1@N` sends) mid-run; the
-   trainer saves and exits, the job requeues itself and the next run resumes and completes.
-4. A hang report or the trainer's stop before the job's end time requeues the job; a finished run does
+1. sbatch slurm/uniapl_1node.sh with the tiny CPU config (a few steps); the time-limit path: SIGUSR1 to
+   the batch shell (what `--signal=B:USR1@N` sends) mid-run; the trainer saves and exits, the job requeues
+   itself and the next run resumes and completes, leaving <train.output_dir>/checkpoints/latest naming a
+   step_XXXXXX folder.
+2. Then scontrol requeue (+ StartTime=now) of the completed job; the third run completes, the launcher saw
+   the checkpoint, the trainer says it resumed from it, and the earlier runs' checkpoints were not rewritten.
+3. A hang report or the trainer's stop before the job's end time requeues the job; a finished run does
    not (a stand-in trainer leaves the files the real one does).
 Knobs: UNIAPL_E2E_CONFIG (another config), UNIAPL_E2E_OVERRIDES (extra section.key=value,
-shell-split, after the test's own), UNIAPL_E2E_TIMEOUT (seconds per run, default 900),
+shell-split, after the test's own; with the default config the test's own make the steps small and turn the
+held-out evaluation off), UNIAPL_E2E_TIMEOUT (seconds per run, default 900),
 UNIAPL_PYTHON (the interpreter the jobs use; default this one).
 """
 
@@ -36,6 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "uniapl_1node.sh"
 CONFIG = Path(os.environ.get("UNIAPL_E2E_CONFIG", ROOT / "examples" / "tiny_cpu.yaml"))
 TIMEOUT = float(os.environ.get("UNIAPL_E2E_TIMEOUT", "900"))
+# With the default config: small steps and no held-out evaluation (what is tested is the job's launch, stop,
+# requeue and resume; the training inside it is the tiny default's, at a size that keeps the runs short).
+SMALL = (
+    [
+        "data.prompts_per_step=2",
+        "data.demos_per_step=2",
+        "sampling.group_size=2",
+        "sampling.max_new_tokens=6",
+        "data.eval_prompt_paths=[]",
+        "train.tensorboard=false",
+        "train.plot=false",
+    ]
+    if CONFIG == ROOT / "examples" / "tiny_cpu.yaml"
+    else []
+)
 DONE = {
     "COMPLETED",
     "FAILED",
@@ -116,7 +132,7 @@ def _prepare_assets(env: dict) -> None:
 
 def _submit(env: dict, jobs: list, out: Path, log_dir: Path, extra: list[str]) -> str:
     _prepare_assets(env)
-    overrides = [f"train.output_dir={out}", *extra, *shlex.split(os.environ.get("UNIAPL_E2E_OVERRIDES", ""))]
+    overrides = [f"train.output_dir={out}", *SMALL, *extra, *shlex.split(os.environ.get("UNIAPL_E2E_OVERRIDES", ""))]
     cmd = [
         "sbatch",
         "--parsable",
@@ -198,29 +214,10 @@ def _assert_resumed(section: str, ckpt: str) -> None:
     assert said, f"the trainer never said it resumed from {ckpt} (step {step}):\n{section}"
 
 
-def test_sbatch_runs_to_a_checkpoint_then_requeue_resumes(cluster, tmp_path):
-    env, jobs = cluster
-    out, log_dir = tmp_path / "run", tmp_path
-    job = _submit(env, jobs, out, log_dir, ["train.steps=4", "train.save_every=2"])
-    log = log_dir / f"job-{job}.out"
-    info = _wait(env, job, log, restarts=0)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, _text(log))
-    ckpt, steps_before = _checkpoints(out)
-
-    time.sleep(2)  # see _wait: a relaunch within the second of the end is refused by slurmd
-    subprocess.run(["scontrol", "requeue", job], env=env, check=True, capture_output=True)
-    info = _wait(env, job, log, restarts=1, start_now=True)
-    text = _text(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
-    _assert_resumed(_run_section(text, 1), ckpt)
-    ckpt_after, steps_after = _checkpoints(out)
-    assert int(ckpt_after.split("_")[1]) >= int(ckpt.split("_")[1])
-    for name, inode in steps_before.items():  # a fresh start would have rewritten these
-        if name in steps_after:
-            assert steps_after[name] == inode, f"{name} was rewritten by the resumed run"
-
-
 def test_time_limit_signal_saves_requeues_and_resumes(cluster, tmp_path):
+    """1 and 2 on one job (three runs, so three trainer start-ups rather than four): run 0 gets the time-limit
+    signal, saves and requeues itself; run 1 resumes and completes; `scontrol requeue` starts run 2, which
+    resumes from run 1's last checkpoint."""
     env, jobs = cluster
     out, log_dir = tmp_path / "run", tmp_path
     job = _submit(env, jobs, out, log_dir, ["train.steps=12", "train.save_every=2"])
@@ -251,6 +248,21 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, tmp_path):
     assert saved, f"the launcher did not report the checkpoint it requeued with:\n{first}"
     assert int(saved.group(1).split("_")[1]) > int(before.split("_")[1]), (before, first)
     _assert_resumed(_run_section(text, 1), saved.group(1))
+
+    # The job has run to completion and left `latest`; `scontrol requeue` starts it again: the next run
+    # resumes from that checkpoint and rewrites none of the step folders (a fresh start would).
+    ckpt, steps_before = _checkpoints(out)
+    time.sleep(2)  # see _wait: a relaunch within the second of the end is refused by slurmd
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, capture_output=True)
+    info = _wait(env, job, log, restarts=2, start_now=True)
+    text = _text(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
+    _assert_resumed(_run_section(text, 2), ckpt)
+    ckpt_after, steps_after = _checkpoints(out)
+    assert int(ckpt_after.split("_")[1]) >= int(ckpt.split("_")[1])
+    for name, inode in steps_before.items():
+        if name in steps_after:
+            assert steps_after[name] == inode, f"{name} was rewritten by the resumed run"
 
 
 # A stand-in for the trainer (for `-m uniapl_megatron.cli train` only; anything else runs on the real

@@ -108,13 +108,21 @@ def test_moe_student_trains_end_to_end_at_ep2_like_ep1(tmp_path):
         "train: {steps: 3, save_every: 3, tensorboard: false, plot: false}\n"
     )
     cmd = [sys.executable, "-m", "uniapl_megatron.cli", "train", str(cfg)]
-    subprocess.run([*cmd, f"train.output_dir={tmp_path / 'ep1'}"], check=True, timeout=900, capture_output=True)
-    assert (
-        run_ranks(
-            [*cmd, f"train.output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"], 2, timeout=900
+    # EP1 runs beside EP2 (own output folders; on a 2-core machine their single-threaded start-ups overlap).
+    with open(tmp_path / "ep1.log", "wb") as log:
+        ep1_proc = subprocess.Popen(
+            [*cmd, f"train.output_dir={tmp_path / 'ep1'}"], stdout=log, stderr=subprocess.STDOUT
         )
-        == 0
-    )
+        try:
+            code = run_ranks(
+                [*cmd, f"train.output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"], 2, timeout=900
+            )
+            assert code == 0
+            assert ep1_proc.wait(timeout=900) == 0, (tmp_path / "ep1.log").read_text()[-3000:]
+        finally:
+            if ep1_proc.poll() is None:
+                ep1_proc.kill()
+                ep1_proc.wait()
     ep1, ep2 = (
         [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ep1", "ep2")
     )

@@ -19,7 +19,7 @@ import shutil
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,11 +27,13 @@ from tqdm import tqdm
 
 from ..distributed import collective_device
 from ..models.arch import Qwen3Arch
-from ..models.qwen3 import DTYPES, ModelConfig, build_model, padded_vocab_size
 from ..parallel import ParallelConfig
 from .mapping import expected_hf_shapes
 from .params import ConversionError, finish_param_gather, iter_stage, load_from_hf, plan_stage, unwrap
 from .safetensors_io import INDEX_NAME, SafetensorsFolder, StreamingSafetensorsWriter
+
+if TYPE_CHECKING:
+    from ..models.qwen3 import ModelConfig
 
 META_NAME = "uniapl_checkpoint.json"
 FORMAT = "uniapl-mcore-v1"
@@ -145,6 +147,9 @@ def _progress(total: int, desc: str) -> tqdm:
 
 def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig, dtype: str, force: bool = False) -> None:
     """HF safetensors folder -> Megatron distributed checkpoint, written by this layout's ranks."""
+    # Megatron is imported where a model is built: the CLI's checks and rank launcher do without it.
+    from ..models.qwen3 import ModelConfig, build_model, padded_vocab_size
+
     out = Path(out)
     check_output(out, force)
     arch, src = check_hf_source(hf_dir)
@@ -220,6 +225,8 @@ def _model_for(
     mcore_dir: str | Path, parallel: ParallelConfig, model_cfg: ModelConfig | None = None
 ) -> tuple[Qwen3Arch, list[torch.nn.Module], dict[str, Any]]:
     """The model a checkpoint describes, built for this layout, weights not yet loaded."""
+    from ..models.qwen3 import ModelConfig, build_model
+
     meta = read_meta(mcore_dir)
     arch = Qwen3Arch(**{**meta["arch"], "moe_layers": tuple(meta["arch"]["moe_layers"])})
     model_cfg = model_cfg or ModelConfig(dtype=meta["dtype"], spec="torch" if not torch.cuda.is_available() else "auto")
@@ -412,5 +419,4 @@ __all__ = [
     "read_meta",
     "check_hf_source",
     "check_output",
-    "DTYPES",
 ]
