@@ -407,8 +407,10 @@ class VLLMRolloutEngine(EngineBase):
         held = self._llm.collective_rpc("uniapl_digests")[0]
         if held is None:
             return None
-        # The worker sends lists (a child process's reply is serialised); tuples may come back as lists.
-        return {name: (torch.as_tensor(v, dtype=torch.float32), bool(read)) for name, (v, read) in held.items()}
+        # The worker sends float32 bytes (a child process's reply is serialised); tuples may come back as lists.
+        return {
+            name: (torch.frombuffer(bytearray(v), dtype=torch.float32), bool(read)) for name, (v, read) in held.items()
+        }
 
     def connect(
         self,

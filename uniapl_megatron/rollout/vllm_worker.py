@@ -158,11 +158,14 @@ class WeightSyncExtension:
         """In-process load (the iterator is passed by reference, never serialised)."""
         return load_named_tensors(self, named_tensors)
 
-    def uniapl_digests(self) -> dict[str, tuple[list[float], bool]] | None:
-        """Digests of the weights this worker holds (refit integrity, rollout/digest.py), as plain lists: from a
-        child process the reply is serialised, which does not keep tensors as such."""
+    def uniapl_digests(self) -> dict[str, tuple[bytes, bool]] | None:
+        """Digests of the weights this worker holds (refit integrity, rollout/digest.py), as float32 bytes: from a
+        child process the reply is serialised, which does not keep tensors as such, and bytes cost no per-value
+        conversion (lists did: 25 of the 33 ms a demo-student verification took)."""
         held = model_digests(self)
-        return None if held is None else {name: (v.tolist(), read) for name, (v, read) in held.items()}
+        if held is None:
+            return None
+        return {name: (v.to(torch.float32).contiguous().numpy().tobytes(), read) for name, (v, read) in held.items()}
 
     def uniapl_open_channel(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float = 600.0
