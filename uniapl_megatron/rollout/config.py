@@ -61,8 +61,8 @@ class RolloutConfig:
     sent; a mismatch stops the run naming the tensor, the engine and both digests. "every" sync, only the
     "first" (start-up and resume), or "never" (not "off": YAML reads a bare off as false). Its cost is
     logged as sync/digest_seconds. Engines of rollout tensor_parallel_size > 1 (vLLM) and disaggregated
-    servers are not verified yet (a warning says so). Default "first": "every" costs about a tenth of each
-    sync (median 10.6% on the demo student); an engine restarted mid-run is re-synced and, with "every",
+    servers are not verified yet (a warning says so). Default "first": "every" costs about an eighth of each
+    sync (median 13% on the demo student); an engine restarted mid-run is re-synced and, with "every",
     re-verified."""
 
     # --- vllm engine ---
