@@ -6,20 +6,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from uniapl_megatron.plan_memory import KNOWN_SHAPES
+
 ROLLOUT_SCRIPT = str(Path(__file__).resolve().with_name("rollout.py"))
 
-SHAPE_0P6B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-)
+SHAPE_0P6B = dict(KNOWN_SHAPES["Qwen/Qwen3-0.6B"], max_position_embeddings=40960, rope_theta=1000000.0)
 
 
 def log(msg: str) -> None:

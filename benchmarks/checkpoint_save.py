@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from uniapl_megatron.plan_memory import KNOWN_SHAPES
+
 SHAPES = {
     "cpu_100m": {
         "vocab_size": 32000,
@@ -36,16 +38,7 @@ SHAPES = {
         "head_dim": 64,
         "tie_word_embeddings": True,
     },
-    "0.6b": {
-        "vocab_size": 151936,
-        "hidden_size": 1024,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "tie_word_embeddings": True,
-    },
+    "0.6b": dict(KNOWN_SHAPES["Qwen/Qwen3-0.6B"]),
 }
 
 

@@ -22,20 +22,15 @@ from pathlib import Path
 
 from _machine import OthersCpu, machine
 
+from uniapl_megatron.plan_memory import KNOWN_SHAPES
+
 QWEN3_0P6B = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
-    "vocab_size": 151936,
-    "hidden_size": 1024,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
+    **KNOWN_SHAPES["Qwen/Qwen3-0.6B"],
     "rms_norm_eps": 1e-6,
     "rope_theta": 1000000.0,
     "max_position_embeddings": 40960,
-    "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
     "attention_bias": False,
     "hidden_act": "silu",

@@ -28,27 +28,11 @@ import time
 import torch
 from _machine import OthersCpu, machine
 
+from uniapl_megatron.plan_memory import KNOWN_SHAPES
+
 SHAPES = {
-    "0.6b": dict(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
-    "1.7b": dict(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
+    "0.6b": dict(KNOWN_SHAPES["Qwen/Qwen3-0.6B"]),
+    "1.7b": dict(KNOWN_SHAPES["Qwen/Qwen3-1.7B"]),
     "cpu": dict(
         vocab_size=151936,
         hidden_size=128,
