@@ -237,8 +237,8 @@ class RolloutStep:
         b = split_bounds(n_prompts, self.num_engines)
         return b[self.placement.engine], b[self.placement.engine + 1]
 
-    def _generate(self, step: int, prompt_idx: list[int], s: Any) -> list[ScoredSample] | None:
-        """This rank's engine's samples under sampling settings ``s``, not scored yet; [] without an engine or
+    def _generate(self, step: int, prompt_idx: list[int], sampling: Any) -> list[ScoredSample] | None:
+        """This rank's engine's samples under ``sampling`` (SamplingConfig), not scored yet; [] without an engine or
         prompts; None when the engine needs the weights again."""
         lo, hi = self.share(len(prompt_idx))
         if self.engine is None or hi == lo:
@@ -249,11 +249,11 @@ class RolloutStep:
             batch = self.engine.generate(
                 [self.prompts[i].prompt_ids.tolist() for i in prompt_idx[lo:hi]],
                 SamplingParams(
-                    n=s.group_size,
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    top_k=s.top_k,
-                    max_new_tokens=s.max_new_tokens,
+                    n=sampling.group_size,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    max_new_tokens=sampling.max_new_tokens,
                     stop_token_ids=self.stop_ids,
                     seed=self.cfg.train.seed + step,
                     prompt_index_offset=lo,
