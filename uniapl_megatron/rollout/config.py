@@ -55,15 +55,15 @@ class RolloutConfig:
     """Bytes per weight-sync bucket (broadcast and streamed loads); bounds the extra memory of a sync
     (a single tensor larger than this travels alone)."""
 
-    verify_weights: Literal["never", "first", "every"] = "first"
+    verify_weights: Literal["never", "first", "every"] = "every"
     """Refit integrity (rollout/digest.py): after a weight sync, each colocated engine digests the weights it
     holds (in its own worker) and compares them with the digests its training ranks computed of what they
-    sent; a mismatch stops the run naming the tensor, the engine and both digests. "every" sync, only the
-    "first" (start-up and resume), or "never" (not "off": YAML reads a bare off as false). Its cost is
-    logged as sync/digest_seconds. Engines of rollout tensor_parallel_size > 1 (vLLM) and disaggregated
-    servers are not verified yet (a warning says so). Default "first": "every" costs about an eighth of each
-    sync (median 13% on the demo student); an engine restarted mid-run is re-synced and, with "every",
-    re-verified."""
+    sent; a mismatch stops the run naming the tensor, the engine and both digests. "every" sync (an engine
+    restarted mid-run is re-synced and re-verified), only the "first" (start-up and resume), or "never" (not
+    "off": YAML reads a bare off as false). Its cost is logged as sync/digest_seconds: about a tenth of the
+    sync on the demo student, where one 151,936-row embedding is most of the model (README, "Refit
+    integrity"). Engines of rollout tensor_parallel_size > 1 (vLLM) and disaggregated servers are not
+    verified yet (a warning says so)."""
 
     # --- vllm engine ---
     tensor_parallel_size: Annotated[int, Ge(1)] = 1

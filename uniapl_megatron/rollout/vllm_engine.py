@@ -41,7 +41,7 @@ from .vllm_host import (
     spare_default_group,
     unblock_on_engine_death,
 )
-from .vllm_worker import SEED_KEY
+from .vllm_worker import SEED_KEY, unpack_digests
 from .weight_sync import NamedTensor, SyncStats, WeightChannel, WeightsSource, WeightSyncError, free_port, send_weights
 
 log = logging.getLogger(__name__)
@@ -404,13 +404,8 @@ class VLLMRolloutEngine(EngineBase):
     def weight_digests(self) -> dict[str, tuple[torch.Tensor, bool]] | None:
         """{HF name: (digest v, read)} of the weights the engine's worker holds now (rollout/digest.py), computed
         in the worker (in-process or child process); None for a tensor-parallel engine (shards)."""
-        held = self._llm.collective_rpc("uniapl_digests")[0]
-        if held is None:
-            return None
-        # The worker sends float32 bytes (a child process's reply is serialised); tuples may come back as lists.
-        return {
-            name: (torch.frombuffer(bytearray(v), dtype=torch.float32), bool(read)) for name, (v, read) in held.items()
-        }
+        held = self._llm.collective_rpc("uniapl_digests", args=(self.config.multiprocess,))[0]
+        return None if held is None else unpack_digests(held)
 
     def connect(
         self,

