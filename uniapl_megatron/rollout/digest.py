@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache, wraps
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 Digest = torch.Tensor  # v, float32, one value per row (or element of a vector)
 # Relative tolerance of a digest's values: a read copy differs from the sent tensor only by the float32
@@ -61,6 +64,20 @@ def reduce(v: torch.Tensor) -> tuple[float, float]:
     return float(v @ c), float(v @ v)
 
 
+def plain_torch(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run fn without __torch_function__ overrides: a digest makes no device calls for a mode to rewrite, and a
+    Python-level mode costs microseconds per torch call (the CPU stand-in for CUDA, _cpu_shim, tripled the
+    cost of the small tensors' digests)."""
+
+    @wraps(fn)
+    def plain(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch._C.DisableTorchFunction():
+            return fn(*args, **kwargs)
+
+    return plain
+
+
+@plain_torch
 def product(t: torch.Tensor) -> torch.Tensor:
     """The digest v of a tensor, float32: the tensor itself (<= 1-D) or its rows times the probe (>= 2-D,
     leading dims as rows), a block of rows at a time (bounds the float32 copy of a low-precision matrix)."""
@@ -75,6 +92,7 @@ def product(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([w[i : i + rows].to(torch.float32) @ x for i in range(0, w.shape[0], rows)])
 
 
+@plain_torch
 def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> Digest:
     """The digest of a tensor as an engine of weight dtype `dtype` would hold it (cast first, as it loads),
     on the CPU (a few bytes per row)."""
@@ -120,6 +138,7 @@ def _outside(want: np.ndarray, got: np.ndarray, rtol: float) -> np.ndarray:
     return np.flatnonzero(~(diff <= bound))
 
 
+@plain_torch
 def compare(
     sent: dict[str, Digest], held: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, engine: str
 ) -> list[str]:

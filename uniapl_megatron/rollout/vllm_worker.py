@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .digest import probe, product
+from .digest import plain_torch, probe, product
 from .sampling import inverse_cdf_draw, seed_tensor, uniforms
 from .weight_sync import NamedTensor, WeightChannel, WeightSyncError, nbytes, receive_weights
 
@@ -86,6 +86,7 @@ def _digest_plan(model: Any) -> list[tuple[Any, str, list[str], list[int] | None
     return plan
 
 
+@plain_torch
 def model_digests(worker: Any) -> dict[str, tuple[torch.Tensor, bool]] | None:
     """{HF name: (digest v, read)} of the weights a vLLM worker's model holds now (rollout/digest.py). None
     where a worker holds a tensor-parallel shard (the digests are of whole tensors)."""
