@@ -39,8 +39,10 @@ def engine_part(assets: dict[str, str], root: Path, syncs: int) -> dict[str, flo
 
     weights = {}
     for f in sorted(Path(assets["student"]).glob("*.safetensors")):
-        weights.update(load_file(f))
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied: the trainer sends it too
+        for name, t in load_file(f).items():
+            weights[name] = t
+            if name == "model.embed_tokens.weight":  # tied: the trainer sends it again right after, as it does
+                weights["lm_head.weight"] = t
     eng = build_engine(
         RolloutConfig(
             engine="vllm",
@@ -110,13 +112,13 @@ def trainer_part(assets: dict[str, str], root: Path, steps: int, runs: int) -> d
             sync[mode] += [r["time/sync_seconds"] for r in rows]
             if mode == "every":
                 digest += [r["sync/digest_seconds"] for r in rows]
-    every = sync["every"][-len(digest) :]
+    shares = sorted(d / (s - d) for d, s in zip(digest, sync["every"]))  # digest / the sync without it
     return {
         "sync_never_s_median": statistics.median(sync["never"]),
         "sync_every_s_median": statistics.median(sync["every"]),
         "digest_s_median": statistics.median(digest),
-        "digest_over_sync_without": statistics.median(d / (s - d) for d, s in zip(digest, every)),
-        "digest_over_sync_p90": sorted(d / (s - d) for d, s in zip(digest, every))[int(0.9 * (len(digest) - 1))],
+        "digest_over_sync_without": statistics.median(shares),
+        "digest_over_sync_p90": shares[int(0.9 * (len(shares) - 1))],
         "syncs": len(digest),
         "steps": steps,
         "runs": runs,
